@@ -1,0 +1,246 @@
+"""Typed training config: defaults < YAML file < `--config_override k=v` pairs.
+
+Every key of the LoRA guide is accepted. Unknown keys are errors that suggest
+the closest valid key; invalid values are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vembed.errors import ConfigError
+
+TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "float": "float32", "half": "float16"}
+
+# The guide's default list mixes names from several families; only names that
+# exist in the loaded model are applied (see vembed.models.lora).
+DEFAULT_TARGET_MODULES = ["q_proj", "v_proj", "query", "value", "key", "dense"]
+
+
+class TrainConfig(BaseModel):
+    """All keys a training run understands. Field docs double as the config reference."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # Model
+    model_name: str = Field("sentence-transformers/all-MiniLM-L6-v2", description="HF id or local directory")
+    torch_dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16 (auto: bf16 on CUDA, fp32 on CPU)")
+    pooling: Literal["auto", "mean", "cls", "last_token"] = Field("auto", description="auto picks by model family")
+    max_seq_length: int = Field(128, gt=0, description="tokens per text")
+    query_instruction: str | None = Field(None, description="prefix (text) or system turn (VL) for queries")
+
+    # LoRA
+    use_lora: bool = True
+    lora_r: int = Field(16, description="LoRA rank")
+    lora_alpha: float = Field(32, gt=0, description="scales LoRA by alpha/r")
+    lora_dropout: float = Field(0.05, description="dropout inside the adapter, in [0, 1)")
+    lora_target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    modules_to_save: list[str] | None = Field(None, description="modules trained fully and saved with the adapter")
+
+    # Training
+    batch_size: int = Field(32, gt=0)
+    learning_rate: float = 1e-4
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
+    seed: int = 42
+    temperature: float = Field(0.05, gt=0, description="InfoNCE temperature")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float | None = Field(1.0, description="clip gradients to this norm; null disables")
+    gradient_checkpointing: bool = False
+    use_gradient_cache: bool = False
+    gradient_cache_chunk_size: int = Field(32, gt=0)
+    use_mrl: bool = False
+    mrl_dims: list[int] | None = Field(None, description="strictly descending; default: full dim halved down to 32")
+    mrl_weights: list[float] | None = Field(None, description="one weight per mrl_dim; default all 1")
+    use_fsdp: bool = False
+    cross_device_negatives: bool = Field(True, description="gather embeddings across processes for negatives")
+
+    # Data
+    data_path: str = "data/train.jsonl"
+    eval_data_path: str | None = None
+    corpus_path: str | None = Field(None, description='extra eval corpus, JSONL of {"text": ...}')
+    on_bad_record: Literal["error", "skip"] = "error"
+    num_workers: int = Field(0, ge=0, description="data loader workers")
+
+    # Output and checkpoints
+    output_dir: str = "output"
+    logging_steps: int = Field(10, gt=0)
+    save_steps: int = Field(500, gt=0)
+    save_total_limit: int | None = Field(3, gt=0)
+    resume_from_checkpoint: str | None = Field(None, description="latest | path to checkpoint-N")
+
+    @field_validator("torch_dtype", mode="before")
+    @classmethod
+    def _dtype(cls, v: Any) -> str:
+        name = str(v).removeprefix("torch.")
+        name = DTYPE_ALIASES.get(name, name)
+        if name not in TORCH_DTYPES:
+            raise ValueError(f"unknown torch_dtype {v!r}; choose one of {', '.join(TORCH_DTYPES)}")
+        return name
+
+    @field_validator("lora_r")
+    @classmethod
+    def _rank(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError("must be a positive integer")
+        return v
+
+    @field_validator("lora_dropout")
+    @classmethod
+    def _dropout(cls, v: float) -> float:
+        if not 0 <= v < 1:
+            raise ValueError("must be in [0, 1)")
+        return v
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be > 0")
+        return v
+
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("must name at least one module")
+        return v
+
+    @field_validator("mrl_dims")
+    @classmethod
+    def _mrl_dims(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("must not be empty")
+        if any(d <= 0 for d in v):
+            raise ValueError("every dim must be positive")
+        if any(a <= b for a, b in zip(v, v[1:], strict=False)):
+            raise ValueError(f"must be strictly descending, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _mrl_weights_match(self) -> TrainConfig:
+        if self.mrl_weights is not None:
+            if self.mrl_dims is None:
+                raise ValueError("mrl_weights: needs mrl_dims of the same length")
+            if len(self.mrl_weights) != len(self.mrl_dims):
+                raise ValueError(
+                    f"mrl_weights: has {len(self.mrl_weights)} weights but mrl_dims has {len(self.mrl_dims)} dims"
+                )
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(self.to_yaml())
+
+
+def valid_keys() -> list[str]:
+    return list(TrainConfig.model_fields)
+
+
+def _unknown_key_error(key: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return ConfigError(f"{source}: unknown config key {key!r}{hint}")
+
+
+def _is_list_field(key: str) -> bool:
+    ann = TrainConfig.model_fields[key].annotation
+    return any(typing.get_origin(a) is list for a in (ann, *typing.get_args(ann)))
+
+
+def coerce_override(key: str, raw: str) -> Any:
+    """Turn the text of `k=v` into a value pydantic can validate for `key`."""
+    text = raw.strip()
+    if text.lower() in ("null", "none", "~"):
+        return None
+    if _is_list_field(key):
+        inner = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+        return [item.strip().strip("'\"") for item in inner.split(",") if item.strip()]
+    # Pydantic's lax mode turns "32", "1e-4" and "true" into int, float and bool.
+    return text
+
+
+def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--config_override: expected key=value, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        key = key.strip()
+        if key not in TrainConfig.model_fields:
+            raise _unknown_key_error(key, "--config_override")
+        out[key] = coerce_override(key, raw)
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid UTF-8 ({e.reason})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def _format_validation_error(err: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or e["msg"].split(":", 1)[0]
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            return _unknown_key_error(key, source)
+        lines.append(f"{key}: {msg}" if not msg.startswith(f"{key}:") else msg)
+    return ConfigError(f"{source}: invalid config: " + "; ".join(lines))
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Iterable[str] | Mapping[str, Any] | None = None,
+) -> TrainConfig:
+    """Build a config from defaults, then the YAML file, then overrides."""
+    values: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        values.update(_read_yaml(Path(path)))
+        for key in values:
+            if key not in TrainConfig.model_fields:
+                raise _unknown_key_error(key, source)
+    if overrides:
+        parsed = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
+        for key in parsed:
+            if key not in TrainConfig.model_fields:
+                raise _unknown_key_error(key, "override")
+        values.update(parsed)
+        source = f"{source} + overrides"
+    try:
+        return TrainConfig(**values)
+    except ValidationError as e:
+        raise _format_validation_error(e, source) from None

@@ -1,0 +1,164 @@
+"""Streaming JSONL reader. Each bad record is reported as `path:line: reason`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from vembed.errors import DataError
+
+TEXT_FIELDS = ("query", "positive", "instruction")
+IMAGE_FIELDS = ("query_image", "positive_image")
+LIST_FIELDS = ("negatives", "negative_images")
+KNOWN_FIELDS = (*TEXT_FIELDS, *IMAGE_FIELDS, *LIST_FIELDS)
+BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One training pair. Image fields are paths as written in the file."""
+
+    query: str | None = None
+    positive: str | None = None
+    negatives: tuple[str, ...] = ()
+    query_image: str | None = None
+    positive_image: str | None = None
+    negative_images: tuple[str, ...] = ()
+    instruction: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if v not in (None, ())}
+        for k in LIST_FIELDS:
+            if k in d:
+                d[k] = list(d[k])
+        return d
+
+    def key(self) -> str:
+        """Content hash: equal for exact duplicates."""
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
+
+    def query_key(self) -> str:
+        """Hash of the query side only, so one query never lands in both splits."""
+        q = json.dumps([self.instruction, self.query, self.query_image])
+        return hashlib.sha256(q.encode()).hexdigest()
+
+
+@dataclass
+class ReadStats:
+    records: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)  # first few skip messages, for the report
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return f"{self.records} records"
+        reasons = ", ".join(f"{n} {r}" for r, n in self.skipped.most_common())
+        return f"{self.records} records, {self.skipped_total} skipped ({reasons})"
+
+
+class _BadRecord(Exception):
+    def __init__(self, reason: str, kind: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+def _parse(obj: Any) -> Record:
+    if not isinstance(obj, dict):
+        raise _BadRecord(f"expected a JSON object, got {type(obj).__name__}", "wrong type")
+    values: dict[str, Any] = {}
+    for key in (*TEXT_FIELDS, *IMAGE_FIELDS):
+        v = obj.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, str):
+            raise _BadRecord(f"field {key!r} must be a string, got {type(v).__name__}", "wrong type")
+        if not v.strip():
+            raise _BadRecord(f"field {key!r} is empty", "empty field")
+        values[key] = v
+    for key in LIST_FIELDS:
+        v = obj.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise _BadRecord(f"field {key!r} must be a list of strings", "wrong type")
+        if any(not x.strip() for x in v):
+            raise _BadRecord(f"field {key!r} contains an empty string", "empty field")
+        values[key] = tuple(v)
+    for side in ("query", "positive"):
+        if side not in values and f"{side}_image" not in values:
+            raise _BadRecord(f"missing field {side!r} (or {side}_image)", "missing field")
+    return Record(**values)
+
+
+def read_records(
+    path: str | os.PathLike[str],
+    on_bad_record: Literal["error", "skip"] = "error",
+    stats: ReadStats | None = None,
+) -> Iterator[Record]:
+    """Yield records from a JSONL file, one line at a time (files larger than RAM work).
+
+    With on_bad_record="error" the first bad record raises DataError("path:line: reason").
+    With "skip" bad records are counted in `stats` and reading goes on.
+    """
+    stats = stats if stats is not None else ReadStats()
+    path = Path(path)
+    seen_content = False
+    try:
+        fh = path.open("rb")
+    except FileNotFoundError:
+        raise DataError(f"{path}: data file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, expected a JSONL file") from None
+    lineno = 0
+    with fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if lineno == 1 and raw.startswith(BOM):
+                raw = raw[len(BOM) :]
+            if not raw.strip():
+                continue
+            seen_content = True
+            try:
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise _BadRecord(f"invalid UTF-8 at byte {e.start}", "invalid UTF-8") from None
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise _BadRecord(f"invalid JSON: {e.msg} (column {e.colno})", "invalid JSON") from None
+                record = _parse(obj)
+            except _BadRecord as bad:
+                message = f"{path}:{lineno}: {bad}"
+                if on_bad_record == "error":
+                    raise DataError(message) from None
+                stats.skipped[bad.kind] += 1
+                if len(stats.examples) < 5:
+                    stats.examples.append(message)
+                continue
+            stats.records += 1
+            yield record
+    if not seen_content:
+        what = "empty" if lineno == 0 else "entirely blank"
+        raise DataError(f"{path}:{max(lineno, 1)}: file is {what}, no records")
+
+
+def write_records(records: Iterable[Record], path: str | os.PathLike[str]) -> int:
+    """Write records as JSONL; returns how many were written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with path.open("w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+            n += 1
+    return n
