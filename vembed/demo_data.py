@@ -1,0 +1,94 @@
+"""A small, real retrieval set built from the documentation that ships with Python.
+
+Query: the summary line of a standard-library docstring. Positive: the object's
+signature and the rest of its docstring. No download, and the same on every
+machine with the same Python version.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+from vembed.data import Record, split_records, write_records
+
+MODULES = (
+    "argparse", "array", "ast", "asyncio", "base64", "bisect", "builtins", "calendar", "cmath", "codecs",
+    "collections", "concurrent.futures", "configparser", "contextlib", "copy", "csv", "dataclasses",
+    "datetime", "decimal", "difflib", "email.message", "email.utils", "enum", "filecmp", "fnmatch",
+    "fractions", "ftplib", "functools", "gettext", "glob", "gzip", "hashlib", "heapq", "hmac", "html",
+    "http.client", "imaplib", "inspect", "io", "ipaddress", "itertools", "json", "locale", "logging",
+    "lzma", "mailbox", "math", "mimetypes", "multiprocessing", "operator", "os", "os.path", "pathlib",
+    "pickle", "pkgutil", "platform", "plistlib", "poplib", "pprint", "queue", "random", "re", "sched",
+    "secrets", "selectors", "shelve", "shlex", "shutil", "signal", "smtplib", "socket", "sqlite3",
+    "ssl", "statistics", "string", "struct", "subprocess", "tarfile", "tempfile", "textwrap",
+    "threading", "time", "timeit", "tokenize", "traceback", "types", "typing", "unicodedata",
+    "urllib.parse", "urllib.request", "uuid", "warnings", "wave", "weakref", "xml.etree.ElementTree",
+    "zipfile", "zlib",
+)
+
+
+def _signature(obj: object) -> str:
+    try:
+        return str(inspect.signature(obj))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "(...)"
+
+
+def _members(module_name: str) -> Iterator[tuple[str, object]]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = importlib.import_module(module_name)
+    for name, obj in sorted(vars(module).items()):
+        if name.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj)):
+            continue
+        if getattr(obj, "__module__", None) not in (module_name, module.__name__) and module_name != "builtins":
+            continue
+        yield f"{module_name}.{name}", obj
+        if inspect.isclass(obj):
+            for mname, meth in sorted(vars(obj).items()):
+                if not mname.startswith("_") and (inspect.isfunction(meth) or inspect.ismethoddescriptor(meth)):
+                    yield f"{module_name}.{name}.{mname}", meth
+
+
+def docstring_pairs() -> Iterator[Record]:
+    for module_name in MODULES:
+        try:
+            members = list(_members(module_name))
+        except ImportError:
+            continue
+        for qualname, obj in members:
+            doc = inspect.getdoc(obj) or ""
+            lines = [ln.strip() for ln in doc.strip().splitlines()]
+            if len(lines) < 3 or not lines[0]:
+                continue
+            summary = lines[0]
+            body = " ".join(ln for ln in lines[1:] if ln)
+            if not 15 <= len(summary) <= 200 or len(body) < 40 or summary.startswith(qualname.rsplit(".", 1)[-1] + "("):
+                continue
+            positive = f"{qualname}{_signature(obj)}: {body[:400]}"
+            yield Record(query=summary, positive=positive)
+
+
+def build_demo_dataset(out_dir: str | Path, eval_fraction: float = 0.2, max_train: int = 2000) -> dict[str, str | int]:
+    """Write train.jsonl, eval.jsonl and corpus.jsonl (train positives as distractors)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    split = split_records(docstring_pairs(), eval_fraction=eval_fraction, seed=0)
+    train = split.train[:max_train]
+    write_records(train, out / "train.jsonl")
+    write_records(split.eval, out / "eval.jsonl")
+    with (out / "corpus.jsonl").open("w", encoding="utf-8") as fh:
+        for r in train:
+            fh.write(json.dumps({"text": r.positive}) + "\n")
+    return {
+        "train": str(out / "train.jsonl"),
+        "eval": str(out / "eval.jsonl"),
+        "corpus": str(out / "corpus.jsonl"),
+        "n_train": len(train),
+        "n_eval": len(split.eval),
+    }

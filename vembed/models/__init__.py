@@ -1,0 +1,79 @@
+"""Model families behind one Embedder interface: text, clip, qwen3_vl."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from vembed.errors import ConfigError
+from vembed.models.base import Embedder, EmbedderSpec, Item
+from vembed.models.resolve import read_sentence_transformers_pooling, resolve_model_path
+
+__all__ = ["Embedder", "EmbedderSpec", "Item", "detect_family", "load_embedder", "resolve_dtype"]
+
+# family -> "module:Class"; imported lazily so text-only use never loads vision code.
+FAMILY_CLASSES = {
+    "text": "vembed.models.text:TextEmbedder",
+    "clip": "vembed.models.clip:CLIPEmbedder",
+    "qwen3_vl": "vembed.models.qwen_vl:QwenVLEmbedder",
+}
+
+
+def detect_family(model_type: str) -> str:
+    if model_type == "clip":
+        return "clip"
+    if model_type in ("qwen3_vl", "qwen2_vl", "qwen2_5_vl"):
+        return "qwen3_vl"
+    return "text"
+
+
+def resolve_dtype(name: str, device: torch.device | str | None = None) -> torch.dtype:
+    """`auto` is bf16 on a CUDA device that supports it and fp32 elsewhere."""
+    if name == "auto":
+        dev = torch.device(device) if device is not None else None
+        on_cuda = torch.cuda.is_available() and (dev is None or dev.type == "cuda")
+        return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def family_class(family: str) -> type[Embedder]:
+    module, cls = FAMILY_CLASSES[family].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def load_embedder(
+    model_name: str,
+    pooling: str = "auto",
+    max_seq_length: int = 128,
+    query_instruction: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Embedder:
+    """Load a base model of any supported family, offline."""
+    path = resolve_model_path(model_name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model_name: cannot load {model_name!r} (offline, no local copy?): {first}") from None
+    family = detect_family(config.model_type)
+    cls = family_class(family)
+    st = read_sentence_transformers_pooling(path)
+    if pooling == "auto":
+        pooling = st[0] if st is not None else cls.default_pooling(config)
+    # A sentence-transformers directory says whether it normalises; everything else does.
+    normalize = st[1] if st is not None else True
+    # Hub ids stay ids (resolved again at load time); local directories become absolute.
+    local = Path(model_name).expanduser()
+    stored_name = str(local.resolve()) if local.is_dir() else model_name
+    spec = EmbedderSpec(
+        family=family,
+        model_name=stored_name,
+        pooling=pooling,
+        max_seq_length=max_seq_length,
+        query_instruction=query_instruction,
+        normalize=normalize,
+    )
+    return cls.from_pretrained(path, spec, dtype=dtype)

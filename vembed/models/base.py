@@ -1,0 +1,88 @@
+"""The interface every model family implements.
+
+An Embedder turns items (text and/or image) into pooled, *unnormalised* vectors.
+Normalisation happens in the loss and in the Predictor, after any MRL truncation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class EmbedderSpec:
+    """What is needed to rebuild an embedder around a (possibly merged) backbone."""
+
+    family: str
+    model_name: str
+    pooling: str
+    max_seq_length: int
+    query_instruction: str | None = None
+    normalize: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Item:
+    text: str | None = None
+    image: Any = None  # a path, an s3:// URI or a PIL image
+    instruction: str | None = None
+
+
+class Embedder(nn.Module):
+    family: str = "base"
+
+    def __init__(self, backbone: nn.Module, spec: EmbedderSpec) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.spec = spec
+
+    # Per-item work that can be done once, ahead of training (e.g. tokenisation).
+    def featurize(self, item: Item, is_query: bool) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # Stack featurized items into model inputs.
+    def collate(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def dim(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @torch.no_grad()
+    def embed_items(self, items: Sequence[Item], is_query: bool = False, batch_size: int = 32) -> torch.Tensor:
+        """Inference helper: pooled vectors (unnormalised, float32) for many items."""
+        out = []
+        feats = [self.featurize(it, is_query) for it in items]
+        # Sorting by length keeps padding small; order is restored below.
+        order = sorted(range(len(feats)), key=lambda i: -_length(feats[i]))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = {k: v.to(self.device) for k, v in self.collate([feats[i] for i in idx]).items()}
+            out.append(self(**batch).float().cpu())
+        if not out:
+            return torch.empty(0, self.dim)
+        emb = torch.cat(out)
+        restored = torch.empty_like(emb)
+        restored[torch.tensor(order)] = emb
+        return restored
+
+
+def _length(feature: dict[str, Any]) -> int:
+    ids = feature.get("input_ids")
+    return len(ids) if ids is not None else 0

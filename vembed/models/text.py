@@ -1,0 +1,71 @@
+"""Text encoders: BERT/MiniLM-style (mean or cls pooling) and decoder embedders
+such as Qwen3-Embedding (last-token pooling)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import AutoModel, AutoTokenizer, PretrainedConfig
+
+from vembed.models.base import Embedder, EmbedderSpec, Item
+from vembed.models.pooling import pool
+
+# Families whose embedding is the last token's state.
+DECODER_TYPES = {"qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3_text", "phi3"}
+
+
+def default_text_pooling(config: PretrainedConfig) -> str:
+    return "last_token" if config.model_type in DECODER_TYPES or getattr(config, "is_decoder", False) else "mean"
+
+
+def format_query(text: str, instruction: str | None, decoder: bool) -> str:
+    if not instruction:
+        return text
+    # Qwen3-Embedding's documented prompt; encoder models take a plain prefix.
+    return f"Instruct: {instruction}\nQuery: {text}" if decoder else f"{instruction}{text}"
+
+
+class TextEmbedder(Embedder):
+    family = "text"
+
+    def __init__(self, backbone: torch.nn.Module, tokenizer: Any, spec: EmbedderSpec) -> None:
+        super().__init__(backbone, spec)
+        self.tokenizer = tokenizer
+        self._decoder = spec.pooling == "last_token"
+
+    @staticmethod
+    def default_pooling(config: PretrainedConfig) -> str:
+        return default_text_pooling(config)
+
+    @classmethod
+    def from_pretrained(cls, path: str, spec: EmbedderSpec, dtype: torch.dtype | None = None) -> TextEmbedder:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        backbone = AutoModel.from_pretrained(path, dtype=dtype) if dtype else AutoModel.from_pretrained(path)
+        return cls(backbone, tokenizer, spec)
+
+    def featurize(self, item: Item, is_query: bool) -> dict[str, Any]:
+        if item.text is None:
+            raise ValueError("text model got an item without text")
+        instruction = item.instruction or (self.spec.query_instruction if is_query else None)
+        text = format_query(item.text, instruction, self._decoder) if is_query else item.text
+        enc = self.tokenizer(text, truncation=True, max_length=self.spec.max_seq_length)
+        return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+
+    def collate(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return dict(self.tokenizer.pad(list(features), padding=True, return_tensors="pt"))
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(**inputs)
+        return pool(out.last_hidden_state, inputs["attention_mask"], self.spec.pooling)
+
+    @property
+    def dim(self) -> int:
+        return int(self._config().hidden_size)
+
+    def _config(self) -> PretrainedConfig:
+        model = self.backbone
+        return model.get_base_model().config if hasattr(model, "get_base_model") else model.config

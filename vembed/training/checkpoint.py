@@ -1,0 +1,202 @@
+"""Checkpoints: atomic, checksummed, pickle-free, rotated.
+
+Layout of `output_dir/checkpoint-N/`:
+  adapter_config.json, adapter_model.safetensors   (or a full model for use_lora: false)
+  vembed_config.yaml        resolved TrainConfig
+  embedder.json             pooling/family spec needed to rebuild the embedder
+  trainer_state.json        step, epoch, position in the epoch, log history
+  optimizer.safetensors + optimizer.json, scheduler.json, rng.safetensors + rng.json
+  checksums.json            sha256 of every file above; written last
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from vembed.errors import CheckpointError
+
+CHECKSUMS = "checksums.json"
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(directory: Path) -> None:
+    sums = {
+        str(p.relative_to(directory)): sha256_file(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != CHECKSUMS
+    }
+    (directory / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+
+
+def verify_checkpoint(directory: str | os.PathLike[str]) -> Path:
+    """Raise CheckpointError unless every file listed in checksums.json is intact."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: checkpoint directory not found")
+    refuse_pickle(d)
+    sums_file = d / CHECKSUMS
+    if not sums_file.is_file():
+        raise CheckpointError(f"{d}: incomplete checkpoint ({CHECKSUMS} missing); it was not fully written")
+    try:
+        sums = json.loads(sums_file.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{sums_file}: corrupt checksum file") from None
+    for name, digest in sums.items():
+        f = d / name
+        if not f.is_file():
+            raise CheckpointError(f"{d}: corrupt checkpoint, {name} is missing")
+        if sha256_file(f) != digest:
+            raise CheckpointError(f"{d}: corrupt checkpoint, {name} does not match its checksum")
+    return d
+
+
+def refuse_pickle(directory: Path) -> None:
+    found = [p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if found:
+        raise CheckpointError(
+            f"{directory}: refusing pickle weight files {found}; vembed loads safetensors only"
+        )
+
+
+def list_checkpoints(output_dir: str | os.PathLike[str]) -> list[Path]:
+    """Complete checkpoints (renamed into place), oldest first."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if p.is_dir() and (m := _CKPT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def begin_checkpoint(output_dir: Path, step: int) -> Path:
+    """A fresh temporary directory; `commit_checkpoint` renames it into place."""
+    tmp = output_dir / f".tmp-checkpoint-{step}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_checkpoint(tmp: Path, output_dir: Path, step: int, save_total_limit: int | None) -> Path:
+    write_checksums(tmp)
+    _fsync_dir(tmp)
+    final = output_dir / f"checkpoint-{step}"
+    if final.exists():  # a retry of the same step: replace it whole
+        old = output_dir / f".old-checkpoint-{step}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(output_dir)
+    rotate_checkpoints(output_dir, save_total_limit, keep=final)
+    for stale in output_dir.glob(".tmp-checkpoint-*"):  # leftovers of killed runs
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def rotate_checkpoints(output_dir: Path, limit: int | None, keep: Path) -> None:
+    if not limit:
+        return
+    ckpts = [c for c in list_checkpoints(output_dir) if c != keep]
+    for old in ckpts[: max(0, len(ckpts) - (limit - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- optimizer / scheduler / RNG state without pickle ---------------------------------
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, state in sd["state"].items():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    save_file(tensors, str(directory / "optimizer.safetensors"))
+    (directory / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"], "scalars": scalars}))
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    meta = json.loads((directory / "optimizer.json").read_text())
+    tensors = _load_tensors(directory / "optimizer.safetensors")
+    state: dict[int, dict[str, Any]] = {}
+    for key, t in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = t
+    for pid, kv in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(kv)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_rng(directory: Path) -> None:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    np_state = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
+    py_state = random.getstate()
+    save_file(tensors, str(directory / "rng.safetensors"))
+    meta = {
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    (directory / "rng.json").write_text(json.dumps(meta))
+
+
+def load_rng(directory: Path) -> None:
+    tensors = _load_tensors(directory / "rng.safetensors")
+    meta = json.loads((directory / "rng.json").read_text())
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    v, state, gauss = meta["python"]
+    random.setstate((v, tuple(state), gauss))
+    name, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from None

@@ -1,0 +1,99 @@
+"""Training data: records featurized once, shuffled deterministically per epoch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from vembed.data import ReadStats, Record, read_records
+from vembed.models.base import Embedder, Item
+
+
+def record_items(record: Record, data_root: Path | None = None) -> tuple[Item, Item, list[Item]]:
+    """(query, positive, negatives) as model items. Image paths stay as written;
+    families that read images resolve them against `data_root`."""
+    query = Item(text=record.query, image=_image(record.query_image, data_root), instruction=record.instruction)
+    positive = Item(text=record.positive, image=_image(record.positive_image, data_root))
+    negatives = [Item(text=t) for t in record.negatives]
+    negatives += [Item(image=_image(p, data_root)) for p in record.negative_images]
+    return query, positive, negatives
+
+
+def _image(path: str | None, root: Path | None) -> str | None:
+    if path is None or root is None:
+        return path
+    from vembed.data.images import resolve_image_path
+
+    return resolve_image_path(path, root)
+
+
+class PairDataset(Dataset):
+    """Featurized (query, positive, negatives) triples; tokenisation happens once, here."""
+
+    def __init__(self, records: Sequence[Record], embedder: Embedder, data_root: Path | None = None) -> None:
+        self.examples: list[tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]] = []
+        for r in records:
+            q, p, negs = record_items(r, data_root)
+            self.examples.append(
+                (
+                    embedder.featurize(q, is_query=True),
+                    embedder.featurize(p, is_query=False),
+                    [embedder.featurize(n, is_query=False) for n in negs],
+                )
+            )
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int):
+        return self.examples[i]
+
+
+class PairCollator:
+    def __init__(self, embedder: Embedder) -> None:
+        self.embedder = embedder
+
+    def __call__(self, rows) -> dict[str, Any]:
+        queries = [r[0] for r in rows]
+        positives = [r[1] for r in rows]
+        negatives = [n for r in rows for n in r[2]]
+        batch: dict[str, Any] = {
+            "query": self.embedder.collate(queries),
+            "positive": self.embedder.collate(positives),
+        }
+        if negatives:
+            batch["negatives"] = self.embedder.collate(negatives)
+        return batch
+
+
+class EpochBatchSampler:
+    """Shuffled batches whose order depends only on (seed, epoch), so a resumed run
+    sees exactly the batches the interrupted one would have seen."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        for start in range(0, self.n, self.batch_size):
+            yield order[start : start + self.batch_size]
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+
+def load_records(path: str, on_bad_record: str) -> tuple[list[Record], ReadStats]:
+    stats = ReadStats()
+    records = list(read_records(path, on_bad_record=on_bad_record, stats=stats))  # type: ignore[arg-type]
+    if not records:
+        from vembed.errors import DataError
+
+        raise DataError(f"{path}: no valid records ({stats.summary()})")
+    return records, stats

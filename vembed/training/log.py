@@ -1,0 +1,39 @@
+"""`output_dir/training_log.txt`: one human-readable line per logging step."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+
+class TrainingLog:
+    def __init__(self, path: Path, enabled: bool = True, append: bool = False) -> None:
+        self.path = path
+        self.enabled = enabled
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not append:
+                path.write_text("")
+
+    def _write(self, line: str) -> None:
+        if self.enabled:
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(line + "\n")
+
+    def header(self, cfg: Any, params: tuple[int, int], n_examples: int, total_steps: int, accelerator: Any) -> None:
+        trainable, total = params
+        self._write(
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')} start model={cfg.model_name} examples={n_examples} "
+            f"steps={total_steps} batch_size={cfg.batch_size} processes={accelerator.num_processes} "
+            f"precision={accelerator.mixed_precision} trainable_params={trainable} total_params={total}"
+        )
+
+    def step(self, e: dict[str, Any]) -> None:
+        self._write(
+            f"step={e['step']} epoch={e['epoch']:.2f} loss={e['loss']:.4f} lr={e['lr']:.3e} "
+            f"samples/s={e['samples_per_s']:.1f}"
+        )
+
+    def finish(self, checkpoint: Path) -> None:
+        self._write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} done checkpoint={checkpoint}")

@@ -1,0 +1,263 @@
+"""The training loop: one readable recipe on top of accelerate."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from vembed.config import TrainConfig
+from vembed.errors import CheckpointError, ConfigError
+from vembed.losses import build_loss
+from vembed.models import Embedder, load_embedder, resolve_dtype
+from vembed.models.lora import apply_lora, count_parameters, enable_gradient_checkpointing
+from vembed.training import checkpoint as ckpt
+from vembed.training.data import EpochBatchSampler, PairCollator, PairDataset, load_records
+from vembed.training.log import TrainingLog
+from vembed.training.step import make_step
+
+log = logging.getLogger(__name__)
+
+MIXED_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}
+
+
+@dataclass
+class TrainResult:
+    checkpoint_dir: Path
+    global_step: int
+    final_loss: float
+    log_path: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def build_accelerator(cfg: TrainConfig) -> tuple[Accelerator, torch.dtype]:
+    """An Accelerator whose mixed precision matches the requested dtype."""
+    dtype = resolve_dtype(cfg.torch_dtype)
+    if dtype == torch.float16 and not torch.cuda.is_available():
+        raise ConfigError("torch_dtype: float16 needs a CUDA device; use bfloat16 or float32 on CPU")
+    kwargs: dict[str, Any] = {"mixed_precision": MIXED_PRECISION[dtype]}
+    if cfg.use_fsdp:
+        from vembed.training.fsdp import fsdp_plugin
+
+        kwargs["fsdp_plugin"] = fsdp_plugin(cfg)
+    accelerator = Accelerator(**kwargs)
+    return accelerator, dtype
+
+
+def build_embedder(cfg: TrainConfig, dtype: torch.dtype) -> Embedder:
+    # Frozen base weights may live in bf16; trainable LoRA weights stay fp32 under autocast.
+    load_dtype = dtype if cfg.use_lora and not cfg.use_fsdp else torch.float32
+    embedder = load_embedder(cfg.model_name, cfg.pooling, cfg.max_seq_length, cfg.query_instruction, load_dtype)
+    if cfg.use_lora:
+        apply_lora(embedder, cfg)
+    else:
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(embedder.backbone)
+        trainable, total = count_parameters(embedder)
+        log.info("full fine-tuning: %d trainable parameters", trainable)
+    return embedder
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    accelerator, dtype = build_accelerator(cfg)
+    set_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    resume_dir = _resolve_resume(cfg, out)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.yaml")
+
+    embedder = build_embedder(cfg, dtype)
+    records, stats = load_records(cfg.data_path, cfg.on_bad_record)
+    if stats.skipped:
+        log.warning("%s: %s", cfg.data_path, stats.summary())
+    dataset = PairDataset(records, embedder, data_root=Path(cfg.data_path).parent)
+    sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=PairCollator(embedder), num_workers=cfg.num_workers)
+
+    loss_fn = build_loss(cfg, embedder.dim)
+    params = [p for p in embedder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(sampler) / accelerator.num_processes)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    scheduler = get_scheduler(
+        cfg.lr_scheduler,
+        optimizer,
+        num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    embedder, optimizer, loader, scheduler = accelerator.prepare(embedder, optimizer, loader, scheduler)
+    step_fn = make_step(cfg, accelerator, embedder, loss_fn)
+
+    state = {"global_step": 0, "epoch": 0, "batch_in_epoch": 0, "history": []}
+    if resume_dir is not None:
+        state = _load_resume_state(resume_dir, accelerator, embedder, optimizer, scheduler, cfg)
+        log.info("resumed from %s at step %d", resume_dir, state["global_step"])
+
+    train_log = TrainingLog(out / "training_log.txt", enabled=accelerator.is_main_process, append=resume_dir is not None)
+    if resume_dir is None:
+        train_log.header(cfg, count_parameters(embedder), len(dataset), total_steps, accelerator)
+    history: list[dict[str, Any]] = state["history"]
+    global_step = state["global_step"]
+    progress = tqdm(
+        total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="training"
+    )
+    embedder.train()
+    window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
+    last_saved = global_step if resume_dir is not None else -1
+    loss_value = float("nan")
+    epoch = state["epoch"]
+    batch_in_epoch = state["batch_in_epoch"]
+    while global_step < total_steps and epoch < cfg.epochs:
+        sampler.epoch = epoch
+        skip = state["batch_in_epoch"] if epoch == state["epoch"] else 0
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        batch_in_epoch = skip
+        for batch in batches:
+            loss = step_fn(batch)
+            if cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(embedder.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            batch_in_epoch += 1
+            progress.update(1)
+            loss_value = accelerator.reduce(loss.detach().float(), "mean").item()
+            window_loss += loss_value
+            window_samples += _batch_size(batch) * accelerator.num_processes
+            if global_step % cfg.logging_steps == 0 or global_step == total_steps:
+                n = global_step % cfg.logging_steps or cfg.logging_steps
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                entry = {
+                    "step": global_step,
+                    "epoch": round(epoch + batch_in_epoch / steps_per_epoch, 4),
+                    "loss": window_loss / n,
+                    "lr": scheduler.get_last_lr()[0],
+                    "samples_per_s": window_samples / elapsed,
+                }
+                history.append(entry)
+                train_log.step(entry)
+                progress.set_postfix(loss=f"{entry['loss']:.4f}")
+                window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
+            position = {"global_step": global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
+            if global_step % cfg.save_steps == 0:
+                save_checkpoint(accelerator, embedder, optimizer, scheduler, cfg, position, history)
+                last_saved = global_step
+            if global_step >= total_steps:
+                break
+        else:
+            epoch += 1
+            continue
+        break
+    progress.close()
+    position = {"global_step": global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
+    if last_saved != global_step:
+        save_checkpoint(accelerator, embedder, optimizer, scheduler, cfg, position, history)
+    final = out / f"checkpoint-{global_step}"
+    train_log.finish(final)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(final, global_step, loss_value, out / "training_log.txt", history)
+
+
+def _batch_size(batch: dict[str, Any]) -> int:
+    first = next(iter(batch["query"].values()))
+    return int(first.shape[0])
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    embedder: Embedder,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    cfg: TrainConfig,
+    position: dict[str, int],
+    history: list[dict[str, Any]],
+) -> Path:
+    """Every rank calls this (FSDP gathers are collective); rank 0 writes."""
+    from vembed.training.model_state import gather_model_state
+
+    out = Path(cfg.output_dir)
+    step = position["global_step"]
+    model_state = gather_model_state(accelerator, embedder)
+    final = out / f"checkpoint-{step}"
+    if accelerator.is_main_process:
+        tmp = ckpt.begin_checkpoint(out, step)
+        unwrapped: Embedder = accelerator.unwrap_model(embedder)
+        _save_weights(unwrapped, tmp, model_state, cfg.use_lora)
+        if not cfg.use_lora:
+            _save_processor(unwrapped, tmp)
+        cfg.save(tmp / "vembed_config.yaml")
+        (tmp / "embedder.json").write_text(json.dumps(unwrapped.spec.to_dict(), indent=1))
+        ckpt.save_optimizer(optimizer, tmp)
+        (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+        ckpt.save_rng(tmp)
+        (tmp / "trainer_state.json").write_text(json.dumps({**position, "history": history}, indent=1))
+        final = ckpt.commit_checkpoint(tmp, out, step, cfg.save_total_limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _save_weights(embedder: Embedder, directory: Path, state: dict | None, lora: bool) -> None:
+    kwargs: dict[str, Any] = {"state_dict": state} if state is not None else {}
+    if lora:
+        # "auto" would look the base model up on the hub to decide about embedding layers.
+        kwargs["save_embedding_layers"] = False
+    embedder.backbone.save_pretrained(directory, safe_serialization=True, **kwargs)
+
+
+def _save_processor(embedder: Embedder, directory: Path) -> None:
+    for attr in ("tokenizer", "processor"):
+        obj = getattr(embedder, attr, None)
+        if obj is not None:
+            obj.save_pretrained(directory)
+
+
+def _resolve_resume(cfg: TrainConfig, out: Path) -> Path | None:
+    want = cfg.resume_from_checkpoint
+    if not want:
+        return None
+    if want == "latest":
+        found = ckpt.latest_checkpoint(out)
+        if found is None:
+            log.info("resume_from_checkpoint: latest, but %s has no checkpoint; starting fresh", out)
+            return None
+        return found
+    path = Path(want)
+    if not path.is_dir():
+        raise CheckpointError(f"resume_from_checkpoint: {want} is not a checkpoint directory")
+    return path
+
+
+def _load_resume_state(resume_dir, accelerator, embedder, optimizer, scheduler, cfg) -> dict[str, Any]:
+    ckpt.verify_checkpoint(resume_dir)
+    saved = yaml.safe_load((resume_dir / "vembed_config.yaml").read_text())
+    for key in ("model_name", "use_lora", "lora_r", "lora_target_modules", "batch_size", "seed"):
+        if saved.get(key) != getattr(cfg, key):
+            raise CheckpointError(
+                f"{resume_dir}: cannot resume, {key} was {saved.get(key)!r} there but is {getattr(cfg, key)!r} now"
+            )
+    from vembed.training.model_state import load_model_state
+
+    weights = "adapter_model.safetensors" if cfg.use_lora else "model.safetensors"
+    load_model_state(accelerator, embedder, load_file(str(resume_dir / weights)))
+    ckpt.load_optimizer(optimizer, resume_dir)
+    scheduler.load_state_dict(json.loads((resume_dir / "scheduler.json").read_text()))
+    ckpt.load_rng(resume_dir)
+    return json.loads((resume_dir / "trainer_state.json").read_text())

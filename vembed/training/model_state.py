@@ -1,0 +1,37 @@
+"""Whole-model state for checkpoints: the seam where FSDP gathers shards."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from peft import PeftModel, set_peft_model_state_dict
+
+from vembed.models.base import Embedder
+
+
+def gather_model_state(accelerator: Accelerator, embedder: Embedder) -> dict[str, torch.Tensor] | None:
+    """The backbone's full state dict when it is sharded (collective: every rank calls it);
+    None when the unwrapped model already holds everything."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return None
+    from vembed.training.fsdp import gather_full_backbone_state
+
+    return gather_full_backbone_state(accelerator, embedder)
+
+
+def load_model_state(accelerator: Accelerator, embedder: Embedder, state: dict[str, torch.Tensor]) -> None:
+    backbone = accelerator.unwrap_model(embedder).backbone
+    if isinstance(backbone, PeftModel):
+        result = set_peft_model_state_dict(backbone, state)
+        if result.unexpected_keys:
+            raise RuntimeError(f"adapter weights do not fit the model: {result.unexpected_keys[:5]}")
+        return
+    backbone.load_state_dict(state)
+
+
+def trainable_state(embedder: Embedder) -> dict[str, Any]:
+    """Name -> tensor for the parameters being trained (for comparisons in tests/benchmarks)."""
+    return {n: p.detach().cpu().clone() for n, p in embedder.named_parameters() if p.requires_grad}

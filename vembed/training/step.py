@@ -1,0 +1,36 @@
+"""One optimisation step's forward/backward. GradCache provides an alternative."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from vembed.config import TrainConfig
+from vembed.models.base import Embedder
+from vembed.training.negatives import gather_for_loss
+
+StepFn = Callable[[dict[str, Any]], torch.Tensor]
+
+
+def plain_step(accelerator: Accelerator, embedder: Embedder, loss_fn: torch.nn.Module, cross_device: bool) -> StepFn:
+    def step(batch: dict[str, Any]) -> torch.Tensor:
+        q = embedder(**batch["query"])
+        p = embedder(**batch["positive"])
+        n = embedder(**batch["negatives"]) if "negatives" in batch else None
+        q, p, n, labels = gather_for_loss(accelerator, q, p, n, cross_device)
+        loss = loss_fn(q, p, n, labels)
+        accelerator.backward(loss)
+        return loss
+
+    return step
+
+
+def make_step(cfg: TrainConfig, accelerator: Accelerator, embedder: Embedder, loss_fn: torch.nn.Module) -> StepFn:
+    if cfg.use_gradient_cache:
+        from vembed.grad_cache import grad_cache_step
+
+        return grad_cache_step(cfg, accelerator, embedder, loss_fn)
+    return plain_step(accelerator, embedder, loss_fn, cfg.cross_device_negatives)
