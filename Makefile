@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo compile clean
+.PHONY: install test lint demo compile images constraints clean
 
 # The stamp makes a second `make install` a no-op unless pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -23,6 +23,26 @@ lint: install
 
 demo: install
 	$(VENV)/bin/vembed demo
+
+# The KFP IR YAML that clusters run; a test fails when the committed copy is stale.
+compile: install
+	$(VENV)/bin/vembed pipeline compile --defaults
+
+# Build and push the component images (needs docker and a registry login; not run in CI).
+IMAGE_REPO ?= ghcr.io/vembed-factory/vembed
+IMAGE_TAG ?= $(shell $(PY) -c "import vembed; print(vembed.__version__)")
+images:
+	docker build -f images/Dockerfile.cpu -t $(IMAGE_REPO):$(IMAGE_TAG)-cpu .
+	docker build -f images/Dockerfile.cuda -t $(IMAGE_REPO):$(IMAGE_TAG)-cuda .
+	docker push $(IMAGE_REPO):$(IMAGE_TAG)-cpu
+	docker push $(IMAGE_REPO):$(IMAGE_TAG)-cuda
+
+# Pin the images to the versions installed here (the set the tests passed with).
+constraints: install
+	{ echo "# Exact versions the images install (pip --constraint): the set the test suite passed with."; \
+	  echo "# Regenerate with \`make constraints\` after changing dependencies."; \
+	  $(PY) -m pip freeze --exclude-editable | sed -E 's/^(torch[a-z]*==[0-9.]+)\+[a-z0-9]+$$/\1/' \
+	  | grep -v -E '^(-e|.* @ )'; } > images/constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

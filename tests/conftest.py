@@ -68,3 +68,64 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     for k, v in s3_server.env().items():
         monkeypatch.setenv(k, v)
     return s3_server
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory):
+    """A real `mlflow server` on loopback (sqlite backend, artifacts proxied to `s3_server`), started once."""
+    from tests.mlflow_server import MlflowServer
+
+    bucket = "mlflow-artifacts"
+    s3_server.client().create_bucket(Bucket=bucket)
+    server = MlflowServer(
+        workdir=tmp_path_factory.mktemp("mlflow-server"), port=free_port(), s3_env=s3_server.env(), bucket=bucket
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from vembed.tiny_models import make_tiny_bert
+
+    return str(make_tiny_bert(tmp_path_factory.mktemp("tiny") / "bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from vembed.tiny_models import make_tiny_qwen3
+
+    return str(make_tiny_qwen3(tmp_path_factory.mktemp("tiny") / "qwen3"))
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    from vembed.models.resolve import resolve_model_path
+
+    return resolve_model_path("sentence-transformers/all-MiniLM-L6-v2")
+
+
+def write_pairs(path, n: int = 48, seed: int = 0, negatives: bool = True) -> str:
+    """Small synthetic query/positive pairs (word permutations) for mechanics tests."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    words = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
+             "sigma tau upsilon phi chi psi omega").split()
+    with open(path, "w") as fh:
+        for _ in range(n):
+            w = rng.sample(words, 3)
+            rec = {"query": " ".join(w), "positive": "about " + " and ".join(reversed(w))}
+            if negatives:
+                rec["negatives"] = [" ".join(rng.sample(words, 3))]
+            fh.write(json.dumps(rec) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def pairs_file(tmp_path) -> str:
+    return write_pairs(tmp_path / "train.jsonl")

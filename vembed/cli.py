@@ -160,8 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Subcommands with their own parser. argparse's REMAINDER drops a leading option
+# (`vembed pipeline --help`), so these are handed over before parsing.
+DELEGATED = {"pipeline": "pipelines.cli", "registry": "vembed.registry_cli"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        module, rest = DELEGATED[argv[0]], argv[1:]
+        args = argparse.Namespace(func=lambda _: _delegate(module, rest))
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except VembedError as e:

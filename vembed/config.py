@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -24,6 +25,70 @@ DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "floa
 # The guide's default list mixes names from several families; only names that
 # exist in the loaded model are applied (see vembed.models.lora).
 DEFAULT_TARGET_MODULES = ["q_proj", "v_proj", "query", "value", "key", "dense"]
+
+RESOURCE_KEYS = ("cpu", "memory", "ephemeral-storage")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SECRET_REF = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[-._a-zA-Z0-9]+$")
+
+
+class TrainerOptions(BaseModel):
+    """Where training runs: this pod (`local`) or a Kubeflow job. See docs/multinode.md."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    num_nodes: int = Field(1, ge=1, description="training nodes (pods); > 1 needs trainjob or pytorchjob")
+    gpus_per_node: int = Field(1, ge=0, description="one training process per GPU; 0: one CPU process")
+    backend: Literal["local", "trainjob", "pytorchjob"] = "local"
+    runtime: str = Field("torch-distributed", description="Kubeflow Trainer (Cluster)TrainingRuntime name")
+    image: str | None = Field(None, description="job image; required for trainjob and pytorchjob")
+    resources: dict[str, str] = Field(default_factory=dict, description="per node: cpu, memory, ephemeral-storage")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    timeout: int = Field(86400, gt=0, description="seconds before the job is stopped and the step fails")
+    keep_job: bool = Field(False, description="keep the finished job for debugging instead of deleting it")
+    namespace: str | None = Field(None, description="job namespace; default: the pipeline pod's namespace")
+    env_from_secrets: dict[str, str] = Field(
+        default_factory=dict, description='ENV_VAR: "secret-name/key"; the job reads the value from the secret'
+    )
+
+    @field_validator("resources", mode="before")
+    @classmethod
+    def _resources(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        out = {}
+        for key, qty in v.items():
+            name = "ephemeral-storage" if key == "ephemeral" else key
+            if name not in RESOURCE_KEYS:
+                hint = "; GPUs come from gpus_per_node" if "gpu" in str(key) else ""
+                raise ValueError(f"unknown resource {key!r}; use {', '.join(RESOURCE_KEYS)}{hint}")
+            from kubernetes.utils.quantity import parse_quantity  # lazy: kubernetes is slow to import
+
+            try:
+                parse_quantity(str(qty))
+            except ValueError:
+                raise ValueError(f"{key}: {qty!r} is not a Kubernetes quantity (e.g. 8, 500m, 64Gi)") from None
+            out[name] = str(qty)
+        return out
+
+    @field_validator("env_from_secrets")
+    @classmethod
+    def _secret_refs(cls, v: dict[str, str]) -> dict[str, str]:
+        for env, ref in v.items():
+            if not _ENV_NAME.match(env):
+                raise ValueError(f"{env!r} is not a valid environment variable name")
+            if not _SECRET_REF.match(ref):
+                # The value is not echoed: a user who pasted the secret itself must not see it in a log.
+                raise ValueError(f"{env}: expected \"secret-name/key\", a reference to a Kubernetes secret")
+        return v
+
+    @model_validator(mode="after")
+    def _backend_needs(self) -> TrainerOptions:
+        if self.backend == "local" and self.num_nodes > 1:
+            raise ValueError("num_nodes: more than one node needs backend trainjob or pytorchjob")
+        if self.backend != "local" and not self.image:
+            raise ValueError(f"image: backend {self.backend} needs the training image")
+        return self
 
 
 class TrainConfig(BaseModel):
@@ -72,6 +137,12 @@ class TrainConfig(BaseModel):
     corpus_path: str | None = Field(None, description='extra eval corpus, JSONL of {"text": ...}')
     on_bad_record: Literal["error", "skip"] = "error"
     num_workers: int = Field(0, ge=0, description="data loader workers")
+    retrieval_mode: Literal["auto", "t2t", "t2i", "i2t", "i2i"] = Field(
+        "auto", description="which record fields form query and positive; auto: every field present"
+    )
+    allow_images_outside_data_root: bool = Field(
+        False, description="accept image paths outside the data file's directory (../, absolute paths)"
+    )
 
     # Output and checkpoints
     output_dir: str = "output"
@@ -79,6 +150,9 @@ class TrainConfig(BaseModel):
     save_steps: int = Field(500, gt=0)
     save_total_limit: int | None = Field(3, gt=0)
     resume_from_checkpoint: str | None = Field(None, description="latest | path to checkpoint-N")
+
+    # Where training runs (vembed.launchers); set nested keys with `trainer.num_nodes=2`
+    trainer: TrainerOptions = Field(default_factory=TrainerOptions)
 
     @field_validator("torch_dtype", mode="before")
     @classmethod
@@ -153,15 +227,57 @@ def valid_keys() -> list[str]:
     return list(TrainConfig.model_fields)
 
 
+def _section_model(key: str) -> type[BaseModel] | None:
+    """The model of a nested config section such as `trainer`; None for plain keys."""
+    field = TrainConfig.model_fields.get(key)
+    ann = field.annotation if field else None
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def _field(key: str) -> Any:
+    """The pydantic field for `key` or `section.key`; None if there is no such key."""
+    section, _, name = key.partition(".")
+    if not name:
+        return TrainConfig.model_fields.get(key)
+    model = _section_model(section)
+    return model.model_fields.get(name) if model else None
+
+
 def _unknown_key_error(key: str, source: str) -> ConfigError:
-    close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]}?" if close else ""
+    section, _, name = key.rpartition(".")
+    model = _section_model(section) if section else None
+    if model is None:  # a top-level key (or an unknown section): suggest a top-level key
+        section, name, candidates = "", key.partition(".")[0], valid_keys()
+    else:
+        candidates = list(model.model_fields)
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
+    hint = f"; did you mean {section + '.' if section else ''}{close[0]}?" if close else ""
     return ConfigError(f"{source}: unknown config key {key!r}{hint}")
 
 
+def _annotation_parts(key: str) -> tuple[Any, ...]:
+    ann = _field(key).annotation
+    return (ann, *typing.get_args(ann))
+
+
 def _is_list_field(key: str) -> bool:
-    ann = TrainConfig.model_fields[key].annotation
-    return any(typing.get_origin(a) is list for a in (ann, *typing.get_args(ann)))
+    return any(typing.get_origin(a) is list for a in _annotation_parts(key))
+
+
+def _is_mapping_field(key: str) -> bool:
+    """Sections, dict fields and lists of dicts (`trainer.tolerations`) take a YAML flow value."""
+    return _section_model(key) is not None or any(typing.get_origin(a) is dict for a in _annotation_parts(key))
+
+
+def _put_override(out: dict[str, Any], key: str, value: Any, source: str) -> None:
+    """Store `key` (or `section.key`, nested) in `out`; unknown keys are errors."""
+    if _field(key) is None:
+        raise _unknown_key_error(key, source)
+    section, _, name = key.partition(".")
+    if name:
+        out.setdefault(section, {})[name] = value
+    else:
+        out[key] = value
 
 
 def coerce_override(key: str, raw: str) -> Any:
@@ -169,6 +285,11 @@ def coerce_override(key: str, raw: str) -> Any:
     text = raw.strip()
     if text.lower() in ("null", "none", "~"):
         return None
+    if _is_mapping_field(key):
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config_override {key}: invalid YAML value {raw!r}: {getattr(e, 'problem', e)}") from None
     if _is_list_field(key):
         inner = text[1:-1] if text.startswith("[") and text.endswith("]") else text
         return [item.strip().strip("'\"") for item in inner.split(",") if item.strip()]
@@ -183,9 +304,9 @@ def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
             raise ConfigError(f"--config_override: expected key=value, got {pair!r}")
         key, raw = pair.split("=", 1)
         key = key.strip()
-        if key not in TrainConfig.model_fields:
+        if _field(key) is None:
             raise _unknown_key_error(key, "--config_override")
-        out[key] = coerce_override(key, raw)
+        _put_override(out, key, coerce_override(key, raw), "--config_override")
     return out
 
 
@@ -234,11 +355,17 @@ def load_config(
             if key not in TrainConfig.model_fields:
                 raise _unknown_key_error(key, source)
     if overrides:
-        parsed = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
-        for key in parsed:
-            if key not in TrainConfig.model_fields:
-                raise _unknown_key_error(key, "override")
-        values.update(parsed)
+        if isinstance(overrides, Mapping):
+            parsed: dict[str, Any] = {}
+            for key, value in overrides.items():
+                _put_override(parsed, key, value, "override")
+        else:
+            parsed = parse_overrides(overrides)
+        for key, value in parsed.items():
+            # A nested override (`trainer.num_nodes`) updates the YAML's section instead of replacing it.
+            if _section_model(key) and isinstance(value, dict) and isinstance(values.get(key), dict):
+                value = {**values[key], **value}
+            values[key] = value
         source = f"{source} + overrides"
     try:
         return TrainConfig(**values)

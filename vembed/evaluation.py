@@ -111,15 +111,21 @@ def compare_models(
     corpus_path: str | Path | None = None,
     dims: Sequence[int] | None = None,
     batch_size: int = 64,
+    retrieval_mode: str = "auto",
+    allow_images_outside_data_root: bool = False,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Evaluate several models on one eval set: {"base": {...}, "tuned": {...}}."""
+    """Evaluate several models on one eval set: {"base": {...}, "tuned": {...}}.
+
+    `retrieval_mode` (t2t, t2i, i2t, i2i; auto: every field present) picks query and document fields."""
+    from vembed.data.images import RecordImages
     from vembed.predictor import Predictor
 
-    records = list(read_records(eval_path))
+    # Image paths are resolved against the eval file's directory and checked up front (path:line errors).
+    images = RecordImages(Path(eval_path).parent, retrieval_mode, allow_images_outside_data_root)
+    records = list(read_records(eval_path, transform=images))
     corpus = read_corpus(corpus_path) if corpus_path else []
-    root = Path(eval_path).parent
     return {
-        name: evaluate_retrieval(Predictor(path), records, corpus, dims, batch_size, root)
+        name: evaluate_retrieval(Predictor(path), records, corpus, dims, batch_size)
         for name, path in models.items()
     }
 

@@ -57,7 +57,135 @@ def make_tiny_qwen3(path: str | Path, hidden: int = 32, layers: int = 2, seed: i
     return path
 
 
-TINY_BUILDERS = {"bert": make_tiny_bert, "qwen3": make_tiny_qwen3}
+def make_tiny_clip(path: str | Path, hidden: int = 32, layers: int = 2, image_size: int = 32, seed: int = 0) -> Path:
+    """A random CLIP: MiniLM's WordPiece tokenizer (its [SEP] ends a text, so it is CLIP's
+    pooled end token) and a CLIP image processor that resizes to `image_size`."""
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    torch.manual_seed(seed)
+    tok = _tokenizer()
+    cfg = CLIPConfig(
+        text_config={
+            "vocab_size": tok.vocab_size,
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 2,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 128,
+            "eos_token_id": tok.sep_token_id,
+            "bos_token_id": tok.cls_token_id,
+            "pad_token_id": tok.pad_token_id,
+        },
+        vision_config={
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 2,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": image_size // 4,
+        },
+        projection_dim=hidden,
+    )
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    path = Path(path)
+    CLIPModel(cfg).save_pretrained(path)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(path)
+    return path
+
+
+QWEN_VL_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
+)
+
+
+def _qwen_vl_tokenizer():
+    """MiniLM's WordPiece vocabulary without BERT's [CLS]/[SEP] wrapping, plus the ChatML and
+    vision tokens Qwen3-VL's prompts use, and a chat template."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from vembed.models.qwen_vl import DEFAULT_CHAT_TEMPLATE
+
+    backend = Tokenizer.from_str(_tokenizer().backend_tokenizer.to_str())
+    backend.post_processor = None
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=list(QWEN_VL_SPECIAL_TOKENS[1:]),
+    )
+    tok.add_special_tokens({"pad_token": "<|endoftext|>"})
+    tok.padding_side = "right"
+    tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tok
+
+
+def make_tiny_qwen3_vl(path: str | Path, hidden: int = 32, layers: int = 2, patch_size: int = 8, seed: int = 0) -> Path:
+    """A random Qwen3-VL (Qwen3VLModel): a 2-layer vision tower whose patch merger feeds a
+    2-layer decoder. Images are resized to multiples of 2 * patch_size, between 16x16 and 64x64
+    pixels for the default patch size."""
+    from transformers import Qwen3VLConfig, Qwen3VLModel
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    torch.manual_seed(seed)
+    tok = _qwen_vl_tokenizer()
+    ids = tok.convert_tokens_to_ids
+    head_dim = 16
+    cfg = Qwen3VLConfig(
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 2,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": head_dim,
+            "max_position_embeddings": 1024,
+            "pad_token_id": tok.pad_token_id,
+            # M-RoPE: (temporal, height, width) sections of head_dim / 2 frequencies.
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                "mrope_interleaved": True},
+        },
+        vision_config={
+            "depth": layers,
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 2,
+            "num_heads": 2,
+            "patch_size": patch_size,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": hidden,
+            "num_position_embeddings": 16,
+            "deepstack_visual_indexes": [0],
+        },
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    factor = patch_size * 2
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=patch_size,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": factor * factor, "longest_edge": (4 * factor) ** 2},
+    )
+    path = Path(path)
+    Qwen3VLModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    image_processor.save_pretrained(path)
+    return path
+
+
+TINY_BUILDERS = {
+    "bert": make_tiny_bert,
+    "qwen3": make_tiny_qwen3,
+    "clip": make_tiny_clip,
+    "qwen3_vl": make_tiny_qwen3_vl,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -104,11 +104,14 @@ def read_records(
     path: str | os.PathLike[str],
     on_bad_record: Literal["error", "skip"] = "error",
     stats: ReadStats | None = None,
+    transform: Callable[[Record], Record] | None = None,
 ) -> Iterator[Record]:
     """Yield records from a JSONL file, one line at a time (files larger than RAM work).
 
     With on_bad_record="error" the first bad record raises DataError("path:line: reason").
     With "skip" bad records are counted in `stats` and reading goes on.
+    `transform` checks or rewrites each record (e.g. vembed.data.images.RecordImages); a
+    DataError it raises is reported for that line like any other bad record.
     """
     stats = stats if stats is not None else ReadStats()
     path = Path(path)
@@ -137,6 +140,11 @@ def read_records(
                 except json.JSONDecodeError as e:
                     raise _BadRecord(f"invalid JSON: {e.msg} (column {e.colno})", "invalid JSON") from None
                 record = _parse(obj)
+                if transform is not None:
+                    try:
+                        record = transform(record)
+                    except DataError as e:
+                        raise _BadRecord(str(e), getattr(e, "kind", "rejected")) from None
             except _BadRecord as bad:
                 message = f"{path}:{lineno}: {bad}"
                 if on_bad_record == "error":

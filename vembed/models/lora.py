@@ -83,7 +83,10 @@ def apply_lora(embedder: Embedder, cfg: TrainConfig) -> Embedder:
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     # Non-reentrant checkpointing lets gradients reach LoRA weights even though
     # the (frozen) inputs do not require grad; input grads cover the reentrant path.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
 

@@ -139,8 +139,9 @@ def _fsync_dir(path: Path) -> None:
 # --- optimizer / scheduler / RNG state without pickle ---------------------------------
 
 
-def save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    sd = optimizer.state_dict()
+def save_optimizer(optimizer: torch.optim.Optimizer, directory: Path, state: dict[str, Any] | None = None) -> None:
+    """`state` replaces optimizer.state_dict() (FSDP: the gathered full state, keyed by parameter name)."""
+    sd = state if state is not None else optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for pid, state in sd["state"].items():
@@ -153,16 +154,25 @@ def save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
     (directory / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"], "scalars": scalars}))
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+def read_optimizer_state(directory: Path) -> dict[str, Any]:
+    """The state dict `save_optimizer` wrote: parameter ids (ints) or, under FSDP, parameter names."""
     meta = json.loads((directory / "optimizer.json").read_text())
     tensors = _load_tensors(directory / "optimizer.safetensors")
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[int | str, dict[str, Any]] = {}
     for key, t in tensors.items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = t
+        pid, name = key.rsplit(".", 1)  # state names (exp_avg, step) have no dots; FSDP's parameter names do
+        state.setdefault(_param_key(pid), {})[name] = t
     for pid, kv in meta["scalars"].items():
-        state.setdefault(int(pid), {}).update(kv)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        state.setdefault(_param_key(pid), {}).update(kv)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    optimizer.load_state_dict(read_optimizer_state(directory))
+
+
+def _param_key(pid: str) -> int | str:
+    return int(pid) if pid.isdigit() else pid
 
 
 def save_rng(directory: Path) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,9 +89,11 @@ class EpochBatchSampler:
         return math.ceil(self.n / self.batch_size)
 
 
-def load_records(path: str, on_bad_record: str) -> tuple[list[Record], ReadStats]:
+def load_records(
+    path: str, on_bad_record: str, transform: Callable[[Record], Record] | None = None
+) -> tuple[list[Record], ReadStats]:
     stats = ReadStats()
-    records = list(read_records(path, on_bad_record=on_bad_record, stats=stats))  # type: ignore[arg-type]
+    records = list(read_records(path, on_bad_record=on_bad_record, stats=stats, transform=transform))  # type: ignore[arg-type]
     if not records:
         from vembed.errors import DataError
 

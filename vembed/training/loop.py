@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -13,13 +14,15 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from vembed.config import TrainConfig
+from vembed.data.images import RecordImages
 from vembed.errors import CheckpointError, ConfigError
 from vembed.losses import build_loss
 from vembed.models import Embedder, load_embedder, resolve_dtype
@@ -48,12 +51,28 @@ def build_accelerator(cfg: TrainConfig) -> tuple[Accelerator, torch.dtype]:
     dtype = resolve_dtype(cfg.torch_dtype)
     if dtype == torch.float16 and not torch.cuda.is_available():
         raise ConfigError("torch_dtype: float16 needs a CUDA device; use bfloat16 or float32 on CPU")
-    kwargs: dict[str, Any] = {"mixed_precision": MIXED_PRECISION[dtype]}
+    kwargs: dict[str, Any] = {
+        "mixed_precision": MIXED_PRECISION[dtype],
+        # Without CUDA, processes started by `accelerate launch`/torchrun must join one gloo
+        # group (MULTI_CPU) rather than each train alone on the same output_dir.
+        "cpu": not torch.cuda.is_available(),
+        # Transformer buffers are constants. Broadcasting them before every forward is a collective
+        # per forward, and ranks may run different numbers of forwards (rows without negatives).
+        "kwargs_handlers": [DistributedDataParallelKwargs(broadcast_buffers=False)],
+    }
     if cfg.use_fsdp:
         from vembed.training.fsdp import fsdp_plugin
 
         kwargs["fsdp_plugin"] = fsdp_plugin(cfg)
+    # accelerate keeps its settings in a process-wide singleton; a second run in the
+    # same process (tests, notebooks, the pipeline runner) must not inherit the first's precision.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     accelerator = Accelerator(**kwargs)
+    if cfg.use_fsdp:
+        from vembed.training.fsdp import activate_fsdp
+
+        activate_fsdp(accelerator, kwargs["fsdp_plugin"])
     return accelerator, dtype
 
 
@@ -81,12 +100,23 @@ def train(cfg: TrainConfig) -> TrainResult:
         cfg.save(out / "config.yaml")
 
     embedder = build_embedder(cfg, dtype)
-    records, stats = load_records(cfg.data_path, cfg.on_bad_record)
+    # Applies retrieval_mode, resolves image paths against the data file's directory and checks
+    # each image, so a bad one is reported as path:line.
+    images = RecordImages(Path(cfg.data_path).parent, cfg.retrieval_mode, cfg.allow_images_outside_data_root)
+    records, stats = load_records(cfg.data_path, cfg.on_bad_record, transform=images)
     if stats.skipped:
         log.warning("%s: %s", cfg.data_path, stats.summary())
-    dataset = PairDataset(records, embedder, data_root=Path(cfg.data_path).parent)
+    dataset = PairDataset(records, embedder)  # image paths were resolved when the records were read
     sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=PairCollator(embedder), num_workers=cfg.num_workers)
+    # A private generator: creating a DataLoader iterator draws a seed from it, and drawing
+    # from the global RNG would shift dropout masks after a resume.
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=PairCollator(embedder),
+        num_workers=cfg.num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
 
     loss_fn = build_loss(cfg, embedder.dim)
     params = [p for p in embedder.parameters() if p.requires_grad]
@@ -191,27 +221,38 @@ def save_checkpoint(
     history: list[dict[str, Any]],
 ) -> Path:
     """Every rank calls this (FSDP gathers are collective); rank 0 writes."""
-    from vembed.training.model_state import gather_model_state
+    from vembed.training.model_state import gather_model_state, gather_optimizer_state
 
     out = Path(cfg.output_dir)
     step = position["global_step"]
     model_state = gather_model_state(accelerator, embedder)
+    optimizer_state = gather_optimizer_state(accelerator, embedder, optimizer)
     final = out / f"checkpoint-{step}"
     if accelerator.is_main_process:
         tmp = ckpt.begin_checkpoint(out, step)
         unwrapped: Embedder = accelerator.unwrap_model(embedder)
-        _save_weights(unwrapped, tmp, model_state, cfg.use_lora)
+        with _peft_names(accelerator, unwrapped):
+            _save_weights(unwrapped, tmp, model_state, cfg.use_lora)
         if not cfg.use_lora:
             _save_processor(unwrapped, tmp)
         cfg.save(tmp / "vembed_config.yaml")
         (tmp / "embedder.json").write_text(json.dumps(unwrapped.spec.to_dict(), indent=1))
-        ckpt.save_optimizer(optimizer, tmp)
+        ckpt.save_optimizer(optimizer, tmp, optimizer_state)
         (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
         ckpt.save_rng(tmp)
         (tmp / "trainer_state.json").write_text(json.dumps({**position, "history": history}, indent=1))
         final = ckpt.commit_checkpoint(tmp, out, step, cfg.save_total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def _peft_names(accelerator: Accelerator, embedder: Embedder) -> contextlib.AbstractContextManager:
+    """Under FSDP, peft must see module names without the FSDP wrappers to find the adapter."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return contextlib.nullcontext()
+    from vembed.training.fsdp import names_without_fsdp_wrappers
+
+    return names_without_fsdp_wrappers(embedder.backbone)
 
 
 def _save_weights(embedder: Embedder, directory: Path, state: dict | None, lora: bool) -> None:
@@ -253,11 +294,11 @@ def _load_resume_state(resume_dir, accelerator, embedder, optimizer, scheduler, 
             raise CheckpointError(
                 f"{resume_dir}: cannot resume, {key} was {saved.get(key)!r} there but is {getattr(cfg, key)!r} now"
             )
-    from vembed.training.model_state import load_model_state
+    from vembed.training.model_state import load_model_state, load_optimizer_state
 
     weights = "adapter_model.safetensors" if cfg.use_lora else "model.safetensors"
     load_model_state(accelerator, embedder, load_file(str(resume_dir / weights)))
-    ckpt.load_optimizer(optimizer, resume_dir)
+    load_optimizer_state(accelerator, embedder, optimizer, ckpt.read_optimizer_state(resume_dir))
     scheduler.load_state_dict(json.loads((resume_dir / "scheduler.json").read_text()))
     ckpt.load_rng(resume_dir)
     return json.loads((resume_dir / "trainer_state.json").read_text())

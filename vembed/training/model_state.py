@@ -22,7 +22,34 @@ def gather_model_state(accelerator: Accelerator, embedder: Embedder) -> dict[str
     return gather_full_backbone_state(accelerator, embedder)
 
 
+def gather_optimizer_state(
+    accelerator: Accelerator, embedder: Embedder, optimizer: torch.optim.Optimizer
+) -> dict[str, Any] | None:
+    """The optimizer state with unsharded tensors under FSDP (collective); None otherwise."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return None
+    from vembed.training.fsdp import gather_full_optimizer_state
+
+    return gather_full_optimizer_state(accelerator, embedder, optimizer)
+
+
+def load_optimizer_state(
+    accelerator: Accelerator, embedder: Embedder, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from vembed.training.fsdp import load_full_optimizer_state
+
+        load_full_optimizer_state(accelerator, embedder, optimizer, state)
+        return
+    optimizer.load_state_dict(state)
+
+
 def load_model_state(accelerator: Accelerator, embedder: Embedder, state: dict[str, torch.Tensor]) -> None:
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from vembed.training.fsdp import load_full_backbone_state
+
+        load_full_backbone_state(accelerator, embedder, state)
+        return
     backbone = accelerator.unwrap_model(embedder).backbone
     if isinstance(backbone, PeftModel):
         result = set_peft_model_state_dict(backbone, state)

@@ -10,16 +10,23 @@ from accelerate import Accelerator
 
 from vembed.config import TrainConfig
 from vembed.models.base import Embedder
+from vembed.training.distributed import first_rows, forwards_in_lockstep, max_over_ranks
 from vembed.training.negatives import gather_for_loss
 
 StepFn = Callable[[dict[str, Any]], torch.Tensor]
 
 
 def plain_step(accelerator: Accelerator, embedder: Embedder, loss_fn: torch.nn.Module, cross_device: bool) -> StepFn:
+    lockstep = forwards_in_lockstep(accelerator)
+
     def step(batch: dict[str, Any]) -> torch.Tensor:
+        stand_in = lockstep and bool(max_over_ranks(accelerator, "negatives" in batch))
         q = embedder(**batch["query"])
         p = embedder(**batch["positive"])
         n = embedder(**batch["negatives"]) if "negatives" in batch else None
+        # FSDP: every rank runs as many forwards as the others (checked before this step's forwards)
+        if stand_in and n is None:
+            n = embedder(**first_rows(batch["positive"]))[:0]
         q, p, n, labels = gather_for_loss(accelerator, q, p, n, cross_device)
         loss = loss_fn(q, p, n, labels)
         accelerator.backward(loss)

@@ -1,0 +1,5 @@
+"""KFP components: one folder per pipeline step, each a thin shell over `vembed.steps`.
+
+Component functions import `vembed` inside their bodies: KFP ships only the function source to the pod,
+and the image (see images/) carries the package, so nothing is pip-installed at run time.
+"""

@@ -1,0 +1,60 @@
+"""KFP component: score tuned vs base (and the current champion) and decide promotion."""
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
+
+from components.settings import GPU_IMAGE
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+def evaluate(
+    dataset: Input[Dataset],
+    model: Input[Model],
+    metrics: Output[Metrics],
+    report: Output[Markdown],
+    base_model: str = "",
+    registered_model_name: str = "",
+    promotion_metric: str = "ndcg@10",
+    min_delta: float = 0.0,
+    mlflow_tracking_uri: str = "",
+    s3_endpoint_url: str = "",
+) -> NamedTuple("EvaluateOutputs", [("decision", str), ("passed", bool)]):
+    """Retrieval metrics on the eval split for the tuned adapter, the base model and, when
+    `registered_model_name` has a `champion` alias, the champion. `decision` is "promote" when tuned
+    >= max(base, champion) + min_delta on `promotion_metric`, else "hold"."""
+    import os
+    from collections import namedtuple
+    from pathlib import Path
+
+    from vembed.errors import VembedError
+    from vembed.steps.evaluate import champion_uri, flat_metrics
+    from vembed.steps.evaluate import evaluate as run_evaluate
+
+    if mlflow_tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
+    if s3_endpoint_url:
+        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint_url
+    if registered_model_name and not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise SystemExit("error: no MLflow to find the champion in: set the mlflow_tracking_uri parameter")
+    try:
+        champion = champion_uri(registered_model_name) if registered_model_name else None
+        result = run_evaluate(
+            model.path,
+            Path(dataset.path) / "eval.jsonl",
+            base_model=base_model or model.metadata.get("base_model") or None,
+            champion=champion,
+            promotion_metric=promotion_metric,
+            min_delta=min_delta,
+        )
+    except VembedError as e:  # one readable line in the pod log, not a traceback
+        raise SystemExit(f"error: {e}") from None
+    for name, value in flat_metrics(result["results"]).items():
+        metrics.log_metric(name, value)
+    decision = result["decision"]
+    metrics.log_metric("gate/passed", float(decision["passed"]))
+    Path(report.path).write_text(result["report"], encoding="utf-8")
+    print(result["report"])
+    outputs = namedtuple("EvaluateOutputs", ["decision", "passed"])
+    return outputs(decision["decision"], decision["passed"])

@@ -1,0 +1,1 @@
+"""The merge component; see README.md in this folder."""

@@ -1,0 +1,35 @@
+"""KFP component: validate, deduplicate and split raw JSONL into a train/eval Dataset."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Output
+
+from components.settings import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def prepare(
+    raw_uri: str,
+    dataset: Output[Dataset],
+    eval_fraction: float = 0.1,
+    seed: int = 0,
+    on_bad_record: str = "error",
+    s3_endpoint_url: str = "",
+) -> str:
+    """Read `raw_uri` (a JSONL file, a folder, an s3:// prefix, or `<prefix>/latest` for the newest
+    snapshot) and write `train.jsonl`, `eval.jsonl` and a manifest into `dataset`. Returns the summary JSON."""
+    import json
+    import os
+
+    from vembed.errors import VembedError
+    from vembed.steps.prepare import prepare as run_prepare
+
+    if s3_endpoint_url:
+        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint_url
+    try:
+        summary = run_prepare(
+            raw_uri, dataset.path, eval_fraction=eval_fraction, seed=seed, on_bad_record=on_bad_record
+        )
+    except VembedError as e:  # one readable line in the pod log, not a traceback
+        raise SystemExit(f"error: {e}") from None
+    dataset.metadata.update({k: v for k, v in summary.items() if isinstance(v, (str, int, float, bool))})
+    return json.dumps(summary, default=str)

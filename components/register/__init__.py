@@ -1,0 +1,1 @@
+"""The register component; see README.md in this folder."""

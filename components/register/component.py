@@ -1,0 +1,66 @@
+"""KFP component: register the adapter and merged model in MLflow; move `champion` only when told to."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model
+
+from components.settings import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def register(
+    adapter: Input[Model],
+    merged_model: Input[Model],
+    metrics: Input[Metrics],
+    dataset: Input[Dataset],
+    model_name: str,
+    promote: bool,
+    promotion_metric: str = "ndcg@10",
+    min_delta: float = 0.0,
+    mlflow_tracking_uri: str = "",
+    s3_endpoint_url: str = "",
+    pipeline_run_id: str = "",
+    pipeline_run_name: str = "",
+) -> str:
+    """Log an MLflow run with the evaluation metrics and create a version of `model_name` holding the
+    adapter and the merged model, with alias `challenger`. With `promote` (the evaluate gate passed) the
+    registry may move `champion` to it; without, `champion` stays. Returns JSON: model_name, version,
+    aliases, promoted, reason, run_id."""
+    import json
+    import os
+    import tempfile
+
+    from vembed.errors import VembedError
+    from vembed.steps.evaluate import eval_set_sha256, unflatten_metrics
+    from vembed.steps.register import register as run_register
+
+    if mlflow_tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
+    if s3_endpoint_url:
+        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint_url
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        # Without it the registry would write to a throwaway store inside this pod.
+        raise SystemExit("error: no MLflow to register in: set the mlflow_tracking_uri parameter")
+    evaluation = {"results": unflatten_metrics(metrics.metadata), "decision": {"passed": bool(promote)}}
+    run_info = {
+        "base_model": adapter.metadata.get("base_model"),
+        "dataset_sha256": dataset.metadata.get("dataset_sha256"),
+        "pipeline_run_id": pipeline_run_id or None,
+        "run_name": pipeline_run_name or None,
+    }
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            result = run_register(
+                adapter.path,
+                merged_model.path,
+                evaluation,
+                model_name,
+                eval_set_sha256(dataset.path),
+                promotion_metric=promotion_metric,
+                min_delta=min_delta,
+                output_dir=scratch,
+                training_run_info=run_info,
+            )
+    except VembedError as e:  # one readable line in the pod log, not a traceback
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps(result, indent=2, default=str))
+    return json.dumps(result, default=str)

@@ -1,0 +1,185 @@
+"""`vembed pipeline compile | run --local | submit | schedule`.
+
+`vembed/cli.py` hands everything after `vembed pipeline` to `main(argv)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from vembed.errors import ConfigError, VembedError
+
+
+def _add_param_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--param", action="append", default=[], metavar="NAME=VALUE",
+        help="pipeline run parameter, repeatable (e.g. --param data_uri=s3://bucket/data/latest)",
+    )  # fmt: skip
+    p.add_argument(
+        "--config-override", "--config_override", nargs="+", default=[], metavar="KEY=VALUE",
+        help="training config overrides, e.g. lora_r=32 epochs=2 (sets the config_overrides parameter)",
+    )  # fmt: skip
+
+
+def _add_remote_args(p: argparse.ArgumentParser) -> None:
+    from pipelines.compile import COMPILED_PATH
+
+    p.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
+    p.add_argument("--experiment", default="vembed", help="experiment name (created if missing)")
+    p.add_argument("--namespace", help="Kubernetes namespace (multi-user KFP)")
+    p.add_argument("--service-account", help="Kubernetes service account for the run's pods")
+    p.add_argument("--package", default=str(COMPILED_PATH), help="compiled pipeline YAML (default: committed)")
+    _add_param_args(p)
+
+
+def _run_arguments(args: argparse.Namespace) -> dict:
+    from pipelines.params import check_required, parse_params, read_pipeline_parameters
+
+    spec = read_pipeline_parameters(args.package)
+    arguments = parse_params(args.param, spec)
+    if args.config_override:
+        if "config_overrides" in arguments:
+            raise ConfigError("give training overrides either with --config-override or --param config_overrides")
+        arguments["config_overrides"] = list(args.config_override)
+    check_required(arguments, spec)
+    return arguments
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from pipelines.compile import COMPILED_PATH, compile_pipeline
+    from pipelines.lora_finetune import PipelineOptions
+
+    node_selector = {}
+    for pair in args.node_selector:
+        if "=" not in pair:
+            raise ConfigError(f"--node-selector: expected label=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        node_selector[key] = value
+    tolerations = []
+    for text in args.toleration:
+        try:
+            tolerations.append(json.loads(text))
+        except json.JSONDecodeError:
+            raise ConfigError(f"--toleration: expected a JSON object, got {text!r}") from None
+    opts = PipelineOptions.from_env(
+        image=args.image,
+        train_image=args.train_image,
+        accelerator_type=args.gpu_type,
+        accelerator_limit=args.gpus,
+        node_selector=node_selector or None,
+        tolerations=tolerations or None,
+        model_cache_pvc=args.model_cache_pvc,
+    )
+    if args.defaults:
+        opts = PipelineOptions()
+    out = compile_pipeline(args.output or COMPILED_PATH, opts)
+    print(f"compiled pipeline written to {out}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.local_run import print_result, run_local
+
+    if not args.local:
+        raise ConfigError("`vembed pipeline run` runs on this machine and needs --local; use `submit --host` for a cluster")
+    result = run_local(
+        output_dir=args.output_dir,
+        data_uri=args.data,
+        base_model=args.base_model,
+        config_overrides=args.config_override,
+        config_path=args.config,
+        registered_model_name=args.model_name,
+        promotion_metric=args.promotion_metric,
+        min_delta=args.min_delta,
+        params=args.param,
+        verbose=args.verbose,
+    )
+    print_result(result)
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from pipelines.remote import submit
+
+    sub = submit(
+        args.host, args.package, _run_arguments(args), experiment=args.experiment, run_name=args.run_name,
+        namespace=args.namespace, service_account=args.service_account,
+    )  # fmt: skip
+    print(f"submitted run {sub.id} ({sub.name}) in experiment {sub.experiment_id}: {sub.url}")
+    return 0
+
+
+def _cmd_schedule(args: argparse.Namespace) -> int:
+    from pipelines.remote import schedule
+
+    arguments = _run_arguments(args)
+    data_uri = str(arguments.get("data_uri", ""))
+    if "dt=" in data_uri and not data_uri.rstrip("/").endswith("latest"):
+        print(
+            f"warning: data_uri {data_uri} names one snapshot, so every scheduled run retrains on the same data; "
+            "point it at the prefix's /latest to pick up new snapshots",
+            file=sys.stderr,
+        )
+    sub = schedule(
+        args.host, args.package, arguments, args.cron, experiment=args.experiment, name=args.name,
+        namespace=args.namespace, service_account=args.service_account,
+    )  # fmt: skip
+    print(f"scheduled recurring run {sub.id} ({sub.name}, cron '{args.cron}'): {sub.url}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipelines.lora_finetune import DEFAULT_BASE_MODEL, DEFAULT_MODEL_NAME
+
+    parser = argparse.ArgumentParser(prog="vembed pipeline", description="The lora-finetune Kubeflow pipeline.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("compile", help="write the KFP IR YAML (default: pipelines/compiled/lora_finetune.yaml)")
+    p.add_argument("--output", help="where to write the YAML")
+    p.add_argument("--image", help="default image of the CPU steps (env VEMBED_IMAGE)")
+    p.add_argument("--train-image", help="default image of train/evaluate/merge (env VEMBED_TRAIN_IMAGE)")
+    p.add_argument("--gpus", type=int, help="GPUs for the train step, 0 for none (env VEMBED_GPUS; default 1)")
+    p.add_argument("--gpu-type", help="accelerator resource (env VEMBED_GPU_TYPE; default nvidia.com/gpu)")
+    p.add_argument("--node-selector", action="append", default=[], metavar="LABEL=VALUE", help="train pod")
+    p.add_argument("--toleration", action="append", default=[], metavar="JSON", help="train pod, e.g. "
+                   '\'{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}\'')
+    p.add_argument("--model-cache-pvc", help="PVC mounted as the Hugging Face cache (env VEMBED_MODEL_CACHE_PVC)")
+    p.add_argument("--defaults", action="store_true", help="ignore flags and env: the committed settings")
+    p.set_defaults(func=_cmd_compile)
+
+    p = sub.add_parser("run", help="run the whole pipeline on this machine (kfp.local)")
+    p.add_argument("--local", action="store_true", help="required: run with kfp.local subprocesses")
+    p.add_argument("--output-dir", default="output/pipeline", help="artifacts, MLflow store and logs")
+    p.add_argument("--data", help="raw JSONL file, folder or s3:// URI (default: the built-in demo data)")
+    p.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
+    p.add_argument("--config", help="training config YAML (default with the demo data: examples/minilm_demo.yaml)")
+    p.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help="registered model name")
+    p.add_argument("--promotion-metric", default="ndcg@10")
+    p.add_argument("--min-delta", type=float, default=0.0)
+    p.add_argument("--verbose", action="store_true", help="stream every step's output")
+    _add_param_args(p)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("submit", help="start one run on a KFP cluster")
+    _add_remote_args(p)
+    p.add_argument("--run-name")
+    p.set_defaults(func=_cmd_submit)
+
+    p = sub.add_parser("schedule", help="create a recurring run (retraining) on a KFP cluster")
+    _add_remote_args(p)
+    p.add_argument("--cron", required=True, help="KFP cron, 6 fields with seconds first: '0 0 3 * * *'")
+    p.add_argument("--name", help="recurring run name")
+    p.set_defaults(func=_cmd_schedule)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except VembedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

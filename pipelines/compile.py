@@ -1,0 +1,22 @@
+"""Compile the pipeline to KFP IR YAML. The committed copy lives at `pipelines/compiled/lora_finetune.yaml`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pipelines.lora_finetune import PipelineOptions, build_pipeline
+
+COMPILED_PATH = Path(__file__).parent / "compiled" / "lora_finetune.yaml"
+
+
+def compile_pipeline(output: str | os.PathLike[str] = COMPILED_PATH, options: PipelineOptions | None = None) -> Path:
+    """Write the IR YAML for `options` (default: the committed settings) to `output`, atomically."""
+    from kfp import compiler
+
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp.yaml")  # kfp insists on a .yaml suffix
+    compiler.Compiler().compile(pipeline_func=build_pipeline(options), package_path=str(tmp))
+    os.replace(tmp, out)
+    return out

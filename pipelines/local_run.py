@@ -1,0 +1,176 @@
+"""Run the compiled pipeline end to end on this machine with `kfp.local` (no cluster, no network).
+
+The same IR YAML a cluster runs is compiled (without the GPU request, which has no local meaning), loaded
+back and executed by `kfp.local.SubprocessRunner(use_venv=False)`: every step is a subprocess of this
+Python, artifacts go under `<output_dir>/kfp`. Embedded defaults: the demo data set, all-MiniLM-L6-v2, a
+local folder for storage and a sqlite MLflow store in `<output_dir>`. When `MLFLOW_TRACKING_URI` or
+`AWS_ENDPOINT_URL` is set, the steps use that MLflow server / S3 endpoint instead (`--data s3://...`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from pipelines.lora_finetune import DEFAULT_BASE_MODEL, DEFAULT_MODEL_NAME, PipelineOptions
+from vembed.errors import VembedError
+
+LOCAL_YAML_NAME = "lora_finetune.local.yaml"
+# The demo's training settings (MiniLM, LoRA on query/value); used when no data and no config are given.
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "minilm_demo.yaml"
+
+
+class LocalRunError(VembedError):
+    """A step of the local pipeline run failed; the message points at the log."""
+
+
+@dataclass
+class LocalRunResult:
+    registration: dict[str, Any]
+    metrics_report: str
+    output_dir: Path
+    log_path: Path
+
+
+def build_demo_raw_data(out_dir: Path) -> Path:
+    """The demo data set as one raw JSONL file, for prepare to validate and split."""
+    from vembed.demo_data import build_demo_dataset
+
+    paths = build_demo_dataset(out_dir / "demo-data")
+    raw = out_dir / "demo-data" / "raw.jsonl"
+    with raw.open("w", encoding="utf-8") as fh:
+        for key in ("train", "eval"):
+            text = Path(paths[key]).read_text(encoding="utf-8")
+            fh.write(text if text.endswith("\n") or not text else text + "\n")
+    return raw
+
+
+def default_tracking_uri(out_dir: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out_dir / 'mlflow.db').resolve()}"
+
+
+def _compile_local(out_dir: Path) -> Path:
+    from pipelines.compile import compile_pipeline
+
+    # No accelerator request: kfp.local ignores it and would only warn.
+    return compile_pipeline(out_dir / LOCAL_YAML_NAME, PipelineOptions(accelerator_limit=0))
+
+
+class _StepLog(io.TextIOBase):
+    """Stand-in for stdout during the run: everything goes to the log file, and kfp.local's
+    "Executing task" / "finished with status" lines are echoed to the terminal as progress."""
+
+    _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+    _PROGRESS = re.compile(r"(Executing task|Task '[^']+' finished with status|Pipeline '[^']+' finished)")
+
+    def __init__(self, log: TextIO, terminal: TextIO) -> None:
+        self.log, self.terminal, self._pending = log, terminal, ""
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            plain = self._ANSI.sub("", line)
+            if self._PROGRESS.search(plain):
+                print(plain.split(" - INFO - ", 1)[-1].strip(), file=self.terminal, flush=True)
+        return len(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+
+
+@contextlib.contextmanager
+def _quiet_kfp_warnings():
+    with warnings.catch_warnings():
+        # Image names and pod settings mean nothing to a subprocess; kfp.local says so once per task.
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*")
+        yield
+
+
+def run_local(
+    output_dir: str | os.PathLike[str] = "output/pipeline",
+    data_uri: str | None = None,
+    base_model: str = DEFAULT_BASE_MODEL,
+    config_overrides: list[str] | None = None,
+    config_path: str | None = None,
+    registered_model_name: str = DEFAULT_MODEL_NAME,
+    promotion_metric: str = "ndcg@10",
+    min_delta: float = 0.0,
+    params: Sequence[str] = (),
+    verbose: bool = False,
+) -> LocalRunResult:
+    """Compile, then execute the whole pipeline through kfp.local. `params` are extra `name=value` run
+    parameters. Step output goes to `<out>/pipeline.log` unless `verbose`."""
+    from kfp import components, local
+
+    out = Path(output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    package = _compile_local(out)
+    data = data_uri or str(build_demo_raw_data(out))
+    if config_path is None and data_uri is None and DEMO_CONFIG.is_file():
+        config_path = str(DEMO_CONFIG)
+    arguments: dict[str, Any] = {
+        "data_uri": data,
+        "base_model": base_model,
+        "config_overrides": list(config_overrides or []),
+        "config_path": str(Path(config_path).resolve()) if config_path else "",
+        "registered_model_name": registered_model_name,
+        "promotion_metric": promotion_metric,
+        "min_delta": float(min_delta),
+        "mlflow_tracking_uri": default_tracking_uri(out),
+        "s3_endpoint_url": os.environ.get("AWS_ENDPOINT_URL", ""),
+    }
+    if params:  # any other run parameter, typed and checked against the compiled pipeline
+        from pipelines.params import parse_params, read_pipeline_parameters
+
+        arguments.update(parse_params(params, read_pipeline_parameters(package)))
+
+    log_path = out / "pipeline.log"
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(out / "kfp"),
+        raise_on_error=True,
+    )
+    pipeline = components.load_component_from_file(str(package))
+    with _quiet_kfp_warnings(), log_path.open("w", encoding="utf-8") as log:
+        # kfp.local prints its progress and every step's output to stdout: keep the progress on the
+        # terminal, send the rest to the log file.
+        sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(_StepLog(log, sys.stderr))
+        try:
+            with sink:
+                task = pipeline(**arguments)
+        except RuntimeError as e:
+            detail = str(e).splitlines()[0] if str(e) else "a step failed"
+            raise LocalRunError(f"local pipeline run failed: {detail} (step output: {log_path})") from None
+    registration = json.loads(task.outputs["registration"])
+    report = Path(task.outputs["metrics_report"].path).read_text(encoding="utf-8")
+    return LocalRunResult(registration=registration, metrics_report=report, output_dir=out, log_path=log_path)
+
+
+def print_result(result: LocalRunResult, stream=None) -> None:
+    """Metrics table, then the registered version and its aliases."""
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    console = Console(file=stream or sys.stdout)
+    console.print(Markdown(result.metrics_report))
+    reg = result.registration
+    aliases = ", ".join(reg.get("aliases") or []) or "none"
+    name, version = reg.get("model_name"), reg.get("version")
+    console.print(f"\nregistered [bold]{name}[/bold] version [bold]{version}[/bold] (aliases: {aliases})")
+    if reg.get("reason"):
+        console.print(f"promotion: {reg['reason']}")
+    uri = f"models:/{name}@champion" if "champion" in (reg.get("aliases") or []) else f"models:/{name}/{version}"
+    console.print(f"try it:    MLFLOW_TRACKING_URI={reg.get('tracking_uri')} vembed encode {uri} --text 'sort a list'")
+    console.print(f"artifacts: {result.output_dir / 'kfp'}\nstep log:  {result.log_path}")

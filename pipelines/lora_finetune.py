@@ -1,0 +1,243 @@
+"""The `lora-finetune` Kubeflow pipeline: prepare -> train -> evaluate -> merge -> register.
+
+Run parameters (set per run in the KFP UI, `vembed pipeline submit --param k=v`, or a schedule) are the
+arguments of the pipeline function below. Cluster layout that rarely changes is fixed at compile time by
+`PipelineOptions` (flags of `vembed pipeline compile`, or `VEMBED_*` environment variables): GPU type and
+count, resource requests, node selector, tolerations and the model-cache PVC.
+
+Promotion is explicit in the DAG: evaluate outputs `decision`, and a `dsl.If` / `dsl.Else` pair runs the
+register component either with `promote=True` (new version gets `challenger` and `champion`) or with
+`promote=False` (new version gets `challenger` only). Every trained model is registered, so a held model
+can still be inspected and promoted by hand (`vembed registry promote`).
+
+Credentials never appear here: S3 and MLflow credentials come from Kubernetes secrets whose *names* are run
+parameters (`s3_secret_name`, `mlflow_secret_name`), mounted as environment variables.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
+
+from kfp import dsl, kubernetes
+from kfp.dsl import Markdown
+
+from components.evaluate.component import evaluate
+from components.merge.component import merge
+from components.prepare.component import prepare
+from components.register.component import register
+from components.settings import DEFAULT_IMAGE, DEFAULT_TRAIN_IMAGE
+from components.train.component import train
+
+PIPELINE_NAME = "lora-finetune"
+DEFAULT_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_MODEL_NAME = "vembed-embedding"
+
+# Secret data keys -> environment variables. Only the secret *names* are parameters.
+S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+MLFLOW_SECRET_KEYS = {
+    "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN": "MLFLOW_TRACKING_TOKEN",
+}
+MODEL_CACHE_MOUNT = "/model-cache"
+
+
+class PipelineOutputs(NamedTuple):
+    registration: str  # JSON from the register step that ran: model name, version, aliases
+    metrics_report: Markdown  # evaluate's metrics table and gate decision
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu: str
+    memory: str
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """Compile-time settings. The defaults produce the committed `pipelines/compiled/lora_finetune.yaml`."""
+
+    image: str = DEFAULT_IMAGE  # default of the `image` run parameter (CPU steps)
+    train_image: str = DEFAULT_TRAIN_IMAGE  # default of the `train_image` run parameter (train, evaluate, merge)
+    accelerator_type: str = "nvidia.com/gpu"
+    accelerator_limit: int = 1  # 0 compiles without a GPU request (local runs, CPU clusters)
+    node_selector: dict[str, str] = field(default_factory=dict)  # train pod only: where the GPUs are
+    tolerations: list[dict[str, str]] = field(default_factory=list)  # train pod only
+    model_cache_pvc: str = ""  # PVC mounted at /model-cache as HF_HOME for train, evaluate and merge
+    cache_train: bool = False  # training is expensive but not reproducible byte for byte; rerun by default
+    resources: dict[str, Resources] = field(
+        default_factory=lambda: {
+            "prepare": Resources("1", "2Gi"),
+            "train": Resources("4", "32Gi"),
+            "evaluate": Resources("2", "16Gi"),
+            "merge": Resources("2", "16Gi"),
+            "register": Resources("1", "4Gi"),
+        }
+    )
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "PipelineOptions":
+        """Defaults < VEMBED_* environment variables < explicit keyword overrides."""
+        env = dict(os.environ if env is None else env)
+        values: dict = {}
+        if env.get("VEMBED_IMAGE"):
+            values["image"] = env["VEMBED_IMAGE"]
+        if env.get("VEMBED_TRAIN_IMAGE"):
+            values["train_image"] = env["VEMBED_TRAIN_IMAGE"]
+        if env.get("VEMBED_GPU_TYPE"):
+            values["accelerator_type"] = env["VEMBED_GPU_TYPE"]
+        if env.get("VEMBED_GPUS"):
+            values["accelerator_limit"] = int(env["VEMBED_GPUS"])
+        if env.get("VEMBED_NODE_SELECTOR"):
+            values["node_selector"] = json.loads(env["VEMBED_NODE_SELECTOR"])
+        if env.get("VEMBED_TOLERATIONS"):
+            values["tolerations"] = json.loads(env["VEMBED_TOLERATIONS"])
+        if env.get("VEMBED_MODEL_CACHE_PVC"):
+            values["model_cache_pvc"] = env["VEMBED_MODEL_CACHE_PVC"]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return replace(cls(), **values)
+
+
+def _requests(task: dsl.PipelineTask, res: Resources) -> dsl.PipelineTask:
+    return task.set_cpu_request(res.cpu).set_memory_request(res.memory)
+
+
+def _model_cache(task: dsl.PipelineTask, opts: PipelineOptions) -> None:
+    if opts.model_cache_pvc:
+        kubernetes.mount_pvc(task, pvc_name=opts.model_cache_pvc, mount_path=MODEL_CACHE_MOUNT)
+        task.set_env_variable("HF_HOME", f"{MODEL_CACHE_MOUNT}/huggingface")
+
+
+def build_pipeline(opts: PipelineOptions | None = None):
+    """Return the `lora-finetune` pipeline compiled against `opts` (a fresh function per call)."""
+    opts = opts or PipelineOptions()
+    res = opts.resources
+
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="LoRA fine-tuning of an embedding model with an evaluation-gated promotion in MLflow.",
+    )
+    def lora_finetune(
+        data_uri: str,
+        base_model: str = DEFAULT_BASE_MODEL,
+        config_overrides: list = [],  # noqa: B006 - KFP reads the default from the signature; never mutated
+        config_path: str = "",
+        registered_model_name: str = DEFAULT_MODEL_NAME,
+        promotion_metric: str = "ndcg@10",
+        min_delta: float = 0.0,
+        eval_fraction: float = 0.1,
+        split_seed: int = 0,
+        on_bad_record: str = "error",
+        image: str = opts.image,
+        train_image: str = opts.train_image,
+        s3_secret_name: str = "vembed-s3",
+        mlflow_secret_name: str = "vembed-mlflow",
+        s3_endpoint_url: str = "",
+        mlflow_tracking_uri: str = "",
+    ) -> PipelineOutputs:
+        prepare_task = prepare(
+            raw_uri=data_uri,
+            eval_fraction=eval_fraction,
+            seed=split_seed,
+            on_bad_record=on_bad_record,
+            s3_endpoint_url=s3_endpoint_url,
+        )
+        train_task = train(
+            dataset=prepare_task.outputs["dataset"],
+            base_model=base_model,
+            config_overrides=config_overrides,
+            config_path=config_path,
+            s3_endpoint_url=s3_endpoint_url,
+        )
+        evaluate_task = evaluate(
+            dataset=prepare_task.outputs["dataset"],
+            model=train_task.outputs["model"],
+            base_model=base_model,
+            registered_model_name=registered_model_name,
+            promotion_metric=promotion_metric,
+            min_delta=min_delta,
+            mlflow_tracking_uri=mlflow_tracking_uri,
+            s3_endpoint_url=s3_endpoint_url,
+        )
+        merge_task = merge(model=train_task.outputs["model"])
+
+        def register_task(promote: bool) -> dsl.PipelineTask:
+            task = register(
+                adapter=train_task.outputs["model"],
+                merged_model=merge_task.outputs["merged_model"],
+                metrics=evaluate_task.outputs["metrics"],
+                dataset=prepare_task.outputs["dataset"],
+                model_name=registered_model_name,
+                promote=promote,
+                promotion_metric=promotion_metric,
+                min_delta=min_delta,
+                mlflow_tracking_uri=mlflow_tracking_uri,
+                s3_endpoint_url=s3_endpoint_url,
+                pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                pipeline_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+            )
+            task.set_display_name("register-champion" if promote else "register-challenger")
+            return task
+
+        # The gate: evaluate's decision picks the branch; only the first one moves `champion`.
+        with dsl.If(evaluate_task.outputs["decision"] == "promote", name="gate-passed"):
+            promoted = register_task(promote=True)
+        with dsl.Else(name="gate-held"):
+            held = register_task(promote=False)
+
+        # Images are run parameters (KFP resolves them when the pod starts).
+        for task in (prepare_task, promoted, held):
+            task.set_container_image(image)
+        for task in (train_task, evaluate_task, merge_task):
+            task.set_container_image(train_image)
+
+        _requests(prepare_task, res["prepare"])
+        _requests(train_task, res["train"])
+        _requests(evaluate_task, res["evaluate"])
+        _requests(merge_task, res["merge"])
+        for task in (promoted, held):
+            _requests(task, res["register"])
+
+        # Steps that talk to S3 or MLflow over the network retry transient failures.
+        prepare_task.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
+        for task in (promoted, held):
+            task.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
+
+        # Caching: prepare may read a moving `.../latest` snapshot, evaluate compares against a champion
+        # that changes, and register has side effects, so none of them may reuse an old result.
+        train_task.set_caching_options(enable_caching=opts.cache_train)
+        for task in (prepare_task, evaluate_task, promoted, held):
+            task.set_caching_options(enable_caching=False)
+
+        if opts.accelerator_limit > 0:
+            train_task.set_accelerator_type(opts.accelerator_type)
+            train_task.set_accelerator_limit(opts.accelerator_limit)
+        for key, value in opts.node_selector.items():
+            kubernetes.add_node_selector(train_task, label_key=key, label_value=value)
+        for toleration in opts.tolerations:
+            kubernetes.add_toleration_json(train_task, toleration)
+
+        # Data loaders share tensors through /dev/shm, which is 64 MiB in a default pod.
+        for task in (train_task, evaluate_task):
+            kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+        for task in (train_task, evaluate_task, merge_task):
+            _model_cache(task, opts)
+
+        for task in (prepare_task, train_task, evaluate_task, promoted, held):
+            kubernetes.use_secret_as_env(task, secret_name=s3_secret_name, secret_key_to_env=S3_SECRET_KEYS)
+        for task in (evaluate_task, promoted, held):
+            # Optional: an MLflow server without authentication needs no secret.
+            kubernetes.use_secret_as_env(
+                task, secret_name=mlflow_secret_name, secret_key_to_env=MLFLOW_SECRET_KEYS, optional=True
+            )
+
+        return PipelineOutputs(
+            registration=dsl.OneOf(promoted.output, held.output),
+            metrics_report=evaluate_task.outputs["report"],
+        )
+
+    return lora_finetune
+
+
+lora_finetune = build_pipeline()

@@ -1,0 +1,101 @@
+"""Run parameters of a compiled pipeline: names, types and `--param k=v` parsing against them."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vembed.errors import ConfigError
+
+REQUIRED = object()
+
+
+def read_pipeline_parameters(package: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """{name: {"type": "STRING" | "LIST" | ..., "default": value or REQUIRED}} from a compiled IR YAML."""
+    path = Path(package)
+    try:
+        docs = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: compiled pipeline not found; run `vembed pipeline compile` first") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not a compiled pipeline (invalid YAML: {e})") from None
+    spec = docs[0] if docs and isinstance(docs[0], dict) else {}
+    params = spec.get("root", {}).get("inputDefinitions", {}).get("parameters")
+    if params is None:
+        raise ConfigError(f"{path}: not a compiled KFP pipeline (no root.inputDefinitions.parameters)")
+    return {
+        name: {"type": p.get("parameterType", "STRING"), "default": p.get("defaultValue", REQUIRED)}
+        for name, p in params.items()
+    }
+
+
+def _coerce(name: str, kind: str, raw: str) -> Any:
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"--param {name}={raw}: expected {expected}")
+
+    if kind == "STRING":
+        return raw
+    if kind == "NUMBER_INTEGER":
+        try:
+            return int(raw)
+        except ValueError:
+            raise bad("an integer") from None
+    if kind == "NUMBER_DOUBLE":
+        try:
+            return float(raw)
+        except ValueError:
+            raise bad("a number") from None
+    if kind == "BOOLEAN":
+        if raw.lower() in ("true", "1", "yes"):
+            return True
+        if raw.lower() in ("false", "0", "no"):
+            return False
+        raise bad("true or false")
+    if kind == "LIST":
+        text = raw.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                raise bad('a JSON list, e.g. ["lora_r=32","epochs=2"]') from None
+            if not isinstance(value, list):
+                raise bad("a JSON list")
+            return value
+        return [item for item in text.split(",") if item] if text else []
+    if kind == "STRUCT":
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            raise bad("a JSON object") from None
+        if not isinstance(value, dict):
+            raise bad("a JSON object")
+        return value
+    return raw
+
+
+def parse_params(pairs: Iterable[str], spec: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Turn `k=v` strings into typed run arguments; unknown names suggest the closest parameter."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--param: expected name=value, got {pair!r}")
+        name, raw = pair.split("=", 1)
+        name = name.strip()
+        if name not in spec:
+            close = difflib.get_close_matches(name, list(spec), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]}?" if close else f"; parameters: {', '.join(sorted(spec))}"
+            raise ConfigError(f"--param: unknown pipeline parameter {name!r}{hint}")
+        out[name] = _coerce(name, spec[name]["type"], raw)
+    return out
+
+
+def check_required(args: Mapping[str, Any], spec: Mapping[str, Mapping[str, Any]]) -> None:
+    missing = [n for n, p in spec.items() if p["default"] is REQUIRED and n not in args]
+    if missing:
+        raise ConfigError("missing required pipeline parameter(s): " + ", ".join(f"--param {n}=..." for n in missing))

@@ -1,0 +1,226 @@
+"""The compiled `lora-finetune` pipeline: freshness of the committed YAML and what a cluster will run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipelines.cli import main
+from pipelines.compile import COMPILED_PATH, compile_pipeline
+from pipelines.lora_finetune import PipelineOptions
+
+STEP_COMPONENTS = {"prepare", "train", "evaluate", "merge", "register"}
+
+
+def load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    spec, platform = yaml.safe_load_all(path.read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+@pytest.fixture(scope="module")
+def committed() -> tuple[dict[str, Any], dict[str, Any]]:
+    return load(COMPILED_PATH)
+
+
+def all_tasks(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every task of every DAG (root and condition branches), by task name."""
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for comp in spec["components"].values():
+        tasks.update(comp.get("dag", {}).get("tasks", {}))
+    return tasks
+
+
+def executor_of(spec: dict[str, Any], task: dict[str, Any]) -> str:
+    return spec["components"][task["componentRef"]["name"]]["executorLabel"]
+
+
+def test_committed_yaml_is_up_to_date(tmp_path: Path) -> None:
+    fresh = compile_pipeline(tmp_path / "lora_finetune.yaml", PipelineOptions())
+    assert fresh.read_text() == COMPILED_PATH.read_text(), (
+        "pipelines/compiled/lora_finetune.yaml is stale: run `make compile` and commit the result"
+    )
+
+
+def test_cli_compile_defaults_ignores_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VEMBED_GPUS", "4")
+    monkeypatch.setenv("VEMBED_IMAGE", "registry.example/other:1")
+    out = tmp_path / "p.yaml"
+    assert main(["compile", "--defaults", "--output", str(out)]) == 0
+    assert out.read_text() == COMPILED_PATH.read_text()
+
+
+def test_five_steps_in_order(committed) -> None:
+    spec, _ = committed
+    tasks = all_tasks(spec)
+    step_tasks = {n: t for n, t in tasks.items() if "executorLabel" in spec["components"][t["componentRef"]["name"]]}
+    assert {t["componentRef"]["name"].removeprefix("comp-").rstrip("-0123456789") for t in step_tasks.values()} == (
+        STEP_COMPONENTS
+    )
+    root = spec["root"]["dag"]["tasks"]
+    assert "dependentTasks" not in root["prepare"]
+    assert root["train"]["dependentTasks"] == ["prepare"]
+    assert set(root["evaluate"]["dependentTasks"]) == {"prepare", "train"}
+    assert root["merge"]["dependentTasks"] == ["train"]
+    # Register runs after evaluate and merge, inside the gate's branches.
+    gate = next(t for n, t in root.items() if n.startswith("condition-branches"))
+    assert {"evaluate", "merge"} <= set(gate["dependentTasks"])
+
+
+def test_promotion_is_gated_on_the_evaluate_decision(committed) -> None:
+    spec, _ = committed
+    branches = next(c for n, c in spec["components"].items() if n.startswith("comp-condition-branches"))
+    conditions = {t["taskInfo"]["name"]: t["triggerPolicy"]["condition"] for t in branches["dag"]["tasks"].values()}
+    decision = "inputs.parameter_values['pipelinechannel--evaluate-decision'] == 'promote'"
+    assert conditions == {"gate-passed": decision, "gate-held": f"!({decision})"}
+    registers = {
+        t["taskInfo"]["name"]: t["inputs"]["parameters"]["promote"]["runtimeValue"]["constant"]
+        for t in all_tasks(spec).values()
+        if t["componentRef"]["name"].startswith("comp-register")
+    }
+    assert registers == {"register-champion": True, "register-challenger": False}
+
+
+def test_resources_retries_and_caching(committed) -> None:
+    spec, _ = committed
+    executors = spec["deploymentSpec"]["executors"]
+    for name, task in all_tasks(spec).items():
+        if "executorLabel" not in spec["components"][task["componentRef"]["name"]]:
+            continue
+        res = executors[executor_of(spec, task)]["container"]["resources"]
+        assert res.get("resourceCpuRequest") and res.get("resourceMemoryRequest"), f"{name} has no requests"
+        has_gpu = "accelerator" in res
+        assert has_gpu == (name == "train"), f"{name}: only train asks for a GPU"
+        retries = task.get("retryPolicy", {}).get("maxRetryCount", 0)
+        assert (retries > 0) == (name.startswith(("prepare", "register"))), f"{name}: retry policy"
+    train_res = executors["exec-train"]["container"]["resources"]
+    assert train_res["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert train_res["accelerator"]["resourceCount"] == "1"
+    root = spec["root"]["dag"]["tasks"]
+    assert not root["train"].get("cachingOptions", {}).get("enableCache"), "train must not be cached by default"
+
+
+def test_images_are_run_parameters(committed) -> None:
+    spec, _ = committed
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["image"]["defaultValue"].endswith("-cpu")
+    assert params["train_image"]["defaultValue"].endswith("-cuda")
+    images = {n: e["container"]["image"] for n, e in spec["deploymentSpec"]["executors"].items()}
+    assert images["exec-train"] == "{{$.inputs.parameters['pipelinechannel--train_image']}}"
+    assert images["exec-prepare"] == "{{$.inputs.parameters['pipelinechannel--image']}}"
+
+
+def test_components_install_nothing_at_run_time(committed) -> None:
+    spec, _ = committed
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        command = " ".join(executor["container"]["command"])
+        assert "pip install" not in command, f"{name} would pip-install at run time"
+        assert "from vembed.steps" in command, f"{name} must be a thin shell over vembed.steps"
+
+
+def test_secrets_by_name_shm_and_no_credentials(committed) -> None:
+    spec, k8s = committed
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["s3_secret_name"]["parameterType"] == "STRING"
+    assert params["mlflow_secret_name"]["parameterType"] == "STRING"
+    for executor in ("exec-prepare", "exec-train", "exec-evaluate", "exec-register", "exec-register-2"):
+        refs = k8s[executor]["secretAsEnv"]
+        names = {r["secretNameParameter"]["componentInputParameter"].removeprefix("pipelinechannel--") for r in refs}
+        assert "s3_secret_name" in names, executor
+        assert all("secretName" not in r for r in refs), "secret names must be parameters, not literals"
+        env = {m["envVar"] for r in refs for m in r["keyToEnv"]}
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= env
+    assert "secretAsEnv" not in k8s.get("exec-merge", {}), "merge touches no remote store"
+    for executor in ("exec-train", "exec-evaluate"):
+        (shm,) = k8s[executor]["emptyDirMounts"]
+        assert shm["mountPath"] == "/dev/shm" and shm["medium"] == "Memory"
+
+
+def test_no_credential_value_reaches_the_compiled_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = {
+        "AWS_ACCESS_KEY_ID": "AKIAFAKEKEYFORTEST42",
+        "AWS_SECRET_ACCESS_KEY": "fake-secret-value-9f8e7d6c5b4a",
+        "MLFLOW_TRACKING_PASSWORD": "fake-mlflow-password-1234",
+        "MLFLOW_TRACKING_TOKEN": "fake-mlflow-token-5678",
+        "KFP_TOKEN": "fake-kfp-token-abcdef",
+        "HF_TOKEN": "hf_fakefakefakefakefake",
+    }
+    for key, value in fake.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "p.yaml"
+    assert main(["compile", "--output", str(out)]) == 0
+    text = out.read_text()
+    leaked = [k for k, v in fake.items() if v in text]
+    assert not leaked, f"credential values in the compiled pipeline: {leaked}"
+
+
+def test_cluster_options(tmp_path: Path) -> None:
+    out = tmp_path / "p.yaml"
+    rc = main([
+        "compile", "--output", str(out), "--gpus", "2", "--gpu-type", "nvidia.com/mig-3g.40gb",
+        "--node-selector", "pool=a100", "--toleration", '{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}',
+        "--model-cache-pvc", "hf-cache", "--image", "registry.example/vembed:9-cpu",
+    ])  # fmt: skip
+    assert rc == 0
+    spec, k8s = load(out)
+    res = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]["accelerator"]
+    assert (res["resourceType"], res["resourceCount"]) == ("nvidia.com/mig-3g.40gb", "2")
+    assert k8s["exec-train"]["nodeSelector"]["labels"] == {"pool": "a100"}
+    assert k8s["exec-train"]["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    for executor in ("exec-train", "exec-evaluate", "exec-merge"):
+        (pvc,) = k8s[executor]["pvcMount"]
+        assert pvc["mountPath"] == "/model-cache" and pvc["pvcNameParameter"]["runtimeValue"]["constant"] == "hf-cache"
+    assert spec["root"]["inputDefinitions"]["parameters"]["image"]["defaultValue"] == "registry.example/vembed:9-cpu"
+
+
+def test_local_compile_has_no_gpu_request(tmp_path: Path) -> None:
+    spec, _ = load(compile_pipeline(tmp_path / "p.yaml", PipelineOptions(accelerator_limit=0)))
+    assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+
+
+def test_every_component_has_a_readme_and_typed_artifacts() -> None:
+    from components.evaluate.component import evaluate
+    from components.merge.component import merge
+    from components.prepare.component import prepare
+    from components.register.component import register
+    from components.train.component import train
+
+    root = Path(__file__).resolve().parent.parent / "components"
+    for step in STEP_COMPONENTS:
+        readme = root / step / "README.md"
+        assert readme.is_file(), f"components/{step}/README.md missing"
+        text = readme.read_text()
+        assert all(h in text for h in ("Inputs", "Outputs", "Example")), f"{readme}: needs inputs, outputs, example"
+
+    def types(comp, side: str) -> dict[str, str]:
+        return {k: v.type for k, v in (getattr(comp.component_spec, side) or {}).items()}
+
+    assert types(prepare, "outputs")["dataset"] == "system.Dataset@0.0.1"
+    assert types(train, "inputs")["dataset"] == "system.Dataset@0.0.1"
+    assert types(train, "outputs")["model"] == "system.Model@0.0.1"
+    assert types(train, "outputs")["report"] == "system.HTML@0.0.1"
+    assert types(evaluate, "outputs")["metrics"] == "system.Metrics@0.0.1"
+    assert types(evaluate, "outputs")["report"] == "system.Markdown@0.0.1"
+    assert types(evaluate, "outputs")["decision"] == "String"
+    assert types(merge, "outputs")["merged_model"] == "system.Model@0.0.1"
+    assert types(register, "inputs")["metrics"] == "system.Metrics@0.0.1"
+
+
+def test_component_base_image_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    import components.prepare.component as prepare_module
+    import components.settings as settings
+
+    monkeypatch.setenv("VEMBED_IMAGE", "registry.example/team/vembed:7-cpu")
+    try:
+        importlib.reload(settings)
+        reloaded = importlib.reload(prepare_module)
+        image = reloaded.prepare.component_spec.implementation.container.image
+        assert image == "registry.example/team/vembed:7-cpu"
+    finally:
+        monkeypatch.delenv("VEMBED_IMAGE")
+        importlib.reload(settings)
+        importlib.reload(prepare_module)

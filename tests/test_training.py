@@ -1,0 +1,173 @@
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModel
+
+from vembed.config import load_config
+from vembed.errors import CheckpointError, ConfigError
+from vembed.training import train
+from vembed.training.loop import build_accelerator
+
+
+def cfg_for(model, data, out, **kw):
+    base = {
+        "model_name": model,
+        "data_path": data,
+        "output_dir": str(out),
+        "batch_size": 8,
+        "learning_rate": 1e-3,
+        "logging_steps": 2,
+        "save_steps": 3,
+        "save_total_limit": 2,
+        "max_seq_length": 32,
+    }
+    return load_config(None, {**base, **kw})
+
+
+def test_training_writes_checkpoints_log_and_config(tiny_bert, pairs_file, tmp_path):
+    out = tmp_path / "out"
+    result = train(cfg_for(tiny_bert, pairs_file, out, epochs=2))
+    assert result.global_step == 12  # 48 pairs / 8 per batch * 2 epochs
+    assert result.checkpoint_dir == out / "checkpoint-12"
+    # save_total_limit=2 keeps the newest two; nothing temporary is left behind
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-12", "checkpoint-9", "config.yaml", "training_log.txt"]
+    ckpt = result.checkpoint_dir
+    for name in ("adapter_config.json", "adapter_model.safetensors", "vembed_config.yaml", "trainer_state.json"):
+        assert (ckpt / name).is_file(), name
+    assert not list(ckpt.glob("*.bin"))
+    lines = (out / "training_log.txt").read_text().splitlines()
+    steps = [ln for ln in lines if ln.startswith("step=")]
+    assert len(steps) == 6
+    assert all(k in steps[0] for k in ("epoch=", "loss=", "lr=", "samples/s="))
+    assert load_config(out / "config.yaml").lora_r == 16
+    # the guide's loading recipe works on our checkpoints
+    model = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_bert), str(ckpt))
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_loss_decreases(tiny_bert, tmp_path):
+    from tests.conftest import write_pairs
+
+    data = write_pairs(tmp_path / "d.jsonl", n=16, negatives=False)
+    result = train(cfg_for(tiny_bert, data, tmp_path / "o", epochs=15, logging_steps=2, learning_rate=3e-3))
+    first, last = result.history[0]["loss"], result.history[-1]["loss"]
+    assert last < first * 0.8, (first, last)
+
+
+def test_qwen3_last_token_training(tiny_qwen3, pairs_file, tmp_path):
+    result = train(cfg_for(tiny_qwen3, pairs_file, tmp_path / "o", max_steps=2))
+    cfg = json.loads((result.checkpoint_dir / "adapter_config.json").read_text())
+    assert set(cfg["target_modules"]) == {"q_proj", "v_proj"}
+    assert json.loads((result.checkpoint_dir / "embedder.json").read_text())["pooling"] == "last_token"
+
+
+def test_full_finetune_checkpoint_is_a_model(tiny_bert, pairs_file, tmp_path):
+    result = train(cfg_for(tiny_bert, pairs_file, tmp_path / "o", use_lora=False, max_steps=2))
+    assert (result.checkpoint_dir / "model.safetensors").is_file()
+    AutoModel.from_pretrained(str(result.checkpoint_dir))
+
+
+def test_mrl_and_hard_negatives_train(tiny_bert, pairs_file, tmp_path):
+    result = train(cfg_for(tiny_bert, pairs_file, tmp_path / "o", use_mrl=True, mrl_dims=[32, 16, 8], max_steps=2))
+    assert result.global_step == 2 and result.final_loss == result.final_loss  # not NaN
+
+
+def test_mrl_dim_larger_than_model_is_config_error(tiny_bert, pairs_file, tmp_path):
+    with pytest.raises(ConfigError, match=r"mrl_dims: \[64\] exceed"):
+        train(cfg_for(tiny_bert, pairs_file, tmp_path / "o", use_mrl=True, mrl_dims=[64, 16], max_steps=1))
+
+
+@pytest.mark.parametrize(("dtype", "expected"), [("float32", "no"), ("bfloat16", "bf16"), ("auto", "no")])
+def test_precision_requested_is_applied(tiny_bert, dtype, expected):
+    # On this CPU-only machine, auto means fp32; bf16 must reach the accelerator.
+    cfg = load_config(None, {"model_name": tiny_bert, "torch_dtype": dtype})
+    accelerator, torch_dtype = build_accelerator(cfg)
+    assert accelerator.mixed_precision == expected
+    from vembed.models import Item
+    from vembed.training.loop import build_embedder
+
+    emb = accelerator.prepare(build_embedder(cfg, torch_dtype))
+    inner = accelerator.unwrap_model(emb)
+    batch = inner.collate([inner.featurize(Item(text="hello world"), False)])
+    seen = []
+    linear = inner.backbone.get_base_model().encoder.layer[0].attention.self.query.base_layer
+    linear.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    emb(**batch)
+    # matmuls run in the requested precision (accelerate casts the final output back to fp32)
+    assert seen == [torch.bfloat16 if expected == "bf16" else torch.float32]
+    if expected == "bf16":
+        # frozen base weights are loaded in bf16, trainable LoRA weights stay fp32
+        assert inner.backbone.get_base_model().embeddings.word_embeddings.weight.dtype == torch.bfloat16
+        assert {p.dtype for p in inner.parameters() if p.requires_grad} == {torch.float32}
+
+
+def test_fp16_on_cpu_is_refused(tiny_bert):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(ConfigError, match="float16 needs a CUDA device"):
+        build_accelerator(load_config(None, {"model_name": tiny_bert, "torch_dtype": "float16"}))
+
+
+def test_corrupt_checkpoint_is_not_resumed(tiny_bert, pairs_file, tmp_path):
+    out = tmp_path / "o"
+    result = train(cfg_for(tiny_bert, pairs_file, out, max_steps=3))
+    weights = result.checkpoint_dir / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])  # truncated by a crash or a bad copy
+    with pytest.raises(CheckpointError, match="adapter_model.safetensors does not match its checksum"):
+        train(cfg_for(tiny_bert, pairs_file, out, max_steps=6, resume_from_checkpoint="latest"))
+
+
+def test_partial_checkpoint_is_detected(tiny_bert, pairs_file, tmp_path):
+    out = tmp_path / "o"
+    result = train(cfg_for(tiny_bert, pairs_file, out, max_steps=3))
+    (result.checkpoint_dir / "checksums.json").unlink()
+    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
+        train(cfg_for(tiny_bert, pairs_file, out, max_steps=6, resume_from_checkpoint=str(result.checkpoint_dir)))
+
+
+def test_pickle_checkpoint_refused(tiny_bert, pairs_file, tmp_path):
+    from vembed.predictor import Predictor
+
+    out = tmp_path / "o"
+    result = train(cfg_for(tiny_bert, pairs_file, out, max_steps=1))
+    torch.save({"x": torch.zeros(1)}, result.checkpoint_dir / "adapter_model.bin")
+    with pytest.raises(CheckpointError, match="refusing pickle"):
+        Predictor(str(result.checkpoint_dir))
+
+
+def test_resume_in_process_matches_uninterrupted(tiny_bert, pairs_file, tmp_path):
+    # Crosses an epoch boundary (6 batches per epoch) with dropout on.
+    full = train(cfg_for(tiny_bert, pairs_file, tmp_path / "a", max_steps=8, save_steps=4, lora_dropout=0.1))
+    # Start "b" from a's mid-run checkpoint, as if a had been interrupted right after it.
+    shutil.copytree(tmp_path / "a" / "checkpoint-4", tmp_path / "b" / "checkpoint-4")
+    resumed = train(
+        cfg_for(tiny_bert, pairs_file, tmp_path / "b", max_steps=8, save_steps=4, lora_dropout=0.1,
+                resume_from_checkpoint="latest")
+    )
+    a = load_file(str(full.checkpoint_dir / "adapter_model.safetensors"))
+    b = load_file(str(resumed.checkpoint_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_resume_with_different_settings_is_refused(tiny_bert, pairs_file, tmp_path):
+    out = tmp_path / "o"
+    train(cfg_for(tiny_bert, pairs_file, out, max_steps=2))
+    with pytest.raises(CheckpointError, match="batch_size was 8 there but is 4 now"):
+        train(cfg_for(tiny_bert, pairs_file, out, max_steps=4, batch_size=4, resume_from_checkpoint="latest"))
+
+
+def test_bad_data_names_line_before_training(tiny_bert, tmp_path):
+    from vembed.errors import DataError
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"query": "a", "positive": "b"}\n{"query": "a"}\n')
+    with pytest.raises(DataError, match=rf"{data}:2: missing field 'positive'"):
+        train(cfg_for(tiny_bert, str(data), tmp_path / "o"))
+    assert not Path(tmp_path / "o" / "checkpoint-1").exists()

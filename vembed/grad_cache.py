@@ -1,0 +1,155 @@
+"""GradCache (Gao et al., 2021): the gradient of a large-batch contrastive loss in the memory of one chunk.
+
+1. Embed every chunk without a graph, recording the RNG state before each chunk.
+2. Compute the full-batch loss on the cached embeddings (negatives gathered across processes as
+   in the plain step) and its gradient with respect to the embeddings.
+3. Re-run each chunk with its graph under the recorded RNG state, so dropout draws the same masks,
+   and backpropagate the cached gradient: backward of (embedding * grad).sum().
+
+The parameter gradients equal those of one backward through the whole batch (tests/test_grad_cache.py).
+Under DDP, every re-run chunk but the last runs under `no_sync`, so gradients are all-reduced once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch.utils.checkpoint import get_device_states, set_device_states
+
+from vembed.config import TrainConfig
+from vembed.models.base import Embedder
+from vembed.training.distributed import first_rows, forwards_in_lockstep, max_over_ranks
+from vembed.training.negatives import gather_for_loss
+
+log = logging.getLogger(__name__)
+
+StepFn = Callable[[dict[str, Any]], torch.Tensor]
+GROUPS = ("query", "positive", "negatives")
+STAND_IN = "stand-in"  # a chunk run only to keep FSDP ranks in step; it adds nothing to the loss
+
+
+class RandContext:
+    """The CPU and CUDA RNG states at construction; `with ctx:` replays them and then puts the
+    surrounding RNG state back, so replaying a chunk does not shift later random draws."""
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        self.cpu_state = torch.get_rng_state()
+        self.devices, self.device_states = get_device_states(*tensors)
+        self._fork: contextlib.AbstractContextManager | None = None
+
+    def __enter__(self) -> None:
+        self._fork = torch.random.fork_rng(devices=self.devices, enabled=True)
+        self._fork.__enter__()
+        torch.set_rng_state(self.cpu_state)
+        set_device_states(self.devices, self.device_states)
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._fork is not None
+        self._fork.__exit__(*exc)
+        self._fork = None
+
+
+def split_inputs(inputs: dict[str, Any], chunk_size: int) -> list[dict[str, Any]]:
+    """Slice every batch-first tensor into chunks of `chunk_size` rows (padding is kept as is)."""
+    tensors = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    rows = {k: v.size(0) for k, v in tensors.items()}
+    if len(set(rows.values())) != 1 or len(tensors) != len(inputs):
+        raise ValueError(
+            f"GradCache cannot split inputs {sorted(inputs)} with row counts {rows}; "
+            "the embedder must provide split_inputs(inputs, chunk_size)"
+        )
+    n = next(iter(rows.values()))
+    return [{k: v[i : i + chunk_size] for k, v in inputs.items()} for i in range(0, n, chunk_size)]
+
+
+@dataclass
+class Chunk:
+    group: str
+    inputs: dict[str, Any]
+    rng: RandContext
+    embedding: torch.Tensor  # from the no-graph pass
+
+
+def _tensors(inputs: dict[str, Any]) -> list[torch.Tensor]:
+    return [v for v in inputs.values() if isinstance(v, torch.Tensor)]
+
+
+def grad_cache_step(
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    embedder: Embedder,
+    loss_fn: torch.nn.Module,
+    replay_rng: bool = True,
+) -> StepFn:
+    """A step function that does GradCache's forward/backward; it returns the (detached) loss.
+
+    `replay_rng=False` exists only so tests can show that dropout breaks exactness without replay.
+    """
+    chunk_size = cfg.gradient_cache_chunk_size
+    splitter = getattr(accelerator.unwrap_model(embedder), "split_inputs", None) or split_inputs
+    # FSDP's no_sync keeps whole unsharded gradients on every rank; its per-chunk reduce-scatter
+    # is linear, so summing reduced chunk gradients is exact and keeps them sharded.
+    use_no_sync = accelerator.distributed_type != DistributedType.FSDP
+
+    lockstep = forwards_in_lockstep(accelerator)
+
+    def embed_without_graph(batch: dict[str, Any]) -> list[Chunk]:
+        planned = [(g, inputs) for g in GROUPS if g in batch for inputs in splitter(batch[g], chunk_size)]
+        if lockstep:  # FSDP: pad with one-row stand-ins to the chunk count of the busiest rank
+            stand_in = first_rows(batch["positive"])
+            planned += [(STAND_IN, stand_in)] * (max_over_ranks(accelerator, len(planned)) - len(planned))
+        chunks = []
+        with torch.no_grad():
+            for group, inputs in planned:
+                rng = RandContext(*_tensors(inputs))
+                chunks.append(Chunk(group, inputs, rng, embedder(**inputs)))
+        return chunks
+
+    def embedding_grads(chunks: list[Chunk]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        reps = {
+            g: torch.cat([c.embedding for c in chunks if c.group == g]).detach().requires_grad_()
+            for g in GROUPS
+            if any(c.group == g for c in chunks)
+        }
+        q, p, n, labels = gather_for_loss(
+            accelerator, reps["query"], reps["positive"], reps.get("negatives"), cfg.cross_device_negatives
+        )
+        loss = loss_fn(q, p, n, labels)
+        grads = torch.autograd.grad(loss, list(reps.values()), allow_unused=True)
+        return loss.detach(), {
+            g: (grad if grad is not None else torch.zeros_like(reps[g])) for g, grad in zip(reps, grads, strict=True)
+        }
+
+    def backward_chunks(chunks: list[Chunk], grads: dict[str, torch.Tensor]) -> None:
+        offsets = dict.fromkeys(grads, 0)
+        for i, chunk in enumerate(chunks):
+            rows = chunk.embedding.size(0)
+            if chunk.group == STAND_IN:
+                grad = torch.zeros_like(chunk.embedding)
+            else:
+                grad = grads[chunk.group][offsets[chunk.group] : offsets[chunk.group] + rows]
+                offsets[chunk.group] += rows
+            last = i == len(chunks) - 1
+            sync = contextlib.nullcontext() if last or not use_no_sync else accelerator.no_sync(embedder)
+            replay = chunk.rng if replay_rng else contextlib.nullcontext()
+            with sync:
+                with replay:
+                    embedding = embedder(**chunk.inputs)
+                # The surrogate's gradient w.r.t. the parameters is the loss's gradient.
+                accelerator.backward((embedding * grad.to(embedding.dtype)).sum())
+
+    def step(batch: dict[str, Any]) -> torch.Tensor:
+        chunks = embed_without_graph(batch)
+        loss, grads = embedding_grads(chunks)
+        backward_chunks(chunks, grads)
+        return loss
+
+    return step
+

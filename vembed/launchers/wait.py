@@ -1,0 +1,201 @@
+"""One loop for every job backend: wait for Running, stream node-0 logs, wait for the end.
+
+On Failed it raises with the job's own failure reason; past the timeout it raises too. Either way,
+and on success, the job is deleted unless `keep_job` is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from vembed.errors import VembedError
+
+LogFn = Callable[[str], None]
+
+
+class TrainingJobError(VembedError):
+    """A training launch or job failed, timed out, or could not be created."""
+
+
+class Phase(enum.StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+@dataclass(frozen=True)
+class JobState:
+    phase: Phase
+    reason: str = ""
+
+
+class TrainingJob(Protocol):
+    """What the loop needs from a submitted job; see TrainJobRun and PyTorchJobRun."""
+
+    description: str  # e.g. "TrainJob team-a/vembed-1a2b3c4d"
+
+    def state(self) -> JobState: ...
+
+    def stream_logs(self) -> Iterator[str]:
+        """Follow the logs of node 0 (the master) until its container ends."""
+        ...
+
+    def delete(self) -> None: ...
+
+
+def print_line(line: str) -> None:
+    print(line, flush=True)
+
+
+class _LogPump(threading.Thread):
+    """Copies the job's node-0 log into ours; a daemon, so a hung stream never blocks the step."""
+
+    def __init__(self, job: TrainingJob, log: LogFn):
+        super().__init__(name=f"logs {job.description}", daemon=True)
+        self.job, self.log = job, log
+
+    def run(self) -> None:
+        try:
+            for line in self.job.stream_logs():
+                self.log(line.rstrip("\n"))
+        except Exception as e:  # noqa: BLE001 - losing the log stream must not fail the training
+            self.log(f"[vembed] log stream of {self.job.description} ended early: {api_error_text(e)}")
+
+
+def api_error_text(exc: BaseException) -> str:
+    """One line for an SDK/Kubernetes error, however deeply the SDK wrapped the ApiException."""
+    seen = exc
+    while seen is not None:
+        status = getattr(seen, "status", None)
+        if isinstance(status, int):
+            reason = getattr(seen, "reason", "") or ""
+            return f"HTTP {status} {reason}".strip() + _status_message(getattr(seen, "body", None))
+        seen = seen.__cause__ or seen.__context__
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def _status_message(body: Any) -> str:
+    import json
+
+    try:
+        message = json.loads(body).get("message") if body else None
+    except (TypeError, ValueError, AttributeError):
+        message = None
+    return f": {message}" if message else ""
+
+
+class _Cancelled(BaseException):
+    """Raised by the SIGTERM handler; a BaseException so that no `except Exception` in an SDK swallows it."""
+
+
+@contextlib.contextmanager
+def sigterm_raises(what: str) -> Iterator[None]:
+    """Turn SIGTERM (a cancelled pipeline run stops its pod) into an exception, so `finally` clean-up
+    runs (the job is deleted, a local launch is killed) instead of the process just vanishing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def cancelled(signum: int, frame: Any) -> None:
+        raise _Cancelled
+
+    previous = signal.signal(signal.SIGTERM, cancelled)
+    try:
+        yield
+    except _Cancelled:
+        raise TrainingJobError(f"cancelled (SIGTERM) while {what}") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def wait_for_job(
+    job: TrainingJob,
+    *,
+    timeout: float,
+    keep_job: bool = False,
+    poll_interval: float = 10.0,
+    log: LogFn = print_line,
+    log_grace: float = 30.0,
+    max_poll_errors: int = 5,
+) -> JobState:
+    """Block until `job` succeeds (return its state) or fails / times out (raise TrainingJobError)."""
+    deadline = time.monotonic() + timeout
+    log(f"[vembed] waiting for {job.description} (timeout {timeout:g}s)")
+    try:
+        with sigterm_raises(f"waiting for {job.description}"):
+            return _poll(job, deadline, timeout, poll_interval, log, log_grace, max_poll_errors)
+    finally:
+        _clean_up(job, keep_job, log)
+
+
+def _poll(
+    job: TrainingJob,
+    deadline: float,
+    timeout: float,
+    poll_interval: float,
+    log: LogFn,
+    log_grace: float,
+    max_poll_errors: int,
+) -> JobState:
+    pump: _LogPump | None = None
+    state = JobState(Phase.PENDING)
+    errors = 0
+    while True:
+        try:
+            state = job.state()
+            errors = 0
+        except Exception as e:  # noqa: BLE001 - one failed poll of a day-long job is not a failure
+            errors += 1
+            if errors >= max_poll_errors:
+                raise TrainingJobError(
+                    f"{job.description}: cannot read its status ({api_error_text(e)}); "
+                    "check the RBAC in pipelines/rbac/"
+                ) from None
+            log(f"[vembed] status of {job.description} unavailable ({api_error_text(e)}); retrying")
+        if state.phase is not Phase.PENDING and pump is None:
+            log(f"[vembed] {job.description} is {state.phase.value}; streaming the node-0 log")
+            pump = _LogPump(job, log)
+            pump.start()
+        if state.phase in (Phase.SUCCEEDED, Phase.FAILED):
+            if pump is not None:
+                pump.join(log_grace)  # let the tail of the log arrive before reporting
+            if state.phase is Phase.FAILED:
+                raise TrainingJobError(f"{job.description} failed: {state.reason or 'no reason reported'}")
+            log(f"[vembed] {job.description} succeeded")
+            return state
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TrainingJobError(
+                f"{job.description} did not finish within trainer.timeout={timeout:g}s "
+                f"(last seen {state.phase.value})"
+            )
+        time.sleep(min(poll_interval, remaining))
+
+
+def _clean_up(job: TrainingJob, keep_job: bool, log: LogFn) -> None:
+    if keep_job:
+        log(f"[vembed] keeping {job.description} (trainer.keep_job); delete it when done")
+        return
+    try:
+        job.delete()
+        log(f"[vembed] deleted {job.description}")
+    except Exception as e:  # noqa: BLE001 - never hide the training outcome behind a cleanup error
+        log(f"[vembed] could not delete {job.description}: {api_error_text(e)}")
+
+
+def describe_pod_failure(pods: list[Any], container: str) -> str:
+    """'pod p container c: OOMKilled (exit code 137)' for the first terminated-with-error container."""
+    for pod in pods:
+        for cs in getattr(getattr(pod, "status", None), "container_statuses", None) or []:
+            term = getattr(getattr(cs, "state", None), "terminated", None)
+            if cs.name == container and term is not None and term.exit_code:
+                return f"pod {pod.metadata.name} container {container}: {term.reason or 'Error'} (exit code {term.exit_code})"
+    return ""

@@ -1,0 +1,726 @@
+"""MLflow model registry: one run per training run, model versions, aliases and the promotion gate.
+
+- Tracking: `MLFLOW_TRACKING_URI`, else an embedded sqlite store under the output dir
+  (`<output_dir>/mlflow.db`, artifacts in `<output_dir>/mlartifacts`).
+- A model version is one `mlflow.pyfunc` embedding model (vembed.mlflow_model) whose artifacts hold
+  the merged model and/or the LoRA adapter; `download_model` and the pyfunc loader both read them.
+- Every new version gets the alias `challenger`; `champion` moves only through the gate (or by hand
+  with `promote`/`rollback`, which keep a champion history on the registered model).
+- Retrying is safe: versions carry a `vembed.source_key` tag and are looked up before anything is
+  created; a retry after a crash between "create version" and "set alias" finishes the alias step.
+- Nothing secret reaches MLflow: params and tags pass through `scrub`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus, Metric, Param
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from vembed.errors import RegistryError
+from vembed.redaction import redact, scrub
+from vembed.registry_files import check_model_dir, content_key, stage_adapter, stage_merged
+from vembed.registry_plots import plot_loss_curve, plot_mrl_dims
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+DEFAULT_EXPERIMENT = "vembed"
+DEFAULT_METRIC = "ndcg@10"
+MODEL_ARTIFACT_NAME = "embedding_model"
+
+# Tags on model versions / logged models / runs / registered models.
+TAG_SOURCE_KEY = "vembed.source_key"
+TAG_METRIC_NAME = "vembed.metric_name"
+TAG_METRIC_VALUE = "vembed.metric_value"
+TAG_EVAL_SET = "vembed.eval_set_sha256"
+TAG_EVAL_METRICS = "vembed.eval_metrics"
+TAG_RUN_KEY = "vembed.training_run_key"
+TAG_RUN_COMPLETE = "vembed.run_logged"
+TAG_CHAMPION_HISTORY = "vembed.champion_history"
+TAG_CHALLENGER_SET = "vembed.challenger_set"
+
+_MAX_PARAM_LEN = 6000  # MLflow's limit for a param value
+_MAX_TAG_LEN = 5000
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))/?$")
+
+
+# --- names and metrics -----------------------------------------------------------------
+
+
+def mlflow_key(name: str) -> str:
+    """A metric/param name MLflow accepts (`ndcg@10` -> `ndcg_at_10`)."""
+    return re.sub(r"[^\w./\- :]", "_", name.replace("@", "_at_"))
+
+
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """{"tuned": {"full": {"ndcg@10": x}}} -> {"tuned/full/ndcg_at_10": x}; non-numbers are skipped."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(flatten_metrics(value, name))
+        elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            flat[mlflow_key(name)] = float(value)
+    return flat
+
+
+def pick_metric(metrics: Mapping[str, Any], name: str) -> float:
+    """The candidate's score: `name` at top level, or under results -> tuned -> full."""
+    node: Any = metrics
+    for hop in ("results", "tuned", "full"):
+        if isinstance(node, Mapping) and name not in node and hop in node:
+            node = node[hop]
+    if isinstance(node, Mapping) and name not in node and f"tuned/{name}" in node:
+        name = f"tuned/{name}"
+    value = node.get(name) if isinstance(node, Mapping) else None
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise RegistryError(
+            f"metrics: no numeric {name!r} for the candidate model (keys: {sorted(node)[:12]})"
+        )
+    return float(value)
+
+
+def safe_key(key: str) -> str:
+    """Keys go into MLflow filter strings; anything beyond a plain id is replaced by its sha256."""
+    key = str(key)
+    return key if re.fullmatch(r"[\w.:/@-]{1,200}", key) else hashlib.sha256(key.encode()).hexdigest()
+
+
+def resolve_tracking_uri(output_dir: str | os.PathLike[str]) -> str:
+    """`MLFLOW_TRACKING_URI`, else the embedded sqlite store `<output_dir>/mlflow.db`."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if uri:
+        return uri
+    if str(output_dir).startswith("s3://"):
+        raise RegistryError(
+            f"{output_dir}: the embedded MLflow store needs a local output dir; set MLFLOW_TRACKING_URI"
+        )
+    out = Path(output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{out / 'mlflow.db'}"
+
+
+def _local_artifact_root(tracking_uri: str) -> str | None:
+    """For a sqlite store, artifacts live next to the db file instead of MLflow's `./mlruns` default."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+@contextlib.contextmanager
+def _registry_errors(what: str) -> Iterator[None]:
+    """MLflow and network failures become one-line RegistryErrors."""
+    try:
+        yield
+    except RegistryError:
+        raise
+    except (MlflowException, OSError) as e:
+        first = redact(str(getattr(e, "message", e))).strip().splitlines()
+        raise RegistryError(f"{what}: {first[0][:300] if first else type(e).__name__}") from None
+
+
+# --- results ---------------------------------------------------------------------------
+
+
+@dataclass
+class PromotionDecision:
+    promoted: bool
+    reason: str
+    version: str
+    aliases: list[str]
+    model_name: str
+    metric: str
+    score: float | None
+    champion_before: str | None = None
+    created: bool = False  # False when a retry found the version already registered
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class VersionInfo:
+    version: str
+    aliases: list[str]
+    metric: str | None
+    score: float | None
+    eval_set_sha256: str | None
+    source_key: str | None
+    run_id: str | None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def _version_info(mv: ModelVersion) -> VersionInfo:
+    tags = dict(mv.tags or {})
+    value = tags.get(TAG_METRIC_VALUE)
+    return VersionInfo(
+        version=str(mv.version),
+        aliases=sorted(mv.aliases or []),
+        metric=tags.get(TAG_METRIC_NAME),
+        score=float(value) if value not in (None, "") else None,
+        eval_set_sha256=tags.get(TAG_EVAL_SET),
+        source_key=tags.get(TAG_SOURCE_KEY),
+        run_id=mv.run_id,
+        tags=tags,
+    )
+
+
+# --- the registry ----------------------------------------------------------------------
+
+
+class Registry:
+    """Runs, versions and aliases in one MLflow tracking server / store."""
+
+    def __init__(self, tracking_uri: str | None = None, experiment_name: str | None = None) -> None:
+        self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+        self.experiment_name = (
+            experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+        )
+        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        self._experiment_id: str | None = None
+
+    @property
+    def where(self) -> str:
+        return redact(self.tracking_uri)
+
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            with _registry_errors(f"{self.where}: experiment {self.experiment_name!r}"):
+                exp = self.client.get_experiment_by_name(self.experiment_name)
+                if exp is None:
+                    try:
+                        self._experiment_id = self.client.create_experiment(
+                            self.experiment_name, artifact_location=_local_artifact_root(self.tracking_uri)
+                        )
+                    except MlflowException as e:  # created concurrently by another step
+                        if "already exists" not in str(e).lower():
+                            raise
+                        self._experiment_id = self.client.get_experiment_by_name(
+                            self.experiment_name
+                        ).experiment_id
+                else:
+                    self._experiment_id = exp.experiment_id
+        return self._experiment_id
+
+    # --- runs ---------------------------------------------------------------------------
+
+    def find_run(self, run_key: str) -> str | None:
+        with _registry_errors(f"{self.where}: search runs"):
+            runs = self.client.search_runs(
+                [self.experiment_id()], filter_string=f"tags.`{TAG_RUN_KEY}` = '{run_key}'", max_results=1
+            )
+        return runs[0].info.run_id if runs else None
+
+    def log_training_run(
+        self,
+        *,
+        run_key: str,
+        config: Mapping[str, Any] | Any | None = None,
+        history: Sequence[Mapping[str, Any]] = (),
+        eval_metrics: Mapping[str, Any] | None = None,
+        base_model: str | None = None,
+        dataset_sha256: str | None = None,
+        git_commit: str | None = None,
+        pipeline_run_id: str | None = None,
+        promotion_metric: str = DEFAULT_METRIC,
+        run_name: str | None = None,
+    ) -> str:
+        """The MLflow run of one training run (found by `run_key`, else created); returns its run id.
+
+        A retry of a run that was fully logged changes nothing; a half-logged run is completed.
+        """
+        if config is not None and hasattr(config, "model_dump"):
+            config = config.model_dump()
+        base_model = base_model or (config or {}).get("model_name")
+        run_key = safe_key(run_key)
+        run_id = self.find_run(run_key)
+        with _registry_errors(f"{self.where}: log training run {run_key[:12]}"):
+            if run_id is None:
+                tags = {TAG_RUN_KEY: run_key}
+                optional = {
+                    "vembed.base_model": base_model,
+                    "vembed.dataset_sha256": dataset_sha256,
+                    "vembed.git_commit": git_commit,
+                    "vembed.pipeline_run_id": pipeline_run_id,
+                }
+                tags.update({k: v for k, v in optional.items() if v})
+                run = self.client.create_run(self.experiment_id(), tags=scrub(tags), run_name=run_name)
+                run_id = run.info.run_id
+            run = self.client.get_run(run_id)
+            if run.data.tags.get(TAG_RUN_COMPLETE) == "true":
+                return run_id
+            self._log_params(run_id, config or {}, run.data.params)
+            self._log_metrics(run_id, history, eval_metrics or {}, set(run.data.metrics))
+            self._log_plots(run_id, history, eval_metrics or {}, promotion_metric)
+            self.client.set_tag(run_id, TAG_RUN_COMPLETE, "true")
+            self.client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+    def _log_params(self, run_id: str, config: Mapping[str, Any], existing: Mapping[str, str]) -> None:
+        params = {mlflow_key(k): v[:_MAX_PARAM_LEN] for k, v in scrub(config).items()}
+        todo = [Param(k, v) for k, v in params.items() if k not in existing]
+        for i in range(0, len(todo), 100):
+            self.client.log_batch(run_id, params=todo[i : i + 100])
+
+    def _log_metrics(
+        self,
+        run_id: str,
+        history: Sequence[Mapping[str, Any]],
+        eval_metrics: Mapping[str, Any],
+        existing: set[str],
+    ) -> None:
+        import time
+
+        now = int(time.time() * 1000)
+        metrics: list[Metric] = []
+        for entry in history:
+            step = int(entry.get("step", 0))
+            for key, value in entry.items():
+                name = f"train/{mlflow_key(str(key))}"
+                if (
+                    key != "step"
+                    and name not in existing
+                    and isinstance(value, int | float)
+                    and math.isfinite(value)
+                ):
+                    metrics.append(Metric(name, float(value), now, step))
+        for name, value in flatten_metrics(eval_metrics.get("results", eval_metrics), "eval").items():
+            if name not in existing:
+                metrics.append(Metric(name, value, now, 0))
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(run_id, metrics=metrics[i : i + 1000])
+
+    def _log_plots(
+        self, run_id: str, history: Sequence[Mapping[str, Any]], eval_metrics: Mapping[str, Any], metric: str
+    ) -> None:
+        with tempfile.TemporaryDirectory(prefix="vembed-plots-") as tmp:
+            made = [
+                plot_loss_curve(history, Path(tmp) / "training_loss.png"),
+                plot_mrl_dims(eval_metrics, Path(tmp) / f"mrl_dims_{mlflow_key(metric)}.png", metric),
+            ]
+            for path in filter(None, made):
+                self.client.log_artifact(run_id, str(path), "plots")
+
+    # --- versions -----------------------------------------------------------------------
+
+    def ensure_registered_model(self, name: str) -> None:
+        with _registry_errors(f"{self.where}: registered model {name!r}"):
+            try:
+                self.client.get_registered_model(name)
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                try:
+                    self.client.create_registered_model(name)
+                except MlflowException as e2:
+                    if e2.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
+
+    def versions(self, name: str) -> list[ModelVersion]:
+        with _registry_errors(f"{self.where}: model {name!r}"):
+            found = list(self.client.search_model_versions(f"name = '{name}'"))
+        return sorted(found, key=lambda mv: int(mv.version))
+
+    def find_version(self, name: str, source_key: str) -> ModelVersion | None:
+        matches = [mv for mv in self.versions(name) if (mv.tags or {}).get(TAG_SOURCE_KEY) == source_key]
+        return matches[0] if matches else None
+
+    def alias_version(self, name: str, alias: str) -> ModelVersion | None:
+        try:
+            return self.client.get_model_version_by_alias(name, alias)
+        except MlflowException as e:
+            if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+                return None
+            with _registry_errors(f"{self.where}: {name}@{alias}"):
+                raise
+
+    def _find_logged_model(self, source_key: str) -> LoggedModel | None:
+        with _registry_errors(f"{self.where}: search logged models"):
+            found = self.client.search_logged_models(
+                [self.experiment_id()], filter_string=f"tags.`{TAG_SOURCE_KEY}` = '{source_key}'"
+            )
+        ready = [m for m in found if m.status == LoggedModelStatus.READY]
+        return ready[0] if ready else None
+
+    def log_embedding_model(
+        self,
+        *,
+        source_key: str,
+        adapter_dir: Path | None,
+        merged_dir: Path | None,
+        run_id: str | None,
+        example_texts: Sequence[str] = ("an example sentence to embed",),
+    ) -> LoggedModel:
+        """Log the pyfunc embedding model (artifacts: merged and/or adapter) as a LoggedModel.
+
+        Built with the client API only (save locally, create, upload, finalize) so that mlflow's
+        process-wide tracking URI is never touched.
+        """
+        from mlflow.models import Model, infer_signature
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        import vembed
+        from vembed.mlflow_model import ADAPTER_ARTIFACT, DEFAULT_PARAMS, MERGED_ARTIFACT, MODEL_CODE
+        from vembed.predictor import Predictor
+
+        with tempfile.TemporaryDirectory(prefix="vembed-register-") as tmp:
+            artifacts: dict[str, str] = {}
+            if merged_dir is not None:
+                artifacts[MERGED_ARTIFACT] = str(stage_merged(merged_dir, Path(tmp) / MERGED_ARTIFACT))
+            if adapter_dir is not None:
+                artifacts[ADAPTER_ARTIFACT] = str(stage_adapter(adapter_dir, Path(tmp) / ADAPTER_ARTIFACT))
+            example = list(example_texts)
+            output = Predictor(artifacts.get(MERGED_ARTIFACT) or artifacts[ADAPTER_ARTIFACT]).encode_text(
+                example
+            )
+            code = Path(tmp) / "embedding_model.py"
+            code.write_text(MODEL_CODE)
+            with _registry_errors(f"{self.where}: log embedding model"):
+                logged = self.client.create_logged_model(
+                    self.experiment_id(),
+                    name=MODEL_ARTIFACT_NAME,
+                    source_run_id=run_id,
+                    tags={TAG_SOURCE_KEY: source_key},
+                )
+                local = Path(tmp) / "model"
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+                    mlflow.pyfunc.save_model(
+                        str(local),
+                        python_model=str(code),
+                        artifacts=artifacts,
+                        signature=infer_signature(example, output, params=DEFAULT_PARAMS),
+                        # Explicit requirements: no dependency inference (slow, may reach the network).
+                        pip_requirements=[f"vembed-factory=={vembed.__version__}"],
+                        mlflow_model=Model(
+                            artifact_path=logged.artifact_location,
+                            run_id=run_id,
+                            model_uuid=logged.model_id,
+                            model_id=logged.model_id,
+                        ),
+                    )
+                repo = get_artifact_repository(
+                    logged.artifact_location, tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri
+                )
+                repo.log_artifacts(str(local))
+                if run_id:
+                    self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+                return self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+
+    def register(
+        self,
+        *,
+        model_name: str,
+        eval_metrics: Mapping[str, Any],
+        eval_set_sha256: str,
+        adapter_dir: str | os.PathLike[str] | None = None,
+        merged_dir: str | os.PathLike[str] | None = None,
+        source_key: str | None = None,
+        run_id: str | None = None,
+        promotion_metric: str = DEFAULT_METRIC,
+        min_delta: float = 0.0,
+        champion_score: float | None = None,
+        eval_gate_passed: bool | None = None,
+    ) -> PromotionDecision:
+        """Register (once per source) and run the gate. Safe to retry after any failure.
+
+        champion_score: the current champion's metric measured on *this* eval set (the evaluate step
+        scores it); needed when the champion's stored score comes from a different eval set.
+        eval_gate_passed: False when evaluation already said "hold" (e.g. worse than the base model).
+        """
+        adapter = check_model_dir(adapter_dir, "adapter")
+        merged = check_model_dir(merged_dir, "merged")
+        key = safe_key(source_key or content_key(adapter, merged))
+        score = pick_metric(eval_metrics, promotion_metric)
+        self.ensure_registered_model(model_name)
+        mv = self.find_version(model_name, key)
+        created = mv is None
+        if mv is None:
+            run_id = run_id or self.find_run(key)
+            logged = self._find_logged_model(key) or self.log_embedding_model(
+                source_key=key, adapter_dir=adapter, merged_dir=merged, run_id=run_id
+            )
+            tags = {
+                TAG_SOURCE_KEY: key,
+                TAG_METRIC_NAME: promotion_metric,
+                TAG_METRIC_VALUE: repr(score),
+                TAG_EVAL_SET: eval_set_sha256,
+                TAG_EVAL_METRICS: json.dumps(flatten_metrics(eval_metrics.get("results", eval_metrics)))[
+                    :_MAX_TAG_LEN
+                ],
+            }
+            with _registry_errors(f"{self.where}: create version of {model_name!r}"):
+                source_run = logged.source_run_id or run_id
+                # A server resolves `models:/<id>` itself. A direct (sqlite) store would resolve it through
+                # mlflow's *global* tracking URI (an MLflow TODO), so give it the artifact location instead.
+                remote = self.tracking_uri.split(":", 1)[0] in ("http", "https", "databricks")
+                mv = self.client.create_model_version(
+                    model_name,
+                    source=f"models:/{logged.model_id}" if remote else logged.artifact_location,
+                    run_id=source_run,
+                    tags=scrub(tags),
+                    model_id=logged.model_id if remote or source_run else None,
+                )
+            log.info("registered %s version %s", model_name, mv.version)
+        return self._apply_gate(mv, min_delta, champion_score, eval_gate_passed, created)
+
+    def _apply_gate(
+        self,
+        mv: ModelVersion,
+        min_delta: float,
+        champion_score: float | None,
+        eval_gate_passed: bool | None,
+        created: bool,
+    ) -> PromotionDecision:
+        name, version = mv.name, str(mv.version)
+        cand = _version_info(mv)
+        # Once per version: the tag marks "challenger was set", so retrying an older registration
+        # never pulls the alias back from a newer version.
+        if cand.tags.get(TAG_CHALLENGER_SET) != "true":
+            with _registry_errors(f"{self.where}: alias {name}@{CHALLENGER}"):
+                self.client.set_registered_model_alias(name, CHALLENGER, version)
+                self.client.set_model_version_tag(name, version, TAG_CHALLENGER_SET, "true")
+        champion = self.alias_version(name, CHAMPION)
+        champ = _version_info(champion) if champion else None
+        promoted, reason = self._gate(cand, champ, min_delta, champion_score, eval_gate_passed)
+        if promoted and (champ is None or champ.version != version):
+            self.set_champion(name, version)
+        with _registry_errors(f"{self.where}: model {name!r}"):
+            aliases = sorted(self.client.get_model_version(name, version).aliases or [])
+        return PromotionDecision(
+            promoted=promoted,
+            reason=reason,
+            version=version,
+            aliases=aliases,
+            model_name=name,
+            metric=cand.metric or DEFAULT_METRIC,
+            score=cand.score,
+            champion_before=champ.version if champ else None,
+            created=created,
+        )
+
+    @staticmethod
+    def _gate(
+        cand: VersionInfo,
+        champ: VersionInfo | None,
+        min_delta: float,
+        champion_score: float | None,
+        eval_gate_passed: bool | None,
+    ) -> tuple[bool, str]:
+        metric = cand.metric or DEFAULT_METRIC
+        if champ is not None and champ.version == cand.version:
+            return True, f"version {cand.version} is already {CHAMPION}"
+        if eval_gate_passed is False:
+            return False, "evaluation gate did not pass (see the evaluate step); champion unchanged"
+        if cand.score is None:
+            return False, f"version {cand.version} has no {metric} score; champion unchanged"
+        if champ is None:
+            return (
+                True,
+                f"no {CHAMPION} yet; version {cand.version} ({metric} {cand.score:.4f}) becomes {CHAMPION}",
+            )
+        if champion_score is not None:
+            baseline, basis = float(champion_score), "measured on this eval set"
+        elif (
+            champ.metric == metric
+            and champ.eval_set_sha256 == cand.eval_set_sha256
+            and champ.score is not None
+        ):
+            baseline, basis = champ.score, "same eval set"
+        else:
+            return False, (
+                f"cannot compare with {CHAMPION} v{champ.version}: it was scored with {champ.metric} on eval set "
+                f"{(champ.eval_set_sha256 or '?')[:12]}, this version with {metric} on "
+                f"{(cand.eval_set_sha256 or '?')[:12]}; pass the champion's score on the same eval set"
+            )
+        threshold = baseline + float(min_delta)
+        if cand.score >= threshold:
+            return True, (
+                f"{metric} {cand.score:.4f} >= {CHAMPION} v{champ.version} {baseline:.4f} + min_delta {min_delta:g}"
+                f" ({basis})"
+            )
+        return False, (
+            f"{metric} {cand.score:.4f} < {CHAMPION} v{champ.version} {baseline:.4f} + min_delta {min_delta:g}"
+            f" ({basis}); {CHAMPION} stays v{champ.version}"
+        )
+
+    # --- champion history ---------------------------------------------------------------
+
+    def champion_history(self, name: str) -> list[str]:
+        """Versions that were champion, oldest first, trimmed to end at the current champion.
+
+        Trimming repairs the history after a crash between writing it and moving the alias.
+        """
+        with _registry_errors(f"{self.where}: model {name!r}"):
+            tags = self.client.get_registered_model(name).tags or {}
+        try:
+            history = [str(v) for v in json.loads(tags.get(TAG_CHAMPION_HISTORY, "[]"))]
+        except json.JSONDecodeError:
+            history = []
+        current = self.alias_version(name, CHAMPION)
+        if current is None:
+            return []
+        cur = str(current.version)
+        if cur in history:
+            return history[: len(history) - history[::-1].index(cur)]
+        return [*history, cur]
+
+    def _write_history(self, name: str, history: list[str]) -> None:
+        with _registry_errors(f"{self.where}: model {name!r}"):
+            self.client.set_registered_model_tag(name, TAG_CHAMPION_HISTORY, json.dumps(history[-50:]))
+
+    def set_champion(self, name: str, version: str) -> None:
+        """Move `champion` to `version` and record it (history first, so a crash leaves it trimmable)."""
+        history = self.champion_history(name)
+        if not history or history[-1] != str(version):
+            self._write_history(name, [*history, str(version)])
+        with _registry_errors(f"{self.where}: alias {name}@{CHAMPION}"):
+            self.client.set_registered_model_alias(name, CHAMPION, str(version))
+
+    def promote(self, name: str, version: str | int) -> PromotionDecision:
+        """Make `version` champion by hand (no gate)."""
+        with _registry_errors(f"{self.where}: {name} version {version}"):
+            mv = self.client.get_model_version(name, str(version))
+        before = self.alias_version(name, CHAMPION)
+        self.set_champion(name, str(mv.version))
+        info = _version_info(self.client.get_model_version(name, str(mv.version)))
+        return PromotionDecision(
+            promoted=True,
+            reason=f"promoted by hand (was v{before.version})"
+            if before
+            else "promoted by hand (no champion before)",
+            version=info.version,
+            aliases=info.aliases,
+            model_name=name,
+            metric=info.metric or DEFAULT_METRIC,
+            score=info.score,
+            champion_before=str(before.version) if before else None,
+        )
+
+    def rollback(self, name: str) -> PromotionDecision:
+        """Move `champion` back to the previous champion in the history."""
+        history = self.champion_history(name)
+        if len(history) < 2:
+            raise RegistryError(
+                f"{name}: no previous {CHAMPION} to roll back to (history: {history or 'empty'})"
+            )
+        current, previous = history[-1], history[-2]
+        # Alias first, then history: a crash in between is repaired by the trimming in champion_history.
+        with _registry_errors(f"{self.where}: alias {name}@{CHAMPION}"):
+            self.client.set_registered_model_alias(name, CHAMPION, previous)
+        self._write_history(name, history[:-1])
+        info = _version_info(self.client.get_model_version(name, previous))
+        return PromotionDecision(
+            promoted=True,
+            reason=f"rolled back {CHAMPION} from v{current} to v{previous}",
+            version=previous,
+            aliases=info.aliases,
+            model_name=name,
+            metric=info.metric or DEFAULT_METRIC,
+            score=info.score,
+            champion_before=current,
+        )
+
+    def show(self, name: str) -> dict[str, Any]:
+        with _registry_errors(f"{self.where}: model {name!r}"):
+            aliases = self.client.get_registered_model(name).aliases or {}
+        versions = []
+        for mv in self.versions(name):  # search results carry no aliases; the registered model does
+            info = _version_info(mv)
+            info.aliases = sorted(a for a, v in aliases.items() if str(v) == info.version)
+            versions.append(asdict(info))
+        return {
+            "name": name,
+            "versions": versions,
+            "champion_history": self.champion_history(name),
+        }
+
+    # --- download -----------------------------------------------------------------------
+
+    def resolve(self, models_uri: str) -> ModelVersion:
+        m = _MODELS_URI.match(models_uri)
+        if not m:
+            raise RegistryError(f"{models_uri}: expected models:/NAME@alias or models:/NAME/VERSION")
+        name = m["name"]
+        if m["alias"]:
+            mv = self.alias_version(name, m["alias"])
+            if mv is None:
+                raise RegistryError(
+                    f"{models_uri}: no alias {m['alias']!r} on model {name!r} at {self.where}"
+                )
+            return mv
+        with _registry_errors(f"{models_uri} at {self.where}"):
+            return self.client.get_model_version(name, m["version"])
+
+    def download(self, models_uri: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+        """A local directory Predictor can load: the version's merged model if present, else its adapter."""
+        from mlflow.models import Model
+
+        from vembed.mlflow_model import ADAPTER_ARTIFACT, MERGED_ARTIFACT
+
+        mv = self.resolve(models_uri)
+        cache = Path(cache_dir or os.environ.get("VEMBED_CACHE_DIR") or Path.home() / ".cache" / "vembed")
+        ident = hashlib.sha256(
+            f"{self.tracking_uri}|{mv.name}|{mv.version}|{mv.source}".encode()
+        ).hexdigest()[:16]
+        dest = cache / "models" / re.sub(r"[^\w.-]", "_", mv.name) / f"v{mv.version}-{ident}"
+        if not dest.is_dir():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+            try:
+                with _registry_errors(f"{models_uri}: download from {self.where}"):
+                    # The version's storage location, not `models:/...`: resolving that would consult
+                    # mlflow's global registry URI instead of this registry's.
+                    got = mlflow.artifacts.download_artifacts(
+                        artifact_uri=self.client.get_model_version_download_uri(mv.name, mv.version),
+                        dst_path=str(tmp),
+                        tracking_uri=self.tracking_uri,
+                        registry_uri=self.tracking_uri,
+                    )
+                with contextlib.suppress(OSError):  # a concurrent download that finished first wins
+                    os.replace(got, dest)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        flavor = Model.load(str(dest)).flavors.get("python_function", {})
+        paths = {
+            k: v.get("path") if isinstance(v, Mapping) else v
+            for k, v in (flavor.get("artifacts") or {}).items()
+        }
+        for key in (MERGED_ARTIFACT, ADAPTER_ARTIFACT):
+            if paths.get(key) and (dest / paths[key]).is_dir():
+                return dest / paths[key]
+        raise RegistryError(f"{models_uri}: version {mv.version} holds neither a merged model nor an adapter")
+
+
+def download_model(
+    models_uri: str, tracking_uri: str | None = None, cache_dir: str | os.PathLike[str] | None = None
+) -> Path:
+    """Resolve `models:/NAME@alias` or `models:/NAME/3` to a local model directory for Predictor."""
+    return Registry(tracking_uri).download(models_uri, cache_dir)
+
+
+def log_training_run(
+    *, output_dir: str | os.PathLike[str] = "output", tracking_uri: str | None = None, **kwargs: Any
+) -> str:
+    """`Registry.log_training_run` against `tracking_uri` or `resolve_tracking_uri(output_dir)`."""
+    return Registry(tracking_uri or resolve_tracking_uri(output_dir)).log_training_run(**kwargs)

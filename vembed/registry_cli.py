@@ -1,0 +1,82 @@
+"""`vembed registry show|promote|rollback`: inspect and move the champion alias by hand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from vembed.errors import VembedError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vembed registry",
+        description="Show, promote or roll back models in the MLflow registry "
+        "(MLFLOW_TRACKING_URI, else the sqlite store under --output-dir).",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--output-dir", default="output", help="where the embedded store lives")
+    common.add_argument("--json", action="store_true", help="print JSON instead of text")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("show", parents=[common], help="versions, aliases and metrics of a registered model")
+    p.add_argument("name")
+    p = sub.add_parser("promote", parents=[common], help="make VERSION the champion (no gate)")
+    p.add_argument("name")
+    p.add_argument("version")
+    p = sub.add_parser("rollback", parents=[common], help="move champion back to the previous champion")
+    p.add_argument("name")
+    return parser
+
+
+def _format_show(info: dict) -> str:
+    lines = [f"model {info['name']}"]
+    rows = [("version", "aliases", "metric", "score", "eval set", "run")]
+    for v in info["versions"]:
+        rows.append(
+            (
+                v["version"],
+                ",".join(v["aliases"]) or "-",
+                v["metric"] or "-",
+                f"{v['score']:.4f}" if v["score"] is not None else "-",
+                (v["eval_set_sha256"] or "-")[:12],
+                (v["run_id"] or "-")[:12],
+            )
+        )
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines += [
+        "  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    ]
+    history = " -> ".join(f"v{v}" for v in info["champion_history"]) or "none"
+    lines.append(f"champion history: {history}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    try:
+        from vembed.registry import Registry, resolve_tracking_uri
+
+        registry = Registry(resolve_tracking_uri(args.output_dir))
+        if args.command == "show":
+            info = registry.show(args.name)
+            print(json.dumps(info, indent=2) if args.json else _format_show(info))
+            return 0
+        if args.command == "promote":
+            decision = registry.promote(args.name, args.version)
+        else:
+            decision = registry.rollback(args.name)
+        if args.json:
+            print(json.dumps(decision.to_dict(), indent=2))
+        else:
+            print(f"{decision.model_name}: champion is now v{decision.version} ({decision.reason})")
+        return 0
+    except VembedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Pipeline step: evaluate the tuned adapter against the base model and the current champion.
+
+The gate passes when the tuned model's promotion metric is at least the best baseline's plus `min_delta`.
+Every model is scored here, on the same eval split, so the comparison never mixes eval sets.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from vembed.errors import ConfigError
+
+METRIC_KEYS = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")
+ROLE_ORDER = ("tuned", "base", "champion")
+# 0.68 + 0.02 is 0.7000000000000001 in floats; a margin met exactly must pass.
+FLOAT_SLACK = 1e-9
+
+
+def base_model_of(adapter_dir: str | os.PathLike[str]) -> str:
+    """The model an adapter checkpoint was trained from."""
+    from vembed.evaluation import base_model_of as read_base
+
+    name = read_base(str(adapter_dir))
+    if not name:
+        raise ConfigError(f"{adapter_dir}: not an adapter checkpoint with a known base model; pass base_model")
+    return name
+
+
+def champion_uri(model_name: str, tracking_uri: str | None = None) -> str | None:
+    """`models:/NAME/VERSION` of the current champion (pinned, so a promotion mid-run changes nothing)."""
+    from vembed.registry import CHAMPION, Registry
+
+    mv = Registry(tracking_uri).alias_version(model_name, CHAMPION) if model_name else None
+    return f"models:/{model_name}/{mv.version}" if mv is not None else None
+
+
+def eval_set_sha256(dataset_dir: str | os.PathLike[str]) -> str:
+    """sha256 of the eval split's bytes: the registry compares scores only on the same eval set."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with (Path(dataset_dir) / "eval.jsonl").open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def gate(
+    results: Mapping[str, Mapping[str, Mapping[str, float]]],
+    promotion_metric: str = "ndcg@10",
+    min_delta: float = 0.0,
+) -> dict[str, Any]:
+    """Decide promotion from {"tuned": {"full": {...}}, "base": ..., "champion": ...} results."""
+    if promotion_metric not in METRIC_KEYS:
+        raise ConfigError(f"promotion_metric: unknown metric {promotion_metric!r}; choose one of {', '.join(METRIC_KEYS)}")
+    tuned = float(results["tuned"]["full"][promotion_metric])
+    baselines = {role: float(r["full"][promotion_metric]) for role, r in results.items() if role != "tuned"}
+    best_role = max(baselines, key=baselines.__getitem__) if baselines else None
+    threshold = (baselines[best_role] if best_role else float("-inf")) + float(min_delta)
+    passed = tuned >= threshold - FLOAT_SLACK
+    if best_role is None:
+        reason = f"no baseline to beat; tuned {promotion_metric} = {tuned:.4f}"
+    else:
+        op = ">=" if passed else "<"
+        reason = (
+            f"tuned {promotion_metric} {tuned:.4f} {op} {best_role} {baselines[best_role]:.4f}"
+            f" + min_delta {min_delta:g}"
+        )
+    return {
+        "passed": passed,
+        "decision": "promote" if passed else "hold",
+        "promotion_metric": promotion_metric,
+        "min_delta": float(min_delta),
+        "tuned": tuned,
+        "best_baseline": best_role,
+        "threshold": threshold,
+        "reason": reason,
+    }
+
+
+def render_markdown(results: Mapping[str, Mapping[str, Mapping[str, float]]], decision: Mapping[str, Any]) -> str:
+    """Metrics table (one column per model, one table per MRL dim) and the gate decision."""
+    roles = [r for r in ROLE_ORDER if r in results] + [r for r in results if r not in ROLE_ORDER]
+    lines = ["## Retrieval metrics", ""]
+    dims = list(results[roles[0]])
+    for dim in dims:
+        if len(dims) > 1:
+            lines += [f"### {'full dimension' if dim == 'full' else f'dim {dim}'}", ""]
+        lines.append("| metric | " + " | ".join(roles) + " |")
+        lines.append("|---|" + "---:|" * len(roles))
+        for metric in METRIC_KEYS:
+            cells = [f"{results[r][dim][metric]:.4f}" if metric in results[r].get(dim, {}) else "-" for r in roles]
+            mark = " **(gate)**" if metric == decision["promotion_metric"] else ""
+            lines.append(f"| {metric}{mark} | " + " | ".join(cells) + " |")
+        lines.append("")
+    verdict = "PROMOTE" if decision["passed"] else "HOLD"
+    lines.append(f"**Gate: {verdict}** - {decision['reason']}")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(
+    adapter_dir: str | os.PathLike[str],
+    eval_path: str | os.PathLike[str],
+    base_model: str | None = None,
+    champion: str | None = None,
+    promotion_metric: str = "ndcg@10",
+    min_delta: float = 0.0,
+    corpus_path: str | os.PathLike[str] | None = None,
+    dims: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Score tuned vs base (and champion, a model URI such as `models:/name@champion`, when given).
+
+    Returns {"results": {role: {dim: {metric: value}}}, "decision": {...}, "report": markdown}.
+    """
+    from vembed.evaluation import compare_models
+
+    if promotion_metric not in METRIC_KEYS:  # fail before spending minutes on encoding
+        raise ConfigError(f"promotion_metric: unknown metric {promotion_metric!r}; choose one of {', '.join(METRIC_KEYS)}")
+    models = {"tuned": str(adapter_dir), "base": base_model or base_model_of(adapter_dir)}
+    if champion:
+        models["champion"] = champion
+    results = compare_models(
+        models, str(eval_path), corpus_path=str(corpus_path) if corpus_path else None, dims=list(dims) if dims else None
+    )
+    decision = gate(results, promotion_metric, min_delta)
+    return {"results": results, "decision": decision, "report": render_markdown(results, decision)}
+
+
+def unflatten_metrics(flat: Mapping[str, float]) -> dict[str, dict[str, dict[str, float]]]:
+    """Inverse of `flat_metrics` (keys of other shapes, e.g. "gate/passed", are ignored)."""
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for key, value in flat.items():
+        parts = key.split("/")
+        if parts[0] not in ROLE_ORDER or len(parts) not in (2, 3):
+            continue
+        dim = parts[1].removeprefix("dim") if len(parts) == 3 else "full"
+        results.setdefault(parts[0], {}).setdefault(dim, {})[parts[-1]] = float(value)
+    return results
+
+
+def flat_metrics(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, float]:
+    """{"tuned/ndcg@10": ..., "base/recall@1": ..., "tuned/dim256/ndcg@10": ...} for metric loggers."""
+    flat: dict[str, float] = {}
+    for role, by_dim in results.items():
+        for dim, metrics in by_dim.items():
+            prefix = role if dim == "full" else f"{role}/dim{dim}"
+            for name, value in metrics.items():
+                flat[f"{prefix}/{name}"] = float(value)
+    return flat

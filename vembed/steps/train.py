@@ -1,0 +1,137 @@
+"""Pipeline step: fine-tune on a prepared dataset directory.
+
+The dataset directory is what `vembed.steps.prepare` writes: `train.jsonl`, `eval.jsonl` and a manifest.
+The step resolves the config (defaults < optional YAML < overrides < the paths this step owns), trains,
+and returns a JSON-friendly summary; `render_report` turns that summary into an HTML page for the KFP UI.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from vembed.errors import ConfigError, DataError
+
+# Keys the step sets itself; an override of one of them would be silently replaced, so it is refused.
+STEP_OWNED_KEYS = ("data_path", "eval_data_path", "output_dir")
+
+
+def _overrides_as_dict(config_overrides: Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
+    from vembed.config import parse_overrides
+
+    if not config_overrides:
+        return {}
+    if isinstance(config_overrides, Mapping):
+        return dict(config_overrides)
+    if isinstance(config_overrides, str):
+        raise ConfigError(f"config_overrides: expected a list of key=value strings, got the string {config_overrides!r}")
+    return parse_overrides(config_overrides)
+
+
+def dataset_files(dataset_dir: str | os.PathLike[str]) -> tuple[Path, Path | None]:
+    """(train.jsonl, eval.jsonl or None) inside a prepared dataset directory."""
+    root = Path(dataset_dir)
+    train_path = root / "train.jsonl"
+    if not train_path.is_file():
+        raise DataError(f"{root}: no train.jsonl in the dataset directory (was it written by `vembed prepare`?)")
+    eval_path = root / "eval.jsonl"
+    return train_path, (eval_path if eval_path.is_file() else None)
+
+
+def train(
+    dataset_dir: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    base_model: str | None = None,
+    config_overrides: Sequence[str] | Mapping[str, Any] | None = None,
+    config_path: str | os.PathLike[str] | None = None,
+    output_uri: str | None = None,
+    task_config: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train on `dataset_dir`, writing checkpoints under `output_dir`.
+
+    With `trainer.backend` trainjob / pytorchjob (or several local GPUs) training runs through
+    vembed.steps.launch: `output_uri` (s3:// or a shared-PVC path) is where the cluster job writes, and
+    `task_config` (the KFP task's `dsl.TaskConfig` as a dict) is passed on to the job.
+    Returns {"checkpoint_dir", "final_loss", "global_step", "history", "config", "log_path"}.
+    """
+    from vembed.config import load_config
+    from vembed.training import train as run_training
+
+    overrides = _overrides_as_dict(config_overrides)
+    for key in STEP_OWNED_KEYS:
+        if key in overrides:
+            raise ConfigError(f"config_overrides: {key!r} is set by the train step from its inputs; remove it")
+    train_path, eval_path = dataset_files(dataset_dir)
+    if base_model:
+        overrides["model_name"] = base_model
+    overrides.update(
+        data_path=str(train_path),
+        eval_data_path=str(eval_path) if eval_path else None,
+        output_dir=str(output_dir),
+    )
+    cfg = load_config(config_path or None, overrides)
+    from vembed.steps.launch import needs_launcher, train_via_launcher
+
+    if needs_launcher(cfg):  # more than this process: accelerate launch or a cluster job (docs/multinode.md)
+        return train_via_launcher(cfg, output_dir, output_uri=output_uri, task_config=task_config)
+    result = run_training(cfg)
+    return {
+        "checkpoint_dir": str(result.checkpoint_dir),
+        "final_loss": float(result.final_loss),
+        "global_step": int(result.global_step),
+        "history": list(result.history),
+        "config": cfg.model_dump(),
+        "log_path": str(result.log_path),
+    }
+
+
+def _loss_curve_png(history: Sequence[Mapping[str, Any]]) -> bytes | None:
+    points = [(h["step"], h["loss"]) for h in history if h.get("loss") is not None and "step" in h]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display in a pipeline pod
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+REPORT_CONFIG_KEYS = (
+    "model_name", "use_lora", "lora_r", "lora_alpha", "lora_target_modules", "batch_size",
+    "learning_rate", "epochs", "max_steps", "use_mrl", "mrl_dims", "use_gradient_cache", "torch_dtype",
+)  # fmt: skip
+
+
+def render_report(summary: Mapping[str, Any]) -> str:
+    """A self-contained HTML page (inline PNG) with the loss curve and the key settings."""
+    esc = html.escape
+    rows = [("final loss", f"{summary['final_loss']:.4f}"), ("optimizer steps", str(summary["global_step"]))]
+    config = summary.get("config") or {}
+    rows += [(k, str(config[k])) for k in REPORT_CONFIG_KEYS if k in config]
+    table = "\n".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows)
+    png = _loss_curve_png(summary.get("history") or [])
+    curve = (
+        f'<img alt="training loss" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+        if png
+        else "<p>No loss was logged (fewer steps than logging_steps).</p>"
+    )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>vembed training</title>"
+        "<style>body{font-family:sans-serif}th{text-align:left;padding-right:1em}</style></head><body>"
+        f"<h2>Training</h2>{curve}<table>{table}</table></body></html>\n"
+    )

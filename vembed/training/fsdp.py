@@ -1,0 +1,184 @@
+"""FSDP with LoRA: the accelerate plugin, and whole-model state gathered from every rank's shards.
+
+- FULL_SHARD with `use_orig_params=True`: frozen base weights and trainable LoRA weights share
+  flat parameters, which FSDP1 only allows with the original parameters kept.
+- One dtype: the loop loads the model in fp32 under FSDP (LoRA weights are fp32 too); bf16/fp16
+  compute comes from the plugin's mixed-precision policy, which accelerate sets from the dtype.
+- Transformer blocks (every transformers `GradientCheckpointingLayer`: BertLayer, Qwen3DecoderLayer,
+  Qwen3-VL text and vision blocks, CLIPEncoderLayer) are the units of sharding.
+- Saving is collective: every rank joins the gathers below; rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from peft import PeftModel
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+from vembed.config import TrainConfig
+from vembed.models.base import Embedder
+
+log = logging.getLogger(__name__)
+
+BACKBONE_PREFIX = "backbone."
+FSDP_WRAPPED = "_fsdp_wrapped_module."
+
+
+def is_transformer_block(module: nn.Module) -> bool:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return isinstance(module, GradientCheckpointingLayer)
+
+
+def fsdp_plugin(cfg: TrainConfig) -> FullyShardedDataParallelPlugin:
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=1,
+        sharding_strategy="FULL_SHARD",
+        use_orig_params=True,
+        auto_wrap_policy=functools.partial(lambda_auto_wrap_policy, lambda_fn=is_transformer_block),
+        # Every rank loads the same weights and seeds the same LoRA init; syncing from rank 0 guards
+        # against drift. FSDP1 can only sync from GPU tensors, so CPU runs rely on the seeding.
+        sync_module_states=torch.cuda.is_available(),
+        state_dict_type="FULL_STATE_DICT",
+        # GradCache's re-run chunks and gradient checkpointing both replay forwards; the loop's
+        # own gradient checkpointing (non-reentrant) is used instead of FSDP's wrapper.
+        activation_checkpointing=False,
+    )
+
+
+def activate_fsdp(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugin) -> None:
+    """Make sure the accelerator really shards, and say so when it cannot.
+
+    accelerate 1.x turns its FSDP plugin on only for GPU-like devices; on CPU processes (gloo) it
+    silently falls back to DDP. torch's FSDP1 itself runs on CPU with gloo, so there we switch
+    the accelerator to it (that is what the CPU tests exercise).
+    """
+    state = accelerator.state
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        if accelerator.mixed_precision != "no":
+            plugin.set_mixed_precision(accelerator.mixed_precision)
+        state.fsdp_plugin = plugin
+        # AcceleratorState copies PartialState's fields whenever it is constructed again, so both
+        # change. accelerate names the CPU "cpu:0", which FSDP refuses to match with "cpu" parameters.
+        for shared in (PartialState._shared_state, AcceleratorState._shared_state):
+            shared["distributed_type"] = DistributedType.FSDP
+            shared["device"] = torch.device("cpu")
+        log.info("use_fsdp: FSDP (FULL_SHARD) on %d CPU processes over gloo", accelerator.num_processes)
+    elif state.distributed_type == DistributedType.NO:
+        log.warning("use_fsdp: a single process has nothing to shard with; training without FSDP")
+
+
+def gather_full_backbone_state(accelerator: Accelerator, embedder: Embedder) -> dict[str, torch.Tensor]:
+    """The full backbone state dict, keyed as `embedder.backbone.state_dict()` keys it.
+
+    Collective: every rank must call it. On GPUs the tensors land on the CPU of rank 0 only (other
+    ranks get an empty dict); rank 0 writes the checkpoint. With LoRA only the
+    trainable tensors (adapter weights and modules_to_save) are kept: PeftModel.save_pretrained
+    picks the adapter's keys from this dict.
+    """
+    unwrapped = accelerator.unwrap_model(embedder)
+    lora = any(not p.requires_grad for p in unwrapped.parameters())
+    options = StateDictOptions(full_state_dict=True, cpu_offload=_offload(accelerator), ignore_frozen_params=lora)
+    state = get_model_state_dict(embedder, options=options)
+    return {k.removeprefix(BACKBONE_PREFIX): v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
+
+
+def load_full_backbone_state(accelerator: Accelerator, embedder: Embedder, state: dict[str, torch.Tensor]) -> None:
+    """Load a full (unsharded) backbone state, e.g. an adapter checkpoint, into the sharded model.
+
+    Collective: every rank calls it with the same full `state` (keys as in the backbone's state dict).
+    """
+    backbone = accelerator.unwrap_model(embedder).backbone
+    names = adapter_key_names(backbone) if isinstance(backbone, PeftModel) else {k: k for k in state}
+    unknown = sorted(set(state) - set(names))
+    if unknown:
+        raise RuntimeError(f"weights do not fit the model: {unknown[:5]}")
+    full = {BACKBONE_PREFIX + names[k]: v for k, v in state.items()}
+    set_model_state_dict(embedder, full, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+@contextlib.contextmanager
+def names_without_fsdp_wrappers(module: nn.Module) -> Iterator[None]:
+    """Let peft see the module names it would see without FSDP. peft finds adapter weights by module
+    name and strips only a leading `_fsdp_wrapped_module.`; nested FSDP units (one per transformer
+    block) put it mid-name, so peft would select nothing. Local to this rank; no collective."""
+    original = module.named_modules
+
+    def named_modules(*args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Module]]:
+        for name, child in original(*args, **kwargs):
+            yield name.replace(FSDP_WRAPPED, ""), child
+
+    module.named_modules = named_modules  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del module.named_modules
+
+
+def adapter_key_names(backbone: PeftModel) -> dict[str, str]:
+    """Saved adapter key -> the model's parameter name (peft drops the adapter name when saving).
+
+    peft's own save function does the renaming: it is fed one distinct placeholder per trainable
+    parameter, and the placeholders are recognised by identity on the way out.
+    """
+    from peft import get_peft_model_state_dict
+
+    placeholders = {
+        name.replace(FSDP_WRAPPED, ""): torch.empty(0)
+        for name, p in backbone.named_parameters()
+        if p.requires_grad
+    }
+    with names_without_fsdp_wrappers(backbone):
+        saved = get_peft_model_state_dict(backbone, state_dict=placeholders, save_embedding_layers=False)
+    by_id = {id(t): name for name, t in placeholders.items()}
+    return {key: by_id[id(t)] for key, t in saved.items() if id(t) in by_id}
+
+
+def gather_full_optimizer_state(
+    accelerator: Accelerator, embedder: Embedder, optimizer: torch.optim.Optimizer
+) -> dict:
+    """The optimizer state with every parameter's full (unsharded) tensors, keyed by parameter name.
+
+    Collective; on GPUs the tensors land on rank 0's CPU.
+    """
+    return get_optimizer_state_dict(
+        embedder, _inner(optimizer), options=StateDictOptions(full_state_dict=True, cpu_offload=_offload(accelerator))
+    )
+
+
+def load_full_optimizer_state(
+    accelerator: Accelerator, embedder: Embedder, optimizer: torch.optim.Optimizer, state: dict
+) -> None:
+    """Shard a full optimizer state (as gathered above) back onto every rank. Collective."""
+    set_optimizer_state_dict(
+        embedder, _inner(optimizer), state, options=StateDictOptions(full_state_dict=True)
+    )
+
+
+def _offload(accelerator: Accelerator) -> bool:
+    # Offloading gathers to rank 0's CPU; with parameters already on the CPU, FSDP1's offload path
+    # frees memory the state dict still points at (a segfault with torch 2.13), so every rank
+    # keeps its own full copy there instead.
+    return accelerator.device.type != "cpu"
+
+
+def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    # accelerate wraps the optimizer; the state-dict API needs the torch one.
+    return getattr(optimizer, "optimizer", optimizer)
