@@ -166,20 +166,38 @@ def test_latest_snapshot_local_and_s3(bucket: str, tmp_path: Path) -> None:
         latest_snapshot(str(tmp_path / "raw" / "dt=2024-01-01"))
 
 
-def test_relative_image_paths_are_made_absolute(bucket: str, tmp_path: Path) -> None:
+def test_local_images_are_copied_into_the_dataset(bucket: str, tmp_path: Path) -> None:
     rows = [{"query": f"a photo of {i}", "positive_image": f"img/{i}.png"} for i in range(6)]
-    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "img").mkdir(parents=True)
+    for i in range(6):
+        (tmp_path / "raw" / "img" / f"{i}.png").write_bytes(f"fake png {i}".encode())
     (tmp_path / "raw" / "data.jsonl").write_text(jsonl(rows))
     storage.write_text(f"s3://{bucket}/raw/data.jsonl", jsonl(rows))
 
     local = prepare(str(tmp_path / "raw" / "data.jsonl"), str(tmp_path / "ds"), eval_fraction=0.0)
     assert local["images_rebased"] == len(rows)
     train, _ = dataset_rows(tmp_path / "ds")
-    assert sorted(r["positive_image"] for r in train) == sorted(str(tmp_path / "raw" / r["positive_image"]) for r in rows)
+    # dataset-relative copies: the dataset stays valid wherever it is stored
+    copied = sorted((tmp_path / "ds" / r["positive_image"]).read_bytes() for r in train)
+    assert copied == sorted(f"fake png {i}".encode() for i in range(6))
+    assert all(r["positive_image"].startswith("images/") for r in train)
+    storage.verify_dir(str(tmp_path / "ds"))  # the copies are in the manifest
 
     prepare(f"s3://{bucket}/raw/data.jsonl", str(tmp_path / "ds-s3"), eval_fraction=0.0)
     train, _ = dataset_rows(tmp_path / "ds-s3")
     assert sorted(r["positive_image"] for r in train) == sorted(f"s3://{bucket}/raw/{r['positive_image']}" for r in rows)
+
+
+def test_missing_or_escaping_image_names_line(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (tmp_path / "secret.png").write_bytes(b"x")
+    (raw / "a.png").write_bytes(b"a")
+    for bad, reason in (("missing.png", "not found"), ("../secret.png", "outside")):
+        (raw / "d.jsonl").write_text(jsonl([{"query": "q", "positive_image": "a.png"}, {"query": "r", "positive_image": bad}]))
+        with pytest.raises(DataError, match=rf"d\.jsonl:2: .*{reason}"):
+            prepare(str(raw / "d.jsonl"), str(tmp_path / "ds"))
+        assert not (tmp_path / "ds").exists()
 
 
 def test_argument_and_input_errors(tmp_path: Path) -> None:

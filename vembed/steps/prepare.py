@@ -12,6 +12,7 @@ import json
 import os
 import posixpath
 import re
+import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -74,35 +75,64 @@ def _is_absolute(path: str) -> bool:
 
 
 def _resolve_image(source_uri: str, image: str) -> str:
-    """An image path relative to its data file, made absolute (local path or s3:// URI)."""
+    """An image path relative to its data file, made absolute (local path or s3:// URI).
+    Paths that escape the data file's directory (or bucket) are refused."""
+    from vembed.data.images import resolve_image_path
+
     if storage.is_s3(source_uri):
         bucket, key = storage.split_s3(source_uri)
         resolved = posixpath.normpath(posixpath.join(posixpath.dirname(key), image))
         if resolved.startswith("../") or resolved == "..":
             raise DataError(f"{source_uri}: image path {image!r} points outside the bucket")
         return f"s3://{bucket}/{resolved}"
-    return os.path.abspath(os.path.join(os.path.dirname(source_uri), image))
+    return resolve_image_path(image, os.path.dirname(os.path.abspath(source_uri)))
 
 
-def _rebase_images(record: Record, source_uri: str) -> tuple[Record, bool]:
-    """The dataset lives elsewhere than the raw file, so relative image paths are made absolute."""
+class _ImageCopier:
+    """Copies local images into the dataset (content-addressed under images/), so the
+    dataset directory is self-contained when it moves through object storage.
+    s3:// images stay where they are."""
+
+    def __init__(self, dataset_dir: Path) -> None:
+        self.dataset_dir = dataset_dir
+        self.copied: dict[str, str] = {}
+
+    def __call__(self, source_uri: str, image: str) -> str:
+        resolved = _resolve_image(source_uri, image)
+        if storage.is_s3(resolved):
+            return resolved
+        if resolved not in self.copied:
+            src = Path(resolved)
+            if not src.is_file():
+                raise DataError(f"image {image!r} not found (looked for {src})")
+            digest = hashlib.sha256(src.read_bytes()).hexdigest()[:24]
+            rel = f"images/{digest}{src.suffix.lower()}"
+            dest = self.dataset_dir / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if not dest.exists():
+                shutil.copyfile(src, dest)
+            self.copied[resolved] = rel
+        return self.copied[resolved]
+
+
+def _rebase_images(record: Record, source_uri: str, place: Any) -> tuple[Record, bool]:
+    """Image paths become dataset-relative copies (local) or absolute s3:// URIs."""
     changes: dict[str, Any] = {}
     for name in ("query_image", "positive_image"):
         value = getattr(record, name)
-        if value and not _is_absolute(value):
-            changes[name] = _resolve_image(source_uri, value)
-    if any(not _is_absolute(p) for p in record.negative_images):
-        changes["negative_images"] = tuple(
-            p if _is_absolute(p) else _resolve_image(source_uri, p) for p in record.negative_images
-        )
+        if value:
+            changes[name] = place(source_uri, value)
+    if record.negative_images:
+        changes["negative_images"] = tuple(place(source_uri, p) for p in record.negative_images)
     return (dataclasses.replace(record, **changes), True) if changes else (record, False)
 
 
 class _Reader:
     """Streams records from every source file in order; one downloaded file on disk at a time."""
 
-    def __init__(self, uris: list[str], on_bad_record: str, workdir: Path) -> None:
+    def __init__(self, uris: list[str], on_bad_record: str, workdir: Path, dataset_dir: Path) -> None:
         self.uris = uris
+        self.place_image = _ImageCopier(dataset_dir)
         self.on_bad_record = on_bad_record
         self.workdir = workdir
         self.records = 0
@@ -140,11 +170,14 @@ class _Reader:
             # Errors name the original file (s3:// URI), not our temp copy; line numbers are unchanged.
             return uri + message[len(original) :] if message.startswith(original) else message
 
+        def rebase(record: Record) -> Record:
+            # Runs inside read_records, so a missing or escaping image is reported as path:line.
+            record, rebased = _rebase_images(record, uri, self.place_image)
+            self.images_rebased += rebased
+            return record
+
         try:
-            for record in read_records(local, on_bad_record=self.on_bad_record, stats=stats):  # type: ignore[arg-type]
-                record, rebased = _rebase_images(record, uri)
-                self.images_rebased += rebased
-                yield record
+            yield from read_records(local, on_bad_record=self.on_bad_record, stats=stats, transform=rebase)  # type: ignore[arg-type]
         except DataError as e:
             if self.on_bad_record != "skip":
                 raise DataError(named(str(e))) from None
@@ -171,8 +204,9 @@ def prepare(
 
     `raw_uri`: a JSONL file, a directory of *.jsonl, an s3:// object or prefix (files read in
     sorted order), or `<prefix>/latest` (or latest=True) for the newest dt=YYYY-MM-DD/ snapshot.
-    The split is deterministic: same data and seed -> same split. Relative image paths are made
-    absolute (local path or s3:// URI next to the raw file), since the dataset lives elsewhere.
+    The split is deterministic: same data and seed -> same split. Local images are copied into
+    the dataset (`images/`, content-addressed) and s3:// images are referenced by absolute URI,
+    so the dataset directory is self-contained wherever it is stored.
     Returns the stats written to `stats.json`, plus `output` and `dataset_sha256` (sha256 of the
     dataset's manifest).
     """
@@ -184,7 +218,7 @@ def prepare(
     uris = source_files(source)
 
     with tempfile.TemporaryDirectory(prefix="vembed-prepare-") as workdir, storage.staging_dir(output_uri) as out:
-        reader = _Reader(uris, on_bad_record, Path(workdir))
+        reader = _Reader(uris, on_bad_record, Path(workdir), out)
         counts = split_to_files(reader, out / "train.jsonl", out / "eval.jsonl", eval_fraction=eval_fraction, seed=seed)
         if counts.train == 0:
             skipped = sum(reader.skipped.values())
