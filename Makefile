@@ -21,8 +21,9 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 
+# The main job: the whole pipeline on this machine through kfp.local (see README, "Kubeflow pipeline").
 demo: install
-	$(VENV)/bin/vembed demo
+	$(VENV)/bin/vembed pipeline run --local
 
 # The KFP IR YAML that clusters run; a test fails when the committed copy is stale.
 compile: install

@@ -5,6 +5,11 @@ back and executed by `kfp.local.SubprocessRunner(use_venv=False)`: every step is
 Python, artifacts go under `<output_dir>/kfp`. Embedded defaults: the demo data set, all-MiniLM-L6-v2, a
 local folder for storage and a sqlite MLflow store in `<output_dir>`. When `MLFLOW_TRACKING_URI` or
 `AWS_ENDPOINT_URL` is set, the steps use that MLflow server / S3 endpoint instead (`--data s3://...`).
+
+What kfp.local does with the cluster settings (kfp 2.17): `dsl.If`/`dsl.Else`, `dsl.OneOf`, retries
+and the `{{$.pipeline_job_*}}` placeholders work as on a cluster; the Kubernetes platform config
+(secrets, /dev/shm, PVC, node selector, tolerations) is ignored, since the steps inherit this process's
+environment; images, cpu/memory requests and accelerators have no effect (kfp.local warns, we silence it).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 import warnings
 from collections.abc import Sequence
@@ -54,6 +60,13 @@ def build_demo_raw_data(out_dir: Path) -> Path:
     return raw
 
 
+def _absolute_if_local(uri: str) -> str:
+    """Steps may run elsewhere than this working directory: pin relative local paths."""
+    if "://" in uri or not Path(uri).exists():
+        return uri
+    return str(Path(uri).resolve())
+
+
 def default_tracking_uri(out_dir: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out_dir / 'mlflow.db').resolve()}"
 
@@ -66,23 +79,35 @@ def _compile_local(out_dir: Path) -> Path:
 
 
 class _StepLog(io.TextIOBase):
-    """Stand-in for stdout during the run: everything goes to the log file, and kfp.local's
-    "Executing task" / "finished with status" lines are echoed to the terminal as progress."""
+    """Stand-in for stdout during the run: everything goes to the log file; kfp.local's "Executing
+    task" / "finished with status" lines are echoed to the terminal, and on a terminal the training
+    progress bar is shown on one line that keeps being overwritten."""
 
     _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-    _PROGRESS = re.compile(r"(Executing task|Task '[^']+' finished with status|Pipeline '[^']+' finished)")
+    _STATUS = re.compile(r"(Executing task|Task '[^']+' finished with status|Pipeline '[^']+' finished)")
+    _TRAINING = re.compile(r"^\s*(training:\s+\d+%.*)$")
 
     def __init__(self, log: TextIO, terminal: TextIO) -> None:
         self.log, self.terminal, self._pending = log, terminal, ""
+        self._live = terminal.isatty()
+        self._bar_shown = False
 
     def write(self, text: str) -> int:
         self.log.write(text)
         self._pending += text
-        *lines, self._pending = self._pending.split("\n")
+        *lines, self._pending = re.split(r"[\r\n]", self._pending)
         for line in lines:
             plain = self._ANSI.sub("", line)
-            if self._PROGRESS.search(plain):
+            if self._STATUS.search(plain):
+                if self._bar_shown:
+                    self.terminal.write("\n")
+                    self._bar_shown = False
                 print(plain.split(" - INFO - ", 1)[-1].strip(), file=self.terminal, flush=True)
+            elif self._live and (bar := self._TRAINING.match(plain)):
+                width = shutil.get_terminal_size().columns - 3
+                self.terminal.write("\r  " + bar.group(1)[:width].ljust(width))
+                self.terminal.flush()
+                self._bar_shown = True
         return len(text)
 
     def flush(self) -> None:
@@ -117,7 +142,8 @@ def run_local(
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     package = _compile_local(out)
-    data = data_uri or str(build_demo_raw_data(out))
+    data = _absolute_if_local(data_uri) if data_uri else str(build_demo_raw_data(out))
+    base_model = _absolute_if_local(base_model)
     if config_path is None and data_uri is None and DEMO_CONFIG.is_file():
         config_path = str(DEMO_CONFIG)
     arguments: dict[str, Any] = {
@@ -163,14 +189,14 @@ def print_result(result: LocalRunResult, stream=None) -> None:
     from rich.console import Console
     from rich.markdown import Markdown
 
-    console = Console(file=stream or sys.stdout)
+    console = Console(file=stream or sys.stdout, soft_wrap=True)  # long commands stay copy-pasteable
     console.print(Markdown(result.metrics_report))
     reg = result.registration
     aliases = ", ".join(reg.get("aliases") or []) or "none"
     name, version = reg.get("model_name"), reg.get("version")
     console.print(f"\nregistered [bold]{name}[/bold] version [bold]{version}[/bold] (aliases: {aliases})")
     if reg.get("reason"):
-        console.print(f"promotion: {reg['reason']}")
+        console.print(f"promotion: {reg['reason']}", markup=False)
     uri = f"models:/{name}@champion" if "champion" in (reg.get("aliases") or []) else f"models:/{name}/{version}"
-    console.print(f"try it:    MLFLOW_TRACKING_URI={reg.get('tracking_uri')} vembed encode {uri} --text 'sort a list'")
-    console.print(f"artifacts: {result.output_dir / 'kfp'}\nstep log:  {result.log_path}")
+    console.print(f"try it:    MLFLOW_TRACKING_URI={reg.get('tracking_uri')} vembed encode {uri} --text 'sort a list'", markup=False)
+    console.print(f"artifacts: {result.output_dir / 'kfp'}\nstep log:  {result.log_path}", markup=False)

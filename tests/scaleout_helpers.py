@@ -45,7 +45,7 @@ def write_pairs(path: Path, n: int, negatives_every: int = 3) -> Path:
     so batches (and ranks) differ in their number of negatives, some having none."""
     lines = []
     for i in range(n):
-        rec: dict[str, Any] = {"query": sentence(i, 3 + i % 5), "positive": sentence(i + 1, 6 + i % 7)}
+        rec: dict[str, Any] = {"query": f"{i} {sentence(i, 3 + i % 5)}", "positive": sentence(i + 1, 6 + i % 7)}
         if negatives_every and i % negatives_every == 0:
             rec["negatives"] = [sentence(i + 2 + k, 5 + k) for k in range(1 + i % 2)]
         lines.append(json.dumps(rec))
@@ -122,6 +122,15 @@ def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
         x, y = a[k].double(), b[k].double()
         assert x.shape == y.shape, k
         scale = y.abs().max().item()
-        assert scale > 0, f"{k} is all zeros"
-        worst = max(worst, (x - y).abs().max().item() / scale)
+        diff = (x - y).abs().max().item()
+        worst = max(worst, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
     return worst
+
+
+def perturb_lora_b(model: torch.nn.Module, seed: int = 123) -> None:
+    """LoRA B starts at zero, which leaves LoRA A without gradient; give it small random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)

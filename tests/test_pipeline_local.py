@@ -1,8 +1,10 @@
 """The whole `lora-finetune` pipeline through kfp.local, on a tiny random BERT and generated data.
 
-Two runs against one local MLflow store: the first passes the gate (min_delta=-1) and becomes
-champion; the second cannot pass (min_delta=1), is registered as challenger only, and was scored
-against the first run's champion.
+Two runs, one per branch of the gate:
+- embedded defaults (local data file, sqlite MLflow store) with a champion already registered and
+  min_delta=1: evaluate scores the champion too, the gate holds, the new version is only `challenger`;
+- S3 (moto) data read from the newest `dt=` snapshot under a prefix, and a real MLflow server, with
+  min_delta=-1: the gate passes and the new version becomes `champion`.
 """
 
 from __future__ import annotations
@@ -20,66 +22,94 @@ TOPICS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from vembed.tiny_models import make_tiny_bert
-
-    root = tmp_path_factory.mktemp("tiny-pipeline")
-    model = make_tiny_bert(root / "tiny-bert")
-    raw = root / "raw" / "pairs.jsonl"
-    raw.parent.mkdir()
-    with raw.open("w") as fh:
-        for i in range(48):
+def write_pairs(path: Path, n: int = 48) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        for i in range(n):
             topic = TOPICS[i % len(TOPICS)]
             fh.write(json.dumps({"query": f"how to {topic} case {i}", "positive": f"To {topic}, see recipe {i}."}) + "\n")
-    return model, raw
+    return path
 
 
-def run_pipeline(out: Path, model: Path, raw: Path, min_delta: float, seed: int) -> int:
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vembed.tiny_models import make_tiny_bert
+
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-pipeline") / "tiny-bert")
+
+
+def run_pipeline(out: Path, model: Path, data: str, model_name: str, min_delta: float) -> int:
     return main([
-        "run", "--local", "--output-dir", str(out), "--data", str(raw), "--base-model", str(model),
-        "--model-name", "tiny-embed", "--min-delta", str(min_delta),
+        "run", "--local", "--output-dir", str(out), "--data", data, "--base-model", str(model),
+        "--model-name", model_name, "--min-delta", str(min_delta),
         "--config-override", "max_steps=2", "batch_size=8", "lora_r=4", "lora_target_modules=[query,value]",
-        f"seed={seed}", "--param", "eval_fraction=0.25",
+        "--param", "eval_fraction=0.25",
     ])  # fmt: skip
 
 
+def pipeline_runs(out: Path) -> list[Path]:
+    return sorted((out / "kfp").glob("lora-finetune-*"))
+
+
 @pytest.mark.slow
-def test_local_pipeline_registers_and_gates_promotion(tiny_setup, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_local_run_with_embedded_stores_holds_against_the_champion(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     from vembed.registry import Registry
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    model, raw = tiny_setup
+    out = tmp_path / "pipeline"
+    out.mkdir()
+    registry = Registry(f"sqlite:///{(out / 'mlflow.db').resolve()}")  # the run's embedded default store
+    seeded = registry.register(model_name="tiny-embed", eval_metrics={"ndcg@10": 0.0}, eval_set_sha256="seed",
+                               merged_dir=tiny_model)  # fmt: skip
+    assert seeded.aliases == ["challenger", "champion"] and seeded.version == "1"
+
+    assert run_pipeline(out, tiny_model, str(write_pairs(tmp_path / "raw" / "pairs.jsonl")), "tiny-embed", 1.0) == 0
+    captured = capsys.readouterr()
+    assert "Gate: HOLD" in captured.out
+    assert "champion" in captured.out.split("Gate: HOLD")[0], "the metrics table must have a champion column"
+    assert "registered tiny-embed version 2 (aliases: challenger)" in captured.out
+    assert "Executing task 'train'" in captured.err  # progress on the terminal, step output in the log
+    assert "Executing task" not in captured.out
+    assert (out / "pipeline.log").stat().st_size > 0
+    assert str(registry.alias_version("tiny-embed", "champion").version) == "1"
+    assert str(registry.alias_version("tiny-embed", "challenger").version) == "2"
+
+    (run,) = pipeline_runs(out)
+    assert "| metric | tuned | base | champion |" in (run / "evaluate" / "report").read_text()
+    assert (run / "train" / "model" / "adapter_model.safetensors").is_file()
+    assert (run / "merge" / "merged_model" / "model.safetensors").is_file()
+    assert "data:image/png;base64," in (run / "train" / "report").read_text()
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pkl")), "weights only as safetensors"
+
+
+@pytest.mark.slow
+def test_local_run_against_s3_and_mlflow_server_promotes(
+    tiny_model: Path, tmp_path: Path, s3_env, mlflow_server, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from vembed.registry import Registry
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    s3 = s3_env.client()
+    s3.create_bucket(Bucket="pipeline-data")
+    # An older snapshot that prepare would reject: reading it instead of the newest fails the run.
+    s3.put_object(Bucket="pipeline-data", Key="pairs/dt=2024-01-01/pairs.jsonl", Body=b"not json\n")
+    good = write_pairs(tmp_path / "pairs.jsonl").read_bytes()
+    s3.put_object(Bucket="pipeline-data", Key="pairs/dt=2024-01-02/pairs.jsonl", Body=good)
     out = tmp_path / "pipeline"
 
-    assert run_pipeline(out, model, raw, min_delta=-1.0, seed=1) == 0
-    first = capsys.readouterr()
-    assert "Gate: PROMOTE" in first.out
-    assert "registered tiny-embed version 1 (aliases: challenger, champion)" in first.out
-    assert "Executing task 'train'" in first.err  # progress on the terminal, step output in the log
-    assert "Executing task" not in first.out
-    assert (out / "pipeline.log").stat().st_size > 0
-
-    assert run_pipeline(out, model, raw, min_delta=1.0, seed=2) == 0
-    second = capsys.readouterr().out
-    assert "Gate: HOLD" in second
-    assert "champion" in second.split("Gate: HOLD")[0], "the metrics table must have a champion column"
-    assert "registered tiny-embed version 2 (aliases: challenger)" in second
-
-    registry = Registry(f"sqlite:///{out / 'mlflow.db'}")
-    assert registry.alias_version("tiny-embed", "champion").version == "1"
-    assert registry.alias_version("tiny-embed", "challenger").version == "2"
-
-    # Both runs wrote their artifacts under the pipeline root: adapter, merged model, reports.
-    runs = sorted((out / "kfp").glob("lora-finetune-*"))
-    assert len(runs) == 2
-    last = runs[-1]
-    assert "| metric | tuned | base | champion |" in (last / "evaluate" / "report").read_text()
-    assert (last / "train" / "model" / "adapter_model.safetensors").is_file()
-    assert (last / "merge" / "merged_model" / "model.safetensors").is_file()
-    assert "data:image/png;base64," in (last / "train" / "report").read_text()
-    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pkl")), "weights only as safetensors"
+    assert run_pipeline(out, tiny_model, "s3://pipeline-data/pairs/latest", "tiny-embed-remote", -1.0) == 0
+    captured = capsys.readouterr().out
+    assert "Gate: PROMOTE" in captured
+    assert "registered tiny-embed-remote version 1 (aliases: challenger, champion)" in captured
+    registry = Registry(mlflow_server.uri)
+    assert str(registry.alias_version("tiny-embed-remote", "champion").version) == "1"
+    assert not (out / "mlflow.db").exists(), "the MLflow server named by the environment is used"
+    (run,) = pipeline_runs(out)
+    executor = json.loads((run / "prepare" / "executor_output.json").read_text())
+    assert "dt=2024-01-02" in executor["artifacts"]["dataset"]["artifacts"][0]["metadata"]["source"]
 
 
 def test_local_run_needs_the_local_flag(capsys) -> None:
@@ -90,3 +120,23 @@ def test_local_run_needs_the_local_flag(capsys) -> None:
 def test_local_run_rejects_unknown_parameters(tmp_path: Path, capsys) -> None:
     assert main(["run", "--local", "--output-dir", str(tmp_path), "--data", "x.jsonl", "--param", "min_delta_x=1"]) == 2
     assert "unknown pipeline parameter 'min_delta_x'" in capsys.readouterr().err
+
+
+def test_step_output_goes_to_the_log_and_progress_to_the_terminal() -> None:
+    import io
+
+    from pipelines.local_run import _StepLog
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    log, terminal = io.StringIO(), Terminal()
+    sink = _StepLog(log, terminal)
+    sink.write("22:00:01.000 - INFO - Executing task \x1b[96m'train'\x1b[0m\n    Loading weights\n")
+    sink.write("    training:  50%|#####     | 1/2 [00:01<00:01]\r    training: 100%|##########| 2/2\n")
+    sink.write("22:00:09.000 - INFO - Task 'train' finished with status SUCCESS\n")
+    shown = terminal.getvalue()
+    assert shown.startswith("Executing task 'train'\n")
+    assert "\r  training: 100%" in shown and shown.endswith("\nTask 'train' finished with status SUCCESS\n")
+    assert "Loading weights" not in shown and "Loading weights" in log.getvalue()

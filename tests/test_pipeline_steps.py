@@ -10,7 +10,14 @@ import pytest
 
 from pipelines.cron import validate_cron
 from vembed.errors import ConfigError, DataError
-from vembed.steps.evaluate import eval_set_sha256, flat_metrics, gate, render_markdown, unflatten_metrics
+from vembed.steps.evaluate import (
+    eval_set_sha256,
+    flat_metrics,
+    gate,
+    mrl_dims_of,
+    render_markdown,
+    unflatten_metrics,
+)
 from vembed.steps.train import render_report
 from vembed.steps.train import train as train_step
 
@@ -63,6 +70,13 @@ def test_flat_metrics_round_trip() -> None:
     flat = flat_metrics(results)
     assert flat["tuned/ndcg@10"] == 0.71 and flat["base/dim128/ndcg@10"] == 0.31
     assert unflatten_metrics({**flat, "gate/passed": 1.0}) == results
+
+
+def test_mrl_dims_are_read_from_the_adapter_config(tmp_path: Path) -> None:
+    (tmp_path / "vembed_config.yaml").write_text("use_mrl: true\nmrl_dims: [256, 128]\n")
+    assert mrl_dims_of(tmp_path) == [256, 128]
+    (tmp_path / "vembed_config.yaml").write_text("use_mrl: false\nmrl_dims: [256, 128]\n")
+    assert mrl_dims_of(tmp_path) is None
 
 
 def test_eval_set_hash_is_the_eval_file_hash(tmp_path: Path) -> None:

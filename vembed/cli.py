@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dims", help="comma-separated MRL dims to report, e.g. 384,256,128")
     p.add_argument("--output", help="write metrics JSON here")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--retrieval-mode", choices=["auto", "t2t", "t2i", "i2t", "i2i"], default="auto",
+                   help="record fields used as query and document (auto: every field present)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("merge", help="merge_and_unload an adapter into a standalone model")

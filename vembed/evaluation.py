@@ -174,7 +174,8 @@ def evaluate_cli(args: Any) -> int:
         models["base"] = base
     models["tuned"] = args.model
     dims = [int(x) for x in args.dims.split(",")] if args.dims else None
-    results = compare_models(models, args.data, args.corpus, dims, args.batch_size)
+    mode = getattr(args, "retrieval_mode", "auto")
+    results = compare_models(models, args.data, args.corpus, dims, args.batch_size, retrieval_mode=mode)
     print(format_table(results))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

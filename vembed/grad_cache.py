@@ -13,7 +13,6 @@ Under DDP, every re-run chunk but the last runs under `no_sync`, so gradients ar
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,10 +24,8 @@ from torch.utils.checkpoint import get_device_states, set_device_states
 
 from vembed.config import TrainConfig
 from vembed.models.base import Embedder
-from vembed.training.distributed import first_rows, forwards_in_lockstep, max_over_ranks
+from vembed.training.distributed import forwards_in_lockstep, max_over_ranks
 from vembed.training.negatives import gather_for_loss
-
-log = logging.getLogger(__name__)
 
 StepFn = Callable[[dict[str, Any]], torch.Tensor]
 GROUPS = ("query", "positive", "negatives")
@@ -69,6 +66,12 @@ def split_inputs(inputs: dict[str, Any], chunk_size: int) -> list[dict[str, Any]
     return [{k: v[i : i + chunk_size] for k, v in inputs.items()} for i in range(0, n, chunk_size)]
 
 
+def splitter_for(embedder: Embedder) -> Callable[[dict[str, Any], int], list[dict[str, Any]]]:
+    """The embedder's own `split_inputs` (for inputs that are not one row per item, such as image
+    patches), else row slicing."""
+    return getattr(embedder, "split_inputs", None) or split_inputs
+
+
 @dataclass
 class Chunk:
     group: str
@@ -93,7 +96,7 @@ def grad_cache_step(
     `replay_rng=False` exists only so tests can show that dropout breaks exactness without replay.
     """
     chunk_size = cfg.gradient_cache_chunk_size
-    splitter = getattr(accelerator.unwrap_model(embedder), "split_inputs", None) or split_inputs
+    splitter = splitter_for(accelerator.unwrap_model(embedder))
     # FSDP's no_sync keeps whole unsharded gradients on every rank; its per-chunk reduce-scatter
     # is linear, so summing reduced chunk gradients is exact and keeps them sharded.
     use_no_sync = accelerator.distributed_type != DistributedType.FSDP
@@ -103,7 +106,7 @@ def grad_cache_step(
     def embed_without_graph(batch: dict[str, Any]) -> list[Chunk]:
         planned = [(g, inputs) for g in GROUPS if g in batch for inputs in splitter(batch[g], chunk_size)]
         if lockstep:  # FSDP: pad with one-row stand-ins to the chunk count of the busiest rank
-            stand_in = first_rows(batch["positive"])
+            stand_in = splitter(batch["positive"], 1)[0]
             planned += [(STAND_IN, stand_in)] * (max_over_ranks(accelerator, len(planned)) - len(planned))
         chunks = []
         with torch.no_grad():

@@ -42,6 +42,8 @@ def train(
             summary = run_train(dataset.path, work, base_model or None, list(config_overrides), config_path or None)
         except VembedError as e:  # one readable line in the pod log, not a traceback
             raise SystemExit(f"error: {e}") from None
+        if out.exists():  # a retried attempt in the same place
+            shutil.rmtree(out)
         shutil.move(summary["checkpoint_dir"], out)
         shutil.copy2(summary["log_path"], out / "training_log.txt")
     Path(report.path).write_text(render_report(summary), encoding="utf-8")

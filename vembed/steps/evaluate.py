@@ -29,6 +29,17 @@ def base_model_of(adapter_dir: str | os.PathLike[str]) -> str:
     return name
 
 
+def mrl_dims_of(adapter_dir: str | os.PathLike[str]) -> list[int] | None:
+    """The MRL dims an adapter was trained with (from its resolved config), to report each one."""
+    import yaml
+
+    resolved = Path(adapter_dir) / "vembed_config.yaml"
+    if not resolved.is_file():
+        return None
+    cfg = yaml.safe_load(resolved.read_text(encoding="utf-8")) or {}
+    return [int(d) for d in cfg["mrl_dims"]] if cfg.get("use_mrl") and cfg.get("mrl_dims") else None
+
+
 def champion_uri(model_name: str, tracking_uri: str | None = None) -> str | None:
     """`models:/NAME/VERSION` of the current champion (pinned, so a promotion mid-run changes nothing)."""
     from vembed.registry import CHAMPION, Registry
@@ -122,9 +133,8 @@ def evaluate(
     models = {"tuned": str(adapter_dir), "base": base_model or base_model_of(adapter_dir)}
     if champion:
         models["champion"] = champion
-    results = compare_models(
-        models, str(eval_path), corpus_path=str(corpus_path) if corpus_path else None, dims=list(dims) if dims else None
-    )
+    dims = list(dims) if dims else mrl_dims_of(adapter_dir)
+    results = compare_models(models, str(eval_path), corpus_path=str(corpus_path) if corpus_path else None, dims=dims)
     decision = gate(results, promotion_metric, min_delta)
     return {"results": results, "decision": decision, "report": render_markdown(results, decision)}
 

@@ -28,10 +28,6 @@ def max_over_ranks(accelerator: Accelerator, value: int) -> int:
     return int(t.item())
 
 
-def first_rows(inputs: dict[str, torch.Tensor], n: int = 1) -> dict[str, torch.Tensor]:
-    return {k: v[:n] for k, v in inputs.items()}
-
-
 def gather_sizes(n: int, device: torch.device) -> list[int]:
     """Every rank's row count (last batches of an epoch may be unequal)."""
     sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]

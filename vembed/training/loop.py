@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,11 +60,16 @@ def build_accelerator(cfg: TrainConfig) -> tuple[Accelerator, torch.dtype]:
         # Transformer buffers are constants. Broadcasting them before every forward is a collective
         # per forward, and ranks may run different numbers of forwards (rows without negatives).
         "kwargs_handlers": [DistributedDataParallelKwargs(broadcast_buffers=False)],
+        # total_steps already counts per-process steps; by default accelerate would step the
+        # scheduler num_processes times per optimizer step.
+        "step_scheduler_with_optimizer": False,
     }
     if cfg.use_fsdp:
         from vembed.training.fsdp import fsdp_plugin
 
         kwargs["fsdp_plugin"] = fsdp_plugin(cfg)
+    elif os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise ConfigError("use_fsdp is false but accelerate was launched with an FSDP config; set use_fsdp: true")
     # accelerate keeps its settings in a process-wide singleton; a second run in the
     # same process (tests, notebooks, the pipeline runner) must not inherit the first's precision.
     AcceleratorState._reset_state(reset_partial_state=False)

@@ -10,7 +10,7 @@ from accelerate import Accelerator
 
 from vembed.config import TrainConfig
 from vembed.models.base import Embedder
-from vembed.training.distributed import first_rows, forwards_in_lockstep, max_over_ranks
+from vembed.training.distributed import forwards_in_lockstep, max_over_ranks
 from vembed.training.negatives import gather_for_loss
 
 StepFn = Callable[[dict[str, Any]], torch.Tensor]
@@ -26,7 +26,10 @@ def plain_step(accelerator: Accelerator, embedder: Embedder, loss_fn: torch.nn.M
         n = embedder(**batch["negatives"]) if "negatives" in batch else None
         # FSDP: every rank runs as many forwards as the others (checked before this step's forwards)
         if stand_in and n is None:
-            n = embedder(**first_rows(batch["positive"]))[:0]
+            from vembed.grad_cache import splitter_for
+
+            one_row = splitter_for(accelerator.unwrap_model(embedder))(batch["positive"], 1)[0]
+            n = embedder(**one_row)[:0]
         q, p, n, labels = gather_for_loss(accelerator, q, p, n, cross_device)
         loss = loss_fn(q, p, n, labels)
         accelerator.backward(loss)

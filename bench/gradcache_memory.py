@@ -1,0 +1,167 @@
+"""GradCache memory: peak memory and time per sample at batch 32 vs 512 (chunk 32) on all-MiniLM-L6-v2.
+
+    .venv/bin/python -m bench.gradcache_memory [--seq 64] [--plain-512]
+
+Every configuration runs one training step (after one warm-up step for the small batches) in a fresh
+child process through vembed's own step functions (vembed.training.step / vembed.grad_cache). Memory
+is the child's peak RSS (getrusage ru_maxrss: it sees torch's CPU allocations, which tracemalloc
+does not) and the growth of that peak over the RSS once the model and the batches are ready, which
+is what training itself needed. Timings on a shared 2-core machine are noisy; memory is the point.
+
+The plain step at batch 512 is left out unless --plain-512: it keeps every activation of 1024
+sequences and is estimated instead from the measured plain steps at batch 32 and 128.
+Writes bench/results/gradcache_memory.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from bench.common import (
+    child_setup,
+    demo_data,
+    emit,
+    machine,
+    machine_line,
+    md_table,
+    minilm_path,
+    run_child,
+    save_report,
+)
+
+CHUNK = 32
+
+
+def current_rss_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        pages = int(fh.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def child(argv: list[str]) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, required=True)
+    p.add_argument("--grad-cache", action="store_true")
+    p.add_argument("--seq", type=int, required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--model", required=True)
+    a = p.parse_args(argv)
+    child_setup()
+    import tempfile
+
+    import torch
+
+    from bench.common import peak_rss_mib
+    from vembed.config import TrainConfig
+    from vembed.losses import build_loss
+    from vembed.training.data import PairCollator, PairDataset, load_records
+    from vembed.training.loop import build_accelerator, build_embedder
+    from vembed.training.step import make_step
+
+    cfg = TrainConfig(
+        model_name=a.model,
+        data_path=a.data,
+        output_dir=tempfile.mkdtemp(prefix="vembed-gcmem-"),
+        torch_dtype="float32",
+        max_seq_length=a.seq,
+        batch_size=a.batch,
+        use_gradient_cache=a.grad_cache,
+        gradient_cache_chunk_size=CHUNK,
+    )
+    accelerator, dtype = build_accelerator(cfg)
+    embedder = build_embedder(cfg, dtype)
+    records, _ = load_records(cfg.data_path, "skip")
+    dataset = PairDataset(records, embedder)
+    collate = PairCollator(embedder)
+    warmup = 1 if a.batch <= 128 else 0
+    batches = [collate([dataset[(s * a.batch + i) % len(dataset)] for i in range(a.batch)]) for s in range(warmup + 1)]
+    tokens = int(sum(b[g]["attention_mask"].sum() for b in batches[-1:] for g in ("query", "positive")))
+    optimizer = torch.optim.AdamW([p for p in embedder.parameters() if p.requires_grad], lr=1e-4)
+    model, optimizer = accelerator.prepare(embedder, optimizer)
+    step = make_step(cfg, accelerator, model, build_loss(cfg, embedder.dim))
+    model.train()
+    ready_rss = current_rss_mib()
+    for batch in batches[:warmup]:
+        step(batch)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    loss = step(batches[-1])
+    optimizer.step()
+    elapsed = time.perf_counter() - start
+    emit(
+        {
+            "batch": a.batch,
+            "grad_cache": a.grad_cache,
+            "chunk": CHUNK if a.grad_cache else None,
+            "seq": a.seq,
+            "loss": float(loss),
+            "tokens": tokens,
+            "step_s": elapsed,
+            "ms_per_sample": 1000 * elapsed / a.batch,
+            "ready_rss_mib": ready_rss,
+            "peak_rss_mib": peak_rss_mib(),
+            "training_mib": peak_rss_mib() - ready_rss,
+        }
+    )
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seq", type=int, default=64, help="max_seq_length (demo positives fill it)")
+    p.add_argument("--plain-512", action="store_true", help="also run the plain step at batch 512")
+    a = p.parse_args(argv)
+    info = demo_data()
+    data, model = info["train"], minilm_path()
+    configs = [(32, False), (32, True), (128, False), (128, True), (512, True)]
+    if a.plain_512:
+        configs.append((512, False))
+    start_info = machine()
+    runs = []
+    for batch, gc in configs:
+        args = ["--batch", str(batch), "--seq", str(a.seq), "--data", data, "--model", model]
+        r = run_child("bench.gradcache_memory", args + (["--grad-cache"] if gc else []), timeout=1800)
+        print(f"batch {batch} grad_cache={gc}: peak {r['peak_rss_mib']:.0f} MiB, "
+              f"training {r['training_mib']:.0f} MiB, {r['ms_per_sample']:.1f} ms/sample", flush=True)  # fmt: skip
+        runs.append(r)
+    plain = {r["batch"]: r for r in runs if not r["grad_cache"]}
+    # Plain-step memory is linear in the batch: extrapolate 512 from the two measured sizes.
+    slope = (plain[128]["training_mib"] - plain[32]["training_mib"]) / (128 - 32)
+    estimate_512 = plain[128]["training_mib"] + slope * (512 - 128)
+    rows = [
+        [
+            r["batch"],
+            f"GradCache, chunk {r['chunk']}" if r["grad_cache"] else "plain",
+            round(r["peak_rss_mib"]),
+            round(r["training_mib"]),
+            r["ms_per_sample"],
+        ]
+        for r in runs
+    ]
+    if not a.plain_512:
+        rows.append([512, "plain (not run: estimated)", "-", f"~{estimate_512:.0f}", "-"])
+    table = md_table(["batch", "step", "peak RSS MiB", "training MiB (peak - ready)", "ms / sample"], rows)
+    md = "\n".join(
+        [
+            "## GradCache memory",
+            "",
+            f"all-MiniLM-L6-v2, LoRA r=16 on query/value, fp32 on CPU, max_seq_length {a.seq} (demo data), "
+            f"one step per fresh process (`python -m bench.gradcache_memory`).",
+            "",
+            table,
+            "",
+            machine_line(start_info, os.getloadavg()),
+        ]
+    )
+    save_report("gradcache_memory", md, {"machine": start_info, "runs": runs, "plain_512_estimate_mib": estimate_512})
+    print(md)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2:])
+    else:
+        main(sys.argv[1:])

@@ -1,0 +1,171 @@
+"""The two contenders' training runs, each meant to run in a fresh child process.
+
+Both: all-MiniLM-L6-v2, demo data, batch 32, max_seq_length 128, fp32, AdamW lr 1e-4 with weight decay
+0.01, linear schedule with 10% warmup, gradient clipping at 1.0, InfoNCE at temperature 0.05 (= scale 20),
+LoRA r=16 alpha=32 dropout=0.05 on query/value (or full fine-tuning).
+
+Throughput is measured the same way for both: the time between the end of step `warmup` and the end of
+the last step (each step includes fetching its batch), so one-off costs (model load, tokenising up
+front, the first slow steps) are reported separately as `setup_s`.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import peak_rss_mib
+
+BATCH = 32
+MAX_LEN = 128
+LR = 1e-4
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "targets": ["query", "value"]}
+
+
+def read_pairs(path: str) -> tuple[list[str], list[str]]:
+    queries, positives = [], []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            r = json.loads(line)
+            queries.append(r["query"])
+            positives.append(r["positive"])
+    return queries, positives
+
+
+def summarise(step_ends: list[float], losses: list[float], start: float, warmup: int, batch: int) -> dict[str, Any]:
+    """step_ends[i]: perf_counter at the end of step i+1; losses[i]: that step's loss."""
+    steps = len(step_ends)
+    timed = steps - warmup
+    elapsed = step_ends[-1] - step_ends[warmup - 1]
+    return {
+        "steps": steps,
+        "samples_per_s": timed * batch / elapsed,
+        "s_per_step": elapsed / timed,
+        "setup_s": step_ends[warmup - 1] - start,
+        "loss_first": losses[0],
+        "loss_last5": sum(losses[-5:]) / len(losses[-5:]),
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+def train_vembed(data: str, model: str, steps: int, warmup: int, lora: bool, extra: dict | None = None) -> dict:
+    import torch
+
+    import vembed.training.loop as loop
+    from vembed.config import load_config
+
+    out = tempfile.mkdtemp(prefix="vembed-bench-")
+    cfg = load_config(
+        None,
+        {
+            "model_name": model,
+            "data_path": data,
+            "output_dir": out,
+            "batch_size": BATCH,
+            "max_seq_length": MAX_LEN,
+            "torch_dtype": "float32",
+            "learning_rate": LR,
+            "max_steps": steps,
+            "logging_steps": 1,
+            "save_steps": 10**9,
+            "use_lora": lora,
+            "lora_r": LORA["r"],
+            "lora_alpha": LORA["alpha"],
+            "lora_dropout": LORA["dropout"],
+            "lora_target_modules": LORA["targets"],
+            **(extra or {}),
+        },
+    )
+    # The loop's own log gives each step's loss; step end times come from a post-step hook on the
+    # optimizer, which the loop hands to the scheduler factory.
+    step_ends: list[float] = []
+    real_get_scheduler = loop.get_scheduler
+
+    def timed_scheduler(name, optimizer, *args, **kwargs):
+        optimizer.register_step_post_hook(lambda *_: step_ends.append(time.perf_counter()))
+        return real_get_scheduler(name, optimizer, *args, **kwargs)
+
+    loop.get_scheduler = timed_scheduler
+    start = time.perf_counter()
+    result = loop.train(cfg)
+    total = time.perf_counter() - start
+    losses = [h["loss"] for h in result.history]
+    summary = summarise(step_ends, losses, start, warmup, BATCH)
+    summary["train_call_s"] = total
+    header = Path(out, "training_log.txt").read_text().splitlines()[0]
+    summary["trainable_params"] = int(header.split("trainable_params=")[1].split()[0])
+    summary["torch_threads"] = torch.get_num_threads()
+    return summary
+
+
+def train_st(data: str, model: str, steps: int, warmup: int, lora: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+        losses,
+    )
+    from transformers import TrainerCallback
+
+    start = time.perf_counter()
+    st = SentenceTransformer(model, device="cpu")
+    st.max_seq_length = MAX_LEN
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        # st.add_adapter needs peft >= 0.22 (unpublished); wrap the transformer module's model directly.
+        config = LoraConfig(
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=LORA["dropout"],
+            target_modules=LORA["targets"],
+            bias="none",
+        )
+        st[0].model = get_peft_model(st[0].model, config)
+    queries, positives = read_pairs(data)
+    dataset = Dataset.from_dict({"anchor": queries, "positive": positives})
+    loss = losses.MultipleNegativesRankingLoss(st, scale=20.0)
+    step_ends: list[float] = []
+    step_losses: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            step_ends.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                step_losses.append(float(logs["loss"]))
+
+    args = SentenceTransformerTrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="st-bench-"),
+        per_device_train_batch_size=BATCH,
+        max_steps=steps,
+        learning_rate=LR,
+        weight_decay=0.01,
+        warmup_ratio=0.1,
+        lr_scheduler_type="linear",
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=42,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = SentenceTransformerTrainer(
+        model=st, args=args, train_dataset=dataset, loss=loss, callbacks=[Timer()]
+    )
+    trainer.train()
+    total = time.perf_counter() - start
+    summary = summarise(step_ends, step_losses, start, warmup, BATCH)
+    summary["train_call_s"] = total
+    summary["trainable_params"] = sum(p.numel() for p in st.parameters() if p.requires_grad)
+    summary["torch_threads"] = torch.get_num_threads()
+    summary["optim"] = str(args.optim)
+    return summary
