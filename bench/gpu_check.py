@@ -272,6 +272,8 @@ def measure(name: str, p: dict[str, Any], cfg: Any, embedder: Any, batches: list
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = peak_flops(device_name) if cuda else None
     trainable = sum(q.numel() for q in embedder.parameters() if q.requires_grad)
+    peak_mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    accelerator.free_memory()  # drop the accelerator's references so the next section starts empty
     return {
         "section": name,
         "batch": cfg.batch_size,
@@ -282,7 +284,7 @@ def measure(name: str, p: dict[str, Any], cfg: Any, embedder: Any, batches: list
         "step_s": elapsed / p["steps"],
         "samples_per_s": samples / elapsed,
         "tokens_per_s": tokens / elapsed,
-        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "peak_mem_gib": peak_mem,
         "model_tflops_per_s": flops / elapsed / 1e12,
         "mfu": flops / elapsed / peak if peak else None,
         "loss_first": losses[0],
@@ -495,6 +497,13 @@ def main(argv: list[str]) -> int:
         "plan": {k: v for k, v in p.items() if not k.endswith("_shape")},
         "sections": {},
     }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write() -> None:  # after every section, so a hard stop still leaves the figures so far
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+        (out / "gpu_check.md").write_text(markdown(report))
+
     start = time.perf_counter()
     for name in wanted:
         spent = time.perf_counter() - start
@@ -515,14 +524,12 @@ def main(argv: list[str]) -> int:
         result["wall_s"] = time.perf_counter() - t0
         report["sections"][name] = result
         print(f"[gpu_check] {name}: {json.dumps(result)}", flush=True)
+        write()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     report["total_s"] = time.perf_counter() - start
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
-    (out / "gpu_check.md").write_text(markdown(report))
+    write()
     print(markdown(report))
     failed = [n for n, r in report["sections"].items() if "error" in r]
     return 1 if failed else 0

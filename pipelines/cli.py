@@ -64,6 +64,11 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             tolerations.append(json.loads(text))
         except json.JSONDecodeError:
             raise ConfigError(f"--toleration: expected a JSON object, got {text!r}") from None
+    if args.gpus and args.train_backend not in (None, "local"):
+        raise ConfigError(
+            f"--gpus sets the train pod's GPUs; with --train-backend {args.train_backend} that pod only launches "
+            "the job, whose GPUs come from trainer.gpus_per_node in the training config"
+        )
     opts = PipelineOptions.from_env(
         image=args.image,
         train_image=args.train_image,
@@ -72,6 +77,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         node_selector=node_selector or None,
         tolerations=tolerations or None,
         model_cache_pvc=args.model_cache_pvc,
+        train_backend=args.train_backend,
     )
     if args.defaults:
         opts = PipelineOptions()
@@ -132,7 +138,7 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipelines.lora_finetune import DEFAULT_BASE_MODEL, DEFAULT_MODEL_NAME
+    from pipelines.lora_finetune import DEFAULT_BASE_MODEL, DEFAULT_MODEL_NAME, TRAIN_BACKENDS
 
     parser = argparse.ArgumentParser(prog="vembed pipeline", description="The lora-finetune Kubeflow pipeline.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -147,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--toleration", action="append", default=[], metavar="JSON", help="train pod, e.g. "
                    '\'{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}\'')
     p.add_argument("--model-cache-pvc", help="PVC mounted as the Hugging Face cache (env VEMBED_MODEL_CACHE_PVC)")
+    p.add_argument(
+        "--train-backend", choices=TRAIN_BACKENDS,
+        help="local: train in the train pod (default); trainjob / pytorchjob: the train pod launches a Kubeflow "
+        "job and requests no GPU; resources, --node-selector and --toleration go to the job's nodes "
+        "(env VEMBED_TRAIN_BACKEND; docs/multinode.md)",
+    )  # fmt: skip
     p.add_argument("--defaults", action="store_true", help="ignore flags and env: the committed settings")
     p.set_defaults(func=_cmd_compile)
 

@@ -3,7 +3,11 @@
 Run parameters (set per run in the KFP UI, `vembed pipeline submit --param k=v`, or a schedule) are the
 arguments of the pipeline function below. Cluster layout that rarely changes is fixed at compile time by
 `PipelineOptions` (flags of `vembed pipeline compile`, or `VEMBED_*` environment variables): GPU type and
-count, resource requests, node selector, tolerations and the model-cache PVC.
+count, resource requests, node selector, tolerations, the model-cache PVC and the train backend.
+
+With `train_backend` trainjob / pytorchjob (docs/multinode.md) the train task only launches a cluster job:
+its pod runs the CPU image without a GPU, and the task's resources, node selector and tolerations pass
+through to the job's nodes instead (`components.train.component.train_on_cluster`).
 
 Promotion is explicit in the DAG: evaluate outputs `decision`, and a `dsl.If` / `dsl.Else` pair runs the
 register component either with `promote=True` (new version gets `challenger` and `champion`) or with
@@ -27,7 +31,8 @@ from components.merge.component import merge
 from components.prepare.component import prepare
 from components.register.component import register
 from components.settings import DEFAULT_IMAGE, DEFAULT_TRAIN_IMAGE
-from components.train.component import train
+from components.train.component import train, train_on_cluster
+from vembed.errors import ConfigError
 
 PIPELINE_NAME = "lora-finetune"
 DEFAULT_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -41,6 +46,7 @@ MLFLOW_SECRET_KEYS = {
     "MLFLOW_TRACKING_TOKEN": "MLFLOW_TRACKING_TOKEN",
 }
 MODEL_CACHE_MOUNT = "/model-cache"
+TRAIN_BACKENDS = ("local", "trainjob", "pytorchjob")
 
 
 class PipelineOutputs(NamedTuple):
@@ -66,6 +72,10 @@ class PipelineOptions:
     tolerations: list[dict[str, str]] = field(default_factory=list)  # train pod only
     model_cache_pvc: str = ""  # PVC mounted at /model-cache as HF_HOME for train, evaluate and merge
     cache_train: bool = False  # training is expensive but not reproducible byte for byte; rerun by default
+    # local: the train pod trains on its own GPUs. trainjob / pytorchjob: it launches a cluster job and
+    # requests no GPU (accelerator_* are ignored); train resources, node selector and tolerations go to
+    # the job's nodes. A model-cache PVC is then mounted by every node too, so it must be ReadWriteMany.
+    train_backend: str = "local"
     resources: dict[str, Resources] = field(
         default_factory=lambda: {
             "prepare": Resources("1", "2Gi"),
@@ -95,8 +105,19 @@ class PipelineOptions:
             values["tolerations"] = json.loads(env["VEMBED_TOLERATIONS"])
         if env.get("VEMBED_MODEL_CACHE_PVC"):
             values["model_cache_pvc"] = env["VEMBED_MODEL_CACHE_PVC"]
+        if env.get("VEMBED_TRAIN_BACKEND"):
+            values["train_backend"] = env["VEMBED_TRAIN_BACKEND"]
         values.update({k: v for k, v in overrides.items() if v is not None})
         return replace(cls(), **values)
+
+    def __post_init__(self) -> None:
+        if self.train_backend not in TRAIN_BACKENDS:
+            raise ConfigError(f"train_backend: {self.train_backend!r} is not one of {', '.join(TRAIN_BACKENDS)}")
+
+    @property
+    def on_cluster(self) -> bool:
+        """True when the train task launches a cluster job instead of training in its own pod."""
+        return self.train_backend != "local"
 
 
 def _requests(task: dsl.PipelineTask, res: Resources) -> dsl.PipelineTask:
@@ -113,6 +134,7 @@ def build_pipeline(opts: PipelineOptions | None = None):
     """Return the `lora-finetune` pipeline compiled against `opts` (a fresh function per call)."""
     opts = opts or PipelineOptions()
     res = opts.resources
+    train_component = train_on_cluster if opts.on_cluster else train
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -143,12 +165,15 @@ def build_pipeline(opts: PipelineOptions | None = None):
             on_bad_record=on_bad_record,
             s3_endpoint_url=s3_endpoint_url,
         )
-        train_task = train(
+        train_task = train_component(
             dataset=prepare_task.outputs["dataset"],
             base_model=base_model,
             config_overrides=config_overrides,
             config_path=config_path,
             s3_endpoint_url=s3_endpoint_url,
+            # "" keeps the config's trainer.backend; a cluster backend is enforced (this pod has no GPU).
+            train_backend=opts.train_backend if opts.on_cluster else "",
+            job_image=train_image,  # what a cluster job runs when trainer.image is unset
         )
         evaluate_task = evaluate(
             dataset=prepare_task.outputs["dataset"],
@@ -187,9 +212,10 @@ def build_pipeline(opts: PipelineOptions | None = None):
             held = register_task(promote=False)
 
         # Images are run parameters (KFP resolves them when the pod starts).
-        for task in (prepare_task, promoted, held):
+        # A train task that only launches a cluster job needs no CUDA image.
+        for task in (prepare_task, promoted, held, *([train_task] if opts.on_cluster else [])):
             task.set_container_image(image)
-        for task in (train_task, evaluate_task, merge_task):
+        for task in (evaluate_task, merge_task, *([] if opts.on_cluster else [train_task])):
             task.set_container_image(train_image)
 
         _requests(prepare_task, res["prepare"])
@@ -210,7 +236,8 @@ def build_pipeline(opts: PipelineOptions | None = None):
         for task in (prepare_task, evaluate_task, promoted, held):
             task.set_caching_options(enable_caching=False)
 
-        if opts.accelerator_limit > 0:
+        # With a cluster backend, the job's GPUs come from trainer.gpus_per_node and this pod needs none.
+        if opts.accelerator_limit > 0 and not opts.on_cluster:
             train_task.set_accelerator_type(opts.accelerator_type)
             train_task.set_accelerator_limit(opts.accelerator_limit)
         for key, value in opts.node_selector.items():

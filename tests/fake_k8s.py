@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
@@ -226,6 +227,20 @@ class FakeKube:
         cfg = Configuration(host=self.url)
         cfg.verify_ssl = False
         return cfg
+
+    def write_kubeconfig(self, path: Path, namespace: str = "default") -> Path:
+        """A kubeconfig for this server, for code that finds its cluster itself (KUBECONFIG), e.g. a
+        pipeline step running in a kfp.local subprocess."""
+        import yaml
+
+        ctx = {"cluster": "fake", "user": "fake", "namespace": namespace}
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "users": [{"name": "fake", "user": {"token": "not-a-secret"}}],
+            "contexts": [{"name": "fake", "context": ctx}],
+        }))  # fmt: skip
+        return path
 
 
 def _not_found(what: str) -> tuple[int, Any]:

@@ -152,3 +152,13 @@ def test_saved_config_round_trips(tmp_path):
     cfg = load_config(None, ["lora_r=4", "mrl_dims=[64,32]", "use_mrl=true"])
     cfg.save(tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_readme_documents_every_config_key():
+    from vembed.config import TrainerOptions
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    keys = [k for k in TrainConfig.model_fields if k != "trainer"]
+    keys += [f"trainer.{k}" for k in TrainerOptions.model_fields]
+    missing = [k for k in keys if f"`{k}`" not in readme]
+    assert not missing, f"README config reference lacks {missing}"

@@ -31,6 +31,8 @@ from vembed.training.loop import build_accelerator, build_embedder
 from vembed.training.step import make_step
 
 N_RECORDS = 32
+
+pytestmark = pytest.mark.slow  # real multi-process launches
 GLOBAL_BATCH = 8
 
 

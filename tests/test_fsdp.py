@@ -34,6 +34,8 @@ from vembed.training.loop import build_embedder
 
 ENTRYPOINT = "vembed/entrypoints/train.py"
 
+pytestmark = pytest.mark.slow  # real multi-process launches
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory):

@@ -6,7 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.scaleout_helpers import REPO, subprocess_env
+
+pytestmark = pytest.mark.slow  # real multi-process launches
 
 
 def test_gpu_check_dry_run_runs_every_section(tmp_path):

@@ -366,30 +366,181 @@ def test_rbac_role_allows_every_trainjob_and_pytorchjob_call(outcome):
         assert allowed(rules, group, resource, verb), f"RBAC misses {verb} {group}/{resource}"
 
 
-# -- the pipeline carries a trainjob config to the train step
+# -- the pipeline compiled for a cluster backend, and its train component on kfp.local
 
 
-def test_pipeline_compiles_with_trainjob_backend(tmp_path):
-    from kfp import compiler
+def compile_for(backend: str, tmp_path: Path, monkeypatch, *extra: str) -> tuple[dict, dict, str]:
+    """`vembed pipeline compile --train-backend <backend>` with a credential in the environment."""
+    from pipelines.cli import main
 
-    from pipelines.lora_finetune import build_pipeline
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_VALUE)
+    out = tmp_path / f"{backend}.yaml"
+    assert main(["compile", "--train-backend", backend, "--output", str(out), *extra]) == 0
+    text = out.read_text()
+    spec, platform = yaml.safe_load_all(text)
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"], text
 
-    overrides = [*OVERRIDES, "trainer.namespace=team-a"]
-    path = tmp_path / "pipeline.yaml"
-    compiler.Compiler().compile(
-        build_pipeline(), package_path=str(path), pipeline_parameters={"config_overrides": overrides}
+
+@pytest.mark.parametrize("backend", ["trainjob", "pytorchjob"])
+def test_pipeline_compiled_for_trainjob_or_pytorchjob(backend, tmp_path, monkeypatch):
+    toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    spec, k8s, text = compile_for(
+        backend, tmp_path, monkeypatch, "--node-selector", "pool=h100", "--toleration", json.dumps(toleration)
     )
-    ir_text = path.read_text()
-    ir = yaml.safe_load(ir_text.split("\n---\n")[0])
-    param = ir["root"]["inputDefinitions"]["parameters"]["config_overrides"]
-    assert param["defaultValue"] == overrides
-    train_task = ir["root"]["dag"]["tasks"]["train"]
-    assert train_task["inputs"]["parameters"]["config_overrides"] == {
-        "componentInputParameter": "config_overrides"
+    train_task = spec["root"]["dag"]["tasks"]["train"]
+    params = train_task["inputs"]["parameters"]
+    # The train task carries the backend; the job image defaults to the train_image run parameter.
+    assert params["train_backend"] == {"runtimeValue": {"constant": backend}}
+    assert params["job_image"] == {"componentInputParameter": "train_image"}
+    assert "job_output_uri" not in params  # derived from the model artifact's URI in the pod
+    assert "trainer" not in json.dumps(spec["root"]["inputDefinitions"]["parameters"]["config_overrides"])
+
+    # The launcher pod: CPU image, no GPU; its cpu/memory and scheduling go to the job's nodes instead.
+    comp = spec["components"][train_task["componentRef"]["name"]]
+    assert comp["inputDefinitions"]["parameters"]["task_config"]["parameterType"] == "TASK_CONFIG"
+    passthroughs = {p["field"]: p.get("applyToTask", False) for p in comp["taskConfigPassthroughs"]}
+    assert passthroughs == {
+        "RESOURCES": False, "KUBERNETES_NODE_SELECTOR": False, "KUBERNETES_TOLERATIONS": False,
+        "KUBERNETES_AFFINITY": False, "ENV": True, "KUBERNETES_VOLUMES": True,
+    }  # fmt: skip
+    container = spec["deploymentSpec"]["executors"]["exec-train"]["container"]
+    assert container["image"] == "{{$.inputs.parameters['pipelinechannel--image']}}"
+    assert "accelerator" not in container["resources"]
+    assert container["resources"]["resourceCpuRequest"] and container["resources"]["resourceMemoryRequest"]
+    assert k8s["exec-train"]["nodeSelector"]["labels"] == {"pool": "h100"}
+    assert k8s["exec-train"]["tolerations"] == [toleration]
+    # Evaluate and merge still run the train image; nothing else asks for a GPU either.
+    images = {n: e["container"]["image"] for n, e in spec["deploymentSpec"]["executors"].items()}
+    assert images["exec-evaluate"] == images["exec-merge"] == "{{$.inputs.parameters['pipelinechannel--train_image']}}"
+    assert "accelerator" not in text
+
+    # The pod's code hands the job an output next to the model artifact and the task config.
+    source = " ".join(container["command"])
+    assert "output_uri=job_output_uri or default_job_output_uri(model.uri)" in source
+    assert "task_config=dataclasses.asdict(task_config)" in source
+
+    # Secrets by name only (run parameters), mounted on the launcher pod and passed on as references.
+    (secret,) = k8s["exec-train"]["secretAsEnv"]
+    assert secret["secretNameParameter"] == {"componentInputParameter": "s3_secret_name"}
+    assert {e["envVar"] for e in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert SECRET_VALUE not in text
+
+
+def test_pipeline_trainjob_backend_option_checks(tmp_path, monkeypatch, capsys):
+    from pipelines.cli import main
+    from pipelines.lora_finetune import PipelineOptions
+
+    out = tmp_path / "p.yaml"
+    assert main(["compile", "--train-backend", "trainjob", "--gpus", "2", "--output", str(out)]) == 2
+    assert "trainer.gpus_per_node" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(ConfigError, match="train_backend: 'slurm' is not one of local, trainjob, pytorchjob"):
+        PipelineOptions(train_backend="slurm")
+    assert PipelineOptions.from_env({"VEMBED_TRAIN_BACKEND": "pytorchjob"}).train_backend == "pytorchjob"
+    # The default (committed) pipeline keeps training in its own GPU pod, with the config's backend.
+    spec, _ = yaml.safe_load_all(Path("pipelines/compiled/lora_finetune.yaml").read_text())
+    assert spec["root"]["dag"]["tasks"]["train"]["inputs"]["parameters"]["train_backend"] == {
+        "runtimeValue": {"constant": ""}
     }
-    # What the train step will receive resolves to a valid trainjob config whose TrainJob builds.
-    cfg = load_config(None, param["defaultValue"])
-    assert cfg.trainer.backend == "trainjob" and cfg.trainer.num_nodes == 2
-    build_trainjob(cfg, name="from-ir", config_yaml=cfg.to_yaml(), output_uri="s3://b/o", environ={})
-    # Secrets travel by name only.
-    assert "vembed-s3/secret-key" in ir_text and SECRET_VALUE not in ir_text
+    assert "taskConfigPassthroughs" not in spec["components"]["comp-train"]
+
+
+def write_trainjob_yaml(path: Path, trainer: dict) -> Path:
+    path.write_text(yaml.safe_dump({"trainer": trainer}))
+    return path
+
+
+def test_trainjob_compiled_backend_fills_only_unset_trainer_keys(tmp_path):
+    from vembed.config import parse_overrides
+    from vembed.steps.train import resolve_config
+
+    def resolve(config_path=None, overrides=(), backend="trainjob", job_image="img:cuda"):
+        return resolve_config(config_path, parse_overrides(overrides), backend, job_image)
+
+    cfg = resolve(overrides=["trainer.num_nodes=2"])
+    assert (cfg.trainer.backend, cfg.trainer.image, cfg.trainer.num_nodes) == ("trainjob", "img:cuda", 2)
+    yaml_cfg = write_trainjob_yaml(tmp_path / "c.yaml", {"image": "mine:1", "gpus_per_node": 8})
+    cfg = resolve(yaml_cfg, ["trainer.num_nodes=2"])
+    assert (cfg.trainer.backend, cfg.trainer.image, cfg.trainer.gpus_per_node) == ("trainjob", "mine:1", 8)
+    # The same backend given explicitly is fine; another one contradicts the compiled pod.
+    assert resolve(overrides=["trainer.backend=trainjob"]).trainer.backend == "trainjob"
+    with pytest.raises(ConfigError, match=r"trainer.backend is 'local' but this pipeline was compiled with "
+                                          r"--train-backend trainjob"):  # fmt: skip
+        resolve(overrides=["trainer.backend=local"])
+    with pytest.raises(ConfigError, match="trainer.backend is 'pytorchjob'"):
+        resolve(write_trainjob_yaml(tmp_path / "p.yaml", {"backend": "pytorchjob", "image": "x"}))
+    # Compiled for local (the default pipeline): the config decides, and no job image is filled in.
+    cfg = resolve(backend=None)
+    assert (cfg.trainer.backend, cfg.trainer.image) == ("local", None)
+    assert resolve(overrides=["trainer.backend=pytorchjob"], backend=None).trainer.image == "img:cuda"
+    # Dotted keys in a mapping (a Python caller) count as set too.
+    cfg = resolve_config(None, {"trainer.num_nodes": 3, "trainer.image": "own:2"}, "pytorchjob", "img:cuda")
+    assert (cfg.trainer.backend, cfg.trainer.num_nodes, cfg.trainer.image) == ("pytorchjob", 3, "own:2")
+
+
+@pytest.mark.parametrize(
+    ("artifact", "expected"),
+    [
+        ("minio://mlpipeline/v2/artifacts/lora-finetune/r1/train/model", "s3://mlpipeline/v2/artifacts/lora-finetune/r1/train/model-job"),
+        ("s3://bucket/root/train/model/", "s3://bucket/root/train/model-job"),
+        ("/mnt/shared/root/train/model", "/mnt/shared/root/train/model-job"),
+    ],
+)  # fmt: skip
+def test_trainjob_output_uri_sits_next_to_the_model_artifact(artifact, expected):
+    from vembed.steps.launch import job_output_uri
+
+    assert job_output_uri(artifact) == expected
+
+
+def test_trainjob_gcs_pipeline_root_is_refused_with_a_pointer(tmp_path):
+    from vembed.steps.launch import job_output_uri, launch_training
+
+    with pytest.raises(ConfigError, match=r"'gs://b/train/model-job' must be an s3:// URI .*job_output_uri"):
+        launch_training(trainjob_cfg(), tmp_path / "c.yaml", job_output_uri("gs://b/train/model"))
+
+
+@pytest.mark.filterwarnings("ignore:You may be attemping to run a task that uses custom")
+def test_trainjob_train_component_on_kfp_local(tmp_path, monkeypatch):
+    """The pipeline's train component end to end in a kfp.local subprocess: compiled for trainjob, it
+    finds the (fake) cluster through KUBECONFIG, creates a TrainJob whose output is `<model uri>-job`
+    (a local path here, as on a shared volume), and hands the job's adapter on as its Model."""
+    from kfp import dsl, local
+
+    from components.prepare.component import prepare
+    from components.train.component import train_on_cluster
+
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps({"query": f"q{i}", "positive": f"p{i}"}) + "\n" for i in range(8)))
+
+    def train_only(raw_uri: str) -> dsl.Model:
+        data = prepare(raw_uri=raw_uri, eval_fraction=0.25)
+        return train_on_cluster(
+            dataset=data.outputs["dataset"], config_overrides=["trainer.namespace=team-a"],
+            train_backend="trainjob", job_image="registry.example/vembed:cuda",
+        ).outputs["model"]  # fmt: skip
+
+    # kfp reads annotations as objects; this module's `from __future__ import annotations` made them text.
+    train_only.__annotations__ = {"raw_uri": str, "return": dsl.Model}
+    pipeline = dsl.pipeline(train_only)
+
+    seen: dict = {}
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
+    with fake_kube(phases=["Succeeded"], log_lines=["training..."]) as fake:
+        fake.on_create = job_player(tmp_path / "pod", lambda body: body["spec"]["trainer"]["env"], seen)
+        monkeypatch.setenv("KUBECONFIG", str(fake.write_kubeconfig(tmp_path / "kubeconfig")))
+        model = pipeline(raw_uri=str(raw)).output
+
+    (body,) = fake.created
+    trainer = body["spec"]["trainer"]
+    assert body["metadata"]["namespace"] == "team-a" and fake.deleted == [body["metadata"]["name"]]
+    assert trainer["image"] == "registry.example/vembed:cuda"  # trainer.image unset: the pipeline's image
+    env = {e["name"]: e.get("value") for e in trainer["env"]}
+    assert env[OUTPUT_URI_ENV] == f"{model.uri}-job"
+    assert yaml.safe_load(env[CONFIG_ENV])["trainer"]["backend"] == "trainjob"
+    # The job read prepare's split, published next to its output; the Model is the job's adapter.
+    (prepared,) = (tmp_path / "root").glob("*/prepare/dataset")
+    for key, name in (("data_path", "train.jsonl"), ("eval_data_path", "eval.jsonl")):
+        assert seen["config"][key].startswith(f"{model.uri}-job-inputs/")
+        assert Path(seen["config"][key]).read_text() == (prepared / name).read_text()
+    assert (Path(model.path) / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert (Path(model.path) / "training_log.txt").read_text().endswith("loss 1.25\n")
+    assert (model.metadata["global_step"], model.metadata["final_loss"]) == (6, 1.25)

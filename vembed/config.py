@@ -137,6 +137,9 @@ class TrainConfig(BaseModel):
     corpus_path: str | None = Field(None, description='extra eval corpus, JSONL of {"text": ...}')
     on_bad_record: Literal["error", "skip"] = "error"
     num_workers: int = Field(0, ge=0, description="data loader workers")
+    group_by_length: bool = Field(
+        True, description="batch rows of similar length (random within windows of 8 batches): less padding"
+    )
     retrieval_mode: Literal["auto", "t2t", "t2i", "i2t", "i2i"] = Field(
         "auto", description="which record fields form query and positive; auto: every field present"
     )

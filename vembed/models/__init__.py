@@ -47,11 +47,13 @@ def family_class(family: str) -> type[Embedder]:
 def load_embedder(
     model_name: str,
     pooling: str = "auto",
-    max_seq_length: int = 128,
+    max_seq_length: int | None = None,
     query_instruction: str | None = None,
     dtype: torch.dtype | None = None,
 ) -> Embedder:
-    """Load a base model of any supported family, offline."""
+    """Load a base model of any supported family, offline.
+
+    `max_seq_length` None: the model's own (sentence-transformers config), else 128."""
     path = resolve_model_path(model_name)
     try:
         config = AutoConfig.from_pretrained(path)
@@ -65,6 +67,8 @@ def load_embedder(
         pooling = st[0] if st is not None else cls.default_pooling(config)
     # A sentence-transformers directory says whether it normalises; everything else does.
     normalize = st[1] if st is not None else True
+    if max_seq_length is None:
+        max_seq_length = (st[2] if st is not None else None) or 128
     # Hub ids stay ids (resolved again at load time); local directories become absolute.
     local = Path(model_name).expanduser()
     stored_name = str(local.resolve()) if local.is_dir() else model_name

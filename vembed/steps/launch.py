@@ -39,6 +39,17 @@ def _final_checkpoint(output_dir: str | os.PathLike[str]) -> Path:
     return final
 
 
+def job_output_uri(artifact_uri: str) -> str:
+    """Where a cluster job writes for a step whose output artifact lives at `artifact_uri`: a sibling
+    `<artifact_uri>-job`. KFP's default pipeline root `minio://bucket/...` is the same object over the
+    S3 API, so it becomes `s3://bucket/...` (the endpoint comes from AWS_ENDPOINT_URL). Other schemes
+    pass through unchanged; the launcher refuses what is neither s3:// nor an absolute path."""
+    uri = str(artifact_uri).rstrip("/")
+    if uri.startswith("minio://"):
+        uri = "s3://" + uri.removeprefix("minio://")
+    return f"{uri}-job"
+
+
 def inputs_uri(output_uri: str) -> str:
     """Where local input files are copied for a job: a sibling of the output, never inside it."""
     return f"{str(output_uri).rstrip('/')}-inputs"
@@ -96,7 +107,7 @@ def launch_training(
     if not (storage.is_s3(output_uri) or Path(output_uri).is_absolute()):
         raise ConfigError(
             f"trainer.backend {t.backend}: the output {output_uri!r} must be an s3:// URI or an absolute path "
-            "on a volume the job also mounts"
+            "on a volume the job also mounts (in the pipeline: the train component's job_output_uri)"
         )
     job_cfg = publish_inputs(cfg, output_uri).model_copy(update={"output_dir": str(output_uri)})
     job_cfg.save(config_path)

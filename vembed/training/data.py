@@ -53,6 +53,15 @@ class PairDataset(Dataset):
     def __getitem__(self, i: int):
         return self.examples[i]
 
+    def lengths(self) -> list[int]:
+        """Tokens per example (query + positive + negatives); 0 for items without input_ids (images)."""
+        return [sum(_length(f) for f in (q, p, *negs)) for q, p, negs in self.examples]
+
+
+def _length(feature: dict[str, Any]) -> int:
+    ids = feature.get("input_ids")
+    return len(ids) if ids is not None else 0
+
 
 class PairCollator:
     def __init__(self, embedder: Embedder) -> None:
@@ -73,17 +82,43 @@ class PairCollator:
 
 class EpochBatchSampler:
     """Shuffled batches whose order depends only on (seed, epoch), so a resumed run
-    sees exactly the batches the interrupted one would have seen."""
+    sees exactly the batches the interrupted one would have seen.
 
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+    With `lengths`, batches are grouped by length: the shuffled order is cut into windows of
+    `group_batches` batches, each window is sorted by length and cut into batches, and the full
+    batches are shuffled. Rows still meet random in-batch negatives (from a random window), but a
+    batch is padded to a length close to its rows' own, which on the demo data removes about a
+    third of the tokens a step computes (docs/benchmarks.md).
+    """
+
+    def __init__(
+        self, n: int, batch_size: int, seed: int, lengths: Sequence[int] | None = None, group_batches: int = 8
+    ) -> None:
+        if lengths is not None and len(lengths) != n:
+            raise ValueError(f"lengths has {len(lengths)} entries for {n} examples")
         self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.lengths, self.group_batches = lengths, group_batches
         self.epoch = 0
 
     def __iter__(self) -> Iterator[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
-        for start in range(0, self.n, self.batch_size):
-            yield order[start : start + self.batch_size]
+        if self.lengths is None:
+            for start in range(0, self.n, self.batch_size):
+                yield order[start : start + self.batch_size]
+            return
+        lengths, b = self.lengths, self.batch_size
+        window = b * self.group_batches
+        batches = []
+        for start in range(0, self.n, window):
+            rows = sorted(order[start : start + window], key=lambda i: -lengths[i])  # stable: ties stay shuffled
+            batches += [rows[k : k + b] for k in range(0, len(rows), b)]
+        # Only the last window can leave a short batch; it stays last, as without grouping.
+        full = [batch for batch in batches if len(batch) == b]
+        short = [batch for batch in batches if len(batch) < b]
+        for i in torch.randperm(len(full), generator=g).tolist():
+            yield full[i]
+        yield from short
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.batch_size)

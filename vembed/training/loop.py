@@ -113,7 +113,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     if stats.skipped:
         log.warning("%s: %s", cfg.data_path, stats.summary())
     dataset = PairDataset(records, embedder)  # image paths were resolved when the records were read
-    sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed)
+    sampler = EpochBatchSampler(
+        len(dataset), cfg.batch_size, cfg.seed, dataset.lengths() if cfg.group_by_length else None
+    )
     # A private generator: creating a DataLoader iterator draws a seed from it, and drawing
     # from the global RNG would shift dropout masks after a resume.
     loader = DataLoader(
@@ -126,7 +128,10 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     loss_fn = build_loss(cfg, embedder.dim)
     params = [p for p in embedder.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # The fused kernel does one pass over all parameters (CPU and CUDA); FSDP keeps the default.
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=None if cfg.use_fsdp else True
+    )
     steps_per_epoch = math.ceil(len(sampler) / accelerator.num_processes)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
@@ -295,7 +300,7 @@ def _resolve_resume(cfg: TrainConfig, out: Path) -> Path | None:
 def _load_resume_state(resume_dir, accelerator, embedder, optimizer, scheduler, cfg) -> dict[str, Any]:
     ckpt.verify_checkpoint(resume_dir)
     saved = yaml.safe_load((resume_dir / "vembed_config.yaml").read_text())
-    for key in ("model_name", "use_lora", "lora_r", "lora_target_modules", "batch_size", "seed"):
+    for key in ("model_name", "use_lora", "lora_r", "lora_target_modules", "batch_size", "seed", "group_by_length"):
         if saved.get(key) != getattr(cfg, key):
             raise CheckpointError(
                 f"{resume_dir}: cannot resume, {key} was {saved.get(key)!r} there but is {getattr(cfg, key)!r} now"

@@ -1,0 +1,145 @@
+"""Encoding throughput: vembed's Predictor.encode_text vs SentenceTransformer.encode.
+
+    .venv/bin/python -m bench.encode_throughput [--repeats 3] [--texts 5000] [--batch-size 32]
+
+Same model (all-MiniLM-L6-v2, its own max_seq_length 256), same texts (mixed length, from the
+demo data), same batch size, 2 threads; each run a fresh process, alternating A B A B. Checks that
+the embeddings agree (max abs diff) and writes bench/results/encode_throughput.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import (
+    alternate,
+    child_setup,
+    emit,
+    machine,
+    machine_line,
+    md_table,
+    median,
+    minilm_path,
+    peak_rss_mib,
+    save_report,
+)
+
+
+def mixed_texts(n: int) -> list[str]:
+    """Queries (short), documents (long) and their pieces, in a fixed shuffled order."""
+    import random
+
+    from vembed.demo_data import docstring_pairs
+
+    pool: list[str] = []
+    for r in docstring_pairs():
+        words = r.positive.split()
+        pool += [r.query, r.positive, " ".join(words[: len(words) // 3]), f"{r.query} {r.positive} {r.positive}"]
+    random.Random(0).shuffle(pool)
+    if len(pool) < n:
+        raise SystemExit(f"only {len(pool)} texts available, asked for {n}")
+    return pool[:n]
+
+
+def child(argv: list[str]) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("tool", choices=["vembed", "st"])
+    p.add_argument("--texts", type=int, required=True)
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--save", help="write the embeddings here (.npy)")
+    a = p.parse_args(argv)
+    child_setup()
+    import numpy as np
+
+    texts = mixed_texts(a.texts)
+    model = minilm_path()
+    start = time.perf_counter()
+    if a.tool == "vembed":
+        from vembed.predictor import Predictor
+
+        predictor = Predictor(model, device="cpu")
+        loaded = time.perf_counter()
+        emb = predictor.encode_text(texts, batch_size=a.batch_size)
+        max_len = predictor.spec.max_seq_length
+    else:
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(model, device="cpu")
+        loaded = time.perf_counter()
+        emb = st.encode(texts, batch_size=a.batch_size, convert_to_numpy=True)
+        max_len = st.max_seq_length
+    done = time.perf_counter()
+    if a.save:
+        np.save(a.save, emb)
+    emit(
+        {
+            "texts_per_s": len(texts) / (done - loaded),
+            "encode_s": done - loaded,
+            "load_s": loaded - start,
+            "peak_rss_mib": peak_rss_mib(),
+            "max_seq_length": max_len,
+            "dim": int(emb.shape[1]),
+        }
+    )
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--texts", type=int, default=5000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--name", default="encode_throughput")
+    a = p.parse_args(argv)
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    info = machine()
+    texts = mixed_texts(a.texts)
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    lengths = sorted(len(ids) for ids in tok(texts)["input_ids"])
+    out = Path(tempfile.mkdtemp(prefix="encode-bench-"))
+    common = ["--texts", str(a.texts), "--batch-size", str(a.batch_size)]
+    contenders = {
+        "vembed": ["vembed", *common, "--save", str(out / "vembed.npy")],
+        "st": ["st", *common, "--save", str(out / "st.npy")],
+    }
+    print(f"encoding throughput, {a.repeats} x (vembed, sentence-transformers), {a.texts} texts")
+    runs = alternate("bench.encode_throughput", contenders, a.repeats)
+    diff = float(np.abs(np.load(out / "vembed.npy") - np.load(out / "st.npy")).max())
+    v, s = runs["vembed"], runs["st"]
+    rows = [
+        [label, median(r, "texts_per_s"), median(r, "encode_s"), median(r, "peak_rss_mib"), r[0]["max_seq_length"]]
+        for label, r in (("vembed Predictor.encode_text", v), ("SentenceTransformer.encode", s))
+    ]
+    speed = median(v, "texts_per_s") / median(s, "texts_per_s")
+    pct = [lengths[int(q * (len(lengths) - 1))] for q in (0.1, 0.5, 0.9)]
+    md = "\n\n".join(
+        [
+            f"{a.texts} texts, tokens per text: 10th percentile {pct[0]}, median {pct[1]}, 90th percentile "
+            f"{pct[2]}, max {lengths[-1]} (truncated at 256); batch size {a.batch_size}. "
+            f"Medians of {a.repeats} alternating runs.",
+            md_table(["encoder", "texts/s", "encode s", "peak RSS MiB", "max_seq_length"], rows),
+            f"**vembed / sentence-transformers: {speed:.2f}x texts/s; max abs difference of the embeddings "
+            f"{diff:.2e}.**",
+            "Each run:",
+            md_table(
+                ["run", "vembed texts/s", "ST texts/s", "load avg"],
+                [[i + 1, x["texts_per_s"], y["texts_per_s"], y["load_avg_1m"]] for i, (x, y) in enumerate(zip(v, s))],
+            ),
+            machine_line(info, os.getloadavg()),
+        ]
+    )
+    print(md)
+    save_report(a.name, md, {"machine": info, "runs": runs, "speed_ratio": speed, "max_abs_diff": diff})
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child"]:
+        child(sys.argv[2:])
+    else:
+        main(sys.argv[1:])
