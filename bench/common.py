@@ -30,6 +30,8 @@ CHILD_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "PYTHONWARNINGS": "ignore",
+    # Idle OpenMP threads sleep instead of spinning, so CPU time counts work, not waiting.
+    "OMP_WAIT_POLICY": "PASSIVE",
 }
 RESULT_PREFIX = "BENCH_RESULT "
 
@@ -107,7 +109,7 @@ def alternate(
     return runs
 
 
-def _scalar(v: Any) -> bool:
+def _scalar(v: Any) -> bool:  # lists (per-step times) stay out of the progress line
     return isinstance(v, int | float | str) and not (isinstance(v, str) and len(v) > 40)
 
 
@@ -117,6 +119,15 @@ def _short(v: Any) -> str:
 
 def median(runs: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
+
+
+def best_samples_per_s(runs: list[dict[str, Any]]) -> float:
+    """Samples/s from each step's fastest repeat. Other processes on a shared machine only ever
+    make a step slower, and repeats of one contender run the same batches in the same order, so
+    this estimates the speed on a quiet machine better than any single run does."""
+    steps = zip(*(r["step_s"] for r in runs), strict=True)
+    best = sum(min(times) for times in steps)
+    return len(runs[0]["step_s"]) * runs[0]["batch"] / best
 
 
 def machine() -> dict[str, Any]:

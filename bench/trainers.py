@@ -35,27 +35,76 @@ def read_pairs(path: str) -> tuple[list[str], list[str]]:
     return queries, positives
 
 
-def summarise(step_ends: list[float], losses: list[float], start: float, warmup: int, batch: int) -> dict[str, Any]:
-    """step_ends[i]: perf_counter at the end of step i+1; losses[i]: that step's loss."""
+def mark() -> tuple[float, float]:
+    """(wall clock, CPU time of this process over all its threads)."""
+    return time.perf_counter(), time.process_time()
+
+
+def summarise(
+    step_ends: list[tuple[float, float]], losses: list[float], start: float, warmup: int, batch: int
+) -> dict[str, Any]:
+    """step_ends[i]: mark() at the end of step i+1; losses[i]: that step's loss.
+
+    CPU seconds per sample do not grow when other processes take the cores, so they compare the
+    work done even on a busy machine; wall-clock samples/s is what a user sees."""
     steps = len(step_ends)
     timed = steps - warmup
-    elapsed = step_ends[-1] - step_ends[warmup - 1]
+    elapsed = step_ends[-1][0] - step_ends[warmup - 1][0]
+    cpu = step_ends[-1][1] - step_ends[warmup - 1][1]
     return {
         "steps": steps,
+        "batch": batch,
+        # Per-step wall times: repeats see the same batches, so bench.common.best_samples_per_s
+        # can take each step's fastest repeat.
+        "step_s": [step_ends[i][0] - step_ends[i - 1][0] for i in range(warmup, steps)],
         "samples_per_s": timed * batch / elapsed,
+        "cpu_ms_per_sample": 1000 * cpu / (timed * batch),
         "s_per_step": elapsed / timed,
-        "setup_s": step_ends[warmup - 1] - start,
+        "setup_s": step_ends[warmup - 1][0] - start,
         "loss_first": losses[0],
         "loss_last5": sum(losses[-5:]) / len(losses[-5:]),
         "peak_rss_mib": peak_rss_mib(),
     }
 
 
-def train_vembed(data: str, model: str, steps: int, warmup: int, lora: bool, extra: dict | None = None) -> dict:
+OPTIMISATIONS = ("length_grouping", "lean_dropout", "lean_attention", "fused_adamw")
+
+
+def disable(names: list[str], extra: dict) -> None:
+    """Turn vembed's training optimisations off in this (child) process, for before/after figures."""
+    import torch
+
+    import vembed.training.loop as loop
+
+    unknown = set(names) - set(OPTIMISATIONS)
+    if unknown:
+        raise SystemExit(f"unknown optimisation(s) {sorted(unknown)}; choose from {OPTIMISATIONS}")
+    if "length_grouping" in names:
+        extra["group_by_length"] = False
+    if "lean_dropout" in names:
+        loop.use_lean_dropout = lambda model: 0
+    if "lean_attention" in names:
+        loop.use_lean_attention = lambda model: False
+    if "fused_adamw" in names:
+        adamw = torch.optim.AdamW
+
+        class UnfusedAdamW(adamw):
+            def __init__(self, params, **kwargs):
+                super().__init__(params, **{**kwargs, "fused": None})
+
+        torch.optim.AdamW = UnfusedAdamW
+
+
+def train_vembed(
+    data: str, model: str, steps: int, warmup: int, lora: bool, extra: dict | None = None, off: list[str] = ()
+) -> dict:
     import torch
 
     import vembed.training.loop as loop
     from vembed.config import load_config
+
+    extra = dict(extra or {})
+    disable(list(off), extra)
 
     out = tempfile.mkdtemp(prefix="vembed-bench-")
     cfg = load_config(
@@ -76,16 +125,16 @@ def train_vembed(data: str, model: str, steps: int, warmup: int, lora: bool, ext
             "lora_alpha": LORA["alpha"],
             "lora_dropout": LORA["dropout"],
             "lora_target_modules": LORA["targets"],
-            **(extra or {}),
+            **extra,
         },
     )
     # The loop's own log gives each step's loss; step end times come from a post-step hook on the
     # optimizer, which the loop hands to the scheduler factory.
-    step_ends: list[float] = []
+    step_ends: list[tuple[float, float]] = []
     real_get_scheduler = loop.get_scheduler
 
     def timed_scheduler(name, optimizer, *args, **kwargs):
-        optimizer.register_step_post_hook(lambda *_: step_ends.append(time.perf_counter()))
+        optimizer.register_step_post_hook(lambda *_: step_ends.append(mark()))
         return real_get_scheduler(name, optimizer, *args, **kwargs)
 
     loop.get_scheduler = timed_scheduler
@@ -130,12 +179,12 @@ def train_st(data: str, model: str, steps: int, warmup: int, lora: bool) -> dict
     queries, positives = read_pairs(data)
     dataset = Dataset.from_dict({"anchor": queries, "positive": positives})
     loss = losses.MultipleNegativesRankingLoss(st, scale=20.0)
-    step_ends: list[float] = []
+    step_ends: list[tuple[float, float]] = []
     step_losses: list[float] = []
 
     class Timer(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            step_ends.append(time.perf_counter())
+            step_ends.append(mark())
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:

@@ -27,6 +27,8 @@ from vembed.data.images import RecordImages
 from vembed.errors import CheckpointError, ConfigError
 from vembed.losses import build_loss
 from vembed.models import Embedder, load_embedder, resolve_dtype
+from vembed.models.attention import use_lean_attention
+from vembed.models.dropout import use_lean_dropout
 from vembed.models.lora import apply_lora, count_parameters, enable_gradient_checkpointing
 from vembed.training import checkpoint as ckpt
 from vembed.training.data import EpochBatchSampler, PairCollator, PairDataset, load_records
@@ -93,6 +95,10 @@ def build_embedder(cfg: TrainConfig, dtype: torch.dtype) -> Embedder:
             enable_gradient_checkpointing(embedder.backbone)
         trainable, total = count_parameters(embedder)
         log.info("full fine-tuning: %d trainable parameters", trainable)
+    # Leaner dropout masks (and attention, on CPU) for training; after LoRA, so that the adapters'
+    # own dropout layers are included. docs/benchmarks.md has the before/after figures.
+    use_lean_dropout(embedder.backbone)
+    use_lean_attention(embedder.backbone)
     return embedder
 
 
