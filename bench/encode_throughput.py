@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -130,6 +131,7 @@ def main(argv: list[str]) -> None:
     print(f"encoding throughput, {a.repeats} x (vembed, sentence-transformers), {a.texts} texts")
     runs = alternate("bench.encode_throughput", contenders, a.repeats)
     diff = float(np.abs(np.load(out / "vembed.npy") - np.load(out / "st.npy")).max())
+    shutil.rmtree(out, ignore_errors=True)
     v, s = runs["vembed"], runs["st"]
     rows = [
         [label, median(r, "texts_per_s"), median(r, "encode_s"), median(r, "peak_rss_mib"), r[0]["max_seq_length"]]

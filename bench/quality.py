@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -121,6 +122,7 @@ def main(argv: list[str]) -> None:
         train_info[name] = {"train_s": seconds, "final_loss": loss}
     print("evaluating ...", flush=True)
     results = compare_models(models, data["eval"], data["corpus"], dims=DIMS[1:])
+    shutil.rmtree(out, ignore_errors=True)
     docs = REPO / "docs"
     plot(results, docs / "quality_models.png", docs / "quality_mrl.png")
 

@@ -12,6 +12,7 @@ front, the first slow steps) are reported separately as `setup_s`.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -147,6 +148,7 @@ def train_vembed(
     header = Path(out, "training_log.txt").read_text().splitlines()[0]
     summary["trainable_params"] = int(header.split("trainable_params=")[1].split()[0])
     summary["torch_threads"] = torch.get_num_threads()
+    shutil.rmtree(out, ignore_errors=True)
     return summary
 
 
@@ -212,6 +214,7 @@ def train_st(data: str, model: str, steps: int, warmup: int, lora: bool) -> dict
     )
     trainer.train()
     total = time.perf_counter() - start
+    shutil.rmtree(args.output_dir, ignore_errors=True)
     summary = summarise(step_ends, step_losses, start, warmup, BATCH)
     summary["train_call_s"] = total
     summary["trainable_params"] = sum(p.numel() for p in st.parameters() if p.requires_grad)
