@@ -101,14 +101,7 @@ def test_clip_training_lowers_loss_and_beats_chance_on_held_out_pairs(trained):
 
 
 def test_clip_merged_model_gives_the_adapter_embeddings(trained):
-    adapter, merged = Predictor(trained.checkpoint, device="cpu"), Predictor(trained.merged, device="cpu")
-    images = sorted((trained.data_dir / "images").glob("*.png"))[:6]
-    texts = ["a red circle on the left", "a blue square at the top"]
-    for encode in ("encode_image", "encode_text"):
-        inputs = images if encode == "encode_image" else texts
-        a, m = getattr(adapter, encode)(inputs), getattr(merged, encode)(inputs)
-        assert a.shape == (len(inputs), adapter.dim)
-        assert np.abs(a - m).max() <= 1e-5
+    vl_flow.assert_merged_matches_adapter(trained)
     from transformers import AutoModel
 
     assert type(AutoModel.from_pretrained(trained.merged)).__name__ == "CLIPModel"

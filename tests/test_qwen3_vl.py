@@ -119,14 +119,7 @@ def test_qwen3_vl_training_lowers_loss_and_beats_chance_on_held_out_pairs(traine
 
 
 def test_qwen3_vl_merged_model_gives_the_adapter_embeddings(trained):
-    adapter, merged = Predictor(trained.checkpoint, device="cpu"), Predictor(trained.merged, device="cpu")
-    images = sorted((trained.data_dir / "images").glob("*.png"))[:6]
-    texts = ["a red circle on the left", "a blue square at the top"]
-    for encode in ("encode_image", "encode_text"):
-        inputs = images if encode == "encode_image" else texts
-        a, m = getattr(adapter, encode)(inputs), getattr(merged, encode)(inputs)
-        assert a.shape == (len(inputs), adapter.dim)
-        assert np.abs(a - m).max() <= 1e-5
+    adapter, merged = vl_flow.assert_merged_matches_adapter(trained)
     queries = ["a red circle on the left"]
     assert np.abs(adapter.encode_text(queries, is_query=True) - merged.encode_text(queries, is_query=True)).max() <= 1e-5
     from transformers import AutoModel

@@ -47,3 +47,21 @@ def run_example(example: str, model_dir: str, data: dict[str, Any], out: Path, *
     history = json.loads((checkpoint / "trainer_state.json").read_text())["history"]
     assert cli(["merge", str(checkpoint), str(out / "merged")]) == 0
     return TrainedFlow(model_dir, checkpoint, out / "merged", history, Path(data["eval"]), Path(data["train"]).parent)
+
+
+def assert_merged_matches_adapter(trained: TrainedFlow, tol: float = 1e-5):
+    """Images and texts embed the same through the adapter checkpoint and the merged model.
+    Returns both predictors for family-specific checks."""
+    import numpy as np
+
+    from vembed.predictor import Predictor
+
+    adapter, merged = Predictor(trained.checkpoint, device="cpu"), Predictor(trained.merged, device="cpu")
+    images = sorted((trained.data_dir / "images").glob("*.png"))[:6]
+    texts = ["a red circle on the left", "a blue square at the top"]
+    for encode in ("encode_image", "encode_text"):
+        inputs = images if encode == "encode_image" else texts
+        a, m = getattr(adapter, encode)(inputs), getattr(merged, encode)(inputs)
+        assert a.shape == (len(inputs), adapter.dim)
+        assert np.abs(a - m).max() <= tol
+    return adapter, merged
