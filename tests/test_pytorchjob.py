@@ -46,6 +46,7 @@ def test_pytorchjob_manifest_validates_against_the_sdk_models():
             "volume_mounts": [{"name": "workspace", "mountPath": "/workspace"}],
         }
     )
+    cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"image_pull_secrets": ["regcred"]})})
     job = build_pytorchjob(
         cfg,
         name="vembed-test",
@@ -78,6 +79,11 @@ def test_pytorchjob_manifest_validates_against_the_sdk_models():
     (container,) = pod["containers"]
     assert container["name"] == "pytorch" and container["image"] == "registry.example/vembed-train:1.0"
     assert container["volumeMounts"] == [{"name": "workspace", "mountPath": "/workspace"}]
+    # Restricted Pod Security Standard on every replica's pod and container.
+    assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
     expected = {"cpu": "16", "memory": "128Gi", "ephemeral-storage": "200Gi", "nvidia.com/gpu": "4"}
     assert container["resources"] == {"requests": expected, "limits": expected}
 

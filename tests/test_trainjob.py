@@ -70,6 +70,7 @@ def test_trainjob_manifest_validates_against_the_sdk_models():
             "env": [{"name": "PIP_INDEX_URL", "value": "http://mirror/simple"}],
             "volumes": None,
             "affinity": None,
+            "image_pull_secrets": ["regcred"],
         }
     )
     job = build_trainjob(
@@ -132,13 +133,24 @@ def test_trainjob_manifest_validates_against_the_sdk_models():
     pod = rjob["template"]["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "H100"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    # Restricted Pod Security Standard: non-root, RuntimeDefault seccomp, no escalation, no capabilities.
+    assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}}
+    (node,) = pod["containers"]
+    assert node["name"] == "node"
+    assert node["securityContext"]["allowPrivilegeEscalation"] is False
+    assert node["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
 
 
 def test_trainjob_single_node_cpu_manifest_has_no_gpu_or_rendezvous():
     cfg = load_config(None, ["trainer.backend=trainjob", "trainer.image=img", "trainer.gpus_per_node=0"])
     manifest = build_trainjob(cfg, name="cpu", config_yaml="{}", output_uri="s3://b/o", environ={}).to_dict()
     trainer = manifest["spec"]["trainer"]
-    assert "resourcesPerNode" not in trainer and "runtimePatches" not in manifest["spec"]
+    assert "resourcesPerNode" not in trainer
+    # Only the security context reaches the node pods: no scheduling, volumes or pull secrets.
+    (patch,) = manifest["spec"]["runtimePatches"]
+    pod = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    assert set(pod) == {"securityContext", "containers"}
     args = parse_accelerate(accelerate_line(trainer["command"][2]))
     assert args.cpu and (args.num_processes, args.num_machines, args.machine_rank) == (1, 1, None)
 

@@ -50,6 +50,10 @@ class TrainerOptions(BaseModel):
     env_from_secrets: dict[str, str] = Field(
         default_factory=dict, description='ENV_VAR: "secret-name/key"; the job reads the value from the secret'
     )
+    image_pull_secrets: list[str] = Field(
+        default_factory=list, description="names of docker-registry secrets the job's pods pull the image with"
+    )
+    run_as_user: int = Field(1000, ge=1, description="UID of the job's containers (the images' user); never root")
 
     @field_validator("resources", mode="before")
     @classmethod

@@ -42,6 +42,7 @@ class TaskSettings:
     affinity: dict[str, Any] | None = None
     volumes: list[dict[str, Any]] = field(default_factory=list)
     volume_mounts: list[dict[str, Any]] = field(default_factory=list)
+    image_pull_secrets: list[str] = field(default_factory=list)  # from the pipeline's compile options
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> TaskSettings:
@@ -91,15 +92,37 @@ def resources_json(cfg: TrainConfig, task: TaskSettings | None = None) -> dict[s
     return out or None
 
 
+def pod_security_json(cfg: TrainConfig) -> dict[str, Any]:
+    """Pod-level securityContext that the `restricted` Pod Security Standard admits."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": cfg.trainer.run_as_user,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_json() -> dict[str, Any]:
+    """Container-level part of the `restricted` standard (these fields exist only on containers)."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
 def pod_json(cfg: TrainConfig, task: TaskSettings | None = None) -> dict[str, Any]:
-    """Scheduling and volumes for every node pod (only the keys that are set)."""
+    """Scheduling, volumes, pull secrets and the security context for every node pod (keys that are set)."""
     task = task or TaskSettings()
     t = cfg.trainer
+    pull = [*t.image_pull_secrets, *(n for n in task.image_pull_secrets if n not in t.image_pull_secrets)]
     out: dict[str, Any] = {
         "nodeSelector": {**task.node_selector, **t.node_selector},
         "tolerations": [*t.tolerations, *(x for x in task.tolerations if x not in t.tolerations)],
         "affinity": task.affinity,
         "volumes": list(task.volumes),
+        "imagePullSecrets": [{"name": n} for n in pull],
+        "securityContext": pod_security_json(cfg),
     }
     return {k: v for k, v in out.items() if v}
 

@@ -17,6 +17,7 @@ from vembed.launchers.command import PYTORCHJOB_RENDEZVOUS, job_command, process
 from vembed.launchers.jobspec import (
     LABELS,
     TaskSettings,
+    container_security_json,
     dropped_keys,
     env_json,
     new_job_name,
@@ -65,6 +66,7 @@ def build_pytorchjob(
         env=_k8s("list[V1EnvVar]", env, "env"),
         resources=_k8s("V1ResourceRequirements", resources, "resources") if resources else None,
         volume_mounts=_k8s("list[V1VolumeMount]", task.volume_mounts, "volume_mounts") if task else None,
+        security_context=_k8s("V1SecurityContext", container_security_json(), "securityContext"),
     )
     pod = pod_json(cfg, task)
     # restartPolicy Never: a failed node fails the job, and this step reports why instead of looping.

@@ -18,6 +18,7 @@ from vembed.launchers.command import TRAINJOB_RENDEZVOUS, job_command, processes
 from vembed.launchers.jobspec import (
     LABELS,
     TaskSettings,
+    container_security_json,
     dropped_keys,
     env_json,
     new_job_name,
@@ -68,10 +69,14 @@ def build_trainjob(
             for e in env_json(cfg, config_yaml, output_uri, task, environ)
         ],
     )
-    # Scheduling and volumes are not part of the Trainer API: a runtime patch sets them on the node pods.
+    # Scheduling, volumes, pull secrets and security are not part of the Trainer API: a runtime patch
+    # (Trainer 2.2+) sets them on the node pods.
+    # The security context (restricted Pod Security Standard) is always set, so there is always a patch.
     pod = pod_json(cfg, task)
+    container: dict[str, Any] = {"name": NODE, "securityContext": container_security_json()}
     if task and task.volume_mounts:
-        pod["containers"] = [{"name": NODE, "volumeMounts": list(task.volume_mounts)}]
+        container["volumeMounts"] = list(task.volume_mounts)
+    pod["containers"] = [container]
     patches = None
     if pod:
         job_patch = m.TrainerV1alpha1JobTemplatePatch(

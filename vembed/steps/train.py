@@ -22,6 +22,34 @@ if TYPE_CHECKING:
 
 # Keys the step sets itself; an override of one of them would be silently replaced, so it is refused.
 STEP_OWNED_KEYS = ("data_path", "eval_data_path", "output_dir")
+# Where the images install the project (images/Dockerfile.*: WORKDIR /opt/vembed, COPY examples examples).
+IMAGE_HOME_ENV = "VEMBED_HOME"
+IMAGE_HOME = "/opt/vembed"
+
+
+def resolve_config_path(config_path: str | os.PathLike[str] | None, home: str | None = None) -> str | None:
+    """The config file a pipeline step should read for `config_path`.
+
+    In a step's pod the working directory is not the project, so a relative `examples/x.yaml` (or a
+    bare `x.yaml`) is looked up, in order: as given, under the image's project directory
+    (`$VEMBED_HOME`, default /opt/vembed), then under its `examples/`. Missing everywhere is a
+    one-line error listing where it looked and which example configs the image has.
+    """
+    if not config_path:
+        return None
+    given = Path(config_path)
+    if given.is_file():
+        return str(given)
+    root = Path(home or os.environ.get(IMAGE_HOME_ENV) or IMAGE_HOME)
+    tried = [given]
+    if not given.is_absolute():
+        for candidate in (root / given, root / "examples" / given):
+            tried.append(candidate)
+            if candidate.is_file():
+                return str(candidate)
+    examples = sorted(p.name for p in (root / "examples").glob("*.yaml")) if (root / "examples").is_dir() else []
+    known = f"; the image's examples: {', '.join(examples)}" if examples else f"; {root / 'examples'} has no configs"
+    raise ConfigError(f"config_path {config_path}: not found (looked at {', '.join(map(str, tried))}){known}")
 
 
 def _overrides_as_dict(config_overrides: Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -137,7 +165,7 @@ def train(
         eval_data_path=str(eval_path) if eval_path else None,
         output_dir=str(output_dir),
     )
-    cfg = resolve_config(config_path, overrides, backend, job_image)
+    cfg = resolve_config(resolve_config_path(config_path), overrides, backend, job_image)
     from vembed.steps.launch import needs_launcher, train_via_launcher
 
     if needs_launcher(cfg):  # more than this process: accelerate launch or a cluster job (docs/multinode.md)
@@ -198,3 +226,61 @@ def render_report(summary: Mapping[str, Any]) -> str:
         "<style>body{font-family:sans-serif}th{text-align:left;padding-right:1em}</style></head><body>"
         f"<h2>Training</h2>{curve}<table>{table}</table></body></html>\n"
     )
+
+
+def train_to_artifacts(
+    dataset_path: str,
+    model_path: str,
+    model_uri: str,
+    report_path: str,
+    *,
+    base_model: str = "",
+    config_overrides: Sequence[str] = (),
+    config_path: str = "",
+    s3_endpoint_url: str = "",
+    train_backend: str = "",
+    job_image: str = "",
+    job_output_uri: str = "",
+    task_config: Mapping[str, Any] | None = None,
+    job_settings: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The body of both train components: train next to `model_path` (same filesystem), move the final
+    checkpoint and training_log.txt there, write the HTML report; returns the summary.
+
+    `job_settings` (cluster variant): what the pipeline fixed at compile time for the job's pods
+    ({"resources": {"requests": ..., "limits": ...}, "image_pull_secrets": [...]}); it overlays `task_config`.
+    A VembedError becomes `SystemExit("error: ...")`: one readable line in the pod log.
+    """
+    import shutil
+    import tempfile
+
+    from vembed.errors import VembedError
+    from vembed.steps.launch import job_output_uri as default_job_output_uri
+
+    if s3_endpoint_url:
+        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint_url
+    task = {k: v for k, v in dict(task_config or {}).items() if v is not None}
+    task.update({k: v for k, v in dict(job_settings or {}).items() if v})
+    out = Path(model_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".train-") as work:
+        try:
+            summary = train(
+                dataset_path,
+                work,
+                base_model or None,
+                list(config_overrides),
+                config_path or None,
+                output_uri=job_output_uri or default_job_output_uri(model_uri),
+                task_config=task or None,
+                backend=train_backend or None,
+                job_image=job_image or None,
+            )
+        except VembedError as e:
+            raise SystemExit(f"error: {e}") from None
+        if out.exists():  # a retried attempt in the same place
+            shutil.rmtree(out)
+        shutil.move(summary["checkpoint_dir"], out)
+        shutil.copy2(summary["log_path"], out / "training_log.txt")
+    Path(report_path).write_text(render_report(summary), encoding="utf-8")
+    return summary

@@ -1,0 +1,1 @@
+"""The on-exit component (cleanup and failure record); see README.md in this folder."""
