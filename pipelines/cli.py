@@ -78,6 +78,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         tolerations=tolerations or None,
         model_cache_pvc=args.model_cache_pvc,
         train_backend=args.train_backend,
+        evaluate_accelerator_limit=args.evaluate_gpus,
+        image_pull_secrets=args.image_pull_secret or None,
     )
     if args.defaults:
         opts = PipelineOptions()
@@ -158,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="local: train in the train pod (default); trainjob / pytorchjob: the train pod launches a Kubeflow "
         "job and requests no GPU; resources, --node-selector and --toleration go to the job's nodes "
         "(env VEMBED_TRAIN_BACKEND; docs/multinode.md)",
+    )  # fmt: skip
+    p.add_argument("--evaluate-gpus", type=int, help="GPUs for the evaluate step (env VEMBED_EVALUATE_GPUS; default 0)")
+    p.add_argument(
+        "--image-pull-secret", action="append", default=[], metavar="NAME",
+        help="docker-registry secret for every pod and the cluster job's pods, repeatable "
+        "(env VEMBED_IMAGE_PULL_SECRETS, comma-separated)",
     )  # fmt: skip
     p.add_argument("--defaults", action="store_true", help="ignore flags and env: the committed settings")
     p.set_defaults(func=_cmd_compile)

@@ -75,7 +75,7 @@ def _compile_local(out_dir: Path) -> Path:
     from pipelines.compile import compile_pipeline
 
     # No accelerator request: kfp.local ignores it and would only warn.
-    return compile_pipeline(out_dir / LOCAL_YAML_NAME, PipelineOptions(accelerator_limit=0))
+    return compile_pipeline(out_dir / LOCAL_YAML_NAME, PipelineOptions(accelerator_limit=0, exit_handler=False))
 
 
 class _StepLog(io.TextIOBase):

@@ -1,4 +1,4 @@
-"""The `lora-finetune` Kubeflow pipeline: prepare -> train -> evaluate -> merge -> register.
+"""The `lora-finetune` Kubeflow pipeline: prepare -> train -> evaluate -> merge -> register, then on-exit.
 
 Run parameters (set per run in the KFP UI, `vembed pipeline submit --param k=v`, or a schedule) are the
 arguments of the pipeline function below. Cluster layout that rarely changes is fixed at compile time by
@@ -14,12 +14,18 @@ register component either with `promote=True` (new version gets `challenger` and
 `promote=False` (new version gets `challenger` only). Every trained model is registered, so a held model
 can still be inspected and promoted by hand (`vembed registry promote`).
 
+Every pod gets CPU/memory requests and limits, the image's non-root user, and the compile-time image
+pull secrets (`harden_tasks`). An exit handler (`components/on_exit`) runs after every run: it deletes
+the cluster job's `-job` copies and, when the run failed, tags its MLflow run with the failed task and
+reason. Version floors (KFP backend, Trainer, ...) are in docs/compatibility.md.
+
 Credentials never appear here: S3 and MLflow credentials come from Kubernetes secrets whose *names* are run
 parameters (`s3_secret_name`, `mlflow_secret_name`), mounted as environment variables.
 """
 
 import json
 import os
+import re
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -28,6 +34,7 @@ from kfp.dsl import Markdown
 
 from components.evaluate.component import evaluate
 from components.merge.component import merge
+from components.on_exit.component import on_exit
 from components.prepare.component import prepare
 from components.register.component import register
 from components.settings import DEFAULT_IMAGE, DEFAULT_TRAIN_IMAGE
@@ -56,8 +63,26 @@ class PipelineOutputs(NamedTuple):
 
 @dataclass(frozen=True)
 class Resources:
+    """Requests and limits of one step's pod. Memory limit = request: a pod that outgrows its request is
+    OOM-killed with a clear reason instead of starving its node."""
+
     cpu: str
     memory: str
+    cpu_limit: str = ""  # default: 2 x cpu
+    memory_limit: str = ""  # default: memory
+
+    @property
+    def limits(self) -> tuple[str, str]:
+        from kubernetes.utils.quantity import parse_quantity  # lazy: kubernetes is slow to import
+
+        cpu = self.cpu_limit or f"{parse_quantity(self.cpu) * 2}"
+        return cpu, self.memory_limit or self.memory
+
+
+# An image reference, by tag or by digest (`repo@sha256:<64 hex>`); a digest pins the exact build.
+_IMAGE_REF = re.compile(r"^[a-z0-9]+([._/:-][a-z0-9]+)*(:[\w][\w.-]{0,127})?(@sha256:[0-9a-f]{64})?$")
+# The images' user (images/Dockerfile.*: USER 1000:1000); every pod runs as it, never as root.
+IMAGE_UID = 1000
 
 
 @dataclass(frozen=True)
@@ -71,6 +96,11 @@ class PipelineOptions:
     node_selector: dict[str, str] = field(default_factory=dict)  # train pod only: where the GPUs are
     tolerations: list[dict[str, str]] = field(default_factory=list)  # train pod only
     model_cache_pvc: str = ""  # PVC mounted at /model-cache as HF_HOME for train, evaluate and merge
+    evaluate_accelerator_limit: int = 0  # GPUs for the evaluate step (same accelerator_type as train)
+    image_pull_secrets: list[str] = field(default_factory=list)  # every pod, and the cluster job's pods
+    # KFP allows pipeline outputs only outside an exit handler: the cluster pipeline has the handler and
+    # no outputs; `vembed pipeline run --local` compiles without it to print the registration.
+    exit_handler: bool = True
     cache_train: bool = False  # training is expensive but not reproducible byte for byte; rerun by default
     # local: the train pod trains on its own GPUs. trainjob / pytorchjob: it launches a cluster job and
     # requests no GPU (accelerator_* are ignored); train resources, node selector and tolerations go to
@@ -83,6 +113,10 @@ class PipelineOptions:
             "evaluate": Resources("2", "16Gi"),
             "merge": Resources("2", "16Gi"),
             "register": Resources("1", "4Gi"),
+            # With a cluster backend the train pod only waits for the job: it keeps these small ones and
+            # `train` goes to the job's nodes.
+            "train-launcher": Resources("500m", "2Gi", "1", "4Gi"),
+            "on-exit": Resources("250m", "1Gi", "500m", "1Gi"),
         }
     )
 
@@ -107,12 +141,21 @@ class PipelineOptions:
             values["model_cache_pvc"] = env["VEMBED_MODEL_CACHE_PVC"]
         if env.get("VEMBED_TRAIN_BACKEND"):
             values["train_backend"] = env["VEMBED_TRAIN_BACKEND"]
+        if env.get("VEMBED_EVALUATE_GPUS"):
+            values["evaluate_accelerator_limit"] = int(env["VEMBED_EVALUATE_GPUS"])
+        if env.get("VEMBED_IMAGE_PULL_SECRETS"):
+            values["image_pull_secrets"] = [n.strip() for n in env["VEMBED_IMAGE_PULL_SECRETS"].split(",") if n.strip()]
         values.update({k: v for k, v in overrides.items() if v is not None})
         return replace(cls(), **values)
 
     def __post_init__(self) -> None:
         if self.train_backend not in TRAIN_BACKENDS:
             raise ConfigError(f"train_backend: {self.train_backend!r} is not one of {', '.join(TRAIN_BACKENDS)}")
+        for key in ("image", "train_image"):
+            if not _IMAGE_REF.match(getattr(self, key)):
+                raise ConfigError(
+                    f"{key}: {getattr(self, key)!r} is not an image reference (repo:tag or repo@sha256:<64 hex>)"
+                )
 
     @property
     def on_cluster(self) -> bool:
@@ -121,7 +164,30 @@ class PipelineOptions:
 
 
 def _requests(task: dsl.PipelineTask, res: Resources) -> dsl.PipelineTask:
-    return task.set_cpu_request(res.cpu).set_memory_request(res.memory)
+    cpu_limit, memory_limit = res.limits
+    task.set_cpu_request(res.cpu).set_memory_request(res.memory)
+    return task.set_cpu_limit(cpu_limit).set_memory_limit(memory_limit)
+
+
+def harden_tasks(opts: PipelineOptions) -> None:
+    """On every task of the pipeline being defined (steps added later included): run as the image's
+    non-root user, pull with the image pull secrets, and default requests/limits where a step set none.
+
+    kfp-kubernetes 2.17 sets runAsUser / runAsGroup / runAsNonRoot (`set_security_context`); the other
+    fields the `restricted` Pod Security Standard needs (allowPrivilegeEscalation false, drop ALL,
+    seccomp RuntimeDefault) have no SDK field: the KFP backend's driver sets them (docs/compatibility.md).
+    """
+    from kfp.dsl import pipeline_context
+
+    for task in pipeline_context.Pipeline.get_default_pipeline().tasks.values():
+        if task.container_spec is None:  # a nested pipeline or an importer: no pod of its own
+            continue
+        kubernetes.set_security_context(task, run_as_user=IMAGE_UID, run_as_group=IMAGE_UID, run_as_non_root=True)
+        if opts.image_pull_secrets:
+            kubernetes.set_image_pull_secrets(task, list(opts.image_pull_secrets))
+        res = task.container_spec.resources
+        if res is None or not (res.cpu_limit and res.memory_limit):
+            _requests(task, opts.resources["on-exit"])
 
 
 def _model_cache(task: dsl.PipelineTask, opts: PipelineOptions) -> None:
@@ -130,16 +196,23 @@ def _model_cache(task: dsl.PipelineTask, opts: PipelineOptions) -> None:
         task.set_env_variable("HF_HOME", f"{MODEL_CACHE_MOUNT}/huggingface")
 
 
+def _job_resources(res: Resources) -> dict[str, dict[str, str]]:
+    cpu_limit, memory_limit = res.limits
+    return {"requests": {"cpu": res.cpu, "memory": res.memory}, "limits": {"cpu": cpu_limit, "memory": memory_limit}}
+
+
 def build_pipeline(opts: PipelineOptions | None = None):
     """Return the `lora-finetune` pipeline compiled against `opts` (a fresh function per call)."""
     opts = opts or PipelineOptions()
     res = opts.resources
     train_component = train_on_cluster if opts.on_cluster else train
-
-    @dsl.pipeline(
-        name=PIPELINE_NAME,
-        description="LoRA fine-tuning of an embedding model with an evaluation-gated promotion in MLflow.",
+    # What the cluster job's pods get from the compile options (the waiting pod keeps its own resources).
+    cluster_args = (
+        {"job_settings": {"resources": _job_resources(res["train"]), "image_pull_secrets": opts.image_pull_secrets}}
+        if opts.on_cluster
+        else {}
     )
+
     def lora_finetune(
         data_uri: str,
         base_model: str = DEFAULT_BASE_MODEL,
@@ -158,6 +231,22 @@ def build_pipeline(opts: PipelineOptions | None = None):
         s3_endpoint_url: str = "",
         mlflow_tracking_uri: str = "",
     ) -> PipelineOutputs:
+        # Runs after everything below, whatever the outcome. The handler is entered without a `with`
+        # block so that the step definitions keep their place (and their indentation).
+        exit_task = steps = None
+        if opts.exit_handler:
+            exit_task = on_exit(
+                pipeline_root=dsl.PIPELINE_ROOT_PLACEHOLDER,
+                pipeline_name=PIPELINE_NAME,
+                pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                pipeline_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+                mlflow_tracking_uri=mlflow_tracking_uri,
+                s3_endpoint_url=s3_endpoint_url,
+            )
+            steps = dsl.ExitHandler(exit_task, name="steps")
+            steps.__enter__()
+        exit_tasks = [exit_task] if exit_task else []
+
         prepare_task = prepare(
             raw_uri=data_uri,
             eval_fraction=eval_fraction,
@@ -174,6 +263,7 @@ def build_pipeline(opts: PipelineOptions | None = None):
             # "" keeps the config's trainer.backend; a cluster backend is enforced (this pod has no GPU).
             train_backend=opts.train_backend if opts.on_cluster else "",
             job_image=train_image,  # what a cluster job runs when trainer.image is unset
+            **cluster_args,
         )
         evaluate_task = evaluate(
             dataset=prepare_task.outputs["dataset"],
@@ -213,13 +303,13 @@ def build_pipeline(opts: PipelineOptions | None = None):
 
         # Images are run parameters (KFP resolves them when the pod starts).
         # A train task that only launches a cluster job needs no CUDA image.
-        for task in (prepare_task, promoted, held, *([train_task] if opts.on_cluster else [])):
+        for task in (prepare_task, promoted, held, *exit_tasks, *([train_task] if opts.on_cluster else [])):
             task.set_container_image(image)
         for task in (evaluate_task, merge_task, *([] if opts.on_cluster else [train_task])):
             task.set_container_image(train_image)
 
         _requests(prepare_task, res["prepare"])
-        _requests(train_task, res["train"])
+        _requests(train_task, res["train-launcher" if opts.on_cluster else "train"])
         _requests(evaluate_task, res["evaluate"])
         _requests(merge_task, res["merge"])
         for task in (promoted, held):
@@ -233,13 +323,16 @@ def build_pipeline(opts: PipelineOptions | None = None):
         # Caching: prepare may read a moving `.../latest` snapshot, evaluate compares against a champion
         # that changes, and register has side effects, so none of them may reuse an old result.
         train_task.set_caching_options(enable_caching=opts.cache_train)
-        for task in (prepare_task, evaluate_task, promoted, held):
+        for task in (prepare_task, evaluate_task, promoted, held, *exit_tasks):
             task.set_caching_options(enable_caching=False)
 
         # With a cluster backend, the job's GPUs come from trainer.gpus_per_node and this pod needs none.
         if opts.accelerator_limit > 0 and not opts.on_cluster:
             train_task.set_accelerator_type(opts.accelerator_type)
             train_task.set_accelerator_limit(opts.accelerator_limit)
+        if opts.evaluate_accelerator_limit > 0:
+            evaluate_task.set_accelerator_type(opts.accelerator_type)
+            evaluate_task.set_accelerator_limit(opts.evaluate_accelerator_limit)
         for key, value in opts.node_selector.items():
             kubernetes.add_node_selector(train_task, label_key=key, label_value=value)
         for toleration in opts.tolerations:
@@ -251,20 +344,33 @@ def build_pipeline(opts: PipelineOptions | None = None):
         for task in (train_task, evaluate_task, merge_task):
             _model_cache(task, opts)
 
-        for task in (prepare_task, train_task, evaluate_task, promoted, held):
+        for task in (prepare_task, train_task, evaluate_task, promoted, held, *exit_tasks):
             kubernetes.use_secret_as_env(task, secret_name=s3_secret_name, secret_key_to_env=S3_SECRET_KEYS)
-        for task in (evaluate_task, promoted, held):
+        for task in (evaluate_task, promoted, held, *exit_tasks):
             # Optional: an MLflow server without authentication needs no secret.
             kubernetes.use_secret_as_env(
                 task, secret_name=mlflow_secret_name, secret_key_to_env=MLFLOW_SECRET_KEYS, optional=True
             )
 
+        for task in exit_tasks:
+            _requests(task, res["on-exit"])
+        if steps is not None:
+            steps.__exit__(None, None, None)
+        harden_tasks(opts)
+
+        if opts.exit_handler:
+            return None
         return PipelineOutputs(
             registration=dsl.OneOf(promoted.output, held.output),
             metrics_report=evaluate_task.outputs["report"],
         )
 
-    return lora_finetune
+    if opts.exit_handler:
+        del lora_finetune.__annotations__["return"]
+    return dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="LoRA fine-tuning of an embedding model with an evaluation-gated promotion in MLflow.",
+    )(lora_finetune)
 
 
 lora_finetune = build_pipeline()

@@ -12,7 +12,7 @@ from pipelines.cli import main
 from pipelines.compile import COMPILED_PATH, compile_pipeline
 from pipelines.lora_finetune import PipelineOptions
 
-STEP_COMPONENTS = {"prepare", "train", "evaluate", "merge", "register"}
+STEP_COMPONENTS = {"prepare", "train", "evaluate", "merge", "register", "on-exit"}
 
 
 def load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -59,7 +59,7 @@ def test_five_steps_in_order(committed) -> None:
     assert {t["componentRef"]["name"].removeprefix("comp-").rstrip("-0123456789") for t in step_tasks.values()} == (
         STEP_COMPONENTS
     )
-    root = spec["root"]["dag"]["tasks"]
+    root = all_tasks(spec)
     assert "dependentTasks" not in root["prepare"]
     assert root["train"]["dependentTasks"] == ["prepare"]
     assert set(root["evaluate"]["dependentTasks"]) == {"prepare", "train"}
@@ -91,6 +91,8 @@ def test_resources_retries_and_caching(committed) -> None:
             continue
         res = executors[executor_of(spec, task)]["container"]["resources"]
         assert res.get("resourceCpuRequest") and res.get("resourceMemoryRequest"), f"{name} has no requests"
+        assert res.get("resourceCpuLimit") and res.get("resourceMemoryLimit"), f"{name} has no limits"
+        assert res["memoryLimit"] >= res["memoryRequest"] and res["cpuLimit"] >= res["cpuRequest"], name
         has_gpu = "accelerator" in res
         assert has_gpu == (name == "train"), f"{name}: only train asks for a GPU"
         retries = task.get("retryPolicy", {}).get("maxRetryCount", 0)
@@ -98,7 +100,7 @@ def test_resources_retries_and_caching(committed) -> None:
     train_res = executors["exec-train"]["container"]["resources"]
     assert train_res["accelerator"]["resourceType"] == "nvidia.com/gpu"
     assert train_res["accelerator"]["resourceCount"] == "1"
-    root = spec["root"]["dag"]["tasks"]
+    root = all_tasks(spec)
     assert not root["train"].get("cachingOptions", {}).get("enableCache"), "train must not be cached by default"
 
 
@@ -189,7 +191,7 @@ def test_every_component_has_a_readme_and_typed_artifacts() -> None:
 
     root = Path(__file__).resolve().parent.parent / "components"
     for step in STEP_COMPONENTS:
-        readme = root / step / "README.md"
+        readme = root / step.replace("-", "_") / "README.md"
         assert readme.is_file(), f"components/{step}/README.md missing"
         text = readme.read_text()
         assert all(h in text for h in ("Inputs", "Outputs", "Example")), f"{readme}: needs inputs, outputs, example"
@@ -224,3 +226,71 @@ def test_component_base_image_comes_from_the_environment(monkeypatch: pytest.Mon
         monkeypatch.delenv("VEMBED_IMAGE")
         importlib.reload(settings)
         importlib.reload(prepare_module)
+
+
+def test_every_pod_runs_as_the_images_non_root_user(committed) -> None:
+    spec, k8s = committed
+    for executor in spec["deploymentSpec"]["executors"]:
+        ctx = k8s[executor]["securityContext"]
+        assert ctx == {"runAsUser": "1000", "runAsGroup": "1000", "runAsNonRoot": True}, executor
+        assert "imagePullSecret" not in k8s[executor], "no pull secret unless one is given"
+
+
+def test_exit_handler_wraps_every_step_and_cleans_up(committed) -> None:
+    spec, k8s = committed
+    root = spec["root"]["dag"]["tasks"]
+    (handler_name,) = [n for n in root if n.startswith("exit-handler")]
+    exit_task = root["on-exit"]
+    assert exit_task["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert exit_task["dependentTasks"] == [handler_name]
+    inputs = exit_task["inputs"]["parameters"]
+    assert inputs["status"] == {"taskFinalStatus": {"producerTask": handler_name}}
+    assert inputs["pipeline_root"]["runtimeValue"]["constant"] == "{{$.pipeline_root}}"
+    assert inputs["pipeline_run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+    assert inputs["pipeline_name"]["runtimeValue"]["constant"] == "lora-finetune"
+    # Every step runs inside the handler's DAG (or the gate's branches below it).
+    inner = spec["components"][root[handler_name]["componentRef"]["name"]]["dag"]["tasks"]
+    assert {"prepare", "train", "evaluate", "merge"} <= set(inner)
+    # It needs the S3 and (optional) MLflow credentials, never caches, and is a thin shell over vembed.
+    refs = k8s["exec-on-exit"]["secretAsEnv"]
+    assert {r["secretNameParameter"]["componentInputParameter"] for r in refs} == {"s3_secret_name", "mlflow_secret_name"}
+    assert not exit_task["cachingOptions"].get("enableCache")
+    assert "from vembed.steps.finalize" in " ".join(spec["deploymentSpec"]["executors"]["exec-on-exit"]["container"]["command"])
+
+
+def test_default_compile_needs_no_task_config(committed) -> None:
+    """TASK_CONFIG parameters need a KFP 2.15 backend; the default (local train) variant has none."""
+    assert "TASK_CONFIG" not in COMPILED_PATH.read_text()
+    spec, _ = committed
+    assert "taskConfigPassthroughs" not in spec["components"]["comp-train"]
+
+
+def test_local_compile_keeps_pipeline_outputs_without_exit_handler(tmp_path: Path) -> None:
+    spec, _ = load(compile_pipeline(tmp_path / "p.yaml", PipelineOptions(accelerator_limit=0, exit_handler=False)))
+    assert "on-exit" not in spec["root"]["dag"]["tasks"]
+    assert set(spec["root"]["outputDefinitions"]["artifacts"]) | set(spec["root"]["outputDefinitions"]["parameters"]) == {
+        "registration", "metrics_report",
+    }  # fmt: skip
+
+
+def test_evaluate_gpu_pull_secrets_and_digest_images(tmp_path: Path) -> None:
+    digest = "registry.example/team/vembed@sha256:" + "ab" * 32
+    out = tmp_path / "p.yaml"
+    rc = main([
+        "compile", "--output", str(out), "--evaluate-gpus", "1", "--image-pull-secret", "regcred",
+        "--image-pull-secret", "mirror", "--train-image", digest,
+    ])  # fmt: skip
+    assert rc == 0
+    spec, k8s = load(out)
+    res = spec["deploymentSpec"]["executors"]["exec-evaluate"]["container"]["resources"]["accelerator"]
+    assert (res["resourceType"], res["resourceCount"]) == ("nvidia.com/gpu", "1")
+    for executor in spec["deploymentSpec"]["executors"]:
+        assert [s["secretName"] for s in k8s[executor]["imagePullSecret"]] == ["regcred", "mirror"], executor
+    assert spec["root"]["inputDefinitions"]["parameters"]["train_image"]["defaultValue"] == digest
+
+
+@pytest.mark.parametrize("image", ["Registry/UPPER:1", "repo@sha256:short", "repo:tag with space"])
+def test_bad_image_reference_is_a_one_line_error(tmp_path: Path, capsys, image: str) -> None:
+    assert main(["compile", "--output", str(tmp_path / "p.yaml"), "--image", image]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not an image reference" in err and len(err.splitlines()) == 1
