@@ -399,26 +399,31 @@ def test_pipeline_compiled_for_trainjob_or_pytorchjob(backend, tmp_path, monkeyp
     spec, k8s, text = compile_for(
         backend, tmp_path, monkeypatch, "--node-selector", "pool=h100", "--toleration", json.dumps(toleration)
     )
-    train_task = spec["root"]["dag"]["tasks"]["train"]
+    handler = next(t for n, t in spec["root"]["dag"]["tasks"].items() if n.startswith("exit-handler"))
+    train_task = spec["components"][handler["componentRef"]["name"]]["dag"]["tasks"]["train"]
     params = train_task["inputs"]["parameters"]
     # The train task carries the backend; the job image defaults to the train_image run parameter.
     assert params["train_backend"] == {"runtimeValue": {"constant": backend}}
-    assert params["job_image"] == {"componentInputParameter": "train_image"}
+    assert params["job_image"] == {"componentInputParameter": "pipelinechannel--train_image"}
     assert "job_output_uri" not in params  # derived from the model artifact's URI in the pod
     assert "trainer" not in json.dumps(spec["root"]["inputDefinitions"]["parameters"]["config_overrides"])
 
-    # The launcher pod: CPU image, no GPU; its cpu/memory and scheduling go to the job's nodes instead.
+    # The launcher pod: CPU image, no GPU, small requests and limits of its own; scheduling goes to the
+    # job's nodes, and the compile-time train resources reach the job through job_settings.
     comp = spec["components"][train_task["componentRef"]["name"]]
     assert comp["inputDefinitions"]["parameters"]["task_config"]["parameterType"] == "TASK_CONFIG"
     passthroughs = {p["field"]: p.get("applyToTask", False) for p in comp["taskConfigPassthroughs"]}
     assert passthroughs == {
-        "RESOURCES": False, "KUBERNETES_NODE_SELECTOR": False, "KUBERNETES_TOLERATIONS": False,
+        "RESOURCES": True, "KUBERNETES_NODE_SELECTOR": False, "KUBERNETES_TOLERATIONS": False,
         "KUBERNETES_AFFINITY": False, "ENV": True, "KUBERNETES_VOLUMES": True,
     }  # fmt: skip
     container = spec["deploymentSpec"]["executors"]["exec-train"]["container"]
     assert container["image"] == "{{$.inputs.parameters['pipelinechannel--image']}}"
     assert "accelerator" not in container["resources"]
-    assert container["resources"]["resourceCpuRequest"] and container["resources"]["resourceMemoryRequest"]
+    assert (container["resources"]["resourceCpuRequest"], container["resources"]["resourceMemoryRequest"]) == ("500m", "2Gi")
+    assert (container["resources"]["resourceCpuLimit"], container["resources"]["resourceMemoryLimit"]) == ("1", "4Gi")
+    job_settings = params["job_settings"]["runtimeValue"]["constant"]
+    assert job_settings["resources"] == {"requests": {"cpu": "4", "memory": "32Gi"}, "limits": {"cpu": "8", "memory": "32Gi"}}
     assert k8s["exec-train"]["nodeSelector"]["labels"] == {"pool": "h100"}
     assert k8s["exec-train"]["tolerations"] == [toleration]
     # Evaluate and merge still run the train image; nothing else asks for a GPU either.
@@ -428,12 +433,12 @@ def test_pipeline_compiled_for_trainjob_or_pytorchjob(backend, tmp_path, monkeyp
 
     # The pod's code hands the job an output next to the model artifact and the task config.
     source = " ".join(container["command"])
-    assert "output_uri=job_output_uri or default_job_output_uri(model.uri)" in source
-    assert "task_config=dataclasses.asdict(task_config)" in source
+    assert "train_to_artifacts(" in source and "model.uri" in source
+    assert "task_config=dataclasses.asdict(task_config)" in source and "job_settings=job_settings" in source
 
     # Secrets by name only (run parameters), mounted on the launcher pod and passed on as references.
     (secret,) = k8s["exec-train"]["secretAsEnv"]
-    assert secret["secretNameParameter"] == {"componentInputParameter": "s3_secret_name"}
+    assert secret["secretNameParameter"] == {"componentInputParameter": "pipelinechannel--s3_secret_name"}
     assert {e["envVar"] for e in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     assert SECRET_VALUE not in text
 
@@ -450,7 +455,8 @@ def test_pipeline_trainjob_backend_option_checks(tmp_path, monkeypatch, capsys):
     assert PipelineOptions.from_env({"VEMBED_TRAIN_BACKEND": "pytorchjob"}).train_backend == "pytorchjob"
     # The default (committed) pipeline keeps training in its own GPU pod, with the config's backend.
     spec, _ = yaml.safe_load_all(Path("pipelines/compiled/lora_finetune.yaml").read_text())
-    assert spec["root"]["dag"]["tasks"]["train"]["inputs"]["parameters"]["train_backend"] == {
+    handler = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    assert handler["train"]["inputs"]["parameters"]["train_backend"] == {
         "runtimeValue": {"constant": ""}
     }
     assert "taskConfigPassthroughs" not in spec["components"]["comp-train"]

@@ -6,9 +6,9 @@ Two components, one body (`vembed.steps.train.train_to_artifacts`):
 - `train_on_cluster`: the pod only launches a Kubeflow TrainJob / PyTorchJob and waits for it
   (docs/multinode.md). The task's node selector, tolerations and affinity are not applied to this pod
   but handed to the job's nodes (`dsl.TaskConfig` passthroughs, KFP 2.15+); env (secret references
-  included) and volumes go to both, since this pod needs the storage credentials too. The job's
-  per-node resources and image pull secrets arrive in `job_settings`, fixed at compile time, so that
-  this waiting pod keeps small requests and limits of its own.
+  included) and volumes go to both, since this pod needs the storage credentials too. This pod keeps
+  small requests and limits of its own; the job's per-node resources and image pull secrets arrive in
+  `job_settings`, fixed at compile time.
 """
 
 from typing import NamedTuple
@@ -59,50 +59,7 @@ def train(
     return outputs(summary["final_loss"], summary["global_step"])
 
 
-# What the job's nodes get from the task (apply_to_task=False: not this pod, which needs no GPU node).
-# Resources are not passed through: this pod keeps its own, the job's come in `job_settings`.
-CLUSTER_PASSTHROUGHS = [
-    dsl.TaskConfigField.KUBERNETES_NODE_SELECTOR,
-    dsl.TaskConfigField.KUBERNETES_TOLERATIONS,
-    dsl.TaskConfigField.KUBERNETES_AFFINITY,
-    dsl.TaskConfigPassthrough(field=dsl.TaskConfigField.ENV, apply_to_task=True),
-    dsl.TaskConfigPassthrough(field=dsl.TaskConfigField.KUBERNETES_VOLUMES, apply_to_task=True),
-]
+from components.train.cluster import CLUSTER_PASSTHROUGHS  # noqa: E402 - re-exported next to `train`
+from components.train.cluster import train as train_on_cluster  # noqa: E402
 
-
-@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False, task_config_passthroughs=CLUSTER_PASSTHROUGHS)
-def train_on_cluster(
-    dataset: Input[Dataset],
-    model: Output[Model],
-    report: Output[HTML],
-    task_config: dsl.TaskConfig,
-    base_model: str = "",
-    config_overrides: list = [],  # noqa: B006 - KFP reads the default from the signature; never mutated
-    config_path: str = "",
-    s3_endpoint_url: str = "",
-    train_backend: str = "",
-    job_image: str = "",
-    job_output_uri: str = "",
-    job_settings: dict = {},  # noqa: B006 - KFP reads the default from the signature; never mutated
-) -> NamedTuple("TrainOutputs", [("final_loss", float), ("global_step", int)]):
-    """`train` for a pod that launches a cluster job. `job_settings`: {"resources": {"requests": ...,
-    "limits": ...}, "image_pull_secrets": [...]} for the job's pods (trainer.* in the config wins)."""
-    import dataclasses
-    from collections import namedtuple
-
-    from vembed.steps.train import train_to_artifacts
-
-    summary = train_to_artifacts(
-        dataset.path, model.path, model.uri, report.path,
-        base_model=base_model, config_overrides=config_overrides, config_path=config_path,
-        s3_endpoint_url=s3_endpoint_url, train_backend=train_backend, job_image=job_image,
-        job_output_uri=job_output_uri,
-        task_config=dataclasses.asdict(task_config) if task_config else None, job_settings=job_settings,
-    )  # fmt: skip
-    model.metadata.update(
-        base_model=summary["config"]["model_name"],
-        final_loss=summary["final_loss"],
-        global_step=summary["global_step"],
-    )
-    outputs = namedtuple("TrainOutputs", ["final_loss", "global_step"])
-    return outputs(summary["final_loss"], summary["global_step"])
+__all__ = ["CLUSTER_PASSTHROUGHS", "train", "train_on_cluster"]
