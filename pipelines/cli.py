@@ -1,4 +1,4 @@
-"""`vembed pipeline compile | run --local | submit | schedule`.
+"""`vembed pipeline compile | run --local | upload | submit | schedule`.
 
 `vembed/cli.py` hands everything after `vembed pipeline` to `main(argv)`.
 """
@@ -35,10 +35,20 @@ def _add_remote_args(p: argparse.ArgumentParser) -> None:
     _add_param_args(p)
 
 
-def _run_arguments(args: argparse.Namespace) -> dict:
-    from pipelines.params import check_required, parse_params, read_pipeline_parameters
+def _add_version_args(p: argparse.ArgumentParser) -> None:
+    from pipelines.lora_finetune import PIPELINE_NAME
 
-    spec = read_pipeline_parameters(args.package)
+    p.add_argument("--pipeline", default=PIPELINE_NAME, help="uploaded pipeline's name (with --pipeline-version-id)")
+    p.add_argument(
+        "--pipeline-version-id", metavar="ID",
+        help="run an uploaded pipeline version (`vembed pipeline upload`) instead of sending --package; "
+        "'latest' picks the newest",
+    )  # fmt: skip
+
+
+def _run_arguments_for(args: argparse.Namespace, spec: dict) -> dict:
+    from pipelines.params import check_required, parse_params
+
     arguments = parse_params(args.param, spec)
     if args.config_override:
         if "config_overrides" in arguments:
@@ -46,6 +56,12 @@ def _run_arguments(args: argparse.Namespace) -> dict:
         arguments["config_overrides"] = list(args.config_override)
     check_required(arguments, spec)
     return arguments
+
+
+def _run_arguments(args: argparse.Namespace) -> dict:
+    from pipelines.params import read_pipeline_parameters
+
+    return _run_arguments_for(args, read_pipeline_parameters(args.package))
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
@@ -109,9 +125,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_submit(args: argparse.Namespace) -> int:
-    from pipelines.remote import submit
+def _cmd_upload(args: argparse.Namespace) -> int:
+    from pipelines.remote import upload
 
+    up = upload(args.host, args.package, args.pipeline, args.version_name, args.description, args.namespace)
+    what = "created pipeline" if up.created_pipeline else ("already uploaded:" if up.reused else "added version to")
+    print(f"{what} {up.pipeline_name} ({up.pipeline_id}); version {up.version_name} id {up.version_id}: {up.url}")
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from pipelines.remote import _client, resolve_version, submit, submit_version, version_parameters
+
+    if args.pipeline_version_id:
+        client = _client(args.host, args.namespace)
+        ref = resolve_version(client, args.host, args.pipeline, args.pipeline_version_id)
+        arguments = _run_arguments_for(args, version_parameters(client, args.host, ref))
+        sub = submit_version(
+            args.host, ref, arguments, experiment=args.experiment, run_name=args.run_name,
+            namespace=args.namespace, service_account=args.service_account, client=client,
+        )  # fmt: skip
+        print(f"submitted run {sub.id} ({sub.name}) of {ref.pipeline_name} version {ref.version_id}: {sub.url}")
+        return 0
     sub = submit(
         args.host, args.package, _run_arguments(args), experiment=args.experiment, run_name=args.run_name,
         namespace=args.namespace, service_account=args.service_account,
@@ -121,9 +156,34 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_schedule(args: argparse.Namespace) -> int:
-    from pipelines.remote import schedule
+    from pipelines.params import parse_params, read_pipeline_parameters
+    from pipelines.remote import VersionRef, _client, _upload, resolve_version, schedule, schedule_version
 
-    arguments = _run_arguments(args)
+    from pipelines.cron import validate_cron
+
+    if args.cron:
+        validate_cron(args.cron)  # before any request
+    versioned = args.pipeline_version_id or args.follow_latest or args.update
+    if args.follow_latest and args.pipeline_version_id:
+        raise ConfigError("--follow-latest and --pipeline-version-id exclude each other")
+    if not versioned:
+        if not args.cron:
+            raise ConfigError("--cron is required")
+        arguments = _run_arguments(args)
+    else:
+        client = _client(args.host, args.namespace)
+        if args.pipeline_version_id:
+            ref = resolve_version(client, args.host, args.pipeline, args.pipeline_version_id)
+        else:  # upload --package (a no-op when this exact package is there already)
+            up = _upload(client, args.host, args.package, args.pipeline, None, None, args.namespace)
+            print(f"pipeline {up.pipeline_name} version {up.version_name} ({up.version_id})"
+                  f"{' was already uploaded' if up.reused else ' uploaded'}")  # fmt: skip
+            ref = VersionRef(up.pipeline_id, None if args.follow_latest else up.version_id, up.pipeline_name)
+        spec = read_pipeline_parameters(args.package)
+        # With --update, parameters left out keep the existing recurring run's values.
+        arguments = parse_params(args.param, spec) if args.update else _run_arguments_for(args, spec)
+        if args.update and args.config_override:
+            arguments["config_overrides"] = list(args.config_override)
     data_uri = str(arguments.get("data_uri", ""))
     if "dt=" in data_uri and not data_uri.rstrip("/").endswith("latest"):
         print(
@@ -131,6 +191,15 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
             "point it at the prefix's /latest to pick up new snapshots",
             file=sys.stderr,
         )
+    if versioned:
+        sub = schedule_version(
+            args.host, ref, arguments, args.cron, experiment=args.experiment, name=args.name,
+            namespace=args.namespace, service_account=args.service_account, update=args.update, client=client,
+        )  # fmt: skip
+        target = "the newest version at each run" if ref.version_id is None else f"version {ref.version_id}"
+        verb = "re-pointed" if args.update else "scheduled"
+        print(f"{verb} recurring run {sub.id} ({sub.name}) on {ref.pipeline_name} {target}: {sub.url}")
+        return 0
     sub = schedule(
         args.host, args.package, arguments, args.cron, experiment=args.experiment, name=args.name,
         namespace=args.namespace, service_account=args.service_account,
@@ -183,15 +252,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_param_args(p)
     p.set_defaults(func=_cmd_run)
 
+    p = sub.add_parser("upload", help="create the pipeline on a KFP cluster, or add --package as a new version")
+    p.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
+    p.add_argument("--namespace", help="Kubernetes namespace (multi-user KFP)")
+    from pipelines.compile import COMPILED_PATH
+    from pipelines.lora_finetune import PIPELINE_NAME
+
+    p.add_argument("--package", default=str(COMPILED_PATH), help="compiled pipeline YAML (default: committed)")
+    p.add_argument("--pipeline", default=PIPELINE_NAME, help="pipeline name")
+    p.add_argument("--version-name", help="default: <vembed version>-<sha256 of the package, 12 hex>")
+    p.add_argument("--description")
+    p.set_defaults(func=_cmd_upload)
+
     p = sub.add_parser("submit", help="start one run on a KFP cluster")
     _add_remote_args(p)
+    _add_version_args(p)
     p.add_argument("--run-name")
     p.set_defaults(func=_cmd_submit)
 
     p = sub.add_parser("schedule", help="create a recurring run (retraining) on a KFP cluster")
     _add_remote_args(p)
-    p.add_argument("--cron", required=True, help="KFP cron, 6 fields with seconds first: '0 0 3 * * *'")
+    _add_version_args(p)
+    p.add_argument("--cron", help="KFP cron, 6 fields with seconds first: '0 0 3 * * *' (kept by --update)")
     p.add_argument("--name", help="recurring run name")
+    p.add_argument(
+        "--follow-latest", action="store_true",
+        help="upload --package and reference the pipeline without a version: every run starts from the "
+        "newest uploaded version (KFP backend 2.5+)",
+    )  # fmt: skip
+    p.add_argument(
+        "--update", action="store_true",
+        help="re-point the recurring run --name at --pipeline-version-id (default: upload --package as a "
+        "new version); cron and parameters not given are kept",
+    )  # fmt: skip
     p.set_defaults(func=_cmd_schedule)
     return parser
 

@@ -26,9 +26,14 @@ def read_pipeline_parameters(package: str | os.PathLike[str]) -> dict[str, dict[
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not a compiled pipeline (invalid YAML: {e})") from None
     spec = docs[0] if docs and isinstance(docs[0], dict) else {}
-    params = spec.get("root", {}).get("inputDefinitions", {}).get("parameters")
+    return parameters_from_spec(spec, str(path))
+
+
+def parameters_from_spec(spec: Mapping[str, Any], where: str) -> dict[str, dict[str, Any]]:
+    """The run parameters of a pipeline spec (a compiled file's first document, or an uploaded version's)."""
+    params = (spec.get("root") or {}).get("inputDefinitions", {}).get("parameters")
     if params is None:
-        raise ConfigError(f"{path}: not a compiled KFP pipeline (no root.inputDefinitions.parameters)")
+        raise ConfigError(f"{where}: not a compiled KFP pipeline (no root.inputDefinitions.parameters)")
     return {
         name: {"type": p.get("parameterType", "STRING"), "default": p.get("defaultValue", REQUIRED)}
         for name, p in params.items()
