@@ -156,10 +156,9 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_schedule(args: argparse.Namespace) -> int:
+    from pipelines.cron import validate_cron
     from pipelines.params import parse_params, read_pipeline_parameters
     from pipelines.remote import VersionRef, _client, _upload, resolve_version, schedule, schedule_version
-
-    from pipelines.cron import validate_cron
 
     if args.cron:
         validate_cron(args.cron)  # before any request
