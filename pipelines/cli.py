@@ -1,4 +1,4 @@
-"""`vembed pipeline compile | run --local | upload | submit | schedule`.
+"""`vembed pipeline compile | run --local | upload | submit | schedule | rbac`.
 
 `vembed/cli.py` hands everything after `vembed pipeline` to `main(argv)`.
 """
@@ -207,6 +207,20 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rbac(args: argparse.Namespace) -> int:
+    from pipelines.rbac_render import render_rbac_yaml
+
+    text = render_rbac_yaml(args.namespace, args.service_account, args.backend or ("trainjob", "pytorchjob"))
+    if args.output:
+        from pathlib import Path
+
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"RBAC for namespace {args.namespace} written to {args.output}")
+    else:
+        print(text, end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipelines.lora_finetune import DEFAULT_BASE_MODEL, DEFAULT_MODEL_NAME, TRAIN_BACKENDS
 
@@ -285,6 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
         "new version); cron and parameters not given are kept",
     )  # fmt: skip
     p.set_defaults(func=_cmd_schedule)
+
+    p = sub.add_parser("rbac", help="print the RBAC a cluster train backend needs, for one namespace")
+    p.add_argument("--namespace", required=True, help="where the pipeline runs")
+    p.add_argument("--service-account", default="pipeline-runner",
+                   help="the pipeline pods' service account (multi-user Kubeflow profiles: default-editor)")
+    p.add_argument("--backend", action="append", choices=("trainjob", "pytorchjob"),
+                   help="only this backend's rights (repeatable; default both)")
+    p.add_argument("--output", help="write to this file instead of stdout (then `kubectl apply -f FILE`)")
+    p.set_defaults(func=_cmd_rbac)
     return parser
 
 

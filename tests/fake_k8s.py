@@ -168,7 +168,7 @@ class FakeKube:
         url = urlparse(raw_path)
         path, query = url.path, parse_qs(url.query)
         with self._lock:
-            self.calls.append(f"{method} {path}")
+            self.calls.append(f"{method} {path}" + ("?watch" if query.get("watch") == ["true"] else ""))
             if m := re.fullmatch(
                 r"/api/v1/namespaces/kubeflow-system/configmaps/kubeflow-trainer-public", path
             ):

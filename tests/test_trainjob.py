@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shlex
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -345,9 +346,11 @@ def required_permission(call: str) -> tuple[bool, str, str, str] | None:
         if rest[1] == "kubeflow-system":
             return None  # the SDK's optional version probe: it only logs a warning when denied
         rest = rest[2:]
+    watch = rest[-1].endswith("?watch")
+    rest[-1] = rest[-1].removesuffix("?watch")
     resource = rest[0] + (f"/{rest[2]}" if len(rest) > 2 else "")
     verb = {"POST": "create", "DELETE": "delete"}.get(method, "get" if len(rest) > 1 else "list")
-    return namespaced, group, resource, verb
+    return namespaced, group, resource, "watch" if watch else verb
 
 
 def allowed(rules: list[dict], group: str, resource: str, verb: str) -> bool:
@@ -376,6 +379,41 @@ def test_rbac_role_allows_every_trainjob_and_pytorchjob_call(outcome):
     for is_namespaced, group, resource, verb in sorted(needed):
         rules = namespaced if is_namespaced else cluster
         assert allowed(rules, group, resource, verb), f"RBAC misses {verb} {group}/{resource}"
+    # ...and grants nothing more: every verb is one of those calls.
+    granted = {
+        (is_namespaced, group, resource, verb)
+        for is_namespaced, rules in ((True, namespaced), (False, cluster))
+        for r in rules for group in r["apiGroups"] for resource in r["resources"] for verb in r["verbs"]
+    }  # fmt: skip
+    assert granted == needed, f"granted but never used: {sorted(granted - needed)}"
+
+
+def test_rbac_rendered_for_a_namespace_validates_against_the_kubernetes_models(tmp_path, capsys):
+    from kubernetes.client import ApiClient
+
+    from pipelines.cli import main
+    from pipelines.rbac_render import render_rbac
+
+    out = tmp_path / "rbac.yaml"
+    assert main(["rbac", "--namespace", "team-a", "--service-account", "default-editor", "--output", str(out)]) == 0
+    docs = list(yaml.safe_load_all(out.read_text()))
+    assert {d["kind"] for d in docs} == {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
+    api = ApiClient()
+    for doc in docs:
+        model = api.deserialize(SimpleNamespace(data=json.dumps(doc)), f"V1{doc['kind']}")
+        assert dropped_keys(doc, api.sanitize_for_serialization(model)) == [], doc["kind"]
+        if doc["kind"] in ("Role", "RoleBinding"):
+            assert doc["metadata"]["namespace"] == "team-a"
+        if doc["kind"].endswith("Binding"):
+            assert doc["subjects"] == [{"kind": "ServiceAccount", "name": "default-editor", "namespace": "team-a"}]
+    (crb,) = [d for d in docs if d["kind"] == "ClusterRoleBinding"]
+    assert crb["metadata"]["name"].endswith("-team-a"), "one cluster binding per pipeline namespace"
+    # A PyTorchJob-only cluster needs no Trainer rights at all.
+    only = render_rbac("team-b", backends=["pytorchjob"])
+    assert {d["kind"] for d in only} == {"Role", "RoleBinding"}
+    assert "trainer.kubeflow.org" not in json.dumps(only)
+    assert main(["rbac", "--namespace", "Team_A"]) == 2
+    assert "not a valid Kubernetes name" in capsys.readouterr().err
 
 
 # -- the pipeline compiled for a cluster backend, and its train component on kfp.local
