@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo compile images constraints clean
+.PHONY: install test lint demo compile images check-images constraints clean
 
 # The stamp makes a second `make install` a no-op unless pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -37,6 +37,14 @@ images:
 	docker build -f images/Dockerfile.cuda -t $(IMAGE_REPO):$(IMAGE_TAG)-cuda .
 	docker push $(IMAGE_REPO):$(IMAGE_TAG)-cpu
 	docker push $(IMAGE_REPO):$(IMAGE_TAG)-cuda
+
+# Check that the images the compiled pipeline names by default exist in the registry (needs docker and
+# network; not run in CI), and print their digests for `vembed pipeline compile --image repo@sha256:...`.
+check-images:
+	@for tag in $(IMAGE_TAG)-cpu $(IMAGE_TAG)-cuda; do \
+	  docker buildx imagetools inspect $(IMAGE_REPO):$$tag --format '{{json .Manifest.Digest}}' \
+	    | sed "s|^|$(IMAGE_REPO):$$tag -> |" || { echo "missing: $(IMAGE_REPO):$$tag"; exit 1; }; \
+	done
 
 # Pin the images to the versions installed here (the set the tests passed with).
 constraints: install
