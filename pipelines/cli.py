@@ -96,6 +96,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         train_backend=args.train_backend,
         evaluate_accelerator_limit=args.evaluate_gpus,
         image_pull_secrets=args.image_pull_secret or None,
+        exit_handler=False if args.no_exit_handler else None,
+        security_context=False if args.no_security_context else None,
     )
     if args.defaults:
         opts = PipelineOptions()
@@ -249,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="docker-registry secret for every pod and the cluster job's pods, repeatable "
         "(env VEMBED_IMAGE_PULL_SECRETS, comma-separated)",
     )  # fmt: skip
+    p.add_argument("--no-exit-handler", action="store_true",
+                   help="no on-exit cleanup/failure task: for KFP backends before 2.14 (docs/compatibility.md)")
+    p.add_argument("--no-security-context", action="store_true",
+                   help="no securityContext in the platform spec: for KFP backends that predate it (docs/compatibility.md)")
     p.add_argument("--defaults", action="store_true", help="ignore flags and env: the committed settings")
     p.set_defaults(func=_cmd_compile)
 

@@ -100,7 +100,8 @@ class PipelineOptions:
     image_pull_secrets: list[str] = field(default_factory=list)  # every pod, and the cluster job's pods
     # KFP allows pipeline outputs only outside an exit handler: the cluster pipeline has the handler and
     # no outputs; `vembed pipeline run --local` compiles without it to print the registration.
-    exit_handler: bool = True
+    exit_handler: bool = True  # False: no on-exit task (KFP backends before 2.14, docs/compatibility.md)
+    security_context: bool = True  # False: no securityContext in the platform spec (backends that predate it)
     cache_train: bool = False  # training is expensive but not reproducible byte for byte; rerun by default
     # local: the train pod trains on its own GPUs. trainjob / pytorchjob: it launches a cluster job and
     # requests no GPU (accelerator_* are ignored); train resources, node selector and tolerations go to
@@ -182,7 +183,8 @@ def harden_tasks(opts: PipelineOptions) -> None:
     for task in pipeline_context.Pipeline.get_default_pipeline().tasks.values():
         if task.container_spec is None:  # a nested pipeline or an importer: no pod of its own
             continue
-        kubernetes.set_security_context(task, run_as_user=IMAGE_UID, run_as_group=IMAGE_UID, run_as_non_root=True)
+        if opts.security_context:
+            kubernetes.set_security_context(task, run_as_user=IMAGE_UID, run_as_group=IMAGE_UID, run_as_non_root=True)
         if opts.image_pull_secrets:
             kubernetes.set_image_pull_secrets(task, list(opts.image_pull_secrets))
         res = task.container_spec.resources

@@ -80,3 +80,18 @@ def test_pipeline_options_from_env_for_cluster_settings() -> None:
     assert PipelineOptions(image=digest).image == digest
     with pytest.raises(ConfigError, match="not an image reference"):
         PipelineOptions(train_image="ghcr.io/x/y@sha256:abc")
+
+
+def test_older_backend_knobs_drop_the_exit_handler_and_security_context(tmp_path: Path) -> None:
+    import yaml
+
+    from pipelines.cli import main
+
+    out = tmp_path / "old.yaml"
+    assert main(["compile", "--output", str(out), "--no-exit-handler", "--no-security-context"]) == 0
+    text = out.read_text()
+    assert "on-exit" not in text and "securityContext" not in text and "taskFinalStatus" not in text
+    spec, _ = yaml.safe_load_all(text)
+    assert {"registration", "metrics_report"} <= set(spec["root"]["outputDefinitions"]["parameters"]) | set(
+        spec["root"]["outputDefinitions"]["artifacts"]
+    )
