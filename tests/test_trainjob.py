@@ -572,6 +572,8 @@ def test_trainjob_train_component_on_kfp_local(tmp_path, monkeypatch):
         return train_on_cluster(
             dataset=data.outputs["dataset"], config_overrides=["trainer.namespace=team-a"],
             train_backend="trainjob", job_image="registry.example/vembed:cuda",
+            job_settings={"resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": "4", "memory": "8Gi"}},
+                          "image_pull_secrets": ["regcred"]},
         ).outputs["model"]  # fmt: skip
 
     # kfp reads annotations as objects; this module's `from __future__ import annotations` made them text.
@@ -589,6 +591,10 @@ def test_trainjob_train_component_on_kfp_local(tmp_path, monkeypatch):
     trainer = body["spec"]["trainer"]
     assert body["metadata"]["namespace"] == "team-a" and fake.deleted == [body["metadata"]["name"]]
     assert trainer["image"] == "registry.example/vembed:cuda"  # trainer.image unset: the pipeline's image
+    # The compile-time job settings reach the job's nodes (GPU count from trainer.gpus_per_node).
+    assert trainer["resourcesPerNode"]["limits"] == {"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": "1"}
+    pod = body["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    assert pod["template"]["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
     env = {e["name"]: e.get("value") for e in trainer["env"]}
     assert env[OUTPUT_URI_ENV] == f"{model.uri}-job"
     assert yaml.safe_load(env[CONFIG_ENV])["trainer"]["backend"] == "trainjob"
