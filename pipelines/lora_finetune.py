@@ -63,8 +63,8 @@ class PipelineOutputs(NamedTuple):
 
 @dataclass(frozen=True)
 class Resources:
-    """Requests and limits of one step's pod. Memory limit = request: a pod that outgrows its request is
-    OOM-killed with a clear reason instead of starving its node."""
+    """Requests and limits of one step's pod. The memory limit defaults to the request: a pod that outgrows
+    it is OOM-killed with a clear reason instead of starving its node."""
 
     cpu: str
     memory: str
@@ -118,6 +118,8 @@ class PipelineOptions:
             # `train` goes to the job's nodes.
             "train-launcher": Resources("500m", "2Gi", "1", "4Gi"),
             "on-exit": Resources("250m", "1Gi", "500m", "1Gi"),
+            # Any task added without requests and limits of its own (see harden_tasks).
+            "default": Resources("500m", "2Gi", "1", "2Gi"),
         }
     )
 
@@ -189,7 +191,7 @@ def harden_tasks(opts: PipelineOptions) -> None:
             kubernetes.set_image_pull_secrets(task, list(opts.image_pull_secrets))
         res = task.container_spec.resources
         if res is None or not (res.cpu_limit and res.memory_limit):
-            _requests(task, opts.resources["on-exit"])
+            _requests(task, opts.resources["default"])
 
 
 def _model_cache(task: dsl.PipelineTask, opts: PipelineOptions) -> None:

@@ -294,3 +294,26 @@ def test_bad_image_reference_is_a_one_line_error(tmp_path: Path, capsys, image: 
     assert main(["compile", "--output", str(tmp_path / "p.yaml"), "--image", image]) == 2
     err = capsys.readouterr().err.strip()
     assert "not an image reference" in err and len(err.splitlines()) == 1
+
+
+def test_a_step_added_without_settings_still_gets_limits_and_security(tmp_path: Path) -> None:
+    """harden_tasks covers every task of the pipeline, so a step added later (e.g. deploy) is not missed."""
+    from kfp import compiler, dsl
+
+    from components.merge.component import merge
+    from pipelines.lora_finetune import PipelineOptions, harden_tasks
+
+    def extra(model_uri: str):
+        model = dsl.importer(artifact_uri=model_uri, artifact_class=dsl.Model)
+        merge(model=model.output)  # no resources set
+        harden_tasks(PipelineOptions(image_pull_secrets=["regcred"]))
+
+    extra.__annotations__ = {"model_uri": str}  # this module's future import made them text
+    out = tmp_path / "extra.yaml"
+    compiler.Compiler().compile(dsl.pipeline(name="extra")(extra), str(out))
+    spec, k8s = load(out)
+    res = spec["deploymentSpec"]["executors"]["exec-merge"]["container"]["resources"]
+    assert (res["resourceCpuLimit"], res["resourceMemoryLimit"]) == ("1", "2Gi")
+    assert k8s["exec-merge"]["securityContext"]["runAsNonRoot"] is True
+    assert [s["secretName"] for s in k8s["exec-merge"]["imagePullSecret"]] == ["regcred"]
+    assert "exec-importer" not in k8s, "an importer has no pod of its own"
