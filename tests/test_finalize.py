@@ -114,6 +114,7 @@ def test_final_status_from_kfp_fields(data, expected) -> None:
     assert FinalStatus.from_mapping(data) == expected
 
 
+@pytest.mark.slow
 def test_on_exit_component_runs_after_a_failed_step_on_kfp_local(mlflow_server, s3_env, tmp_path, monkeypatch) -> None:
     """The thin component in a kfp.local subprocess: prepare fails on a missing file, the exit handler
     still runs and tags a FAILED MLflow run for this pipeline run."""
