@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=3.0, help="training time budget")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("pipeline", help="compile, run locally, submit or schedule the Kubeflow pipeline", add_help=False)
+    p = sub.add_parser("pipeline", help="compile, run locally, upload, submit or schedule the Kubeflow pipeline; render its RBAC", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=lambda a: _delegate("pipelines.cli", a.args))
 
