@@ -60,6 +60,13 @@ class Embedder(nn.Module):
     def dim(self) -> int:
         raise NotImplementedError
 
+    def unused_modules(self) -> dict[str, str]:
+        """Backbone module paths whose output never reaches the embedding -> why.
+
+        LoRA leaves them alone and `modules_to_save` refuses them: their parameters would get
+        no gradient, which DDP and FSDP report as unused parameters."""
+        return {}
+
     @property
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device

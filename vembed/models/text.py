@@ -66,6 +66,18 @@ class TextEmbedder(Embedder):
     def dim(self) -> int:
         return int(self._config().hidden_size)
 
+    def unused_modules(self) -> dict[str, str]:
+        # BERT-style checkpoints carry a pooler (dense + tanh over [CLS]); every pooling mode here
+        # reads last_hidden_state instead, so the pooler is computed and then dropped.
+        return {
+            name: f"{self.spec.pooling} pooling reads last_hidden_state, not the pooler output"
+            for name, _ in _base(self.backbone).named_children()
+            if name == "pooler"
+        }
+
     def _config(self) -> PretrainedConfig:
-        model = self.backbone
-        return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+        return _base(self.backbone).config
+
+
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
