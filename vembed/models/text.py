@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import AutoModel, AutoTokenizer, PretrainedConfig
 
-from vembed.models.base import Embedder, EmbedderSpec, Item
+from vembed.models.base import Embedder, EmbedderSpec, Item, load_backbone
 from vembed.models.pooling import pool
 
 # Families whose embedding is the last token's state.
@@ -44,7 +44,7 @@ class TextEmbedder(Embedder):
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        backbone = AutoModel.from_pretrained(path, dtype=dtype) if dtype else AutoModel.from_pretrained(path)
+        backbone = load_backbone(AutoModel, path, dtype)
         return cls(backbone, tokenizer, spec)
 
     def featurize(self, item: Item, is_query: bool) -> dict[str, Any]:
