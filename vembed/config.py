@@ -128,7 +128,9 @@ class TrainConfig(BaseModel):
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     weight_decay: float = Field(0.01, ge=0)
     max_grad_norm: float | None = Field(1.0, description="clip gradients to this norm; null disables")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass: less memory, slower steps"
+    )
     use_gradient_cache: bool = False
     gradient_cache_chunk_size: int = Field(32, gt=0)
     use_mrl: bool = False
