@@ -21,7 +21,9 @@ import yaml
 
 from vembed.errors import CheckpointError
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+)
 CONFIG_KEYS = ("_name_or_path", "vembed_base_model")
 
 

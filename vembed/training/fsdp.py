@@ -72,11 +72,12 @@ def fsdp_plugin(cfg: TrainConfig) -> FullyShardedDataParallelPlugin:
         activation_checkpointing=False,
     )
     if on_gpu:
-        plugin.param_init_fn = materialize_in_place(torch.device("cuda", torch.cuda.current_device()))
+        # The device is looked up when FSDP calls it: accelerate picks each rank's GPU after this.
+        plugin.param_init_fn = materialize_in_place(lambda: torch.device("cuda", torch.cuda.current_device()))
     return plugin
 
 
-def materialize_in_place(device: torch.device) -> Callable[[nn.Module], None]:
+def materialize_in_place(device: Callable[[], torch.device]) -> Callable[[nn.Module], None]:
     """FSDP's `param_init_fn` for modules on the meta device: empty storage on `device` (FSDP then
     broadcasts rank 0's values into it). `to_empty` alone would replace each nn.Parameter with a
     new object, leaving the optimizer (built before `prepare`) with the meta ones; swapping keeps
@@ -86,7 +87,7 @@ def materialize_in_place(device: torch.device) -> Callable[[nn.Module], None]:
         previous = torch.__future__.get_swap_module_params_on_conversion()
         torch.__future__.set_swap_module_params_on_conversion(True)
         try:
-            module.to_empty(device=device, recurse=False)
+            module.to_empty(device=device(), recurse=False)
         finally:
             torch.__future__.set_swap_module_params_on_conversion(previous)
 
@@ -128,7 +129,7 @@ def _ram_efficient_loading_on_cpu(plugin: FullyShardedDataParallelPlugin) -> Non
     import torch.distributed.fsdp._init_utils as fsdp_init
 
     plugin.sync_module_states = True
-    plugin.param_init_fn = materialize_in_place(torch.device("cpu"))
+    plugin.param_init_fn = materialize_in_place(lambda: torch.device("cpu"))
     fsdp_init._check_module_states_for_sync_module_states = lambda states: None
 
 
