@@ -113,7 +113,13 @@ class TrainConfig(BaseModel):
     lora_alpha: float = Field(32, gt=0, description="scales LoRA by alpha/r")
     lora_dropout: float = Field(0.05, description="dropout inside the adapter, in [0, 1)")
     lora_target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
-    modules_to_save: list[str] | None = Field(None, description="modules trained fully and saved with the adapter")
+    modules_to_save: list[str] | None = Field(
+        None,
+        description=(
+            "modules trained fully and saved with the adapter; a module path or its last part(s), resolved "
+            "like lora_target_modules; a module that never reaches the embedding (BERT's pooler) is refused"
+        ),
+    )
 
     # Training
     batch_size: int = Field(32, gt=0)
@@ -126,7 +132,9 @@ class TrainConfig(BaseModel):
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     weight_decay: float = Field(0.01, ge=0)
     max_grad_norm: float | None = Field(1.0, description="clip gradients to this norm; null disables")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass: less memory, slower steps"
+    )
     use_gradient_cache: bool = False
     gradient_cache_chunk_size: int = Field(32, gt=0)
     use_mrl: bool = False

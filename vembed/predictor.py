@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from vembed.errors import CheckpointError, VembedError
 from vembed.models import Embedder, EmbedderSpec, Item, family_class, load_embedder
+from vembed.models.merged_base import find_base, lacks_tokenizer
 from vembed.training.checkpoint import CHECKSUMS, refuse_pickle, verify_checkpoint
 
 
@@ -61,9 +62,20 @@ def load_trained_embedder(directory: str | Path, device: str | torch.device | No
     elif spec is not None:
         # A merged model or a full fine-tune: the weights are here, the spec says how to pool.
         embedder = family_class(spec.family).from_pretrained(str(d), spec)
+    elif lacks_tokenizer(d):
+        embedder = _load_guide_merged(d)
     else:
         embedder = load_embedder(str(d))
     return _to_device(embedder, device)
+
+
+def _load_guide_merged(d: Path) -> Embedder:
+    """Weights from `d`, tokenizer/processor and pooling from the base model it was merged from."""
+    base, options = find_base(d)
+    embedder = load_embedder(base, options.get("pooling", "auto"), options.get("max_seq_length"),
+                             options.get("query_instruction"))
+    embedder.backbone = type(embedder.backbone).from_pretrained(str(d))
+    return embedder
 
 
 def _to_device(embedder: Embedder, device: str | torch.device | None) -> Embedder:

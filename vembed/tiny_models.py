@@ -180,11 +180,77 @@ def make_tiny_qwen3_vl(path: str | Path, hidden: int = 32, layers: int = 2, patc
     return path
 
 
+def make_tiny_llava(path: str | Path, hidden: int = 32, layers: int = 2, image_size: int = 32, seed: int = 0) -> Path:
+    """A random LlavaForConditionalGeneration: a 3-layer CLIP vision tower (LLaVA-1.5 reads its
+    second-to-last hidden state), a 2-layer MLP projector and a 2-layer Llama decoder; MiniLM's
+    WordPiece vocabulary plus `<image>`; a LlavaProcessor with a CLIP image processor that resizes
+    every image to `image_size` (16 patches, so 16 image tokens per image)."""
+    from tokenizers import Tokenizer
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from vembed.models.llava import DEFAULT_CHAT_TEMPLATE
+
+    torch.manual_seed(seed)
+    backend = Tokenizer.from_str(_tokenizer().backend_tokenizer.to_str())
+    backend.post_processor = None
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", eos_token="[SEP]", unk_token="[UNK]",
+        additional_special_tokens=["<image>"],
+    )
+    tok.padding_side = "right"
+    patch = image_size // 4
+    cfg = LlavaConfig(
+        vision_config={
+            "model_type": "clip_vision_model",
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 2,
+            "num_hidden_layers": layers + 1,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": patch,
+            "projection_dim": hidden,
+        },
+        text_config={
+            "model_type": "llama",
+            "vocab_size": len(tok),
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 2,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 512,
+            "pad_token_id": tok.pad_token_id,
+        },
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(image_size // patch) ** 2,
+    )
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=DEFAULT_CHAT_TEMPLATE,
+    )
+    path = Path(path)
+    LlavaForConditionalGeneration(cfg).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
 TINY_BUILDERS = {
     "bert": make_tiny_bert,
     "qwen3": make_tiny_qwen3,
     "clip": make_tiny_clip,
     "qwen3_vl": make_tiny_qwen3_vl,
+    "llava": make_tiny_llava,
 }
 
 

@@ -1,4 +1,4 @@
-"""Model families behind one Embedder interface: text, clip, qwen3_vl."""
+"""Model families behind one Embedder interface: text, clip, qwen3_vl, llava."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import importlib
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from vembed.errors import ConfigError
 from vembed.models.base import Embedder, EmbedderSpec, Item
@@ -19,14 +19,34 @@ FAMILY_CLASSES = {
     "text": "vembed.models.text:TextEmbedder",
     "clip": "vembed.models.clip:CLIPEmbedder",
     "qwen3_vl": "vembed.models.qwen_vl:QwenVLEmbedder",
+    "llava": "vembed.models.llava:LlavaEmbedder",
 }
+MULTIMODAL_TYPES = {"clip": "clip", "qwen3_vl": "qwen3_vl", "qwen2_vl": "qwen3_vl", "qwen2_5_vl": "qwen3_vl",
+                    "llava": "llava"}
+SUPPORTED = (
+    "text (encoders such as BERT/MiniLM and decoder embedders such as Qwen3-Embedding), "
+    "clip, qwen3_vl (also qwen2_vl, qwen2_5_vl) and llava (LLaVA-1.5 style)"
+)
+# Sub-configs that mark a model as more than one text stack (vision, audio, encoder-decoder).
+_NON_TEXT_PARTS = ("vision_config", "audio_config", "encoder_config", "decoder_config", "vision_tower")
 
 
-def detect_family(model_type: str) -> str:
-    if model_type == "clip":
-        return "clip"
-    if model_type in ("qwen3_vl", "qwen2_vl", "qwen2_5_vl"):
-        return "qwen3_vl"
+def detect_family(config: PretrainedConfig | str) -> str:
+    """The family for a model config. A model that is not a plain text stack and not one of the
+    multimodal families is refused: run as text it would silently ignore its images."""
+    model_type = config if isinstance(config, str) else config.model_type
+    if model_type in MULTIMODAL_TYPES:
+        return MULTIMODAL_TYPES[model_type]
+    if isinstance(config, str):
+        return "text"
+    parts = [p for p in _NON_TEXT_PARTS if getattr(config, p, None) is not None]
+    if parts or getattr(config, "is_encoder_decoder", False):
+        what = ", ".join(parts) if parts else "is_encoder_decoder"
+        arch = ", ".join(getattr(config, "architectures", None) or []) or model_type
+        raise ConfigError(
+            f"model_name: {arch} (model_type {model_type!r}, has {what}) is not a supported model family; "
+            f"supported: {SUPPORTED}"
+        )
     return "text"
 
 
@@ -60,7 +80,7 @@ def load_embedder(
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"model_name: cannot load {model_name!r} (offline, no local copy?): {first}") from None
-    family = detect_family(config.model_type)
+    family = detect_family(config)
     cls = family_class(family)
     st = read_sentence_transformers_pooling(path)
     if pooling == "auto":

@@ -60,6 +60,13 @@ class Embedder(nn.Module):
     def dim(self) -> int:
         raise NotImplementedError
 
+    def unused_modules(self) -> dict[str, str]:
+        """Backbone module paths whose output never reaches the embedding -> why.
+
+        LoRA leaves them alone and `modules_to_save` refuses them: their parameters would get
+        no gradient, which DDP and FSDP report as unused parameters."""
+        return {}
+
     @property
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device
@@ -81,6 +88,35 @@ class Embedder(nn.Module):
         restored = torch.empty_like(emb)
         restored[torch.tensor(order)] = emb
         return restored
+
+
+def load_backbone(model_cls: Any, path: str, dtype: torch.dtype | None = None) -> nn.Module:
+    """`model_cls.from_pretrained(path)`, except on the ranks of an FSDP run with RAM-efficient
+    loading other than each node's local rank 0: there the model is built from its config on the
+    meta device (no weight is read or allocated), and FSDP fills it from rank 0 shard unit by shard
+    unit (vembed.training.fsdp). transformers 5 no longer does this itself."""
+    kwargs = {"dtype": dtype} if dtype else {}
+    if not _loads_on_meta():
+        return model_cls.from_pretrained(path, **kwargs)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = model_cls.from_config(config, **kwargs) if hasattr(model_cls, "from_config") else (
+            model_cls._from_config(config, **kwargs)
+        )
+    return model.eval()  # as from_pretrained leaves it
+
+
+def _loads_on_meta() -> bool:
+    import os
+
+    import torch.distributed as dist
+
+    enabled = all(
+        os.environ.get(k, "").lower() in ("1", "true") for k in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING")
+    )
+    return enabled and dist.is_available() and dist.is_initialized() and int(os.environ.get("LOCAL_RANK", "0")) != 0
 
 
 def _length(feature: dict[str, Any]) -> int:

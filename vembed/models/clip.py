@@ -21,7 +21,7 @@ from transformers import AutoProcessor, CLIPModel, PretrainedConfig
 
 from vembed.data.images import load_image
 from vembed.errors import ConfigError, DataError
-from vembed.models.base import Embedder, EmbedderSpec, Item
+from vembed.models.base import Embedder, EmbedderSpec, Item, load_backbone
 
 TEXT, IMAGE = 0, 1
 
@@ -47,7 +47,7 @@ class CLIPEmbedder(Embedder):
                 f"pooling: CLIP embeds through its projection heads; {spec.pooling!r} does not apply (use auto)"
             )
         processor = AutoProcessor.from_pretrained(path)
-        backbone = CLIPModel.from_pretrained(path, dtype=dtype) if dtype else CLIPModel.from_pretrained(path)
+        backbone = load_backbone(CLIPModel, path, dtype)
         return cls(backbone, processor, spec)
 
     @property

@@ -13,10 +13,6 @@ from vembed.models.base import Embedder
 
 log = logging.getLogger(__name__)
 
-# Modules that exist in checkpoints but never feed our embeddings (BERT's pooler):
-# adapting them would add dead parameters that DDP/FSDP then trip over.
-UNUSED_BRANCHES = ("pooler",)
-
 
 def linear_module_names(model: nn.Module) -> dict[str, list[str]]:
     """Leaf name -> full module paths, for every nn.Linear in the model."""
@@ -42,25 +38,59 @@ def resolve_target_modules(model: nn.Module, requested: list[str], model_name: s
     return matched
 
 
+def _under(name: str, roots: dict[str, str]) -> str | None:
+    """The unused root that `name` is, or lies inside; None if on the embedding's path."""
+    return next((r for r in roots if name == r or name.startswith(r + ".")), None)
+
+
+def resolve_modules_to_save(embedder: Embedder, requested: list[str], model_name: str = "model") -> list[str]:
+    """Resolve `modules_to_save` as LoRA targets are: a name is a module path or the last part(s) of
+    one; missing names are skipped, none matching is an error. A module that does not reach the
+    embedding (its family says which, e.g. BERT's pooler) is refused by name.
+
+    Returns the matched module paths (see `_keep_only` for why full paths)."""
+    backbone = embedder.backbone
+    paths = [n for n, _ in backbone.named_modules() if n]
+    unused = embedder.unused_modules()
+    matched: list[str] = []
+    resolved: list[str] = []
+    for name in requested:
+        hits = [p for p in paths if p == name or p.endswith("." + name)]
+        if not hits:
+            continue
+        for hit in hits:
+            root = _under(hit, unused)
+            if root is not None:
+                raise ConfigError(
+                    f"modules_to_save: {name!r} ({hit}) does not reach the embedding of {model_name}: "
+                    f"{unused[root]}. Training it would only add parameters without gradient; "
+                    "remove it, or name a module on the embedding's path"
+                )
+        matched.append(name)
+        resolved.extend(hit for hit in hits if hit not in resolved)
+    if not matched:
+        top = sorted({p.split(".", 1)[0] for p in paths})
+        raise ConfigError(
+            f"modules_to_save: none of {requested} is a module of {model_name}; "
+            f"its top-level modules are: {', '.join(top)} (a dotted path or its last part, e.g. layers.0.mlp)"
+        )
+    skipped = [n for n in requested if n not in matched]
+    if skipped:
+        log.warning("modules_to_save: %s not in %s, saving %s", skipped, model_name, matched)
+    return resolved
+
+
 def apply_lora(embedder: Embedder, cfg: TrainConfig) -> Embedder:
     """Wrap the embedder's backbone in a PeftModel; returns the same embedder."""
     backbone = embedder.backbone
     targets = resolve_target_modules(backbone, cfg.lora_target_modules, cfg.model_name)
-    excluded = [
-        full
-        for full, m in backbone.named_modules()
-        if isinstance(m, nn.Linear) and any(part in UNUSED_BRANCHES for part in full.split("."))
-    ]
+    # Linear layers the family says never reach the embedding (BERT's pooler): adapting them
+    # would add dead parameters that DDP/FSDP then trip over.
+    unused = embedder.unused_modules()
+    excluded = [full for full, m in backbone.named_modules() if isinstance(m, nn.Linear) and _under(full, unused)]
     modules_to_save = None
     if cfg.modules_to_save:
-        top = {n for n, _ in backbone.named_modules() if n}
-        leaves = {n.rsplit(".", 1)[-1] for n in top}
-        modules_to_save = [m for m in cfg.modules_to_save if m in leaves or m in top]
-        missing = sorted(set(cfg.modules_to_save) - set(modules_to_save))
-        if not modules_to_save:
-            raise ConfigError(f"modules_to_save: none of {cfg.modules_to_save} is a module of {cfg.model_name}")
-        if missing:
-            log.warning("modules_to_save: %s not in %s, saving %s", missing, cfg.model_name, modules_to_save)
+        modules_to_save = resolve_modules_to_save(embedder, cfg.modules_to_save, cfg.model_name)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(backbone)
     lora_config = LoraConfig(
@@ -73,11 +103,27 @@ def apply_lora(embedder: Embedder, cfg: TrainConfig) -> Embedder:
         bias="none",
     )
     embedder.backbone = get_peft_model(backbone, lora_config)
+    if modules_to_save:
+        _keep_only(embedder.backbone, modules_to_save)
     # Record the configured name, not a machine-specific resolved path.
     embedder.backbone.peft_config["default"].base_model_name_or_path = embedder.spec.model_name
     trainable, total = count_parameters(embedder)
     log.info("LoRA on %s: %d trainable of %d parameters (%.3f%%)", targets, trainable, total, 100 * trainable / total)
     return embedder
+
+
+def _keep_only(peft_model: nn.Module, paths: list[str]) -> None:
+    """peft wraps every module whose name ends with a modules_to_save entry as a plain string, so
+    the top-level `norm` of a decoder also catches each `input_layernorm` and `q_norm`. Unwrap the
+    modules that were not asked for. (Loading the adapter later wraps them again as untrained
+    copies of the originals, which changes no output.)"""
+    from peft.utils import ModulesToSaveWrapper
+
+    base = peft_model.get_base_model()
+    for name, module in list(base.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper) and name not in paths:
+            parent, _, child = name.rpartition(".")
+            setattr(base.get_submodule(parent) if parent else base, child, module.original_module)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

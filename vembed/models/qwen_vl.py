@@ -31,7 +31,7 @@ from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, Pretraine
 
 from vembed.data.images import load_image
 from vembed.errors import DataError
-from vembed.models.base import Embedder, EmbedderSpec, Item
+from vembed.models.base import Embedder, EmbedderSpec, Item, load_backbone
 from vembed.models.pooling import pool
 
 DEFAULT_INSTRUCTION = "Represent the user's input."
@@ -108,7 +108,7 @@ class QwenVLEmbedder(Embedder):
     @classmethod
     def from_pretrained(cls, path: str, spec: EmbedderSpec, dtype: torch.dtype | None = None) -> QwenVLEmbedder:
         processor = VLProcessor.from_pretrained(path)
-        backbone = AutoModel.from_pretrained(path, dtype=dtype) if dtype else AutoModel.from_pretrained(path)
+        backbone = load_backbone(AutoModel, path, dtype)
         return cls(backbone, processor, spec)
 
     @property

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import AutoModel, AutoTokenizer, PretrainedConfig
 
-from vembed.models.base import Embedder, EmbedderSpec, Item
+from vembed.models.base import Embedder, EmbedderSpec, Item, load_backbone
 from vembed.models.pooling import pool
 
 # Families whose embedding is the last token's state.
@@ -44,7 +44,7 @@ class TextEmbedder(Embedder):
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        backbone = AutoModel.from_pretrained(path, dtype=dtype) if dtype else AutoModel.from_pretrained(path)
+        backbone = load_backbone(AutoModel, path, dtype)
         return cls(backbone, tokenizer, spec)
 
     def featurize(self, item: Item, is_query: bool) -> dict[str, Any]:
@@ -66,6 +66,18 @@ class TextEmbedder(Embedder):
     def dim(self) -> int:
         return int(self._config().hidden_size)
 
+    def unused_modules(self) -> dict[str, str]:
+        # BERT-style checkpoints carry a pooler (dense + tanh over [CLS]); every pooling mode here
+        # reads last_hidden_state instead, so the pooler is computed and then dropped.
+        return {
+            name: f"{self.spec.pooling} pooling reads last_hidden_state, not the pooler output"
+            for name, _ in _base(self.backbone).named_children()
+            if name == "pooler"
+        }
+
     def _config(self) -> PretrainedConfig:
-        model = self.backbone
-        return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+        return _base(self.backbone).config
+
+
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

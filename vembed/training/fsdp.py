@@ -7,6 +7,12 @@
 - Transformer blocks (every transformers `GradientCheckpointingLayer`: BertLayer, Qwen3DecoderLayer,
   Qwen3-VL text and vision blocks, CLIPEncoderLayer) are the units of sharding.
 - Saving is collective: every rank joins the gathers below; rank 0 writes.
+- RAM-efficient loading: only local rank 0 of each node reads the checkpoint into host RAM; the
+  other ranks build the model on the meta device (transformers does this when accelerate's
+  `cpu_ram_efficient_loading` is on). FSDP then materialises one shard unit at a time on those
+  ranks (`param_init_fn`: `to_empty`) and `sync_module_states` broadcasts rank 0's weights into it
+  before sharding, so a node needs about one full fp32 copy of the model in host RAM, not one
+  per GPU (docs/fsdp-training.md has the figures).
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -48,19 +55,43 @@ def is_transformer_block(module: nn.Module) -> bool:
 
 
 def fsdp_plugin(cfg: TrainConfig) -> FullyShardedDataParallelPlugin:
-    return FullyShardedDataParallelPlugin(
+    on_gpu = torch.cuda.is_available()
+    plugin = FullyShardedDataParallelPlugin(
         fsdp_version=1,
         sharding_strategy="FULL_SHARD",
         use_orig_params=True,
         auto_wrap_policy=functools.partial(lambda_auto_wrap_policy, lambda_fn=is_transformer_block),
-        # Every rank loads the same weights and seeds the same LoRA init; syncing from rank 0 guards
-        # against drift. FSDP1 can only sync from GPU tensors, so CPU runs rely on the seeding.
-        sync_module_states=torch.cuda.is_available(),
+        # Rank 0 of each node loads the weights, the others start on the meta device and receive
+        # them. accelerate's plugin only accepts this with a GPU; on CPU process groups
+        # activate_fsdp sets up the same thing.
+        cpu_ram_efficient_loading=on_gpu,
+        sync_module_states=on_gpu,
         state_dict_type="FULL_STATE_DICT",
         # GradCache's re-run chunks and gradient checkpointing both replay forwards; the loop's
         # own gradient checkpointing (non-reentrant) is used instead of FSDP's wrapper.
         activation_checkpointing=False,
     )
+    if on_gpu:
+        # The device is looked up when FSDP calls it: accelerate picks each rank's GPU after this.
+        plugin.param_init_fn = materialize_in_place(lambda: torch.device("cuda", torch.cuda.current_device()))
+    return plugin
+
+
+def materialize_in_place(device: Callable[[], torch.device]) -> Callable[[nn.Module], None]:
+    """FSDP's `param_init_fn` for modules on the meta device: empty storage on `device` (FSDP then
+    broadcasts rank 0's values into it). `to_empty` alone would replace each nn.Parameter with a
+    new object, leaving the optimizer (built before `prepare`) with the meta ones; swapping keeps
+    the objects."""
+
+    def init(module: nn.Module) -> None:
+        previous = torch.__future__.get_swap_module_params_on_conversion()
+        torch.__future__.set_swap_module_params_on_conversion(True)
+        try:
+            module.to_empty(device=device(), recurse=False)
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(previous)
+
+    return init
 
 
 def activate_fsdp(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugin) -> None:
@@ -80,9 +111,33 @@ def activate_fsdp(accelerator: Accelerator, plugin: FullyShardedDataParallelPlug
         for shared in (PartialState._shared_state, AcceleratorState._shared_state):
             shared["distributed_type"] = DistributedType.FSDP
             shared["device"] = torch.device("cpu")
+        _ram_efficient_loading_on_cpu(plugin)
         log.info("use_fsdp: FSDP (FULL_SHARD) on %d CPU processes over gloo", accelerator.num_processes)
     elif state.distributed_type == DistributedType.NO:
         log.warning("use_fsdp: a single process has nothing to shard with; training without FSDP")
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # transformers' from_pretrained puts the weights of every rank but local rank 0 on the meta
+        # device when both are set (accelerate's launcher sets the first only for FSDP configs).
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "true"
+
+
+def _ram_efficient_loading_on_cpu(plugin: FullyShardedDataParallelPlugin) -> None:
+    """Rank-0 loading on CPU processes: meta modules are materialised empty on the CPU, one FSDP
+    unit at a time, then filled by FSDP's broadcast from rank 0. torch refuses CPU tensors in that
+    broadcast because NCCL cannot send them; this process group is gloo, which can."""
+    import torch.distributed.fsdp._init_utils as fsdp_init
+
+    plugin.sync_module_states = True
+    plugin.param_init_fn = materialize_in_place(lambda: torch.device("cpu"))
+    fsdp_init._check_module_states_for_sync_module_states = lambda states: None
+
+
+def materialised_bytes(module: nn.Module) -> tuple[int, int]:
+    """(bytes of parameters this process holds in memory, bytes of all parameters): a rank that
+    starts on the meta device holds none before sharding."""
+    held = sum(p.numel() * p.element_size() for p in module.parameters() if not p.is_meta)
+    return held, sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def gather_full_backbone_state(accelerator: Accelerator, embedder: Embedder) -> dict[str, torch.Tensor]:

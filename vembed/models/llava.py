@@ -1,0 +1,156 @@
+"""LLaVA (LlavaForConditionalGeneration checkpoints, e.g. llava-hf/llava-1.5-7b-hf) as an embedder:
+one decoder embeds text, an image or both, pooled at the last token.
+
+Prompt: the instruction (queries: the record's `instruction` or `query_instruction`; otherwise
+"Represent the user's input.") goes in the system turn, the image placeholder and the text in the
+user turn, then the generation prompt; rendered with the model's chat template (llava-hf ships
+one) or, without one, LLaVA-1.5's `USER: <image>\\n... ASSISTANT:` format. The embedding is the last
+token's final hidden state (AutoModel loads the checkpoint as LlavaModel, without the LM head), so
+the dim is the language model's hidden size.
+
+Images go through the model's LlavaProcessor: its image processor resizes every image to the same
+size and it expands each `<image>` into one token per vision feature. Pixel rows are row-aligned
+with the batch (zeros for text-only rows), so GradCache can slice a batch by rows.
+
+The vision tower's hidden state at `vision_feature_layer` (-2 in LLaVA-1.5) feeds the projector, so
+the layers after it and the tower's post-layernorm never reach the embedding: LoRA leaves them
+alone (the guide's q_proj/v_proj would otherwise match them) and modules_to_save refuses them.
+LLaVA-NeXT / OneVision (tiled images) are not this family and are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import AutoModel, AutoProcessor, PretrainedConfig
+
+from vembed.data.images import load_image
+from vembed.errors import DataError
+from vembed.models.base import Embedder, EmbedderSpec, Item, load_backbone
+from vembed.models.pooling import pool
+
+DEFAULT_INSTRUCTION = "Represent the user's input."
+
+# LLaVA-1.5's conversation format, used when the checkpoint ships no chat template.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message.role == 'system' %}"
+    "{%- for part in message.content %}{{- part.text + '\\n' }}{%- endfor %}"
+    "{%- else %}{{- message.role.upper() + ': ' }}"
+    "{%- for part in message.content %}"
+    "{%- if part.type == 'image' %}{{- '<image>\\n' }}{%- elif part.type == 'text' %}{{- part.text }}{%- endif %}"
+    "{%- endfor %}{{- ' ' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- 'ASSISTANT:' }}{%- endif %}"
+)
+
+
+class LlavaEmbedder(Embedder):
+    family = "llava"
+
+    def __init__(self, backbone: torch.nn.Module, processor: Any, spec: EmbedderSpec) -> None:
+        super().__init__(backbone, spec)
+        self.processor = processor
+        if not getattr(processor, "chat_template", None):
+            processor.chat_template = DEFAULT_CHAT_TEMPLATE
+        tok = processor.tokenizer
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token or tok.unk_token
+        tok.padding_side = "right"
+        self._image_token = processor.image_token
+
+    @staticmethod
+    def default_pooling(config: PretrainedConfig) -> str:
+        return "last_token"
+
+    @classmethod
+    def from_pretrained(cls, path: str, spec: EmbedderSpec, dtype: torch.dtype | None = None) -> LlavaEmbedder:
+        processor = AutoProcessor.from_pretrained(path)
+        backbone = load_backbone(AutoModel, path, dtype)
+        return cls(backbone, processor, spec)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    def featurize(self, item: Item, is_query: bool) -> dict[str, Any]:
+        if item.text is None and item.image is None:
+            raise DataError("LLaVA got an item with neither text nor image")
+        instruction = item.instruction or (self.spec.query_instruction if is_query else None) or DEFAULT_INSTRUCTION
+        content: list[dict[str, str]] = []
+        if item.image is not None:
+            content.append({"type": "image"})
+        if item.text is not None:
+            content.append({"type": "text", "text": self._truncate(item.text)})
+        conversation = [
+            {"role": "system", "content": [{"type": "text", "text": instruction}]},
+            {"role": "user", "content": content},
+        ]
+        prompt = self.processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        return {"prompt": prompt} if item.image is None else {"prompt": prompt, "image": item.image}
+
+    def _truncate(self, text: str) -> str:
+        text = text.replace(self._image_token, "")  # user text must not forge image placeholders
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= self.spec.max_seq_length:
+            return text
+        return self.tokenizer.decode(ids[: self.spec.max_seq_length])
+
+    def collate(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        image_rows = [i for i, f in enumerate(features) if "image" in f]
+        images = [load_image(features[i]["image"]) for i in image_rows] or None
+        # The processor expands each <image> into the tower's feature count, in row order.
+        enc = self.processor(
+            text=[f["prompt"] for f in features], images=images, padding=True, return_tensors="pt"
+        )
+        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if image_rows:
+            pixels = enc["pixel_values"]
+            rows = pixels.new_zeros((len(features), *pixels.shape[1:]))
+            rows[torch.tensor(image_rows)] = pixels
+            batch["pixel_values"] = rows
+            batch["has_image"] = torch.zeros(len(features), dtype=torch.bool)
+            batch["has_image"][torch.tensor(image_rows)] = True
+        return batch
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        kwargs: dict[str, Any] = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        if "has_image" in inputs and bool(inputs["has_image"].any()):
+            # a GradCache chunk of a mixed batch may hold no image rows
+            kwargs["pixel_values"] = inputs["pixel_values"][inputs["has_image"]]
+        out = self.backbone(**kwargs, use_cache=False)
+        return pool(out.last_hidden_state, inputs["attention_mask"], self.spec.pooling)
+
+    @property
+    def dim(self) -> int:
+        return int(self._config().text_config.hidden_size)
+
+    def unused_modules(self) -> dict[str, str]:
+        config = self._config()
+        layer = config.vision_feature_layer
+        deepest = max(layer) if isinstance(layer, list) else layer
+        tower = _base(self.backbone).vision_tower
+        prefix = "vision_tower."
+        if hasattr(tower, "vision_model"):
+            prefix, tower = "vision_tower.vision_model.", tower.vision_model
+        encoder_layers = getattr(getattr(tower, "encoder", None), "layers", None)
+        if encoder_layers is None:
+            return {}
+        n = len(encoder_layers)
+        # hidden_states has n + 1 entries (the embeddings first): index k is the output of layer k - 1.
+        used_up_to = (deepest % (n + 1)) - 1
+        why = f"the projector reads the vision tower's hidden state at vision_feature_layer={layer}"
+        unused = {f"{prefix}encoder.layers.{i}": why for i in range(used_up_to + 1, n)}
+        for name in ("post_layernorm", "head"):
+            if hasattr(tower, name):
+                unused[prefix + name] = why
+        return unused
+
+    def _config(self) -> PretrainedConfig:
+        return _base(self.backbone).config
+
+
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
