@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from vembed.atomic_dir import publish, staged_dir
 from vembed.errors import StorageError
 
 S3_SCHEME = "s3://"
@@ -153,13 +154,7 @@ def _check_replaceable(dest: Path) -> None:
 def _publish_local(tmp_dir: Path, dest: Path) -> None:
     """Move a finished directory into place; readers see the old one, nothing, or the new one."""
     _check_replaceable(dest)
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex}")
-        os.rename(dest, old)
-    os.rename(tmp_dir, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    publish(tmp_dir, dest)
 
 
 def _atomic_copy(src: Path, dest: Path, error: Callable[[str, BaseException], StorageError]) -> None:
@@ -675,15 +670,10 @@ class Storage:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             return
-        dest = Path(uri)
-        tmp = _local_tmp_sibling(dest)
-        try:
+        # The one "temporary sibling, removed on failure, renamed into place" helper (vembed.atomic_dir).
+        with staged_dir(Path(uri), may_replace=_check_replaceable) as tmp:
             yield tmp
             _write_manifest_last(tmp, build_manifest(tmp))
-            _publish_local(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def manifest_sha256(self, uri: str | os.PathLike[str]) -> str:
         """sha256 of a complete directory's manifest: one id for all of its content."""
