@@ -44,7 +44,7 @@ def train(
     from collections import namedtuple
     from pathlib import Path
 
-    from vembed.errors import VembedError
+    from vembed.retry import run_step
     from vembed.steps.launch import job_output_uri as default_job_output_uri
     from vembed.steps.train import render_report
     from vembed.steps.train import train as run_train
@@ -55,8 +55,8 @@ def train(
     out.parent.mkdir(parents=True, exist_ok=True)
     # Train next to the artifact (same filesystem), then move the final checkpoint into place.
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".train-") as work:
-        try:
-            summary = run_train(
+        def attempt() -> dict:
+            return run_train(
                 dataset.path,
                 work,
                 base_model or None,
@@ -67,8 +67,9 @@ def train(
                 backend=train_backend or None,
                 job_image=job_image or None,
             )
-        except VembedError as e:  # one readable line in the pod log, not a traceback
-            raise SystemExit(f"error: {e}") from None
+
+        # Bad config or data fails at once with one line; a transient storage error is retried.
+        summary = run_step(attempt)
         if out.exists():  # a retried attempt in the same place
             shutil.rmtree(out)
         shutil.move(summary["checkpoint_dir"], out)

@@ -296,7 +296,8 @@ def _resolve_resume(cfg: TrainConfig, out: Path) -> Path | None:
     if want == "latest":
         found = ckpt.latest_checkpoint(out)
         if found is None:
-            log.info("resume_from_checkpoint: latest, but %s has no checkpoint; starting fresh", out)
+            # A warning, so that it shows without any logging setup: the user asked to resume.
+            log.warning("resume_from_checkpoint: latest, but %s has no checkpoint; starting fresh", out)
             return None
         return found
     path = Path(want)
