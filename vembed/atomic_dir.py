@@ -62,6 +62,8 @@ def staged_dir(
         publish(tmp, dest)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if e.filename is not None and str(e.filename).startswith(str(tmp)):
+            e.filename = None  # the temporary copy is gone: name the destination instead
         raise os_error(e, dest) from None
     except SafetensorError as e:  # safetensors reports a failed write (disk full, ...) as its own error
         shutil.rmtree(tmp, ignore_errors=True)
