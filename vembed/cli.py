@@ -22,6 +22,13 @@ def check_output_file(path: str) -> None:
         raise StorageError(f"{path}: folder {p.parent} does not exist")
 
 
+def _end_progress_bars() -> None:
+    """A failure mid-training leaves tqdm's bar open: close it, so the error starts on its own line."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
 def _os_error_line(e: OSError) -> str:
     """`path: reason` for a file-system error that no handler turned into a VembedError."""
     if e.filename is not None:
@@ -198,9 +205,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except VembedError as e:
+        _end_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the file system said no (read-only, full, missing folder): one line, no traceback
+        _end_progress_bars()
         print(f"error: {_os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
