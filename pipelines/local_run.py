@@ -117,7 +117,7 @@ class _StepLog(io.TextIOBase):
         self.reason: str | None = None  # that step's one-line error, if it printed one
 
     def write(self, text: str) -> int:
-        self.log.write(text)
+        self.log.write(strip_ansi(text))  # kfp.local colours its lines; a log file wants plain text
         self._pending += text
         *lines, self._pending = re.split(r"[\r\n]", self._pending)
         for line in lines:

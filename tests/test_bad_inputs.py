@@ -398,3 +398,20 @@ def test_unreachable_mlflow_fails_fast(monkeypatch):
         Registry(dead_url())
     assert info.value.transient
     assert len(calls) == 1 and all(t <= 5 for t in calls[0])  # one request, each wait bounded
+
+
+def test_pipeline_bad_data_fails_at_once_naming_step_and_line(tmp_path, capsys):
+    """Bad data inside the pipeline (prepare's DataError) is permanent: no retry, and the terminal names
+    the step and the `file:line` reason, in plain text when it is not a TTY."""
+    from pipelines.cli import main as pipeline_main
+
+    data = write(tmp_path / "raw.jsonl", '{"query": "a", "positive": "b"}\nnot json\n')
+    before = tree_hashes(tmp_path)
+    assert pipeline_main(["run", "--local", "--data", str(data), "--output-dir", str(tmp_path / "p")]) == 2
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "step prepare failed" in lines[0] and f"{data}:2: invalid JSON" in lines[0], err
+    assert "\x1b[" not in out + err and "Traceback" not in err
+    log = (tmp_path / "p" / "pipeline.log").read_text()
+    assert log.count("Executing task 'prepare'") == 1 and "Retrying" not in log
+    assert all(after == before[p] for p, after in tree_hashes(tmp_path).items() if p in before)
