@@ -415,3 +415,48 @@ def test_pipeline_bad_data_fails_at_once_naming_step_and_line(tmp_path, capsys):
     log = (tmp_path / "p" / "pipeline.log").read_text()
     assert log.count("Executing task 'prepare'") == 1 and "Retrying" not in log
     assert all(after == before[p] for p, after in tree_hashes(tmp_path).items() if p in before)
+
+
+def test_steps_retry_transient_failures_only():
+    """vembed.retry: a transient error (network, 5xx, throttling) is retried with backoff; a permanent
+    one (bad data) ends the step at once with one `error:` line."""
+    from vembed.errors import DataError, StorageError
+    from vembed.retry import run_step
+
+    slept: list[float] = []
+    attempts = []
+
+    def flaky():
+        attempts.append(1)
+        if len(attempts) < 3:
+            err = StorageError("s3://b/k: S3 error SlowDown (HTTP 503)")
+            err.transient = True
+            raise err
+        return "done"
+
+    assert run_step(flaky, sleep=slept.append) == "done"
+    assert len(attempts) == 3 and slept == [15.0, 30.0]
+
+    calls = []
+
+    def bad_data():
+        calls.append(1)
+        raise DataError("raw.jsonl:2: invalid JSON")
+
+    with pytest.raises(SystemExit, match=r"^error: raw.jsonl:2: invalid JSON$"):
+        run_step(bad_data, sleep=slept.append)
+    assert calls == [1] and slept == [15.0, 30.0]  # no retry, no wait
+
+
+def test_s3_throttling_and_5xx_are_transient_404_is_not():
+    from botocore.exceptions import ClientError
+
+    from vembed.storage import _storage_error
+
+    def client_error(code: str, status: int) -> ClientError:
+        return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+    assert _storage_error("s3://b/k", client_error("SlowDown", 503)).transient
+    assert _storage_error("s3://b/k", client_error("InternalError", 500)).transient
+    assert not _storage_error("s3://b/k", client_error("NoSuchKey", 404)).transient
+    assert not _storage_error("s3://b/k", client_error("AccessDenied", 403)).transient
