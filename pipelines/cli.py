@@ -324,3 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VembedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file-system error on a path given here: one line, no traceback
+        where = f"{e.filename}: " if e.filename is not None else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2

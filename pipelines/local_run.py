@@ -67,6 +67,19 @@ def _absolute_if_local(uri: str) -> str:
     return str(Path(uri).resolve())
 
 
+def _check_local_inputs(data_uri: str | None, config_path: str | None) -> None:
+    from vembed.errors import ConfigError, DataError
+
+    if data_uri and "://" not in data_uri:
+        path = Path(data_uri)
+        # `<prefix>/latest` names the newest dt= snapshot under the prefix, not a real folder.
+        exists = path.parent.is_dir() if path.name == "latest" else path.exists()
+        if not exists:
+            raise DataError(f"{data_uri}: raw data does not exist")
+    if config_path and not Path(config_path).is_file():
+        raise ConfigError(f"{config_path}: config file does not exist")
+
+
 def default_tracking_uri(out_dir: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out_dir / 'mlflow.db').resolve()}"
 
@@ -78,31 +91,48 @@ def _compile_local(out_dir: Path) -> Path:
     return compile_pipeline(out_dir / LOCAL_YAML_NAME, PipelineOptions(accelerator_limit=0, exit_handler=False))
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
 class _StepLog(io.TextIOBase):
     """Stand-in for stdout during the run: everything goes to the log file; kfp.local's "Executing
     task" / "finished with status" lines are echoed to the terminal, and on a terminal the training
     progress bar is shown on one line that keeps being overwritten."""
 
-    _ANSI = re.compile(r"\x1b\[[0-9;]*m")
     _STATUS = re.compile(r"(Executing task|Task '[^']+' finished with status|Pipeline '[^']+' finished)")
+    _TASK = re.compile(r"Executing task '([^']+)'")
+    _ERROR = re.compile(r"^\s*error: (.+)$")  # what a step prints when it fails (vembed.retry)
+    _EXCEPTION = re.compile(r"^\s*([A-Za-z_][\w.]*(Error|Exception|Exit)): (.+)$")  # a traceback's last line
     _TRAINING = re.compile(r"^\s*(training:\s+\d+%.*)$")
 
     def __init__(self, log: TextIO, terminal: TextIO) -> None:
         self.log, self.terminal, self._pending = log, terminal, ""
         self._live = terminal.isatty()
         self._bar_shown = False
+        self.task: str | None = None  # the step running now (the failing one, after a failure)
+        self.reason: str | None = None  # that step's one-line error, if it printed one
 
     def write(self, text: str) -> int:
-        self.log.write(text)
+        self.log.write(strip_ansi(text))  # kfp.local colours its lines; a log file wants plain text
         self._pending += text
         *lines, self._pending = re.split(r"[\r\n]", self._pending)
         for line in lines:
-            plain = self._ANSI.sub("", line)
+            plain = strip_ansi(line)
+            if task := self._TASK.search(plain):
+                self.task, self.reason = task.group(1), None
+            elif err := self._ERROR.match(plain):
+                self.reason = err.group(1).strip()
+            elif (exc := self._EXCEPTION.match(plain)) and self.reason is None:
+                self.reason = f"{exc.group(1)}: {exc.group(3).strip()}"
             if self._STATUS.search(plain):
                 if self._bar_shown:
                     self.terminal.write("\n")
                     self._bar_shown = False
-                print(plain.split(" - INFO - ", 1)[-1].strip(), file=self.terminal, flush=True)
+                print(re.split(r" - (?:INFO|WARNING|ERROR) - ", plain, maxsplit=1)[-1].strip(), file=self.terminal, flush=True)
             elif self._live and (bar := self._TRAINING.match(plain)):
                 width = shutil.get_terminal_size().columns - 3
                 self.terminal.write("\r  " + bar.group(1)[:width].ljust(width))
@@ -139,7 +169,10 @@ def run_local(
     parameters. Step output goes to `<out>/pipeline.log` unless `verbose`."""
     from kfp import components, local
 
+    _check_local_inputs(data_uri, config_path)  # a missing file fails in a second, not after a compile
     out = Path(output_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise LocalRunError(f"{output_dir}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     package = _compile_local(out)
     data = _absolute_if_local(data_uri) if data_uri else str(build_demo_raw_data(out))
@@ -172,12 +205,17 @@ def run_local(
     with _quiet_kfp_warnings(), log_path.open("w", encoding="utf-8") as log:
         # kfp.local prints its progress and every step's output to stdout: keep the progress on the
         # terminal, send the rest to the log file.
-        sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(_StepLog(log, sys.stderr))
+        step_log = _StepLog(log, sys.stderr)
+        sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(step_log)
         try:
             with sink:
                 task = pipeline(**arguments)
         except RuntimeError as e:
-            detail = str(e).splitlines()[0] if str(e) else "a step failed"
+            # The failing step and its one-line reason, plain text (kfp.local colours its message).
+            step, reason = (None, None) if verbose else (step_log.task, step_log.reason)
+            if step and reason:
+                raise LocalRunError(f"step {step} failed: {reason} (step output: {log_path})") from None
+            detail = strip_ansi(str(e).splitlines()[0]) if str(e) else "a step failed"
             raise LocalRunError(f"local pipeline run failed: {detail} (step output: {log_path})") from None
     registration = json.loads(task.outputs["registration"])
     report = Path(task.outputs["metrics_report"].path).read_text(encoding="utf-8")

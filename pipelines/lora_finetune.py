@@ -319,10 +319,9 @@ def build_pipeline(opts: PipelineOptions | None = None):
         for task in (promoted, held):
             _requests(task, res["register"])
 
-        # Steps that talk to S3 or MLflow over the network retry transient failures.
-        prepare_task.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
-        for task in (promoted, held):
-            task.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
+        # No task-level retry: KFP would rerun a step on any failure, a missing data file included
+        # (minutes of backoff for an error that cannot change). The steps retry transient failures
+        # (network, 5xx, throttling) themselves and fail at once on permanent ones (vembed.retry).
 
         # Caching: prepare may read a moving `.../latest` snapshot, evaluate compares against a champion
         # that changes, and register has side effects, so none of them may reuse an old result.

@@ -93,5 +93,8 @@ def test_modules_to_save(tiny_bert):
 
 
 def test_unknown_model_is_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="model_name: cannot load"):
+    # A missing local path says so; a name shaped like a hub id is tried (offline) and fails to load.
+    with pytest.raises(ConfigError, match=r"model_name: .*missing-model does not exist"):
         load_embedder(str(tmp_path / "missing-model"))
+    with pytest.raises(ConfigError, match="model_name: cannot load 'no-such-org/no-such-model'"):
+        load_embedder("no-such-org/no-such-model")

@@ -118,7 +118,8 @@ def test_local_run_needs_the_local_flag(capsys) -> None:
 
 
 def test_local_run_rejects_unknown_parameters(tmp_path: Path, capsys) -> None:
-    assert main(["run", "--local", "--output-dir", str(tmp_path), "--data", "x.jsonl", "--param", "min_delta_x=1"]) == 2
+    data = write_pairs(tmp_path / "x.jsonl", n=4)
+    assert main(["run", "--local", "--output-dir", str(tmp_path), "--data", str(data), "--param", "min_delta_x=1"]) == 2
     assert "unknown pipeline parameter 'min_delta_x'" in capsys.readouterr().err
 
 

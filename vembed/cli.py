@@ -8,7 +8,32 @@ import json
 import sys
 from collections.abc import Sequence
 
-from vembed.errors import VembedError
+from vembed.errors import StorageError, VembedError
+
+
+def check_output_file(path: str) -> None:
+    """A file the command will write: its folder must exist, and it must not be a directory."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        raise StorageError(f"{path}: is a directory; give a file name")
+    if not p.parent.is_dir():
+        raise StorageError(f"{path}: folder {p.parent} does not exist")
+
+
+def _end_progress_bars() -> None:
+    """A failure mid-training leaves tqdm's bar open: close it, so the error starts on its own line."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
+def _os_error_line(e: OSError) -> str:
+    """`path: reason` for a file-system error that no handler turned into a VembedError."""
+    if e.filename is not None:
+        return f"{e.filename}: {e.strerror or type(e).__name__}"
+    return str(e) or type(e).__name__
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -49,7 +74,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from vembed.export import merge_adapter
 
-    out = merge_adapter(args.checkpoint, args.output_dir)
+    out = merge_adapter(args.checkpoint, args.output_dir, overwrite=args.overwrite)
     print(f"merged model written to {out}")
     return 0
 
@@ -61,6 +86,8 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
     if not args.text and not args.image:
         raise VembedError("encode: give --text and/or --image")
+    if args.output:
+        check_output_file(args.output)  # before the model loads
     pred = Predictor(args.model)
     parts = []
     if args.text:
@@ -122,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="merge_and_unload an adapter into a standalone model")
     p.add_argument("checkpoint", help="adapter checkpoint directory")
-    p.add_argument("output_dir")
+    p.add_argument("output_dir", help="a new or empty directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier merge output in output_dir")
     p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("encode", help="embed texts or images")
@@ -177,7 +205,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except VembedError as e:
+        _end_progress_bars()
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system said no (read-only, full, missing folder): one line, no traceback
+        _end_progress_bars()
+        print(f"error: {_os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

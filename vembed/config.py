@@ -330,6 +330,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, expected a YAML config file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.strerror or type(e).__name__})") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not valid UTF-8 ({e.reason})") from None
     try:
@@ -339,7 +343,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
     if data is None:
-        return {}
+        # An empty file is a mistake (wrong file, failed write), not "all defaults".
+        raise ConfigError(f"{path}: config file is empty; give at least data_path and output_dir")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
     return data

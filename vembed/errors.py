@@ -4,7 +4,12 @@ from __future__ import annotations
 
 
 class VembedError(Exception):
-    """Base class: a user-facing error whose message says what and where."""
+    """Base class: a user-facing error whose message says what and where.
+
+    `transient` is True for failures a retry may fix (network errors, HTTP 5xx, throttling);
+    pipeline steps retry only those (vembed.retry). Everything else is permanent."""
+
+    transient: bool = False
 
 
 class ConfigError(VembedError):

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from vembed.data import Record, read_records
-from vembed.errors import DataError
+from vembed.errors import ConfigError, DataError, StorageError
 from vembed.models.base import Item
 
 METRICS = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")
@@ -91,6 +91,10 @@ def _normalized(x: np.ndarray) -> np.ndarray:
 
 def read_corpus(path: str | Path) -> list[str]:
     texts = []
+    if not Path(path).exists():
+        raise DataError(f"{path}: corpus file does not exist")
+    if Path(path).is_dir():
+        raise DataError(f"{path}: is a directory, expected a JSONL file")
     with open(path, encoding="utf-8-sig") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -167,13 +171,26 @@ def base_model_of(model_path: str) -> str | None:
     return None
 
 
+def parse_dims(text: str) -> list[int]:
+    """`--dims 384,256` -> [384, 256]; anything else is a one-line error naming the flag."""
+    try:
+        dims = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--dims: expected comma-separated positive integers such as 384,256, got {text!r}") from None
+    if any(d <= 0 for d in dims):
+        raise ConfigError(f"--dims: dims must be positive, got {text!r}")
+    return dims
+
+
 def evaluate_cli(args: Any) -> int:
     models: dict[str, str] = {}
     base = args.base or base_model_of(args.model)
     if base and not args.no_base:
         models["base"] = base
     models["tuned"] = args.model
-    dims = [int(x) for x in args.dims.split(",")] if args.dims else None
+    dims = parse_dims(args.dims) if args.dims else None
+    if args.output and Path(args.output).is_dir():  # checked before the slow part
+        raise StorageError(f"{args.output}: is a directory; give a file name for the metrics JSON")
     mode = getattr(args, "retrieval_mode", "auto")
     results = compare_models(models, args.data, args.corpus, dims, args.batch_size, retrieval_mode=mode)
     print(format_table(results))

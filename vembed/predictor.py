@@ -11,11 +11,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
 from vembed.errors import CheckpointError, VembedError
-from vembed.models import Embedder, EmbedderSpec, Item, family_class, load_embedder
+from vembed.models import Embedder, EmbedderSpec, Item, family_class, load_embedder, looks_like_hub_id
 from vembed.models.merged_base import find_base, lacks_tokenizer
-from vembed.training.checkpoint import CHECKSUMS, refuse_pickle, verify_checkpoint
+from vembed.training.checkpoint import check_integrity
 
 
 def materialize(model_path: str) -> Path:
@@ -39,11 +40,18 @@ def _read_spec(directory: Path) -> EmbedderSpec | None:
 def load_trained_embedder(directory: str | Path, device: str | torch.device | None = None) -> Embedder:
     d = Path(directory)
     if not d.is_dir():
+        name = str(directory)
+        if d.exists():
+            raise CheckpointError(f"{name}: is a file, expected a model directory")
+        if not looks_like_hub_id(name):
+            raise CheckpointError(f"{name}: does not exist")
         # A hub id or a name the resolver knows (e.g. the packaged MiniLM).
-        return _to_device(load_embedder(str(directory)), device)
-    if (d / CHECKSUMS).is_file():
-        verify_checkpoint(d)
-    refuse_pickle(d)
+        try:
+            return _to_device(load_embedder(name), device)
+        except (VembedError, OSError, ValueError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{name}: no such local directory, and not loadable as a hub model ({reason})") from None
+    check_integrity(d)
     spec = _read_spec(d)
     if (d / "adapter_config.json").is_file():
         from peft import PeftModel
@@ -88,13 +96,17 @@ class Predictor:
 
     def __init__(self, model_path: str | Path, device: str | None = None) -> None:
         self.model_path = str(model_path)
+        if "://" not in self.model_path and not self.model_path.startswith("models:/"):
+            if not Path(self.model_path).exists() and not looks_like_hub_id(self.model_path):
+                raise CheckpointError(f"{self.model_path}: does not exist")
         local = materialize(self.model_path)
         try:
             self.embedder = load_trained_embedder(local, device)
         except VembedError:
             raise
-        except (OSError, ValueError) as e:
-            raise VembedError(f"{model_path}: cannot load model: {str(e).splitlines()[0]}") from None
+        except (OSError, ValueError, SafetensorError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise VembedError(f"{model_path}: cannot load model: {reason}") from None
 
     @property
     def dim(self) -> int:

@@ -106,8 +106,9 @@ def safe_key(key: str) -> str:
     return key if re.fullmatch(r"[\w.:/@-]{1,200}", key) else hashlib.sha256(key.encode()).hexdigest()
 
 
-def resolve_tracking_uri(output_dir: str | os.PathLike[str]) -> str:
-    """`MLFLOW_TRACKING_URI`, else the embedded sqlite store `<output_dir>/mlflow.db`."""
+def resolve_tracking_uri(output_dir: str | os.PathLike[str], create: bool = True) -> str:
+    """`MLFLOW_TRACKING_URI`, else the embedded sqlite store `<output_dir>/mlflow.db`.
+    `create=False` (read commands) leaves the file system alone."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if uri:
         return uri
@@ -116,8 +117,28 @@ def resolve_tracking_uri(output_dir: str | os.PathLike[str]) -> str:
             f"{output_dir}: the embedded MLflow store needs a local output dir; set MLFLOW_TRACKING_URI"
         )
     out = Path(output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{out / 'mlflow.db'}"
+
+
+def require_existing_store(tracking_uri: str) -> None:
+    """For read commands: a sqlite store that does not exist is an error, not a new empty database
+    (MLflow would create the file, and the folders above it, and then find nothing)."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        if not db.parent.is_dir():
+            raise RegistryError(f"{tracking_uri}: folder {db.parent} does not exist, so there is no MLflow store there")
+        if not db.is_file():
+            raise RegistryError(f"{tracking_uri}: no MLflow store there ({db} does not exist)")
+
+
+def check_server(tracking_uri: str) -> None:
+    """An http(s) tracking server must answer within seconds (MLflow itself would retry for minutes)."""
+    if tracking_uri.split(":", 1)[0] in ("http", "https"):
+        from vembed.endpoints import check_http
+
+        check_http(tracking_uri, "/health", "MLflow", RegistryError)
 
 
 def _local_artifact_root(tracking_uri: str) -> str | None:
@@ -136,7 +157,15 @@ def _registry_errors(what: str) -> Iterator[None]:
         raise
     except (MlflowException, OSError) as e:
         first = redact(str(getattr(e, "message", e))).strip().splitlines()
-        raise RegistryError(f"{what}: {first[0][:300] if first else type(e).__name__}") from None
+        err = RegistryError(f"{what}: {first[0][:300] if first else type(e).__name__}")
+        # Network errors, 5xx and throttling may pass; a pipeline step retries those (vembed.retry).
+        err.transient = isinstance(e, OSError) or getattr(e, "error_code", "") in _TRANSIENT_CODES or (
+            "Max retries exceeded" in str(e)
+        )
+        raise err from None
+
+
+_TRANSIENT_CODES = ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "RESOURCE_EXHAUSTED", "REQUEST_LIMIT_EXCEEDED")
 
 
 # --- results ---------------------------------------------------------------------------
@@ -196,6 +225,7 @@ class Registry:
         self.experiment_name = (
             experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
         )
+        check_server(self.tracking_uri)
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         self._experiment_id: str | None = None
 
@@ -716,7 +746,9 @@ def download_model(
     models_uri: str, tracking_uri: str | None = None, cache_dir: str | os.PathLike[str] | None = None
 ) -> Path:
     """Resolve `models:/NAME@alias` or `models:/NAME/3` to a local model directory for Predictor."""
-    return Registry(tracking_uri).download(models_uri, cache_dir)
+    registry = Registry(tracking_uri)
+    require_existing_store(registry.tracking_uri)  # reading: never create an empty store
+    return registry.download(models_uri, cache_dir)
 
 
 def log_training_run(

@@ -57,9 +57,12 @@ def _format_show(info: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     try:
-        from vembed.registry import Registry, resolve_tracking_uri
+        from vembed.registry import Registry, require_existing_store, resolve_tracking_uri
 
-        registry = Registry(resolve_tracking_uri(args.output_dir))
+        # Every command here needs a model that is already registered: never create a store.
+        uri = resolve_tracking_uri(args.output_dir, create=False)
+        require_existing_store(uri)
+        registry = Registry(uri)
         if args.command == "show":
             info = registry.show(args.name)
             print(json.dumps(info, indent=2) if args.json else _format_show(info))
@@ -75,6 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except VembedError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file-system error on a path given here: one line, no traceback
+        where = f"{e.filename}: " if e.filename is not None else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
 
 

@@ -24,7 +24,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from vembed.atomic_dir import publish, staged_dir
 from vembed.errors import StorageError
+from vembed.redaction import redact
 
 S3_SCHEME = "s3://"
 MANIFEST = "manifest.json"
@@ -153,13 +155,7 @@ def _check_replaceable(dest: Path) -> None:
 def _publish_local(tmp_dir: Path, dest: Path) -> None:
     """Move a finished directory into place; readers see the old one, nothing, or the new one."""
     _check_replaceable(dest)
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex}")
-        os.rename(dest, old)
-    os.rename(tmp_dir, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    publish(tmp_dir, dest)
 
 
 def _atomic_copy(src: Path, dest: Path, error: Callable[[str, BaseException], StorageError]) -> None:
@@ -217,10 +213,10 @@ def _storage_error(uri: str, exc: BaseException, endpoint: str | None = None) ->
             "(or configure the standard AWS credential chain)"
         )
     if isinstance(exc, (bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ConnectTimeoutError)):
-        where = endpoint or "the default AWS endpoint"
-        return StorageError(f"{uri}: cannot reach S3 at {where} ({type(exc).__name__}, after retries)")
+        where = redact(endpoint) if endpoint else "the default AWS endpoint"
+        return _transient(StorageError(f"{uri}: cannot reach S3 at {where} ({type(exc).__name__}, after retries)"))
     if isinstance(exc, bex.ReadTimeoutError):
-        return StorageError(f"{uri}: S3 read timed out (after retries)")
+        return _transient(StorageError(f"{uri}: S3 read timed out (after retries)"))
     if isinstance(exc, bex.ClientError):
         err = exc.response.get("Error", {})
         code = str(err.get("Code", ""))
@@ -235,7 +231,9 @@ def _storage_error(uri: str, exc: BaseException, endpoint: str | None = None) ->
             return StorageError(f"{uri}: access denied (HTTP 403, {reason}); check the bucket policy and IAM permissions")
         if code in ("NoSuchKey", "NotFound", "404") or status == 404:
             return StorageError(f"{uri}: not found (HTTP 404)")
-        return StorageError(f"{uri}: S3 error {code or 'unknown'} (HTTP {status})")
+        err = StorageError(f"{uri}: S3 error {code or 'unknown'} (HTTP {status})")
+        throttled = code in ("SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests")
+        return _transient(err) if throttled or status == 429 or (status or 0) >= 500 else err
     if isinstance(exc, bex.BotoCoreError):
         return StorageError(f"{uri}: S3 client error ({type(exc).__name__})")
     if isinstance(exc, FileNotFoundError):
@@ -243,6 +241,12 @@ def _storage_error(uri: str, exc: BaseException, endpoint: str | None = None) ->
     if isinstance(exc, PermissionError):
         return StorageError(f"{uri}: permission denied")
     return StorageError(f"{uri}: {getattr(exc, 'strerror', None) or type(exc).__name__}")
+
+
+def _transient(err: StorageError) -> StorageError:
+    """Network errors, 5xx and throttling: a later attempt may succeed (see vembed.retry)."""
+    err.transient = True
+    return err
 
 
 @functools.cache
@@ -309,12 +313,17 @@ class Storage:
     @property
     def client(self) -> Any:
         if self._client is None:
+            if self.endpoint_url:  # a dead endpoint fails in seconds, not after minutes of retries
+                from vembed.endpoints import check_tcp
+
+                check_tcp(self.endpoint_url, "S3", StorageError)
             import boto3
             import botocore.session
             from botocore.config import Config
 
             config = Config(
                 retries={"mode": "standard", "max_attempts": self.max_attempts},
+                connect_timeout=5,  # the default 60 s, times every retry, is a hang to a user
                 max_pool_connections=max(10, self.max_concurrency + 2),
                 # Custom endpoints (MinIO, SeaweedFS) rarely resolve bucket.host names.
                 s3={"addressing_style": "path"} if self.endpoint_url else None,
@@ -675,15 +684,10 @@ class Storage:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             return
-        dest = Path(uri)
-        tmp = _local_tmp_sibling(dest)
-        try:
+        # The one "temporary sibling, removed on failure, renamed into place" helper (vembed.atomic_dir).
+        with staged_dir(Path(uri), may_replace=_check_replaceable) as tmp:
             yield tmp
             _write_manifest_last(tmp, build_manifest(tmp))
-            _publish_local(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def manifest_sha256(self, uri: str | os.PathLike[str]) -> str:
         """sha256 of a complete directory's manifest: one id for all of its content."""

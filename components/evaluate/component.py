@@ -28,7 +28,7 @@ def evaluate(
     from collections import namedtuple
     from pathlib import Path
 
-    from vembed.errors import VembedError
+    from vembed.retry import run_step
     from vembed.steps.evaluate import champion_uri, flat_metrics
     from vembed.steps.evaluate import evaluate as run_evaluate
 
@@ -38,9 +38,9 @@ def evaluate(
         os.environ["AWS_ENDPOINT_URL"] = s3_endpoint_url
     if registered_model_name and not os.environ.get("MLFLOW_TRACKING_URI"):
         raise SystemExit("error: no MLflow to find the champion in: set the mlflow_tracking_uri parameter")
-    try:
+    def attempt() -> dict:
         champion = champion_uri(registered_model_name) if registered_model_name else None
-        result = run_evaluate(
+        return run_evaluate(
             model.path,
             Path(dataset.path) / "eval.jsonl",
             base_model=base_model or model.metadata.get("base_model") or None,
@@ -48,8 +48,8 @@ def evaluate(
             promotion_metric=promotion_metric,
             min_delta=min_delta,
         )
-    except VembedError as e:  # one readable line in the pod log, not a traceback
-        raise SystemExit(f"error: {e}") from None
+
+    result = run_step(attempt)  # transient MLflow failures retried; anything else: one line, at once
     for name, value in flat_metrics(result["results"]).items():
         metrics.log_metric(name, value)
     decision = result["decision"]

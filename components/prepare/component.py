@@ -20,16 +20,14 @@ def prepare(
     import json
     import os
 
-    from vembed.errors import VembedError
+    from vembed.retry import run_step
     from vembed.steps.prepare import prepare as run_prepare
 
     if s3_endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = s3_endpoint_url
-    try:
-        summary = run_prepare(
-            raw_uri, dataset.path, eval_fraction=eval_fraction, seed=seed, on_bad_record=on_bad_record
-        )
-    except VembedError as e:  # one readable line in the pod log, not a traceback
-        raise SystemExit(f"error: {e}") from None
+    # Transient failures (network, 5xx, throttling) are retried; bad data fails at once, in one line.
+    summary = run_step(
+        lambda: run_prepare(raw_uri, dataset.path, eval_fraction=eval_fraction, seed=seed, on_bad_record=on_bad_record)
+    )
     dataset.metadata.update({k: v for k, v in summary.items() if isinstance(v, (str, int, float, bool))})
     return json.dumps(summary, default=str)

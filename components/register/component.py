@@ -29,7 +29,7 @@ def register(
     import os
     import tempfile
 
-    from vembed.errors import VembedError
+    from vembed.retry import run_step
     from vembed.steps.evaluate import eval_set_sha256, unflatten_metrics
     from vembed.steps.register import register as run_register
 
@@ -47,9 +47,9 @@ def register(
         "pipeline_run_id": pipeline_run_id or None,
         "run_name": pipeline_run_name or None,
     }
-    try:
+    def attempt() -> dict:
         with tempfile.TemporaryDirectory() as scratch:
-            result = run_register(
+            return run_register(
                 adapter.path,
                 merged_model.path,
                 evaluation,
@@ -60,7 +60,9 @@ def register(
                 output_dir=scratch,
                 training_run_info=run_info,
             )
-    except VembedError as e:  # one readable line in the pod log, not a traceback
-        raise SystemExit(f"error: {e}") from None
+
+    # Safe to retry (versions are found again by content key): transient MLflow/S3 failures are
+    # retried here; anything else fails at once with one line.
+    result = run_step(attempt)
     print(json.dumps(result, indent=2, default=str))
     return json.dumps(result, default=str)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 
 import torch
@@ -64,6 +65,14 @@ def family_class(family: str) -> type[Embedder]:
     return getattr(importlib.import_module(module), cls)
 
 
+# `org/name` or `name`: what a hub id looks like. A missing path of any other shape is simply missing.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    return bool(_HUB_ID.match(name)) and ".." not in name
+
+
 def load_embedder(
     model_name: str,
     pooling: str = "auto",
@@ -74,6 +83,8 @@ def load_embedder(
     """Load a base model of any supported family, offline.
 
     `max_seq_length` None: the model's own (sentence-transformers config), else 128."""
+    if not Path(model_name).expanduser().exists() and not looks_like_hub_id(model_name):
+        raise ConfigError(f"model_name: {model_name} does not exist")
     path = resolve_model_path(model_name)
     try:
         config = AutoConfig.from_pretrained(path)

@@ -249,12 +249,12 @@ def train_to_artifacts(
 
     `job_settings` (cluster variant): what the pipeline fixed at compile time for the job's pods
     ({"resources": {"requests": ..., "limits": ...}, "image_pull_secrets": [...]}); it overlays `task_config`.
-    A VembedError becomes `SystemExit("error: ...")`: one readable line in the pod log.
+    Transient failures are retried; a permanent one becomes `SystemExit("error: ...")`: one line in the pod log.
     """
     import shutil
     import tempfile
 
-    from vembed.errors import VembedError
+    from vembed.retry import run_step
     from vembed.steps.launch import job_output_uri as default_job_output_uri
 
     if s3_endpoint_url:
@@ -264,8 +264,8 @@ def train_to_artifacts(
     out = Path(model_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".train-") as work:
-        try:
-            summary = train(
+        def attempt() -> dict[str, Any]:
+            return train(
                 dataset_path,
                 work,
                 base_model or None,
@@ -276,8 +276,9 @@ def train_to_artifacts(
                 backend=train_backend or None,
                 job_image=job_image or None,
             )
-        except VembedError as e:
-            raise SystemExit(f"error: {e}") from None
+
+        # Bad config or data fails at once with one line; a transient storage error is retried.
+        summary = run_step(attempt)
         if out.exists():  # a retried attempt in the same place
             shutil.rmtree(out)
         shutil.move(summary["checkpoint_dir"], out)

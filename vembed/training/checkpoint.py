@@ -11,12 +11,14 @@ Layout of `output_dir/checkpoint-N/`:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from vembed.atomic_dir import staged_dir
 from vembed.errors import CheckpointError
 
 CHECKSUMS = "checksums.json"
@@ -71,6 +74,37 @@ def verify_checkpoint(directory: str | os.PathLike[str]) -> Path:
     return d
 
 
+def check_integrity(directory: str | os.PathLike[str]) -> Path:
+    """The one integrity policy for every reader (encode, Predictor, evaluate, merge, resume).
+
+    - checksums.json present: every listed file must match it.
+    - A vembed training checkpoint (trainer_state.json) without checksums.json was not fully
+      written (checksums.json is written last): refused, by resume and by encode alike.
+    - Any other model directory (a merged model, an adapter saved by another tool) has no
+      checksums to check; its safetensors headers are checked, so a truncated file is one line.
+    Pickle weight files are refused everywhere.
+    """
+    d = Path(directory)
+    if (d / CHECKSUMS).is_file() or (d / "trainer_state.json").is_file():
+        return verify_checkpoint(d)
+    refuse_pickle(d)
+    check_safetensors(d)
+    return d
+
+
+def check_safetensors(directory: Path) -> None:
+    """A truncated or corrupt .safetensors file fails here with its path, not deep in a loader."""
+    from safetensors import safe_open
+
+    for f in sorted(directory.rglob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                fh.keys()
+        except (SafetensorError, OSError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{f}: truncated or corrupt safetensors file ({reason})") from None
+
+
 def refuse_pickle(directory: Path) -> None:
     found = [p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if found:
@@ -93,31 +127,21 @@ def latest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def begin_checkpoint(output_dir: Path, step: int) -> Path:
-    """A fresh temporary directory; `commit_checkpoint` renames it into place."""
-    tmp = output_dir / f".tmp-checkpoint-{step}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def commit_checkpoint(tmp: Path, output_dir: Path, step: int, save_total_limit: int | None) -> Path:
-    write_checksums(tmp)
-    _fsync_dir(tmp)
+@contextlib.contextmanager
+def staged_checkpoint(output_dir: Path, step: int, save_total_limit: int | None) -> Iterator[Path]:
+    """Yield a temporary directory to write checkpoint `step` into; on success its checksums are
+    written last and it is renamed to `checkpoint-N`. On any failure (ENOSPC, Ctrl-C, an exception)
+    the temporary directory is removed and the checkpoints already there are untouched."""
     final = output_dir / f"checkpoint-{step}"
-    if final.exists():  # a retry of the same step: replace it whole
-        old = output_dir / f".old-checkpoint-{step}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    # An existing checkpoint-N is a retry of the same step (ours): it is replaced whole.
+    with staged_dir(final, may_replace=lambda _: None, tmp_name=f".tmp-checkpoint-{step}-{os.getpid()}") as tmp:
+        yield tmp
+        write_checksums(tmp)
+        _fsync_dir(tmp)
     _fsync_dir(output_dir)
     rotate_checkpoints(output_dir, save_total_limit, keep=final)
     for stale in output_dir.glob(".tmp-checkpoint-*"):  # leftovers of killed runs
         shutil.rmtree(stale, ignore_errors=True)
-    return final
 
 
 def rotate_checkpoints(output_dir: Path, limit: int | None, keep: Path) -> None:

@@ -107,6 +107,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
     resume_dir = _resolve_resume(cfg, out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {out} exists and is not a directory")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.yaml")
@@ -246,19 +248,19 @@ def save_checkpoint(
     optimizer_state = gather_optimizer_state(accelerator, embedder, optimizer)
     final = out / f"checkpoint-{step}"
     if accelerator.is_main_process:
-        tmp = ckpt.begin_checkpoint(out, step)
-        unwrapped: Embedder = accelerator.unwrap_model(embedder)
-        with _peft_names(accelerator, unwrapped):
-            _save_weights(unwrapped, tmp, model_state, cfg.use_lora)
-        if not cfg.use_lora:
-            _save_processor(unwrapped, tmp)
-        cfg.save(tmp / "vembed_config.yaml")
-        (tmp / "embedder.json").write_text(json.dumps(unwrapped.spec.to_dict(), indent=1))
-        ckpt.save_optimizer(optimizer, tmp, optimizer_state)
-        (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-        ckpt.save_rng(tmp)
-        (tmp / "trainer_state.json").write_text(json.dumps({**position, "history": history}, indent=1))
-        final = ckpt.commit_checkpoint(tmp, out, step, cfg.save_total_limit)
+        # Written into a temporary sibling, renamed when complete, removed on any failure (ENOSPC too).
+        with ckpt.staged_checkpoint(out, step, cfg.save_total_limit) as tmp:
+            unwrapped: Embedder = accelerator.unwrap_model(embedder)
+            with _peft_names(accelerator, unwrapped):
+                _save_weights(unwrapped, tmp, model_state, cfg.use_lora)
+            if not cfg.use_lora:
+                _save_processor(unwrapped, tmp)
+            cfg.save(tmp / "vembed_config.yaml")
+            (tmp / "embedder.json").write_text(json.dumps(unwrapped.spec.to_dict(), indent=1))
+            ckpt.save_optimizer(optimizer, tmp, optimizer_state)
+            (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+            ckpt.save_rng(tmp)
+            (tmp / "trainer_state.json").write_text(json.dumps({**position, "history": history}, indent=1))
     accelerator.wait_for_everyone()
     return final
 
@@ -294,7 +296,8 @@ def _resolve_resume(cfg: TrainConfig, out: Path) -> Path | None:
     if want == "latest":
         found = ckpt.latest_checkpoint(out)
         if found is None:
-            log.info("resume_from_checkpoint: latest, but %s has no checkpoint; starting fresh", out)
+            # A warning, so that it shows without any logging setup: the user asked to resume.
+            log.warning("resume_from_checkpoint: latest, but %s has no checkpoint; starting fresh", out)
             return None
         return found
     path = Path(want)

@@ -1,0 +1,91 @@
+"""Write a directory so that nothing already there is lost: one helper for merge, checkpoints and datasets.
+
+`staged_dir(dest)` yields a fresh hidden sibling of `dest`. When the block finishes, the sibling is
+renamed onto `dest`; on every failure path (an exception, ENOSPC, Ctrl-C) it is removed and `dest` is
+untouched. An existing `dest` is replaced only when `may_replace(dest)` says so, and that is asked
+before any work is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from safetensors import SafetensorError
+
+from vembed.errors import StorageError
+
+
+def os_error(exc: OSError, fallback: str | os.PathLike[str]) -> StorageError:
+    """`path: reason` for an OSError, naming the file it was about (else `fallback`)."""
+    where = exc.filename if exc.filename is not None else fallback
+    reason = exc.strerror or type(exc).__name__
+    return StorageError(f"{where}: {reason}")
+
+
+def refuse_existing(dest: Path) -> None:
+    """The default policy: a missing or empty directory may be written; anything else is refused."""
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+        raise StorageError(f"{dest}: exists and is not a directory; refusing to replace it")
+    if dest.is_dir() and any(dest.iterdir()):
+        raise StorageError(f"{dest}: directory is not empty; refusing to replace it")
+
+
+@contextlib.contextmanager
+def staged_dir(
+    dest: str | os.PathLike[str],
+    may_replace: Callable[[Path], None] = refuse_existing,
+    tmp_name: str | None = None,
+) -> Iterator[Path]:
+    """Yield a temporary sibling of `dest`, renamed onto it when the block succeeds.
+
+    `may_replace(dest)` raises when an existing `dest` must not be replaced (checked before the
+    block runs). An OSError in the block becomes a one-line StorageError `path: reason`.
+    """
+    dest = Path(dest)
+    if dest.exists() or dest.is_symlink():
+        may_replace(dest)
+    tmp = dest.with_name(tmp_name or f".{dest.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # a leftover of a killed process with the same name
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as e:
+        raise os_error(e, dest.parent) from None
+    try:
+        yield tmp
+        publish(tmp, dest)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.filename is not None and str(e.filename).startswith(str(tmp)):
+            e.filename = None  # the temporary copy is gone: name the destination instead
+        raise os_error(e, dest) from None
+    except SafetensorError as e:  # safetensors reports a failed write (disk full, ...) as its own error
+        shutil.rmtree(tmp, ignore_errors=True)
+        if "I/O error" not in str(e):
+            raise
+        raise StorageError(f"{dest}: cannot write ({str(e).splitlines()[0]})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def publish(tmp: Path, dest: Path) -> None:
+    """Move a finished directory onto `dest`; readers see the old one, nothing, or the new one."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:12]}")
+        os.rename(dest, old)
+    try:
+        os.rename(tmp, dest)
+    except BaseException:
+        if old is not None:  # put the previous one back
+            os.rename(old, dest)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

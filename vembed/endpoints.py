@@ -1,0 +1,66 @@
+"""Bounded waits on servers: one quick reachability check before a client that would retry for minutes.
+
+MLflow's client retries a dead server with exponential backoff (minutes), and boto3 waits up to
+60 s per connection attempt. A check here fails within about `timeout` seconds, with one line that
+names the endpoint (credentials redacted), and marks the error transient so that pipeline steps
+retry it (vembed.retry).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from urllib.parse import urlsplit
+
+from vembed.errors import VembedError
+from vembed.redaction import redact
+
+DEFAULT_TIMEOUT_S = 5.0
+_reachable: set[str] = set()  # endpoints that answered once in this process
+_lock = threading.Lock()
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    if not parts.hostname:
+        raise ValueError(f"no host in {url!r}")
+    return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def check_tcp(url: str, what: str, error: type[VembedError], timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    """Raise `error` unless a TCP connection to the URL's host and port opens within `timeout`."""
+    if url in _reachable:
+        return
+    try:
+        host, port = _host_port(url)
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except (OSError, ValueError) as e:
+        reason = "timed out" if isinstance(e, TimeoutError) else (getattr(e, "strerror", None) or str(e))
+        raise unreachable(error, what, url, reason, timeout) from None
+    with _lock:
+        _reachable.add(url)
+
+
+def check_http(url: str, path: str, what: str, error: type[VembedError], timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    """Raise `error` unless `GET url/path` answers within `timeout` with anything but a 5xx
+    (a proxy in front of a dead server answers 502/503; MLflow would retry those for minutes)."""
+    if url in _reachable:
+        return
+    import requests
+
+    try:
+        status = requests.get(url.rstrip("/") + path, timeout=(timeout, timeout), allow_redirects=False).status_code
+    except requests.RequestException as e:
+        reason = "timed out" if isinstance(e, requests.Timeout) else type(e).__name__
+        raise unreachable(error, what, url, reason, timeout) from None
+    if status >= 500:
+        raise unreachable(error, what, url, f"HTTP {status}", timeout)
+    with _lock:
+        _reachable.add(url)
+
+
+def unreachable(error: type[VembedError], what: str, url: str, reason: str, timeout: float) -> VembedError:
+    err = error(f"cannot reach {what} at {redact(url)} ({reason}; waited up to {timeout:g}s)")
+    err.transient = True
+    return err

@@ -1,0 +1,58 @@
+"""Pipeline steps retry transient failures only, and fail at once, in one line, on permanent ones.
+
+KFP's task retry (`set_retry`) cannot tell a network blip from a missing data file: it reruns the
+pod on any failure, with backoff (minutes for an error that cannot change). So the steps retry here,
+inside the pod: a `VembedError` whose `transient` is set (network error, HTTP 5xx, throttling; see
+vembed.storage, vembed.registry, vembed.endpoints) is retried with backoff; anything else (bad
+config, bad data, missing inputs) ends the step with `error: <what and where>` and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from vembed.errors import VembedError
+
+T = TypeVar("T")
+
+RETRIES = 3  # after the first attempt
+BACKOFF_S = 15.0  # then 30 s, 60 s
+BACKOFF_FACTOR = 2.0
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, VembedError):
+        return exc.transient
+    return isinstance(exc, (ConnectionError, TimeoutError))
+
+
+def _line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or type(exc).__name__}"
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def run_step(
+    fn: Callable[[], T],
+    retries: int = RETRIES,
+    backoff_s: float = BACKOFF_S,
+    factor: float = BACKOFF_FACTOR,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Run a step body; retry transient failures, turn permanent ones into `SystemExit("error: ...")`
+    (one readable line in the pod log, not a traceback). Bugs (other exceptions) propagate as they are."""
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except (VembedError, OSError) as e:
+            if is_transient(e) and attempt < retries:
+                delay = backoff_s * factor**attempt
+                print(f"transient failure, retrying in {delay:g}s ({attempt + 1}/{retries}): {_line(e)}", file=sys.stderr)
+                sleep(delay)
+                continue
+            raise SystemExit(f"error: {_line(e)}") from None
+    raise AssertionError("unreachable")
