@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,9 @@ def begin_checkpoint(output_dir: Path, step: int) -> Path:
     return tmp
 
 
-def commit_checkpoint(tmp: Path, output_dir: Path, step: int, save_total_limit: int | None) -> Path:
+def commit_checkpoint(
+    tmp: Path, output_dir: Path, step: int, save_total_limit: int | None, protect: Sequence[Path] = ()
+) -> Path:
     write_checksums(tmp)
     _fsync_dir(tmp)
     final = output_dir / f"checkpoint-{step}"
@@ -114,17 +117,21 @@ def commit_checkpoint(tmp: Path, output_dir: Path, step: int, save_total_limit: 
     else:
         os.replace(tmp, final)
     _fsync_dir(output_dir)
-    rotate_checkpoints(output_dir, save_total_limit, keep=final)
+    rotate_checkpoints(output_dir, save_total_limit, keep=final, protect=protect)
     for stale in output_dir.glob(".tmp-checkpoint-*"):  # leftovers of killed runs
         shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
-def rotate_checkpoints(output_dir: Path, limit: int | None, keep: Path) -> None:
+def rotate_checkpoints(output_dir: Path, limit: int | None, keep: Path, protect: Sequence[Path] = ()) -> None:
+    """Keep at most `limit` checkpoints: `keep`, the `protect`ed ones (the best checkpoint) and the
+    newest others; a protected checkpoint is never deleted, even when that leaves limit + 1."""
     if not limit:
         return
-    ckpts = [c for c in list_checkpoints(output_dir) if c != keep]
-    for old in ckpts[: max(0, len(ckpts) - (limit - 1))]:
+    kept = {keep, *protect}
+    ckpts = [c for c in list_checkpoints(output_dir) if c not in kept]
+    room = max(0, limit - len([c for c in kept if c.is_dir()]))
+    for old in ckpts[: max(0, len(ckpts) - room)]:
         shutil.rmtree(old, ignore_errors=True)
 
 
