@@ -43,7 +43,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("fsdp")
     model = tiny_bert(root / "bert", dropout=0.0)
     data = write_pairs(root / "pairs.jsonl", 32)
-    cfg = base_config(model, data, root / "run-a", use_fsdp=True, batch_size=4, max_steps=4, save_steps=2)
+    cfg = base_config(
+        model, data, root / "run-a", use_fsdp=True, batch_size=4, max_steps=4, save_steps=2,
+        eval_data_path=str(data), eval_steps=2, metric_for_best_model="loss",
+    )  # fmt: skip
     accelerate_launch([ENTRYPOINT, str(write_config(root / "a.yaml", cfg))])
 
     (root / "run-b").mkdir()
@@ -77,8 +80,25 @@ def test_fsdp_adapter_holds_every_shard_and_loads_with_peft(runs):
 def test_fsdp_run_matches_one_process_with_the_whole_batch(runs):
     root, _, one = runs
     two_state = json.loads((root / "run-a" / "checkpoint-4" / "trainer_state.json").read_text())
-    assert [h["loss"] for h in two_state["history"]] == pytest.approx([h["loss"] for h in one.history], rel=1e-5)
+    two_train, one_train = ([h for h in hist if "loss" in h] for hist in (two_state["history"], one.history))
+    assert [h["loss"] for h in two_train] == pytest.approx([h["loss"] for h in one_train], rel=1e-5)
     assert max_rel_diff(adapter(root / "run-a" / "checkpoint-4"), adapter(one.checkpoint_dir)) <= 1e-4
+
+
+def test_fsdp_validation_matches_one_process(runs):
+    """Evaluation under FSDP (eval set shared out, same forwards on both ranks) gives one process's figures,
+    and the resumed GradCache run (run-b) evaluates to the same values at step 4."""
+    root, _, one = runs
+    val = {
+        name: [h for h in json.loads((root / name / "checkpoint-4" / "trainer_state.json").read_text())["history"]
+               if "val_loss" in h]
+        for name in ("run-a", "run-b")
+    }  # fmt: skip
+    one_val = [h for h in one.history if "val_loss" in h]
+    assert [h["step"] for h in val["run-a"]] == [h["step"] for h in one_val] == [2, 4]
+    for a, b in zip(val["run-a"], one_val, strict=True):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    assert val["run-b"][-1] == pytest.approx(val["run-a"][-1], rel=1e-4, abs=1e-6)
 
 
 def test_fsdp_optimizer_state_is_gathered_whole(runs):
