@@ -1,7 +1,7 @@
 """GradCache memory: peak memory and time per sample at batch 32 vs 512 (chunk 32) on all-MiniLM-L6-v2.
 
     .venv/bin/python -m bench.gradcache_memory [--seq 64] [--plain-512]
-    .venv/bin/python -m bench.gradcache_memory --chunk-sweep [--seq 64]   # chunk sizes at batch 32
+    .venv/bin/python -m bench.gradcache_memory --chunk-sweep [--repeats 1]   # chunk sizes at batch 32
 
 Every configuration runs one training step (after one warm-up step for the small batches) in a fresh
 child process through vembed's own step functions (vembed.training.step / vembed.grad_cache). Memory
@@ -123,9 +123,10 @@ def main(argv: list[str]) -> None:
     p.add_argument("--seq", type=int, default=64, help="max_seq_length (demo positives fill it)")
     p.add_argument("--plain-512", action="store_true", help="also run the plain step at batch 512")
     p.add_argument("--chunk-sweep", action="store_true", help="batch 32: plain vs chunk 4, 8, 16, 32")
+    p.add_argument("--repeats", type=int, default=1, help="--chunk-sweep: runs per configuration")
     a = p.parse_args(argv)
     if a.chunk_sweep:
-        return chunk_sweep(a.seq)
+        return chunk_sweep(a.seq, repeats=a.repeats)
     info = demo_data()
     data, model = info["train"], minilm_path()
     configs = [(32, False), (32, True), (128, False), (128, True), (512, True)]
@@ -172,11 +173,12 @@ def main(argv: list[str]) -> None:
     print(md)
 
 
-def chunk_sweep(seq: int, batch: int = 32, chunks: tuple[int, ...] = (4, 8, 16, 32), repeats: int = 2) -> None:
+def chunk_sweep(seq: int, batch: int = 32, chunks: tuple[int, ...] = (4, 8, 16, 32), repeats: int = 1) -> None:
     """Peak memory and step time of the guide's batch 32 for several chunk sizes (and the plain step).
 
     The configurations alternate (plain, 4, 8, 16, 32, plain, 4, ...) so that load from other jobs on
-    the shared machine falls on all of them; the table reports the median of `repeats` runs."""
+    the shared machine falls on all of them; the table reports the median of `repeats` runs. The CPU
+    time column is the steadier figure when other jobs share the machine."""
     info = demo_data()
     data, model = info["train"], minilm_path()
     start_info = machine()
@@ -213,7 +215,7 @@ def chunk_sweep(seq: int, batch: int = 32, chunks: tuple[int, ...] = (4, 8, 16, 
             "## GradCache chunk size at the guide's batch 32",
             "",
             f"all-MiniLM-L6-v2, LoRA r=16 on query/value, fp32 on CPU, max_seq_length {seq} (demo data), "
-            f"batch {batch}, one step per fresh process, median of {repeats} alternating runs "
+            f"batch {batch}, one step (after a warm-up step) per fresh process, median of {repeats} alternating run(s) "
             "(`python -m bench.gradcache_memory --chunk-sweep`).",
             "",
             table,

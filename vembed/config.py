@@ -175,7 +175,9 @@ class TrainConfig(BaseModel):
     output_dir: str = "output"
     logging_steps: int = Field(10, gt=0)
     save_steps: int = Field(500, gt=0)
-    save_total_limit: int | None = Field(3, gt=0)
+    save_total_limit: int | None = Field(
+        3, gt=0, description="keep the newest N checkpoints (plus the best one with metric_for_best_model)"
+    )
     resume_from_checkpoint: str | None = Field(None, description="latest | path to checkpoint-N")
 
     # Where training runs (vembed.launchers); set nested keys with `trainer.num_nodes=2`

@@ -123,7 +123,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     records, stats = load_records(cfg.data_path, cfg.on_bad_record, transform=images)
     if stats.skipped:
         log.warning("%s: %s", cfg.data_path, stats.summary())
-    records, validator = build_validator(cfg, embedder, records)
+    # The validation loss is taken over as many records as a training step's loss sees.
+    loss_block = cfg.batch_size * (accelerator.num_processes if cfg.cross_device_negatives else 1)
+    records, validator = build_validator(cfg, embedder, records, loss_block)
     dataset = PairDataset(records, embedder)  # image paths were resolved when the records were read
     sampler = EpochBatchSampler(
         len(dataset), cfg.batch_size, cfg.seed, dataset.lengths() if cfg.group_by_length else None
@@ -271,7 +273,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     )
 
 
-def build_validator(cfg: TrainConfig, embedder: Embedder, records: list) -> tuple[list, Validator | None]:
+def build_validator(
+    cfg: TrainConfig, embedder: Embedder, records: list, loss_block: int | None = None
+) -> tuple[list, Validator | None]:
     """(training records, validator): eval records from eval_data_path, or eval_split held out of the data."""
     if cfg.eval_split is not None:
         from vembed.data.split import is_eval
@@ -291,7 +295,7 @@ def build_validator(cfg: TrainConfig, embedder: Embedder, records: list) -> tupl
             log.warning("%s: %s", cfg.eval_data_path, stats.summary())
     else:
         return records, None
-    return records, Validator(eval_records, embedder, cfg.batch_size)
+    return records, Validator(eval_records, embedder, cfg.batch_size, loss_block)
 
 
 def _batch_size(batch: dict[str, Any]) -> int:

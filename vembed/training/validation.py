@@ -3,8 +3,9 @@
 Every rank embeds an equal share of the eval items (padded to the same number of forwards, which
 FSDP needs), the embeddings are gathered, and every rank computes the same metrics from the same
 tensors, so decisions taken from them (best checkpoint, early stop) agree across ranks.
-The loss is InfoNCE over consecutive blocks of `batch_size` records (in-batch plus hard negatives),
-the training objective without dropout; the retrieval metrics are vembed.evaluation's.
+The loss is InfoNCE over consecutive blocks of `loss_block` records (in-batch plus hard negatives):
+the training objective without dropout, over as many records as one training step's loss sees (the
+global batch with cross-device negatives); the retrieval metrics are vembed.evaluation's.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Validator:
         records: Sequence[Record],
         embedder: Embedder,
         batch_size: int,
+        loss_block: int | None = None,
         corpus: Sequence[str] = (),
         data_root: Path | None = None,
     ) -> None:
@@ -59,6 +61,7 @@ class Validator:
         self.features = [embedder.featurize(q, is_query=True) for q in queries]
         self.features += [embedder.featurize(d, is_query=False) for d in docs + negatives]
         self.batch_size = batch_size
+        self.loss_block = loss_block or batch_size
         self.collate = embedder.collate
 
     def __len__(self) -> int:
@@ -105,8 +108,8 @@ class Validator:
     @torch.no_grad()
     def _loss(self, queries: torch.Tensor, docs: torch.Tensor, negatives: torch.Tensor, loss_fn) -> float:
         total = 0.0
-        for start in range(0, len(self.rows), self.batch_size):
-            block = self.rows[start : start + self.batch_size]
+        for start in range(0, len(self.rows), self.loss_block):
+            block = self.rows[start : start + self.loss_block]
             q = queries[[r[0] for r in block]]
             p = docs[[r[1] for r in block]]
             neg_ids = [i for r in block for i in r[2]]
