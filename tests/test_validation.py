@@ -62,9 +62,10 @@ def test_val_metrics_in_log_history_and_match_an_independent_evaluation(tiny_ber
     assert [ln.split()[1] for ln in lines] == ["step=2", "step=4"]
     for key in ("val_loss=", "val_ndcg@10=", "val_recall@10="):
         assert all(key in ln for ln in lines), key
-    evals = [h for h in result.history if "val_loss" in h]
+    evals = result.eval_history
     assert [h["step"] for h in evals] == [2, 4]
-    assert state(result.checkpoint_dir)["history"] == json.loads(json.dumps(result.history))
+    assert state(result.checkpoint_dir)["eval_history"] == json.loads(json.dumps(evals))
+    assert all("loss" in h for h in result.history)  # training steps stay apart from evaluations
     # The last figures equal vembed.evaluation's on the final checkpoint, computed the usual way.
     independent = evaluate_retrieval(Predictor(str(result.checkpoint_dir)), list(read_records(eval_file)))["full"]
     for metric in ("ndcg@10", "recall@10", "mrr@10"):
@@ -90,7 +91,7 @@ def test_best_checkpoint_survives_rotation(tiny_bert, pairs_file, tmp_path):
         cfg_for(tiny_bert, pairs_file, out, eval_data_path=eval_file, eval_steps=1, save_steps=2,
                 save_total_limit=1, max_steps=6, **AWAY)
     )  # fmt: skip
-    evals = [h for h in result.history if "val_loss" in h]
+    evals = result.eval_history
     best_step = max(evals, key=lambda h: h["val_loss"])["step"]
     assert result.best_checkpoint == out / f"checkpoint-{best_step}"
     assert result.best_metric == max(h["val_loss"] for h in evals)
@@ -109,7 +110,7 @@ def test_early_stopping_after_patience(tiny_bert, pairs_file, tmp_path):
         cfg_for(tiny_bert, pairs_file, out, eval_data_path=eval_file, eval_steps=1, epochs=3,
                 early_stopping_patience=2, **AWAY)
     )  # fmt: skip
-    evals = [h for h in result.history if "val_loss" in h]
+    evals = result.eval_history
     best_step = max(evals, key=lambda h: h["val_loss"])["step"]
     assert result.stopped_early
     assert result.global_step == best_step + 2 < 18  # two evaluations without improvement, long before the end
@@ -123,7 +124,7 @@ def test_eval_split_holds_out_training_records(tiny_bert, pairs_file, tmp_path):
     header = (out / "training_log.txt").read_text().splitlines()[0]
     trained = int(header.split("examples=")[1].split()[0])
     assert 0 < trained < 48 and result.global_step == -(-trained // 8)
-    assert [h["step"] for h in result.history if "val_loss" in h] == [result.global_step]  # at the end
+    assert [h["step"] for h in result.eval_history] == [result.global_step]  # at the end
 
 
 def test_resume_with_eval_and_patience_is_exact(tiny_bert, pairs_file, tmp_path):
@@ -136,7 +137,7 @@ def test_resume_with_eval_and_patience_is_exact(tiny_bert, pairs_file, tmp_path)
     # The patience count and the best value came back from checkpoint-2: it stops at the same step.
     assert resumed.stopped_early and resumed.global_step == full.global_step
     timeless = [[{k: v for k, v in h.items() if k != "samples_per_s"} for h in r.history] for r in (full, resumed)]
-    assert timeless[0] == timeless[1]
+    assert timeless[0] == timeless[1] and resumed.eval_history == full.eval_history
     assert state(resumed.checkpoint_dir)["best"] == state(full.checkpoint_dir)["best"]
     a, b = adapter(full.checkpoint_dir), adapter(resumed.checkpoint_dir)
     for k in a:
@@ -161,7 +162,7 @@ def test_val_metrics_reach_mlflow(tiny_bert, pairs_file, tmp_path, monkeypatch):
     client = MlflowClient(tracking_uri=uri)
     for name, key in (("val/loss", "val_loss"), ("val/ndcg_at_10", "val_ndcg@10"), ("val/recall_at_10", "val_recall@10")):
         got = sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
-        want = [(h["step"], h[key]) for h in result.history if key in h]
+        want = [(h["step"], h[key]) for h in result.eval_history]
         assert [s for s, _ in got] == [s for s, _ in want] == [1, 2], name
         assert [v for _, v in got] == pytest.approx([v for _, v in want]), name
     assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == [1, 2]

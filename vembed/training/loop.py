@@ -48,6 +48,8 @@ class TrainResult:
     final_loss: float
     log_path: Path
     history: list[dict[str, Any]] = field(default_factory=list)
+    # One entry per evaluation: {"step", "val_loss", "val_ndcg@10", ...}
+    eval_history: list[dict[str, Any]] = field(default_factory=list)
     # With metric_for_best_model: the checkpoint with the best validation metric (never rotated away).
     best_checkpoint: Path | None = None
     best_metric: float | None = None
@@ -172,6 +174,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     else:
         train_log.resumed(resume_dir, state["global_step"])
     history: list[dict[str, Any]] = state["history"]
+    eval_history: list[dict[str, Any]] = state.get("eval_history") or []
     global_step = state["global_step"]
     eval_every = cfg.eval_steps or cfg.save_steps
     last_eval = global_step if resume_dir is not None else -1
@@ -185,7 +188,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             metrics = broadcast_object_list([metrics])[0]
         improved = tracker.update(position["global_step"], metrics)
         entry = {"step": position["global_step"], **{f"val_{k}": metrics[k] for k in LOGGED}}
-        history.append(entry)
+        eval_history.append(entry)
         train_log.eval(position["global_step"], {k: metrics[k] for k in LOGGED}, tracker.to_dict())
         last_eval = position["global_step"]
         return improved
@@ -194,7 +197,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         nonlocal last_saved
         save_checkpoint(
             accelerator, embedder, optimizer, scheduler, cfg, position, history, tracker.to_dict(),
-            tracker.best_checkpoint,
+            tracker.best_checkpoint, eval_history,
         )  # fmt: skip
         last_saved = position["global_step"]
     progress = tqdm(
@@ -269,8 +272,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(
-        final, global_step, loss_value, out / "training_log.txt", history, best, tracker.best_value, stopped_early
-    )
+        final, global_step, loss_value, out / "training_log.txt", history, eval_history, best, tracker.best_value,
+        stopped_early,
+    )  # fmt: skip
 
 
 def build_validator(
@@ -313,11 +317,12 @@ def save_checkpoint(
     history: list[dict[str, Any]],
     best: dict[str, Any] | None = None,
     protect: str | None = None,
+    eval_history: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Every rank calls this (FSDP gathers are collective); rank 0 writes.
 
     `best`: the best-metric/patience state, saved so that a resume continues it; `protect`: the
-    name of the best checkpoint, which rotation keeps."""
+    name of the best checkpoint, which rotation keeps; `eval_history`: the validation results so far."""
     from vembed.training.model_state import gather_model_state, gather_optimizer_state
 
     out = Path(cfg.output_dir)
@@ -337,7 +342,11 @@ def save_checkpoint(
         ckpt.save_optimizer(optimizer, tmp, optimizer_state)
         (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
         ckpt.save_rng(tmp)
-        trainer_state = {**position, "history": history, **({"best": best} if best and best.get("metric") else {})}
+        trainer_state: dict[str, Any] = {**position, "history": history}
+        if eval_history:
+            trainer_state["eval_history"] = eval_history
+        if best and best.get("metric"):
+            trainer_state["best"] = best
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         keep = [out / protect] if protect else []
         final = ckpt.commit_checkpoint(tmp, out, step, cfg.save_total_limit, protect=keep)
