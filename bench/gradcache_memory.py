@@ -1,6 +1,7 @@
 """GradCache memory: peak memory and time per sample at batch 32 vs 512 (chunk 32) on all-MiniLM-L6-v2.
 
     .venv/bin/python -m bench.gradcache_memory [--seq 64] [--plain-512]
+    .venv/bin/python -m bench.gradcache_memory --chunk-sweep [--repeats 1]   # chunk sizes at batch 32
 
 Every configuration runs one training step (after one warm-up step for the small batches) in a fresh
 child process through vembed's own step functions (vembed.training.step / vembed.grad_cache). Memory
@@ -11,12 +12,17 @@ is what training itself needed. Timings on a shared 2-core machine are noisy; me
 The plain step at batch 512 is left out unless --plain-512: it keeps every activation of 1024
 sequences and is estimated instead from the measured plain steps at batch 32 and 128.
 Writes bench/results/gradcache_memory.{md,json}.
+
+--chunk-sweep measures the guide's LoRA + GradCache recipe (batch 32) with chunk sizes 4, 8, 16 and 32
+against the plain step, each in a fresh process, and writes bench/results/gradcache_chunks.{md,json}:
+the figures behind the default `gradient_cache_chunk_size`.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -45,6 +51,7 @@ def child(argv: list[str]) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--grad-cache", action="store_true")
+    p.add_argument("--chunk", type=int, default=CHUNK)
     p.add_argument("--seq", type=int, required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--model", required=True)
@@ -69,7 +76,7 @@ def child(argv: list[str]) -> None:
         max_seq_length=a.seq,
         batch_size=a.batch,
         use_gradient_cache=a.grad_cache,
-        gradient_cache_chunk_size=CHUNK,
+        gradient_cache_chunk_size=a.chunk,
     )
     accelerator, dtype = build_accelerator(cfg)
     embedder = build_embedder(cfg, dtype)
@@ -88,20 +95,22 @@ def child(argv: list[str]) -> None:
         step(batch)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     loss = step(batches[-1])
     optimizer.step()
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     emit(
         {
             "batch": a.batch,
             "grad_cache": a.grad_cache,
-            "chunk": CHUNK if a.grad_cache else None,
+            "chunk": a.chunk if a.grad_cache else None,
             "seq": a.seq,
             "loss": float(loss),
             "tokens": tokens,
             "step_s": elapsed,
             "ms_per_sample": 1000 * elapsed / a.batch,
+            # CPU seconds of this process: less sensitive than wall time to other jobs on a shared machine
+            "cpu_ms_per_sample": 1000 * cpu / a.batch,
             "ready_rss_mib": ready_rss,
             "peak_rss_mib": peak_rss_mib(),
             "training_mib": peak_rss_mib() - ready_rss,
@@ -113,7 +122,11 @@ def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seq", type=int, default=64, help="max_seq_length (demo positives fill it)")
     p.add_argument("--plain-512", action="store_true", help="also run the plain step at batch 512")
+    p.add_argument("--chunk-sweep", action="store_true", help="batch 32: plain vs chunk 4, 8, 16, 32")
+    p.add_argument("--repeats", type=int, default=1, help="--chunk-sweep: runs per configuration")
     a = p.parse_args(argv)
+    if a.chunk_sweep:
+        return chunk_sweep(a.seq, repeats=a.repeats)
     info = demo_data()
     data, model = info["train"], minilm_path()
     configs = [(32, False), (32, True), (128, False), (128, True), (512, True)]
@@ -157,6 +170,60 @@ def main(argv: list[str]) -> None:
         ]
     )
     save_report("gradcache_memory", md, {"machine": start_info, "runs": runs, "plain_512_estimate_mib": estimate_512})
+    print(md)
+
+
+def chunk_sweep(seq: int, batch: int = 32, chunks: tuple[int, ...] = (4, 8, 16, 32), repeats: int = 1) -> None:
+    """Peak memory and step time of the guide's batch 32 for several chunk sizes (and the plain step).
+
+    The configurations alternate (plain, 4, 8, 16, 32, plain, 4, ...) so that load from other jobs on
+    the shared machine falls on all of them; the table reports the median of `repeats` runs. The CPU
+    time column is the steadier figure when other jobs share the machine."""
+    info = demo_data()
+    data, model = info["train"], minilm_path()
+    start_info = machine()
+    variants: list[int | None] = [None, *chunks]
+    runs: list[dict] = []
+    for _ in range(repeats):
+        for chunk in variants:
+            args = ["--batch", str(batch), "--seq", str(seq), "--data", data, "--model", model]
+            if chunk is not None:
+                args += ["--grad-cache", "--chunk", str(chunk)]
+            r = run_child("bench.gradcache_memory", args, timeout=1800)
+            print(f"chunk {chunk}: peak {r['peak_rss_mib']:.0f} MiB, training {r['training_mib']:.0f} MiB, "
+                  f"{r['ms_per_sample']:.1f} ms/sample", flush=True)  # fmt: skip
+            runs.append(r)
+
+    def med(chunk: int | None, key: str) -> float | str:
+        values = [r[key] for r in runs if r["chunk"] == chunk and key in r]
+        return statistics.median(values) if values else "-"
+
+    rows = [
+        [
+            "plain" if c is None else f"GradCache, chunk {c}",
+            round(med(c, "peak_rss_mib")),
+            round(med(c, "training_mib")),
+            med(c, "ms_per_sample"),
+            med(c, "cpu_ms_per_sample"),
+        ]
+        for c in variants
+    ]
+    header = ["step (batch 32)", "peak RSS MiB", "training MiB (peak - ready)", "wall ms / sample", "CPU ms / sample"]
+    table = md_table(header, rows)
+    md = "\n".join(
+        [
+            "## GradCache chunk size at the guide's batch 32",
+            "",
+            f"all-MiniLM-L6-v2, LoRA r=16 on query/value, fp32 on CPU, max_seq_length {seq} (demo data), "
+            f"batch {batch}, one step (after a warm-up step) per fresh process, median of {repeats} alternating run(s) "
+            "(`python -m bench.gradcache_memory --chunk-sweep`).",
+            "",
+            table,
+            "",
+            machine_line(start_info, os.getloadavg()),
+        ]
+    )
+    save_report("gradcache_chunks", md, {"machine": start_info, "runs": runs})
     print(md)
 
 

@@ -60,6 +60,7 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory):
     cfg = base_config(
         model, data, root / "out-2proc",
         batch_size=GLOBAL_BATCH // 2, use_gradient_cache=True, gradient_cache_chunk_size=3, max_steps=3,
+        eval_data_path=str(data), eval_steps=2, metric_for_best_model="ndcg@10",
     )  # fmt: skip
     config = write_config(root / "ddp.yaml", cfg)
     (root / "result").mkdir()
@@ -112,6 +113,12 @@ def test_two_process_training_run_matches_one_process(ddp_run):
     assert [h["loss"] for h in two_state["history"]] == pytest.approx([h["loss"] for h in one.history], rel=1e-5)
     assert [h["lr"] for h in two_state["history"]] == pytest.approx([h["lr"] for h in one.history])
     assert max_rel_diff(adapter(two_dir / "checkpoint-3"), adapter(one.checkpoint_dir)) <= 1e-4
+    # Validation with the eval set shared out over both processes gives one process's figures.
+    two_val, one_val = two_state["eval_history"], one.eval_history
+    assert [h["step"] for h in two_val] == [h["step"] for h in one_val] == [2, 3]
+    for a, b in zip(two_val, one_val, strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    assert two_state["best"] == pytest.approx(json.loads((one.checkpoint_dir / "trainer_state.json").read_text())["best"])
 
 
 def test_launch_configs_parse_and_fsdp_keeps_lora_settings():

@@ -19,6 +19,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModel
 
+from tests.resume_log import assert_resumed
 from tests.scaleout_helpers import (
     accelerate_launch,
     adapter,
@@ -42,7 +43,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("fsdp")
     model = tiny_bert(root / "bert", dropout=0.0)
     data = write_pairs(root / "pairs.jsonl", 32)
-    cfg = base_config(model, data, root / "run-a", use_fsdp=True, batch_size=4, max_steps=4, save_steps=2)
+    cfg = base_config(
+        model, data, root / "run-a", use_fsdp=True, batch_size=4, max_steps=4, save_steps=2,
+        eval_data_path=str(data), eval_steps=2, metric_for_best_model="loss",
+    )  # fmt: skip
     accelerate_launch([ENTRYPOINT, str(write_config(root / "a.yaml", cfg))])
 
     (root / "run-b").mkdir()
@@ -80,6 +84,21 @@ def test_fsdp_run_matches_one_process_with_the_whole_batch(runs):
     assert max_rel_diff(adapter(root / "run-a" / "checkpoint-4"), adapter(one.checkpoint_dir)) <= 1e-4
 
 
+def test_fsdp_validation_matches_one_process(runs):
+    """Evaluation under FSDP (eval set shared out, same forwards on both ranks) gives one process's figures,
+    and the resumed GradCache run (run-b) evaluates to the same values at step 4."""
+    root, _, one = runs
+    val = {
+        name: json.loads((root / name / "checkpoint-4" / "trainer_state.json").read_text())["eval_history"]
+        for name in ("run-a", "run-b")
+    }
+    one_val = one.eval_history
+    assert [h["step"] for h in val["run-a"]] == [h["step"] for h in one_val] == [2, 4]
+    for a, b in zip(val["run-a"], one_val, strict=True):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    assert val["run-b"][-1] == pytest.approx(val["run-a"][-1], rel=1e-4, abs=1e-6)
+
+
 def test_fsdp_optimizer_state_is_gathered_whole(runs):
     """Adam moments in the FSDP checkpoint are full tensors equal to the single process's."""
     root, single, _ = runs
@@ -99,5 +118,5 @@ def test_fsdp_resume_with_grad_cache_continues_exactly(runs):
     resumed = root / "run-b" / "checkpoint-4"
     assert max_rel_diff(adapter(resumed), adapter(root / "run-a" / "checkpoint-4")) <= 1e-4
     assert max_rel_diff(adapter(resumed), adapter(one.checkpoint_dir)) <= 1e-4
-    log = (root / "run-b" / "training_log.txt").read_text()
-    assert "step=3" in log and "step=4" in log
+    # run-b's log holds only what run-b wrote: a restart from scratch would log a start and steps 1-4.
+    assert assert_resumed(root / "run-b" / "training_log.txt", checkpoint=2) == (2, [3, 4])

@@ -141,14 +141,17 @@ def test_pickle_checkpoint_refused(tiny_bert, pairs_file, tmp_path):
 
 
 def test_resume_in_process_matches_uninterrupted(tiny_bert, pairs_file, tmp_path):
+    from tests.resume_log import assert_resumed
+
     # Crosses an epoch boundary (6 batches per epoch) with dropout on.
-    full = train(cfg_for(tiny_bert, pairs_file, tmp_path / "a", max_steps=8, save_steps=4, lora_dropout=0.1))
+    opts = {"epochs": 2, "max_steps": 8, "save_steps": 4, "lora_dropout": 0.1, "logging_steps": 1}
+    full = train(cfg_for(tiny_bert, pairs_file, tmp_path / "a", **opts))
     # Start "b" from a's mid-run checkpoint, as if a had been interrupted right after it.
     shutil.copytree(tmp_path / "a" / "checkpoint-4", tmp_path / "b" / "checkpoint-4")
-    resumed = train(
-        cfg_for(tiny_bert, pairs_file, tmp_path / "b", max_steps=8, save_steps=4, lora_dropout=0.1,
-                resume_from_checkpoint="latest")
-    )
+    resumed = train(cfg_for(tiny_bert, pairs_file, tmp_path / "b", resume_from_checkpoint="latest", **opts))
+    # A restart from step 0 would reach the same weights (seeded); the log shows that it resumed.
+    assert assert_resumed(tmp_path / "b" / "training_log.txt", checkpoint=4) == (4, [5, 6, 7, 8])
+    assert [h["step"] for h in resumed.history] == list(range(1, 9))  # steps 1-4 came from the checkpoint
     a = load_file(str(full.checkpoint_dir / "adapter_model.safetensors"))
     b = load_file(str(resumed.checkpoint_dir / "adapter_model.safetensors"))
     assert a.keys() == b.keys()

@@ -136,7 +136,11 @@ class TrainConfig(BaseModel):
         False, description="recompute activations in the backward pass: less memory, slower steps"
     )
     use_gradient_cache: bool = False
-    gradient_cache_chunk_size: int = Field(32, gt=0)
+    gradient_cache_chunk_size: int = Field(
+        8,
+        gt=0,
+        description="rows per GradCache chunk; must be below batch_size to save memory (docs/benchmarks.md)",
+    )
     use_mrl: bool = False
     mrl_dims: list[int] | None = Field(None, description="strictly descending; default: full dim halved down to 32")
     mrl_weights: list[float] | None = Field(None, description="one weight per mrl_dim; default all 1")
@@ -145,7 +149,27 @@ class TrainConfig(BaseModel):
 
     # Data
     data_path: str = "data/train.jsonl"
-    eval_data_path: str | None = None
+    eval_data_path: str | None = Field(
+        None, description="held-out JSONL, evaluated during training (validation loss, nDCG@10, Recall@10)"
+    )
+    eval_split: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="without eval_data_path: hold out this fraction of data_path (by a hash of the query)",
+    )
+    eval_steps: int | None = Field(
+        None, gt=0, description="evaluate every N optimizer steps and at the end; null: at every save_steps"
+    )
+    metric_for_best_model: Literal["loss", "ndcg@10", "recall@10", "recall@1", "recall@5", "mrr@10"] | None = Field(
+        None, description="validation metric that picks best_checkpoint (kept through rotation)"
+    )
+    greater_is_better: bool | None = Field(
+        None, description="direction of metric_for_best_model; null: false for loss, true otherwise"
+    )
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="stop after this many evaluations without improving metric_for_best_model"
+    )
     corpus_path: str | None = Field(None, description='extra eval corpus, JSONL of {"text": ...}')
     on_bad_record: Literal["error", "skip"] = "error"
     num_workers: int = Field(0, ge=0, description="data loader workers")
@@ -163,7 +187,9 @@ class TrainConfig(BaseModel):
     output_dir: str = "output"
     logging_steps: int = Field(10, gt=0)
     save_steps: int = Field(500, gt=0)
-    save_total_limit: int | None = Field(3, gt=0)
+    save_total_limit: int | None = Field(
+        3, gt=0, description="keep the newest N checkpoints (plus the best one with metric_for_best_model)"
+    )
     resume_from_checkpoint: str | None = Field(None, description="latest | path to checkpoint-N")
 
     # Where training runs (vembed.launchers); set nested keys with `trainer.num_nodes=2`
@@ -228,6 +254,17 @@ class TrainConfig(BaseModel):
                 raise ValueError(
                     f"mrl_weights: has {len(self.mrl_weights)} weights but mrl_dims has {len(self.mrl_dims)} dims"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _validation_needs(self) -> TrainConfig:
+        has_eval = self.eval_data_path is not None or self.eval_split is not None
+        if self.eval_split is not None and self.eval_data_path is not None:
+            raise ValueError("eval_split: set either eval_data_path or eval_split, not both")
+        if self.metric_for_best_model is not None and not has_eval:
+            raise ValueError("metric_for_best_model: needs validation data (eval_data_path or eval_split)")
+        if self.early_stopping_patience is not None and self.metric_for_best_model is None:
+            raise ValueError("early_stopping_patience: needs metric_for_best_model")
         return self
 
     def to_yaml(self) -> str:

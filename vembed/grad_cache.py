@@ -13,6 +13,7 @@ Under DDP, every re-run chunk but the last runs under `no_sync`, so gradients ar
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,8 @@ from vembed.config import TrainConfig
 from vembed.models.base import Embedder
 from vembed.training.distributed import forwards_in_lockstep, max_over_ranks
 from vembed.training.negatives import gather_for_loss
+
+log = logging.getLogger(__name__)
 
 StepFn = Callable[[dict[str, Any]], torch.Tensor]
 GROUPS = ("query", "positive", "negatives")
@@ -96,6 +99,14 @@ def grad_cache_step(
     `replay_rng=False` exists only so tests can show that dropout breaks exactness without replay.
     """
     chunk_size = cfg.gradient_cache_chunk_size
+    if chunk_size >= cfg.batch_size:
+        log.warning(
+            "use_gradient_cache: gradient_cache_chunk_size %d >= batch_size %d (per process): each batch is one "
+            "chunk, so GradCache saves no memory and only adds a forward pass; set gradient_cache_chunk_size "
+            "below batch_size, or use_gradient_cache: false",
+            chunk_size,
+            cfg.batch_size,
+        )
     splitter = splitter_for(accelerator.unwrap_model(embedder))
     # FSDP's no_sync keeps whole unsharded gradients on every rank; its per-chunk reduce-scatter
     # is linear, so summing reduced chunk gradients is exact and keeps them sharded.

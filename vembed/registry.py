@@ -326,7 +326,9 @@ class Registry:
         for entry in history:
             step = int(entry.get("step", 0))
             for key, value in entry.items():
-                name = f"train/{mlflow_key(str(key))}"
+                # Validation during training (val_loss, val_ndcg@10, ...) goes to val/...; the rest to train/...
+                key = str(key)
+                name = f"val/{mlflow_key(key[4:])}" if key.startswith("val_") else f"train/{mlflow_key(key)}"
                 if (
                     key != "step"
                     and name not in existing

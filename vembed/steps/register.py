@@ -57,7 +57,9 @@ def _from_checkpoint(adapter_dir: Path | None) -> tuple[dict[str, Any] | None, l
     history: list[dict[str, Any]] = []
     if (adapter_dir / "trainer_state.json").is_file():
         try:
-            history = list(json.loads((adapter_dir / "trainer_state.json").read_text()).get("history") or [])
+            state = json.loads((adapter_dir / "trainer_state.json").read_text())
+            # Training steps, then the validation during training (val_* keys; MLflow's val/...).
+            history = list(state.get("history") or []) + list(state.get("eval_history") or [])
         except (json.JSONDecodeError, AttributeError):
             history = []
     return config, history

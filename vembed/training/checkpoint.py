@@ -18,7 +18,7 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,10 +128,13 @@ def latest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
 
 
 @contextlib.contextmanager
-def staged_checkpoint(output_dir: Path, step: int, save_total_limit: int | None) -> Iterator[Path]:
+def staged_checkpoint(
+    output_dir: Path, step: int, save_total_limit: int | None, protect: Sequence[Path] = ()
+) -> Iterator[Path]:
     """Yield a temporary directory to write checkpoint `step` into; on success its checksums are
     written last and it is renamed to `checkpoint-N`. On any failure (ENOSPC, Ctrl-C, an exception)
-    the temporary directory is removed and the checkpoints already there are untouched."""
+    the temporary directory is removed and the checkpoints already there are untouched. Rotation
+    never deletes a `protect`ed checkpoint (the best one)."""
     final = output_dir / f"checkpoint-{step}"
     # An existing checkpoint-N is a retry of the same step (ours): it is replaced whole.
     with staged_dir(final, may_replace=lambda _: None, tmp_name=f".tmp-checkpoint-{step}-{os.getpid()}") as tmp:
@@ -139,16 +142,20 @@ def staged_checkpoint(output_dir: Path, step: int, save_total_limit: int | None)
         write_checksums(tmp)
         _fsync_dir(tmp)
     _fsync_dir(output_dir)
-    rotate_checkpoints(output_dir, save_total_limit, keep=final)
+    rotate_checkpoints(output_dir, save_total_limit, keep=final, protect=protect)
     for stale in output_dir.glob(".tmp-checkpoint-*"):  # leftovers of killed runs
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def rotate_checkpoints(output_dir: Path, limit: int | None, keep: Path) -> None:
+def rotate_checkpoints(output_dir: Path, limit: int | None, keep: Path, protect: Sequence[Path] = ()) -> None:
+    """Keep at most `limit` checkpoints: `keep`, the `protect`ed ones (the best checkpoint) and the
+    newest others; a protected checkpoint is never deleted, even when that leaves limit + 1."""
     if not limit:
         return
-    ckpts = [c for c in list_checkpoints(output_dir) if c != keep]
-    for old in ckpts[: max(0, len(ckpts) - (limit - 1))]:
+    kept = {keep, *protect}
+    ckpts = [c for c in list_checkpoints(output_dir) if c not in kept]
+    room = max(0, limit - len([c for c in kept if c.is_dir()]))
+    for old in ckpts[: max(0, len(ckpts) - room)]:
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -35,5 +35,23 @@ class TrainingLog:
             f"samples/s={e['samples_per_s']:.1f}"
         )
 
-    def finish(self, checkpoint: Path) -> None:
-        self._write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} done checkpoint={checkpoint}")
+    def resumed(self, checkpoint: Path, step: int) -> None:
+        """Marks a resume; tests check that the next logged step follows the checkpoint's."""
+        self._write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} resumed from {checkpoint.name} at step={step}")
+
+    def eval(self, step: int, metrics: dict[str, float], best: dict[str, Any] | None = None) -> None:
+        values = " ".join(f"val_{k}={v:.4f}" for k, v in metrics.items())
+        line = f"eval step={step} {values}"
+        if best and best.get("metric"):
+            line += (
+                f" best_{best['metric']}={best['best_value']:.4f} best_checkpoint={best['best_checkpoint']}"
+                f" evals_without_improvement={best['evals_without_improvement']}"
+            )
+        self._write(line)
+
+    def early_stop(self, step: int, metric: str, patience: int) -> None:
+        self._write(f"early stop at step={step}: {patience} evaluations without improving val_{metric}")
+
+    def finish(self, checkpoint: Path, best: Path | None = None) -> None:
+        extra = f" best_checkpoint={best}" if best is not None else ""
+        self._write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} done checkpoint={checkpoint}{extra}")

@@ -16,7 +16,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, broadcast_object_list, set_seed
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -24,7 +24,7 @@ from transformers import get_scheduler
 
 from vembed.config import TrainConfig
 from vembed.data.images import RecordImages
-from vembed.errors import CheckpointError, ConfigError
+from vembed.errors import CheckpointError, ConfigError, DataError
 from vembed.losses import build_loss
 from vembed.models import Embedder, load_embedder, resolve_dtype
 from vembed.models.attention import use_lean_attention
@@ -34,6 +34,7 @@ from vembed.training import checkpoint as ckpt
 from vembed.training.data import EpochBatchSampler, PairCollator, PairDataset, load_records
 from vembed.training.log import TrainingLog
 from vembed.training.step import make_step
+from vembed.training.validation import LOGGED, BestTracker, Validator
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,12 @@ class TrainResult:
     final_loss: float
     log_path: Path
     history: list[dict[str, Any]] = field(default_factory=list)
+    # One entry per evaluation: {"step", "val_loss", "val_ndcg@10", ...}
+    eval_history: list[dict[str, Any]] = field(default_factory=list)
+    # With metric_for_best_model: the checkpoint with the best validation metric (never rotated away).
+    best_checkpoint: Path | None = None
+    best_metric: float | None = None
+    stopped_early: bool = False
 
 
 def build_accelerator(cfg: TrainConfig) -> tuple[Accelerator, torch.dtype]:
@@ -120,6 +127,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     records, stats = load_records(cfg.data_path, cfg.on_bad_record, transform=images)
     if stats.skipped:
         log.warning("%s: %s", cfg.data_path, stats.summary())
+    # The validation loss is taken over as many records as a training step's loss sees.
+    loss_block = cfg.batch_size * (accelerator.num_processes if cfg.cross_device_negatives else 1)
+    records, validator = build_validator(cfg, embedder, records, loss_block)
     dataset = PairDataset(records, embedder)  # image paths were resolved when the records were read
     sampler = EpochBatchSampler(
         len(dataset), cfg.batch_size, cfg.seed, dataset.lengths() if cfg.group_by_length else None
@@ -157,18 +167,48 @@ def train(cfg: TrainConfig) -> TrainResult:
     if resume_dir is not None:
         state = _load_resume_state(resume_dir, accelerator, embedder, optimizer, scheduler, cfg)
         log.info("resumed from %s at step %d", resume_dir, state["global_step"])
+    tracker = BestTracker(cfg.metric_for_best_model, cfg.greater_is_better, cfg.early_stopping_patience)
+    tracker.load(state.get("best"))
 
     train_log = TrainingLog(out / "training_log.txt", enabled=accelerator.is_main_process, append=resume_dir is not None)
     if resume_dir is None:
         train_log.header(cfg, count_parameters(embedder), len(dataset), total_steps, accelerator)
+    else:
+        train_log.resumed(resume_dir, state["global_step"])
     history: list[dict[str, Any]] = state["history"]
+    eval_history: list[dict[str, Any]] = state.get("eval_history") or []
     global_step = state["global_step"]
+    eval_every = cfg.eval_steps or cfg.save_steps
+    last_eval = global_step if resume_dir is not None else -1
+
+    def evaluate(position: dict[str, int]) -> bool:
+        """Validate at this step; True when it improved metric_for_best_model (so it is saved)."""
+        nonlocal last_eval
+        assert validator is not None
+        metrics = validator.evaluate(accelerator, embedder, loss_fn)
+        if accelerator.num_processes > 1:  # every rank decides from rank 0's figures
+            metrics = broadcast_object_list([metrics])[0]
+        improved = tracker.update(position["global_step"], metrics)
+        entry = {"step": position["global_step"], **{f"val_{k}": metrics[k] for k in LOGGED}}
+        eval_history.append(entry)
+        train_log.eval(position["global_step"], {k: metrics[k] for k in LOGGED}, tracker.to_dict())
+        last_eval = position["global_step"]
+        return improved
+
+    def save(position: dict[str, int]) -> None:
+        nonlocal last_saved
+        save_checkpoint(
+            accelerator, embedder, optimizer, scheduler, cfg, position, history, tracker.to_dict(),
+            tracker.best_checkpoint, eval_history,
+        )  # fmt: skip
+        last_saved = position["global_step"]
     progress = tqdm(
         total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="training"
     )
     embedder.train()
     window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
     last_saved = global_step if resume_dir is not None else -1
+    stopped_early = False
     loss_value = float("nan")
     epoch = state["epoch"]
     batch_in_epoch = state["batch_in_epoch"]
@@ -205,9 +245,16 @@ def train(cfg: TrainConfig) -> TrainResult:
                 progress.set_postfix(loss=f"{entry['loss']:.4f}")
                 window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
             position = {"global_step": global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
-            if global_step % cfg.save_steps == 0:
-                save_checkpoint(accelerator, embedder, optimizer, scheduler, cfg, position, history)
-                last_saved = global_step
+            # Validate before saving, so that the checkpoint's state includes this evaluation.
+            improved = False
+            if validator is not None and (global_step % eval_every == 0 or global_step >= total_steps):
+                improved = evaluate(position)
+                stopped_early = tracker.should_stop
+            if global_step % cfg.save_steps == 0 or improved:
+                save(position)
+            if stopped_early:
+                train_log.early_stop(global_step, cfg.metric_for_best_model, cfg.early_stopping_patience)
+                break
             if global_step >= total_steps:
                 break
         else:
@@ -216,13 +263,45 @@ def train(cfg: TrainConfig) -> TrainResult:
         break
     progress.close()
     position = {"global_step": global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
-    if last_saved != global_step:
-        save_checkpoint(accelerator, embedder, optimizer, scheduler, cfg, position, history)
+    if validator is not None and last_eval != global_step:
+        evaluate(position)
+        save(position)  # again if saved already: the checkpoint's state must hold this evaluation
+    elif last_saved != global_step:
+        save(position)
     final = out / f"checkpoint-{global_step}"
-    train_log.finish(final)
+    best = out / tracker.best_checkpoint if tracker.best_checkpoint else None
+    train_log.finish(final, best)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(final, global_step, loss_value, out / "training_log.txt", history)
+    return TrainResult(
+        final, global_step, loss_value, out / "training_log.txt", history, eval_history, best, tracker.best_value,
+        stopped_early,
+    )  # fmt: skip
+
+
+def build_validator(
+    cfg: TrainConfig, embedder: Embedder, records: list, loss_block: int | None = None
+) -> tuple[list, Validator | None]:
+    """(training records, validator): eval records from eval_data_path, or eval_split held out of the data."""
+    if cfg.eval_split is not None:
+        from vembed.data.split import is_eval
+
+        held = [r for r in records if is_eval(r, cfg.eval_split, cfg.seed)]
+        records = [r for r in records if not is_eval(r, cfg.eval_split, cfg.seed)]
+        if not held or not records:
+            raise DataError(
+                f"{cfg.data_path}: eval_split {cfg.eval_split} leaves {len(records)} training and "
+                f"{len(held)} eval records; both must be non-empty"
+            )
+        eval_records = held
+    elif cfg.eval_data_path:
+        images = RecordImages(Path(cfg.eval_data_path).parent, cfg.retrieval_mode, cfg.allow_images_outside_data_root)
+        eval_records, stats = load_records(cfg.eval_data_path, cfg.on_bad_record, transform=images)
+        if stats.skipped:
+            log.warning("%s: %s", cfg.eval_data_path, stats.summary())
+    else:
+        return records, None
+    return records, Validator(eval_records, embedder, cfg.batch_size, loss_block)
 
 
 def _batch_size(batch: dict[str, Any]) -> int:
@@ -238,8 +317,14 @@ def save_checkpoint(
     cfg: TrainConfig,
     position: dict[str, int],
     history: list[dict[str, Any]],
+    best: dict[str, Any] | None = None,
+    protect: str | None = None,
+    eval_history: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Every rank calls this (FSDP gathers are collective); rank 0 writes."""
+    """Every rank calls this (FSDP gathers are collective); rank 0 writes.
+
+    `best`: the best-metric/patience state, saved so that a resume continues it; `protect`: the
+    name of the best checkpoint, which rotation keeps; `eval_history`: the validation results so far."""
     from vembed.training.model_state import gather_model_state, gather_optimizer_state
 
     out = Path(cfg.output_dir)
@@ -249,7 +334,8 @@ def save_checkpoint(
     final = out / f"checkpoint-{step}"
     if accelerator.is_main_process:
         # Written into a temporary sibling, renamed when complete, removed on any failure (ENOSPC too).
-        with ckpt.staged_checkpoint(out, step, cfg.save_total_limit) as tmp:
+        keep = [out / protect] if protect else []
+        with ckpt.staged_checkpoint(out, step, cfg.save_total_limit, protect=keep) as tmp:
             unwrapped: Embedder = accelerator.unwrap_model(embedder)
             with _peft_names(accelerator, unwrapped):
                 _save_weights(unwrapped, tmp, model_state, cfg.use_lora)
@@ -260,7 +346,12 @@ def save_checkpoint(
             ckpt.save_optimizer(optimizer, tmp, optimizer_state)
             (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
             ckpt.save_rng(tmp)
-            (tmp / "trainer_state.json").write_text(json.dumps({**position, "history": history}, indent=1))
+            trainer_state: dict[str, Any] = {**position, "history": history}
+            if eval_history:
+                trainer_state["eval_history"] = eval_history
+            if best and best.get("metric"):
+                trainer_state["best"] = best
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     accelerator.wait_for_everyone()
     return final
 
