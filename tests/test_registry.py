@@ -150,7 +150,7 @@ def test_round_trip_register_promote_and_load_champion(
     # The artifacts went through the server's proxy into S3; resume state stayed behind.
     keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=server_env.bucket)["Contents"]]
     assert any(k.endswith("adapter/adapter_model.safetensors") for k in keys)
-    assert any(k.endswith("artifacts/merged/model.safetensors") for k in keys)
+    assert any(k.endswith("artifacts/model.sentence_transformer/model.safetensors") for k in keys)
     assert not any(k.endswith(("optimizer.safetensors", ".pkl")) for k in keys)  # no resume state, no pickle
 
     expected = Predictor(str(models.merged1)).encode_text(TEXTS)
@@ -159,19 +159,49 @@ def test_round_trip_register_promote_and_load_champion(
     import pandas as pd
 
     np.testing.assert_allclose(pyfunc.predict(pd.DataFrame({"text": TEXTS})), expected, atol=1e-6)
+    # MRL truncation through the standard flavor's params: truncate first, then normalise.
     truncated = Predictor(str(models.merged1)).encode_text(TEXTS, dim=16)
-    np.testing.assert_allclose(pyfunc.predict(TEXTS, params={"dim": 16}), truncated, atol=1e-6)
+    np.testing.assert_allclose(pyfunc.predict(TEXTS, params={"truncate_dim": 16}), truncated, atol=1e-6)
     signature = pyfunc.metadata.signature
     assert signature is not None and tuple(signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == (
         -1,
         expected.shape[1],
     )
+    _check_standard_model(name, server_env.uri, tmp_path, expected)
 
     # Predictor (through download_model) reads the same version; adapter and base embed differently.
     local = download_model(f"models:/{name}@champion")
     assert (local / "embedder.json").is_file()
     np.testing.assert_allclose(Predictor(f"models:/{name}@champion").encode_text(TEXTS), expected, atol=1e-6)
     assert not np.allclose(Predictor(str(models.merged2)).encode_text(TEXTS), expected, atol=1e-3)
+
+
+def _check_standard_model(name: str, uri: str, tmp_path: Path, expected: np.ndarray) -> None:
+    """The champion is MLflow's native sentence_transformers flavor: it loads without vembed's code,
+    its requirements are public packages, and the adapter travels in the same version."""
+    import mlflow
+    import mlflow.sentence_transformers
+    import yaml
+
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=_client(uri).get_model_version_download_uri(name, "1"),
+            dst_path=str(tmp_path / "champion-dir"),
+            tracking_uri=uri,
+        )
+    )
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    assert set(mlmodel["flavors"]) == {"python_function", "sentence_transformers"}
+    assert mlmodel["flavors"]["python_function"]["loader_module"] == "mlflow.sentence_transformers"
+    assert "code" not in mlmodel["flavors"]["python_function"] or not mlmodel["flavors"]["python_function"]["code"]
+    params = {p["name"]: p for p in json.loads(mlmodel["signature"]["params"])}
+    assert set(params) >= {"prompt_name", "truncate_dim", "normalize_embeddings"}
+    reqs = [line.split("==")[0] for line in (local / "requirements.txt").read_text().split()]
+    assert set(reqs) == {"mlflow", "torch", "transformers", "sentence-transformers"}, reqs
+    assert not any("vembed" in r for r in reqs)
+    assert (local / "adapter" / "adapter_model.safetensors").is_file()
+    st = mlflow.sentence_transformers.load_model(f"models:/{name}@champion")
+    np.testing.assert_allclose(st.encode(TEXTS, normalize_embeddings=True), expected, atol=1e-5)
 
 
 def test_gate_refuses_worse_model_and_retry_is_idempotent(server_env, models: TinyModels, tmp_path: Path):
