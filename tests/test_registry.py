@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,7 +194,10 @@ def _check_standard_model(name: str, uri: str, tmp_path: Path, expected: np.ndar
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     assert set(mlmodel["flavors"]) == {"python_function", "sentence_transformers"}
     assert mlmodel["flavors"]["python_function"]["loader_module"] == "mlflow.sentence_transformers"
-    assert "code" not in mlmodel["flavors"]["python_function"] or not mlmodel["flavors"]["python_function"]["code"]
+    assert (
+        "code" not in mlmodel["flavors"]["python_function"]
+        or not mlmodel["flavors"]["python_function"]["code"]
+    )
     params = {p["name"]: p for p in json.loads(mlmodel["signature"]["params"])}
     assert set(params) >= {"prompt_name", "truncate_dim", "normalize_embeddings"}
     reqs = [line.split("==")[0] for line in (local / "requirements.txt").read_text().split()]
@@ -429,3 +433,54 @@ def test_redaction_keys_and_metric_lookup(monkeypatch):
         pick_metric(_metrics(0.4), "mrr@10")
     assert safe_key("abc123") == "abc123"
     assert len(safe_key("it's; a key")) == 64
+
+
+def test_vision_model_is_a_pyfunc_whose_code_travels_with_it(tmp_path, monkeypatch):
+    """CLIP (as Qwen3-VL) keeps the pyfunc route: the vembed code is bundled (code_paths) and the
+    requirements are public packages; a fresh interpreter loads it from the bundled code."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from vembed.predictor import Predictor
+    from vembed.registry import Registry, resolve_tracking_uri
+    from vembed.tiny_models import make_tiny_clip
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    clip = make_tiny_clip(tmp_path / "clip")
+    registry = Registry(resolve_tracking_uri(tmp_path / "out"))
+    out = registry.register(
+        model_name="clip-emb", eval_metrics=_metrics(0.5), eval_set_sha256=EVAL_A, merged_dir=clip
+    )
+    assert out.promoted
+    model_dir = Path(
+        registry.client.get_model_version_download_uri("clip-emb", out.version).removeprefix("file://")
+    )
+    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
+    assert set(mlmodel["flavors"]) == {"python_function"}
+    assert mlmodel["flavors"]["python_function"]["code"] == "code"
+    assert (model_dir / "code" / "vembed" / "mlflow_model.py").is_file()
+    reqs = (model_dir / "requirements.txt").read_text().split()
+    assert not any("vembed" in r for r in reqs) and any(r.startswith("torch==") for r in reqs)
+
+    script = (
+        "import sys, json, mlflow.pyfunc\n"
+        "m = mlflow.pyfunc.load_model(sys.argv[1])\n"
+        "import vembed.mlflow_model as mm\n"
+        "print(json.dumps({'file': mm.__file__, 'emb': m.predict(sys.argv[2:]).tolist()}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = ""
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(model_dir), *TEXTS],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert Path(got["file"]).is_relative_to(model_dir)
+    np.testing.assert_allclose(np.array(got["emb"]), Predictor(str(clip)).encode_text(TEXTS), atol=1e-5)
