@@ -77,6 +77,13 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from vembed.serve import serve
+
+    serve(args.model, host=args.host, port=args.port, device=args.device)
+    return 0
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from vembed.steps.prepare import prepare
 
@@ -132,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, help="MRL truncation dim")
     p.add_argument("--output", help=".npy file; default prints JSON")
     p.set_defaults(func=_cmd_encode)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible /v1/embeddings server for a model")
+    p.add_argument("model", help="model directory, s3:// URI or models:/NAME@alias")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("prepare", help="validate, dedup and split raw JSONL into a dataset directory")
     p.add_argument("raw", help="JSONL file, directory, or s3:// URI/prefix")
