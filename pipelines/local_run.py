@@ -157,6 +157,8 @@ def run_local(
         "min_delta": float(min_delta),
         "mlflow_tracking_uri": default_tracking_uri(out),
         "s3_endpoint_url": os.environ.get("AWS_ENDPOINT_URL", ""),
+        # No cluster to deploy to: the run ends by printing the `vembed serve` command instead.
+        "deploy": False,
     }
     if params:  # any other run parameter, typed and checked against the compiled pipeline
         from pipelines.params import parse_params, read_pipeline_parameters

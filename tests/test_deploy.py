@@ -176,3 +176,28 @@ def test_bad_parameters_and_foreign_services_are_refused(env, versions):
         with pytest.raises(DeployError, match="not managed by vembed"):
             _deploy(fake, versions)
         assert not any(c.startswith(("PATCH", "PUT", "POST")) for c in fake.calls)
+
+
+def test_deployer_role_allows_exactly_the_calls_the_step_makes(env, versions):
+    import yaml
+
+    from vembed.steps.deploy import DeployError
+
+    verbs = {"GET": "get", "POST": "create", "PATCH": "patch", "PUT": "update"}
+    registry = versions["registry"]
+    used: set[tuple[str, str, str]] = set()
+    with fake_kube() as fake:
+        registry.promote(NAME, "1")
+        _deploy(fake, versions)  # create
+        registry.promote(NAME, "2")
+        fake.isvc_outcomes = ["fail"]
+        with pytest.raises(DeployError):
+            _deploy(fake, versions, timeout_s=0.5, poll_s=0.05)  # patch, then restore (update)
+        for call in fake.calls:
+            method, path = call.split(" ", 1)
+            group = path.split("/")[2]
+            used.add((group, path.split("/")[6], verbs[method]))
+    root = Path(__file__).resolve().parent.parent
+    role = next(d for d in yaml.safe_load_all((root / "pipelines/rbac/deployer.yaml").read_text()) if d["kind"] == "Role")
+    granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    assert used == granted
