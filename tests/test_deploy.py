@@ -201,3 +201,35 @@ def test_deployer_role_allows_exactly_the_calls_the_step_makes(env, versions):
     role = next(d for d in yaml.safe_load_all((root / "pipelines/rbac/deployer.yaml").read_text()) if d["kind"] == "Role")
     granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
     assert used == granted
+
+
+def test_registry_rollback_points_the_service_back_or_prints_the_command(env, versions, tmp_path, monkeypatch, capsys):
+    from vembed.registry_cli import main as registry_main
+
+    registry = versions["registry"]
+    with fake_kube() as fake:
+        registry.promote(NAME, "1")
+        _deploy(fake, versions)
+        registry.promote(NAME, "2")
+        _deploy(fake, versions)
+        monkeypatch.setenv("KUBECONFIG", str(fake.write_kubeconfig(tmp_path / "kubeconfig")))
+        capsys.readouterr()
+        assert registry_main(["rollback", NAME]) == 0
+        out = capsys.readouterr().out
+        assert "champion is now v1" in out and "InferenceService ml/emb-deploy serves v1" in out
+        obj = fake.isvcs["emb-deploy"]["obj"]
+        assert obj["metadata"]["annotations"]["vembed.io/model-uri"] == f"models:/{NAME}/1"
+        dead_port = fake.url
+    # The cluster is gone: the alias still moves, and the exact command to finish the job is printed.
+    registry.promote(NAME, "2")
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))  # points at the stopped server
+    assert dead_port in (tmp_path / "kubeconfig").read_text()
+    assert registry_main(["rollback", NAME, "--timeout", "5"]) == 2
+    captured = capsys.readouterr()
+    assert "champion is now v1" in captured.out
+    expected = (
+        f"to point it at the champion, run: vembed deploy {NAME} --alias champion --service emb-deploy "
+        f"--namespace ml --image {IMAGE} --mlflow-artifacts-destination {versions['destination']}"
+    )
+    assert expected in captured.err and "not updated" in captured.err
+    assert str(registry.alias_version(NAME, "champion").version) == "1"

@@ -84,6 +84,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from vembed.steps.deploy import deploy
+
+    result = deploy(
+        args.model_name,
+        args.image,
+        alias=args.alias,
+        service_name=args.service,
+        namespace=args.namespace,
+        service_account=args.service_account,
+        canary_traffic_percent=args.canary_traffic_percent,
+        timeout_s=args.timeout,
+        mlflow_artifacts_destination=args.mlflow_artifacts_destination,
+        output_dir=args.output_dir,
+    )
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from vembed.steps.prepare import prepare
 
@@ -146,6 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("deploy", help="serve models:/NAME@alias as a KServe InferenceService (vembed serve)")
+    p.add_argument("model_name", help="registered model name")
+    p.add_argument("--image", required=True, help="the vembed image the predictor runs")
+    p.add_argument("--alias", default="champion")
+    p.add_argument("--service", default="", help="InferenceService name (default: from the model name)")
+    p.add_argument("--namespace", default="", help="default: this pod's namespace, else default")
+    p.add_argument("--service-account", default="", help="predictor's service account (S3 credentials)")
+    p.add_argument("--canary-traffic-percent", type=int, default=100)
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for Ready")
+    p.add_argument("--mlflow-artifacts-destination", default="",
+                   help="the MLflow server's --artifacts-destination, when it proxies artifacts")
+    p.add_argument("--output-dir", default="output", help="where the embedded MLflow store lives")
+    p.set_defaults(func=_cmd_deploy)
 
     p = sub.add_parser("prepare", help="validate, dedup and split raw JSONL into a dataset directory")
     p.add_argument("raw", help="JSONL file, directory, or s3:// URI/prefix")

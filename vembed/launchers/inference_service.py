@@ -19,6 +19,7 @@ its models add nothing over a plain manifest for one create/patch/get.
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,7 +99,8 @@ def custom_objects_api(client_configuration: Any = None) -> Any:
             config.load_incluster_config()
         except config.ConfigException:
             try:
-                config.load_kube_config()
+                # KUBECONFIG is read now, not when the kubernetes package was imported.
+                config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
             except Exception as e:  # noqa: BLE001 - no cluster credentials: one line
                 raise DeployError(f"cannot reach Kubernetes (no in-cluster config or kubeconfig): {e}") from None
         return client.CustomObjectsApi()
