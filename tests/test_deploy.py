@@ -233,3 +233,16 @@ def test_registry_rollback_points_the_service_back_or_prints_the_command(env, ve
     )
     assert expected in captured.err and "not updated" in captured.err
     assert str(registry.alias_version(NAME, "champion").version) == "1"
+
+
+def test_encode_from_the_registry_prints_a_quiet_summary(env, versions, capfd):
+    from vembed.cli import main
+
+    versions["registry"].promote(NAME, "1")
+    capfd.readouterr()
+    assert main(["encode", f"models:/{NAME}@champion", "--text", "sort a list", "parse JSON"]) == 0
+    out, err = capfd.readouterr()
+    lines = out.strip().splitlines()
+    assert lines[0] == "2 embeddings of dim 32 (float32)" and len(lines) == 4
+    assert lines[1].lstrip().startswith("sort a list") and "norm 1.0000" in lines[1] and lines[1].endswith(", ...]")
+    assert "Downloading artifacts" not in err and "Loading weights" not in err and "WARNING" not in err, err

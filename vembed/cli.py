@@ -61,6 +61,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
     if not args.text and not args.image:
         raise VembedError("encode: give --text and/or --image")
+    _quiet_progress_bars()
     pred = Predictor(args.model)
     parts = []
     if args.text:
@@ -71,10 +72,39 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     if args.output:
         np.save(args.output, emb)
         print(f"{emb.shape[0]} embeddings of dim {emb.shape[1]} written to {args.output}")
-    else:
+    elif args.json:
         json.dump(emb.tolist(), sys.stdout)
         print()
+    else:
+        print(summarize_embeddings(emb, [*args.text, *args.image]))
     return 0
+
+
+def _quiet_progress_bars() -> None:
+    """Weight-loading and download bars are noise around a few lines of output."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def summarize_embeddings(emb, labels: Sequence[str], first: int = 5, rows: int = 10) -> str:
+    """A few lines a person can read: shape, and per input its norm and first values."""
+    lines = [f"{emb.shape[0]} embedding{'s' if emb.shape[0] != 1 else ''} of dim {emb.shape[1]} (float32)"]
+    width = max((len(label) for label in labels[:rows]), default=0)
+    width = min(width, 40)
+    for label, row in list(zip(labels, emb, strict=False))[:rows]:
+        shown = label if len(label) <= width else label[: width - 1] + "…"
+        values = ", ".join(f"{v:+.4f}" for v in row[:first])
+        lines.append(f"  {shown:<{width}}  norm {float((row**2).sum() ** 0.5):.4f}  [{values}, ...]")
+    if emb.shape[0] > rows:
+        lines.append(f"  ... {emb.shape[0] - rows} more")
+    lines.append("(--output FILE.npy saves them, --json prints every value)")
+    return "\n".join(lines)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -156,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", nargs="+", default=[])
     p.add_argument("--image", nargs="+", default=[])
     p.add_argument("--dim", type=int, help="MRL truncation dim")
-    p.add_argument("--output", help=".npy file; default prints JSON")
+    p.add_argument("--output", help=".npy file; default prints a short summary")
+    p.add_argument("--json", action="store_true", help="print every value as JSON instead of a summary")
     p.set_defaults(func=_cmd_encode)
 
     p = sub.add_parser("serve", help="OpenAI-compatible /v1/embeddings server for a model")

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -137,6 +138,29 @@ def _registry_errors(what: str) -> Iterator[None]:
     except (MlflowException, OSError) as e:
         first = redact(str(getattr(e, "message", e))).strip().splitlines()
         raise RegistryError(f"{what}: {first[0][:300] if first else type(e).__name__}") from None
+
+
+@contextlib.contextmanager
+def quiet_mlflow() -> Iterator[None]:
+    """No download progress bars, MLflow warnings or info lines while fetching a model for a person
+    or a server (errors still raise)."""
+    names = ("mlflow", "mlflow.store", "mlflow.tracking", "mlflow.models")
+    levels = {n: logging.getLogger(n).level for n in names}
+    old = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+        if old is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = old
 
 
 # --- results ---------------------------------------------------------------------------
@@ -700,7 +724,7 @@ class Registry:
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
             try:
-                with _registry_errors(f"{models_uri}: download from {self.where}"):
+                with _registry_errors(f"{models_uri}: download from {self.where}"), quiet_mlflow():
                     # The version's storage location, not `models:/...`: resolving that would consult
                     # mlflow's global registry URI instead of this registry's.
                     got = mlflow.artifacts.download_artifacts(

@@ -63,9 +63,10 @@ def merged_location(registry: Any, models_uri: str, artifacts_destination: str =
     import yaml
 
     from vembed.mlflow_model import MERGED_ARTIFACT, ST_DATA_PATH
+    from vembed.registry import quiet_mlflow
 
     root = registry.storage_uri(models_uri).rstrip("/")
-    with tempfile.TemporaryDirectory(prefix="vembed-mlmodel-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="vembed-mlmodel-") as tmp, quiet_mlflow():
         try:
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=f"{root}/MLmodel",
