@@ -102,7 +102,7 @@ def test_create_then_canary_patch_and_the_served_model_is_the_champion(env, s3_s
         assert body["apiVersion"] == "serving.kserve.io/v1beta1" and body["kind"] == "InferenceService"
         assert body["metadata"]["annotations"]["vembed.io/model-uri"] == f"models:/{NAME}/1"
         container = _container(body)
-        assert container["image"] == IMAGE and container["command"][:3] == ["vembed", "serve", "/mnt/models"]
+        assert container["image"] == IMAGE and container["args"][:3] == ["vembed", "serve", "/mnt/models"]
         assert "canaryTrafficPercent" not in body["spec"]["predictor"]
         uri = _storage_uri(body)
         assert uri.startswith("s3://mlflow-artifacts/artifacts/") and uri.endswith("/model.sentence_transformer")

@@ -60,7 +60,8 @@ def predictor(spec: PredictorSpec, canary_traffic_percent: int | None = None) ->
     container = {
         "name": "kserve-container",
         "image": spec.image,
-        "command": ["vembed", "serve", MODEL_DIR, "--host", "0.0.0.0", "--port", str(PORT)],
+        # args, not command: the image's entrypoint checks the install first, then execs this.
+        "args": ["vembed", "serve", MODEL_DIR, "--host", "0.0.0.0", "--port", str(PORT)],
         "env": [{"name": "STORAGE_URI", "value": spec.storage_uri}, {"name": "HF_HUB_OFFLINE", "value": "1"}],
         "ports": [{"containerPort": PORT, "protocol": "TCP"}],
         "readinessProbe": {"httpGet": {"path": "/health", "port": PORT}, "periodSeconds": 5},
