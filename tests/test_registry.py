@@ -484,3 +484,35 @@ def test_vision_model_is_a_pyfunc_whose_code_travels_with_it(tmp_path, monkeypat
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert Path(got["file"]).is_relative_to(model_dir)
     np.testing.assert_allclose(np.array(got["emb"]), Predictor(str(clip)).encode_text(TEXTS), atol=1e-5)
+
+
+def test_query_instruction_travels_as_a_sentence_transformers_prompt(models: TinyModels, tmp_path, monkeypatch):
+    """A model with a query instruction: the standard flavor's `prompt_name="query"` (with or without
+    `truncate_dim`) gives Predictor's `is_query=True` embeddings, without vembed at load time."""
+    import mlflow
+    from sentence_transformers import SentenceTransformer
+
+    from vembed.predictor import Predictor
+    from vembed.registry import Registry, resolve_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    src = tmp_path / "with-prompt"
+    st = SentenceTransformer(str(models.merged1), device="cpu")
+    st.prompts = {"query": "query: "}
+    st.save(str(src))
+    spec = json.loads((models.merged1 / "embedder.json").read_text()) | {"query_instruction": "query: "}
+    (src / "embedder.json").write_text(json.dumps(spec))
+    pred = Predictor(str(src))
+    queries = pred.encode_text(TEXTS, is_query=True)
+    assert not np.allclose(queries, pred.encode_text(TEXTS), atol=1e-3)
+
+    registry = Registry(resolve_tracking_uri(tmp_path / "out"))
+    out = registry.register(model_name="emb-prompt", eval_metrics=_metrics(0.5), eval_set_sha256=EVAL_A, merged_dir=src)
+    uri = registry.client.get_model_version_download_uri("emb-prompt", out.version)
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    np.testing.assert_allclose(pyfunc.predict(TEXTS, params={"prompt_name": "query"}), queries, atol=1e-5)
+    np.testing.assert_allclose(
+        pyfunc.predict(TEXTS, params={"prompt_name": "query", "truncate_dim": 8}),
+        pred.encode_text(TEXTS, is_query=True, dim=8),
+        atol=1e-5,
+    )
