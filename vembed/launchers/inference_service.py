@@ -8,8 +8,10 @@ last-token pooling) nor prompts (query instructions), and ignores `dimensions` (
 models use all of those, and VL models are not text encoders at all. So the predictor runs
 vembed's own image (`vembed serve`), which answers the same OpenAI `/v1/embeddings` API.
 
-The model files come from object storage through KServe's storage initializer (`STORAGE_URI` on
-the container; it downloads to /mnt/models), with the credentials of `service_account`.
+The model files come from object storage through KServe's storage initializer, with the
+credentials of `service_account`: for a custom predictor KServe takes the storage URI from the
+`STORAGE_URI` env var of the container named `kserve-container` (pkg/apis/serving/v1beta1/
+predictor_custom.go, `CustomPredictor.GetStorageUri`) and downloads it to /mnt/models.
 
 Why the Kubernetes client's CustomObjectsApi and not the `kserve` SDK: `kserve` 0.21 pins
 pandas<3 and psutil<6 and would downgrade both in the shared environment (pip --dry-run), and
