@@ -19,6 +19,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 import warnings
@@ -189,6 +190,8 @@ def run_local(
         "min_delta": float(min_delta),
         "mlflow_tracking_uri": default_tracking_uri(out),
         "s3_endpoint_url": os.environ.get("AWS_ENDPOINT_URL", ""),
+        # No cluster to deploy to: the run ends by printing the `vembed serve` command instead.
+        "deploy": False,
     }
     if params:  # any other run parameter, typed and checked against the compiled pipeline
         from pipelines.params import parse_params, read_pipeline_parameters
@@ -236,5 +239,11 @@ def print_result(result: LocalRunResult, stream=None) -> None:
     if reg.get("reason"):
         console.print(f"promotion: {reg['reason']}", markup=False)
     uri = f"models:/{name}@champion" if "champion" in (reg.get("aliases") or []) else f"models:/{name}/{version}"
-    console.print(f"try it:    MLFLOW_TRACKING_URI={reg.get('tracking_uri')} vembed encode {uri} --text 'sort a list'", markup=False)
+    env = f"MLFLOW_TRACKING_URI={shlex.quote(str(reg.get('tracking_uri')))}"
+    console.print(f"try it:    {env} vembed encode {shlex.quote(uri)} --text 'sort a list'", markup=False)
+    if "champion" in (reg.get("aliases") or []):
+        from vembed.serve import serve_command
+
+        # The same OpenAI-compatible API the cluster's InferenceService serves.
+        console.print(f"serve it:  {env} {serve_command(uri)}", markup=False)
     console.print(f"artifacts: {result.output_dir / 'kfp'}\nstep log:  {result.log_path}", markup=False)

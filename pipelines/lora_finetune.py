@@ -1,4 +1,5 @@
-"""The `lora-finetune` Kubeflow pipeline: prepare -> train -> evaluate -> merge -> register, then on-exit.
+"""The `lora-finetune` Kubeflow pipeline: prepare -> train -> evaluate -> merge -> register -> deploy,
+then on-exit.
 
 Run parameters (set per run in the KFP UI, `vembed pipeline submit --param k=v`, or a schedule) are the
 arguments of the pipeline function below. Cluster layout that rarely changes is fixed at compile time by
@@ -12,7 +13,9 @@ through to the job's nodes instead (`components.train.component.train_on_cluster
 Promotion is explicit in the DAG: evaluate outputs `decision`, and a `dsl.If` / `dsl.Else` pair runs the
 register component either with `promote=True` (new version gets `challenger` and `champion`) or with
 `promote=False` (new version gets `challenger` only). Every trained model is registered, so a held model
-can still be inspected and promoted by hand (`vembed registry promote`).
+can still be inspected and promoted by hand (`vembed registry promote`). In the promote branch, with
+`deploy` on (the default), the deploy component then serves the new champion as a KServe
+InferenceService (`components/deploy`, RBAC in `pipelines/rbac/deployer.yaml`).
 
 Every pod gets CPU/memory requests and limits, the image's non-root user, and the compile-time image
 pull secrets (`harden_tasks`). An exit handler (`components/on_exit`) runs after every run: it deletes
@@ -32,6 +35,7 @@ from typing import NamedTuple
 from kfp import dsl, kubernetes
 from kfp.dsl import Markdown
 
+from components.deploy.component import deploy as deploy_component
 from components.evaluate.component import evaluate
 from components.merge.component import merge
 from components.on_exit.component import on_exit
@@ -117,6 +121,7 @@ class PipelineOptions:
             # With a cluster backend the train pod only waits for the job: it keeps these small ones and
             # `train` goes to the job's nodes.
             "train-launcher": Resources("500m", "2Gi", "1", "4Gi"),
+            "deploy": Resources("500m", "1Gi"),
             "on-exit": Resources("250m", "1Gi", "500m", "1Gi"),
             # Any task added without requests and limits of its own (see harden_tasks).
             "default": Resources("500m", "2Gi", "1", "2Gi"),
@@ -234,6 +239,14 @@ def build_pipeline(opts: PipelineOptions | None = None):
         mlflow_secret_name: str = "vembed-mlflow",
         s3_endpoint_url: str = "",
         mlflow_tracking_uri: str = "",
+        deploy: bool = True,
+        serving_namespace: str = "",
+        serving_service_name: str = "",
+        serving_service_account: str = "",
+        serving_image: str = "",
+        canary_traffic_percent: int = 100,
+        deploy_timeout_s: int = 900,
+        mlflow_artifacts_destination: str = "",
     ) -> PipelineOutputs:
         # Runs after everything below, whatever the outcome. The handler is entered without a `with`
         # block so that the step definitions keep their place (and their indentation).
@@ -302,12 +315,27 @@ def build_pipeline(opts: PipelineOptions | None = None):
         # The gate: evaluate's decision picks the branch; only the first one moves `champion`.
         with dsl.If(evaluate_task.outputs["decision"] == "promote", name="gate-passed"):
             promoted = register_task(promote=True)
+            # register -> deploy: the new champion becomes the serving endpoint (KServe).
+            with dsl.If(deploy == True, name="deploy-enabled"):  # noqa: E712 - a KFP condition, not a Python test
+                deploy_task = deploy_component(
+                    registration=promoted.output,
+                    model_name=registered_model_name,
+                    image=serving_image,
+                    default_image=image,
+                    namespace=serving_namespace,
+                    service_name=serving_service_name,
+                    service_account=serving_service_account,
+                    canary_traffic_percent=canary_traffic_percent,
+                    timeout_s=deploy_timeout_s,
+                    mlflow_artifacts_destination=mlflow_artifacts_destination,
+                    mlflow_tracking_uri=mlflow_tracking_uri,
+                )
         with dsl.Else(name="gate-held"):
             held = register_task(promote=False)
 
         # Images are run parameters (KFP resolves them when the pod starts).
         # A train task that only launches a cluster job needs no CUDA image.
-        for task in (prepare_task, promoted, held, *exit_tasks, *([train_task] if opts.on_cluster else [])):
+        for task in (prepare_task, promoted, held, deploy_task, *exit_tasks, *([train_task] if opts.on_cluster else [])):
             task.set_container_image(image)
         for task in (evaluate_task, merge_task, *([] if opts.on_cluster else [train_task])):
             task.set_container_image(train_image)
@@ -318,6 +346,7 @@ def build_pipeline(opts: PipelineOptions | None = None):
         _requests(merge_task, res["merge"])
         for task in (promoted, held):
             _requests(task, res["register"])
+        _requests(deploy_task, res["deploy"])
 
         # No task-level retry: KFP would rerun a step on any failure, a missing data file included
         # (minutes of backoff for an error that cannot change). The steps retry transient failures
@@ -326,7 +355,7 @@ def build_pipeline(opts: PipelineOptions | None = None):
         # Caching: prepare may read a moving `.../latest` snapshot, evaluate compares against a champion
         # that changes, and register has side effects, so none of them may reuse an old result.
         train_task.set_caching_options(enable_caching=opts.cache_train)
-        for task in (prepare_task, evaluate_task, promoted, held, *exit_tasks):
+        for task in (prepare_task, evaluate_task, promoted, held, deploy_task, *exit_tasks):
             task.set_caching_options(enable_caching=False)
 
         # With a cluster backend, the job's GPUs come from trainer.gpus_per_node and this pod needs none.
@@ -349,7 +378,7 @@ def build_pipeline(opts: PipelineOptions | None = None):
 
         for task in (prepare_task, train_task, evaluate_task, promoted, held, *exit_tasks):
             kubernetes.use_secret_as_env(task, secret_name=s3_secret_name, secret_key_to_env=S3_SECRET_KEYS)
-        for task in (evaluate_task, promoted, held, *exit_tasks):
+        for task in (evaluate_task, promoted, held, deploy_task, *exit_tasks):
             # Optional: an MLflow server without authentication needs no secret.
             kubernetes.use_secret_as_env(
                 task, secret_name=mlflow_secret_name, secret_key_to_env=MLFLOW_SECRET_KEYS, optional=True

@@ -15,6 +15,19 @@ clients. So this plays, over real HTTP on loopback, exactly the REST calls those
 
 A job moves through `phases` (one step per GET of the job, the last one sticks), which is all the
 "controller" there is: Pending -> Running -> Succeeded | Failed. Anything else answers 404.
+
+KServe InferenceServices (serving.kserve.io/v1beta1, the deploy step) are played the same way:
+
+  POST  /apis/serving.kserve.io/v1beta1/namespaces/NS/inferenceservices          create
+  GET   .../inferenceservices/NAME                                                object with status
+  PATCH .../inferenceservices/NAME   (application/merge-patch+json)               update
+  PUT   .../inferenceservices/NAME                                                replace
+
+Every spec change makes a new revision (NAME-predictor-0000N), as Knative does. Each new revision
+takes the next entry of `isvc_outcomes` ("ready", "fail" or "pending"; "ready" once they run out)
+and reaches it after `isvc_ready_after` GETs. A ready revision takes `canaryTrafficPercent` of the
+traffic (the previous ready revision keeps the rest); a failed one takes none, and the previous
+ready revision keeps serving, as in Knative.
 """
 
 from __future__ import annotations
@@ -81,6 +94,9 @@ class FakeKube:
     calls: list[str] = field(default_factory=list)  # "METHOD path"
     on_create: Any = None  # called with each created body (outside the lock): plays the job's pods
     url: str = ""
+    isvc_outcomes: list[str] = field(default_factory=list)
+    isvc_ready_after: int = 1
+    isvcs: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"obj", "revisions"}
     _jobs: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"plural", "obj", "step"}
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -182,6 +198,8 @@ class FakeKube:
             ):
                 runtime = self.runtimes.get(m.group(1))
                 return (200, runtime) if runtime else _not_found(m.group(1))
+            if m := re.fullmatch(r"/apis/serving\.kserve\.io/v1beta1/namespaces/([^/]+)/inferenceservices(?:/([^/]+))?", path):
+                return self._isvc(method, m.group(1), m.group(2), json.loads(body) if body else None)
             if m := re.fullmatch(r"/apis/[^/]+/[^/]+/namespaces/([^/]+)/(trainjobs|pytorchjobs)", path):
                 return (
                     self._create(m.group(1), m.group(2), json.loads(body))
@@ -213,6 +231,88 @@ class FakeKube:
         self._jobs[name] = {"plural": plural, "obj": obj, "step": -1}
         return 201, obj
 
+    # -- InferenceServices
+
+    def _isvc(self, method: str, namespace: str, name: str | None, body: Any) -> tuple[int, Any]:
+        if name is None:
+            if method != "POST":
+                return _not_found("")
+            name = body["metadata"]["name"]
+            if name in self.isvcs:
+                return 409, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists",
+                             "message": f"{name} already exists", "code": 409}  # fmt: skip
+            self.created.append(body)
+            obj = json.loads(json.dumps(body))
+            obj["metadata"].update(namespace=namespace, creationTimestamp=NOW, uid=f"uid-{name}", generation=0)
+            self.isvcs[name] = {"obj": obj, "revisions": []}
+            self._new_revision(name)
+            return 201, self._isvc_view(name, advance=False)
+        if name not in self.isvcs:
+            return _not_found(name)
+        entry = self.isvcs[name]
+        if method == "GET":
+            return 200, self._isvc_view(name, advance=True)
+        if method in ("PATCH", "PUT"):
+            old_spec = json.dumps(entry["obj"]["spec"], sort_keys=True)
+            if method == "PATCH":
+                entry["obj"] = _merge_patch(entry["obj"], body)
+            else:
+                body = {k: v for k, v in body.items() if k != "status"}
+                entry["obj"] = {**body, "metadata": {**entry["obj"]["metadata"], **body.get("metadata", {})}}
+            if json.dumps(entry["obj"]["spec"], sort_keys=True) != old_spec:
+                self._new_revision(name)
+            return 200, self._isvc_view(name, advance=False)
+        return _not_found(name)
+
+    def _new_revision(self, name: str) -> None:
+        entry = self.isvcs[name]
+        entry["obj"]["metadata"]["generation"] += 1
+        outcome = self.isvc_outcomes.pop(0) if self.isvc_outcomes else "ready"
+        n = len(entry["revisions"]) + 1
+        entry["revisions"].append({"name": f"{name}-predictor-{n:05d}", "outcome": outcome, "gets": 0})
+
+    def _isvc_view(self, name: str, advance: bool) -> dict[str, Any]:
+        entry = self.isvcs[name]
+        obj = json.loads(json.dumps(entry["obj"]))
+        latest = entry["revisions"][-1]
+        if advance:
+            latest["gets"] += 1
+        settled = latest["gets"] >= self.isvc_ready_after
+        ready = [r for r in entry["revisions"] if r["outcome"] == "ready" and (r is not latest or settled)]
+        latest_ready = ready[-1]["name"] if ready else None
+        previous_ready = ready[-2]["name"] if len(ready) > 1 else None
+        canary = obj["spec"]["predictor"].get("canaryTrafficPercent")
+        if latest_ready == latest["name"] and previous_ready and canary is not None:
+            traffic = [
+                {"revisionName": latest_ready, "percent": canary, "latestRevision": True, "tag": "latest"},
+                {"revisionName": previous_ready, "percent": 100 - canary, "latestRevision": False, "tag": "prev"},
+            ]
+        else:
+            traffic = [{"revisionName": latest_ready, "percent": 100, "latestRevision": latest_ready == latest["name"]}] if latest_ready else []
+
+        def cond(type_: str, status: str, reason: str = "", message: str = "") -> dict[str, Any]:
+            return {"type": type_, "status": status, "reason": reason, "message": message, "lastTransitionTime": NOW}
+
+        if latest["outcome"] == "fail" and settled:
+            msg = f"Revision {latest['name']} failed with message: container exited with code 1"
+            conditions = [cond("PredictorReady", "False", "RevisionFailed", msg), cond("Ready", "False", "RevisionFailed", msg)]
+        elif latest_ready == latest["name"]:
+            conditions = [cond("PredictorReady", "True"), cond("Ready", "True")]
+        else:
+            conditions = [cond("PredictorReady", "Unknown", "RevisionPending", "waiting for the revision"),
+                          cond("Ready", "Unknown", "RevisionPending", "waiting for the revision")]
+        obj["status"] = {
+            "observedGeneration": obj["metadata"]["generation"],
+            "url": f"http://{name}.{obj['metadata']['namespace']}.example.com",
+            "conditions": conditions,
+            "components": {"predictor": {
+                "latestCreatedRevision": latest["name"],
+                "latestReadyRevision": latest_ready,
+                "traffic": traffic,
+            }},
+        }  # fmt: skip
+        return obj
+
     def _pods(self, query: dict[str, list[str]]) -> list[dict[str, Any]]:
         selector = (query.get("labelSelector") or [""])[0]
         for name, job in self._jobs.items():
@@ -243,6 +343,19 @@ class FakeKube:
         return path
 
 
+def _merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch (what `application/merge-patch+json` means to the API server)."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merge_patch(out.get(key), value)
+    return out
+
+
 def _not_found(what: str) -> tuple[int, Any]:
     return 404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
                  "message": f"{what} not found", "code": 404}  # fmt: skip
@@ -269,7 +382,7 @@ def fake_kube(**kwargs: Any) -> Iterator[FakeKube]:
             self.end_headers()
             self.wfile.write(data)
 
-        do_GET = do_POST = do_DELETE = _serve
+        do_GET = do_POST = do_DELETE = do_PATCH = do_PUT = _serve
 
         def log_message(self, *args: Any) -> None:  # keep pytest output clean
             pass

@@ -12,7 +12,7 @@ from pipelines.cli import main
 from pipelines.compile import COMPILED_PATH, compile_pipeline
 from pipelines.lora_finetune import PipelineOptions
 
-STEP_COMPONENTS = {"prepare", "train", "evaluate", "merge", "register", "on-exit"}
+STEP_COMPONENTS = {"prepare", "train", "evaluate", "merge", "register", "on-exit", "deploy"}
 
 
 def load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -52,7 +52,7 @@ def test_cli_compile_defaults_ignores_environment(tmp_path: Path, monkeypatch: p
     assert out.read_text() == COMPILED_PATH.read_text()
 
 
-def test_five_steps_in_order(committed) -> None:
+def test_six_steps_in_order(committed) -> None:
     spec, _ = committed
     tasks = all_tasks(spec)
     step_tasks = {n: t for n, t in tasks.items() if "executorLabel" in spec["components"][t["componentRef"]["name"]]}
@@ -67,6 +67,26 @@ def test_five_steps_in_order(committed) -> None:
     # Register runs after evaluate and merge, inside the gate's branches.
     gate = next(t for n, t in root.items() if n.startswith("condition-branches"))
     assert {"evaluate", "merge"} <= set(gate["dependentTasks"])
+
+
+def test_deploy_runs_after_register_champion_in_the_promotion_branch(committed) -> None:
+    spec, _ = committed
+    comps = spec["components"]
+    def names(comp: dict[str, Any]) -> dict[str, str]:  # display name -> task key
+        return {t["taskInfo"]["name"]: k for k, t in comp.get("dag", {}).get("tasks", {}).items()}
+
+    passed = next(c for n, c in comps.items() if n.startswith("comp-condition") and "register-champion" in names(c))
+    held = next(c for n, c in comps.items() if n.startswith("comp-condition") and "register-challenger" in names(c))
+    inner = passed["dag"]["tasks"][names(passed)["deploy-enabled"]]
+    assert inner["dependentTasks"] == [names(passed)["register-champion"]]
+    assert inner["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--deploy'] == true"
+    branch = comps[inner["componentRef"]["name"]]["dag"]["tasks"]
+    assert list(names(comps[inner["componentRef"]["name"]])) == ["deploy"]
+    reg = branch["deploy"]["inputs"]["parameters"]["registration"]
+    assert reg["componentInputParameter"].endswith("-Output") and "register" in reg["componentInputParameter"]
+    assert not any("deploy" in n for n in names(held))  # a held model is never served
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["deploy"]["defaultValue"] is True and params["canary_traffic_percent"]["defaultValue"] == 100
 
 
 def test_promotion_is_gated_on_the_evaluate_decision(committed) -> None:

@@ -104,10 +104,14 @@ def test_local_run_against_s3_and_mlflow_server_promotes(
     captured = capsys.readouterr().out
     assert "Gate: PROMOTE" in captured
     assert "registered tiny-embed-remote version 1 (aliases: challenger, champion)" in captured
+    # No cluster here: deploy is off for local runs, which print the laptop equivalent instead.
+    serve = f"serve it:  MLFLOW_TRACKING_URI={mlflow_server.uri} vembed serve models:/tiny-embed-remote@champion"
+    assert serve in captured
     registry = Registry(mlflow_server.uri)
     assert str(registry.alias_version("tiny-embed-remote", "champion").version) == "1"
     assert not (out / "mlflow.db").exists(), "the MLflow server named by the environment is used"
     (run,) = pipeline_runs(out)
+    assert not (run / "deploy").exists()
     executor = json.loads((run / "prepare" / "executor_output.json").read_text())
     assert "dt=2024-01-02" in executor["artifacts"]["dataset"]["artifacts"][0]["metadata"]["source"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,7 +151,7 @@ def test_round_trip_register_promote_and_load_champion(
     # The artifacts went through the server's proxy into S3; resume state stayed behind.
     keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=server_env.bucket)["Contents"]]
     assert any(k.endswith("adapter/adapter_model.safetensors") for k in keys)
-    assert any(k.endswith("artifacts/merged/model.safetensors") for k in keys)
+    assert any(k.endswith("artifacts/model.sentence_transformer/model.safetensors") for k in keys)
     assert not any(k.endswith(("optimizer.safetensors", ".pkl")) for k in keys)  # no resume state, no pickle
 
     expected = Predictor(str(models.merged1)).encode_text(TEXTS)
@@ -159,19 +160,52 @@ def test_round_trip_register_promote_and_load_champion(
     import pandas as pd
 
     np.testing.assert_allclose(pyfunc.predict(pd.DataFrame({"text": TEXTS})), expected, atol=1e-6)
+    # MRL truncation through the standard flavor's params: truncate first, then normalise.
     truncated = Predictor(str(models.merged1)).encode_text(TEXTS, dim=16)
-    np.testing.assert_allclose(pyfunc.predict(TEXTS, params={"dim": 16}), truncated, atol=1e-6)
+    np.testing.assert_allclose(pyfunc.predict(TEXTS, params={"truncate_dim": 16}), truncated, atol=1e-6)
     signature = pyfunc.metadata.signature
     assert signature is not None and tuple(signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == (
         -1,
         expected.shape[1],
     )
+    _check_standard_model(name, server_env.uri, tmp_path, expected)
 
     # Predictor (through download_model) reads the same version; adapter and base embed differently.
     local = download_model(f"models:/{name}@champion")
     assert (local / "embedder.json").is_file()
     np.testing.assert_allclose(Predictor(f"models:/{name}@champion").encode_text(TEXTS), expected, atol=1e-6)
     assert not np.allclose(Predictor(str(models.merged2)).encode_text(TEXTS), expected, atol=1e-3)
+
+
+def _check_standard_model(name: str, uri: str, tmp_path: Path, expected: np.ndarray) -> None:
+    """The champion is MLflow's native sentence_transformers flavor: it loads without vembed's code,
+    its requirements are public packages, and the adapter travels in the same version."""
+    import mlflow
+    import mlflow.sentence_transformers
+    import yaml
+
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=_client(uri).get_model_version_download_uri(name, "1"),
+            dst_path=str(tmp_path / "champion-dir"),
+            tracking_uri=uri,
+        )
+    )
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    assert set(mlmodel["flavors"]) == {"python_function", "sentence_transformers"}
+    assert mlmodel["flavors"]["python_function"]["loader_module"] == "mlflow.sentence_transformers"
+    assert (
+        "code" not in mlmodel["flavors"]["python_function"]
+        or not mlmodel["flavors"]["python_function"]["code"]
+    )
+    params = {p["name"]: p for p in json.loads(mlmodel["signature"]["params"])}
+    assert set(params) >= {"prompt_name", "truncate_dim", "normalize_embeddings"}
+    reqs = [line.split("==")[0] for line in (local / "requirements.txt").read_text().split()]
+    assert set(reqs) == {"mlflow", "torch", "transformers", "sentence-transformers"}, reqs
+    assert not any("vembed" in r for r in reqs)
+    assert (local / "adapter" / "adapter_model.safetensors").is_file()
+    st = mlflow.sentence_transformers.load_model(f"models:/{name}@champion")
+    np.testing.assert_allclose(st.encode(TEXTS, normalize_embeddings=True), expected, atol=1e-5)
 
 
 def test_gate_refuses_worse_model_and_retry_is_idempotent(server_env, models: TinyModels, tmp_path: Path):
@@ -399,3 +433,86 @@ def test_redaction_keys_and_metric_lookup(monkeypatch):
         pick_metric(_metrics(0.4), "mrr@10")
     assert safe_key("abc123") == "abc123"
     assert len(safe_key("it's; a key")) == 64
+
+
+def test_vision_model_is_a_pyfunc_whose_code_travels_with_it(tmp_path, monkeypatch):
+    """CLIP (as Qwen3-VL) keeps the pyfunc route: the vembed code is bundled (code_paths) and the
+    requirements are public packages; a fresh interpreter loads it from the bundled code."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from vembed.predictor import Predictor
+    from vembed.registry import Registry, resolve_tracking_uri
+    from vembed.tiny_models import make_tiny_clip
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    clip = make_tiny_clip(tmp_path / "clip")
+    registry = Registry(resolve_tracking_uri(tmp_path / "out"))
+    out = registry.register(
+        model_name="clip-emb", eval_metrics=_metrics(0.5), eval_set_sha256=EVAL_A, merged_dir=clip
+    )
+    assert out.promoted
+    model_dir = Path(
+        registry.client.get_model_version_download_uri("clip-emb", out.version).removeprefix("file://")
+    )
+    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
+    assert set(mlmodel["flavors"]) == {"python_function"}
+    assert mlmodel["flavors"]["python_function"]["code"] == "code"
+    assert (model_dir / "code" / "vembed" / "mlflow_model.py").is_file()
+    reqs = (model_dir / "requirements.txt").read_text().split()
+    assert not any("vembed" in r for r in reqs) and any(r.startswith("torch==") for r in reqs)
+
+    script = (
+        "import sys, json, mlflow.pyfunc\n"
+        "m = mlflow.pyfunc.load_model(sys.argv[1])\n"
+        "import vembed.mlflow_model as mm\n"
+        "print(json.dumps({'file': mm.__file__, 'emb': m.predict(sys.argv[2:]).tolist()}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = ""
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(model_dir), *TEXTS],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert Path(got["file"]).is_relative_to(model_dir)
+    np.testing.assert_allclose(np.array(got["emb"]), Predictor(str(clip)).encode_text(TEXTS), atol=1e-5)
+
+
+def test_query_instruction_travels_as_a_sentence_transformers_prompt(models: TinyModels, tmp_path, monkeypatch):
+    """A model with a query instruction: the standard flavor's `prompt_name="query"` (with or without
+    `truncate_dim`) gives Predictor's `is_query=True` embeddings, without vembed at load time."""
+    import mlflow
+    from sentence_transformers import SentenceTransformer
+
+    from vembed.predictor import Predictor
+    from vembed.registry import Registry, resolve_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    src = tmp_path / "with-prompt"
+    st = SentenceTransformer(str(models.merged1), device="cpu")
+    st.prompts = {"query": "query: "}
+    st.save(str(src))
+    spec = json.loads((models.merged1 / "embedder.json").read_text()) | {"query_instruction": "query: "}
+    (src / "embedder.json").write_text(json.dumps(spec))
+    pred = Predictor(str(src))
+    queries = pred.encode_text(TEXTS, is_query=True)
+    assert not np.allclose(queries, pred.encode_text(TEXTS), atol=1e-3)
+
+    registry = Registry(resolve_tracking_uri(tmp_path / "out"))
+    out = registry.register(model_name="emb-prompt", eval_metrics=_metrics(0.5), eval_set_sha256=EVAL_A, merged_dir=src)
+    uri = registry.client.get_model_version_download_uri("emb-prompt", out.version)
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    np.testing.assert_allclose(pyfunc.predict(TEXTS, params={"prompt_name": "query"}), queries, atol=1e-5)
+    np.testing.assert_allclose(
+        pyfunc.predict(TEXTS, params={"prompt_name": "query", "truncate_dim": 8}),
+        pred.encode_text(TEXTS, is_query=True, dim=8),
+        atol=1e-5,
+    )

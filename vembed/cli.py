@@ -88,6 +88,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
         raise VembedError("encode: give --text and/or --image")
     if args.output:
         check_output_file(args.output)  # before the model loads
+    _quiet_progress_bars()
     pred = Predictor(args.model)
     parts = []
     if args.text:
@@ -98,9 +99,64 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     if args.output:
         np.save(args.output, emb)
         print(f"{emb.shape[0]} embeddings of dim {emb.shape[1]} written to {args.output}")
-    else:
+    elif args.json:
         json.dump(emb.tolist(), sys.stdout)
         print()
+    else:
+        print(summarize_embeddings(emb, [*args.text, *args.image]))
+    return 0
+
+
+def _quiet_progress_bars() -> None:
+    """Weight-loading and download bars are noise around a few lines of output."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def summarize_embeddings(emb, labels: Sequence[str], first: int = 5, rows: int = 10) -> str:
+    """A few lines a person can read: shape, and per input its norm and first values."""
+    lines = [f"{emb.shape[0]} embedding{'s' if emb.shape[0] != 1 else ''} of dim {emb.shape[1]} (float32)"]
+    width = max((len(label) for label in labels[:rows]), default=0)
+    width = min(width, 40)
+    for label, row in list(zip(labels, emb, strict=False))[:rows]:
+        shown = label if len(label) <= width else label[: width - 1] + "…"
+        values = ", ".join(f"{v:+.4f}" for v in row[:first])
+        lines.append(f"  {shown:<{width}}  norm {float((row**2).sum() ** 0.5):.4f}  [{values}, ...]")
+    if emb.shape[0] > rows:
+        lines.append(f"  ... {emb.shape[0] - rows} more")
+    lines.append("(--output FILE.npy saves them, --json prints every value)")
+    return "\n".join(lines)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from vembed.serve import serve
+
+    serve(args.model, host=args.host, port=args.port, device=args.device)
+    return 0
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from vembed.steps.deploy import deploy
+
+    result = deploy(
+        args.model_name,
+        args.image,
+        alias=args.alias,
+        service_name=args.service,
+        namespace=args.namespace,
+        service_account=args.service_account,
+        canary_traffic_percent=args.canary_traffic_percent,
+        timeout_s=args.timeout,
+        mlflow_artifacts_destination=args.mlflow_artifacts_destination,
+        output_dir=args.output_dir,
+    )
+    print(json.dumps(result, indent=2, default=str))
     return 0
 
 
@@ -158,8 +214,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", nargs="+", default=[])
     p.add_argument("--image", nargs="+", default=[])
     p.add_argument("--dim", type=int, help="MRL truncation dim")
-    p.add_argument("--output", help=".npy file; default prints JSON")
+    p.add_argument("--output", help=".npy file; default prints a short summary")
+    p.add_argument("--json", action="store_true", help="print every value as JSON instead of a summary")
     p.set_defaults(func=_cmd_encode)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible /v1/embeddings server for a model")
+    p.add_argument("model", help="model directory, s3:// URI or models:/NAME@alias")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("deploy", help="serve models:/NAME@alias as a KServe InferenceService (vembed serve)")
+    p.add_argument("model_name", help="registered model name")
+    p.add_argument("--image", required=True, help="the vembed image the predictor runs")
+    p.add_argument("--alias", default="champion")
+    p.add_argument("--service", default="", help="InferenceService name (default: from the model name)")
+    p.add_argument("--namespace", default="", help="default: this pod's namespace, else default")
+    p.add_argument("--service-account", default="", help="predictor's service account (S3 credentials)")
+    p.add_argument("--canary-traffic-percent", type=int, default=100)
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for Ready")
+    p.add_argument("--mlflow-artifacts-destination", default="",
+                   help="the MLflow server's --artifacts-destination, when it proxies artifacts")
+    p.add_argument("--output-dir", default="output", help="where the embedded MLflow store lives")
+    p.set_defaults(func=_cmd_deploy)
 
     p = sub.add_parser("prepare", help="validate, dedup and split raw JSONL into a dataset directory")
     p.add_argument("raw", help="JSONL file, directory, or s3:// URI/prefix")

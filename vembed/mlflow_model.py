@@ -1,13 +1,22 @@
-"""The `mlflow.pyfunc` face of an embedding model: `predict(texts)` returns `Predictor.encode_text(texts)`.
+"""What a registered model version holds, and how standard servers load it.
 
-Logged as "models from code" (a generated two-line script, see `MODEL_CODE`), so no pickled
-object is stored. The model's artifacts are the directories the registry logs: `merged` (a standalone model) and/or
-`adapter` (a LoRA checkpoint). Loading prefers the merged model. The code is not bundled: the
-serving environment installs vembed-factory (see `pip_requirements` in vembed.registry).
+- Text models: MLflow's native `sentence_transformers` flavor, built from the merged model. Standard
+  servers (`mlflow models serve`, MLServer, KServe) load it without vembed; its requirements are
+  public packages only. The query instruction is the sentence-transformers prompt `query`
+  (`params={"prompt_name": "query"}`), and an MRL dimension is `params={"truncate_dim": 64}`
+  (encode truncates first, then normalises, as Predictor does).
+- CLIP / Qwen3-VL: a pyfunc "model from code" (a generated two-line script, no pickle) whose
+  `predict(texts)` is `Predictor.encode_text`; the vembed package travels with it (`code_paths`),
+  so again only public packages are required.
+- Every version also holds the LoRA adapter (directory `adapter/` next to MLmodel) when one was given.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import shutil
+import warnings
+from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
@@ -15,7 +24,9 @@ import numpy as np
 
 MERGED_ARTIFACT = "merged"
 ADAPTER_ARTIFACT = "adapter"
-# Model params a caller may pass to predict(); 0 means the full dimension.
+# Where the sentence_transformers flavor keeps the model inside the MLflow model directory.
+ST_DATA_PATH = "model.sentence_transformer"
+# Model params a caller may pass to the pyfunc predict(); 0 means the full dimension.
 DEFAULT_PARAMS: dict[str, Any] = {"dim": 0, "is_query": False, "batch_size": 32}
 # The script MLflow stores and runs at load time instead of unpickling a Python object.
 MODEL_CODE = (
@@ -23,6 +34,97 @@ MODEL_CODE = (
     "from vembed.mlflow_model import EmbeddingModel\n"
     "set_model(EmbeddingModel())\n"
 )
+# Public packages the bundled vembed code imports at inference time (pyfunc route).
+_PYFUNC_PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "safetensors",
+    "sentence-transformers",
+    "numpy",
+    "pandas",
+    "pillow",
+    "pydantic",
+    "pyyaml",
+    "accelerate",
+)
+_ST_PACKAGES = ("torch", "transformers", "sentence-transformers")
+
+
+def pinned(packages: tuple[str, ...]) -> list[str]:
+    """`name==installed version` for each package (local build tags such as `+cpu` dropped)."""
+    out = []
+    for name in packages:
+        try:
+            out.append(f"{name}=={importlib.metadata.version(name).split('+')[0]}")
+        except importlib.metadata.PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+def st_params(normalize: bool) -> dict[str, Any]:
+    """The encode() params the sentence_transformers pyfunc accepts (None = the model's default)."""
+    return {"prompt_name": None, "truncate_dim": None, "normalize_embeddings": normalize, "batch_size": 32}
+
+
+def save_text_model(
+    path: Path, merged_dir: Path, *, normalize: bool, mlflow_model: Any, example: list[str]
+) -> None:
+    """The merged model in MLflow's sentence_transformers flavor, plus vembed's embedder.json next to it."""
+    import mlflow.sentence_transformers
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(merged_dir), device="cpu")
+    output = model.encode(example, normalize_embeddings=normalize)
+    params = ParamSchema(
+        [
+            ParamSpec("prompt_name", "string", None),
+            ParamSpec("truncate_dim", "long", None),
+            ParamSpec("normalize_embeddings", "boolean", normalize),
+            ParamSpec("batch_size", "long", 32),
+        ]
+    )
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, int(output.shape[1])))]),
+        params=params,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+        mlflow.sentence_transformers.save_model(
+            model,
+            str(path),
+            signature=signature,
+            # Explicit: no dependency inference (slow, may reach the network), public packages only.
+            pip_requirements=pinned(_ST_PACKAGES),
+            mlflow_model=mlflow_model,
+            metadata={"vembed.prompts": sorted(model.prompts), "vembed.dim": int(output.shape[1])},
+        )
+    # Predictor reads the pooling/instruction spec from embedder.json; the ST files are unchanged.
+    if (merged_dir / "embedder.json").is_file():
+        shutil.copy2(merged_dir / "embedder.json", path / ST_DATA_PATH / "embedder.json")
+
+
+def save_pyfunc_model(
+    path: Path, artifacts: dict[str, str], *, signature: Any, mlflow_model: Any, code_file: Path
+) -> None:
+    """A vision(-language) model as a pyfunc whose code (the vembed package) travels with it."""
+    import vembed
+
+    code_file.write_text(MODEL_CODE)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+        mlflow.pyfunc.save_model(
+            str(path),
+            python_model=str(code_file),
+            artifacts=artifacts,
+            signature=signature,
+            code_paths=[str(Path(vembed.__file__).parent)],
+            pip_requirements=pinned(_PYFUNC_PACKAGES),
+            mlflow_model=mlflow_model,
+        )
 
 
 def model_dir_from_artifacts(artifacts: dict[str, str]) -> str:
@@ -58,7 +160,7 @@ def texts_from_input(model_input: Any) -> list[str]:
 
 
 class EmbeddingModel(mlflow.pyfunc.PythonModel):
-    """Text embeddings through vembed.predictor.Predictor."""
+    """Text embeddings through vembed.predictor.Predictor (the pyfunc route for CLIP and Qwen3-VL)."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         from vembed.predictor import Predictor

@@ -2,8 +2,9 @@
 
 - Tracking: `MLFLOW_TRACKING_URI`, else an embedded sqlite store under the output dir
   (`<output_dir>/mlflow.db`, artifacts in `<output_dir>/mlartifacts`).
-- A model version is one `mlflow.pyfunc` embedding model (vembed.mlflow_model) whose artifacts hold
-  the merged model and/or the LoRA adapter; `download_model` and the pyfunc loader both read them.
+- A model version is one MLflow model (vembed.mlflow_model): text models in the native
+  `sentence_transformers` flavor, CLIP/Qwen3-VL as a pyfunc with bundled code; the LoRA adapter
+  travels in the same directory. `download_model`, `mlflow.pyfunc` and standard servers read it.
 - Every new version gets the alias `challenger`; `champion` moves only through the gate (or by hand
   with `promote`/`rollback`, which keep a champion history on the registered model).
 - Retrying is safe: versions carry a `vembed.source_key` tag and are looked up before anything is
@@ -166,6 +167,29 @@ def _registry_errors(what: str) -> Iterator[None]:
 
 
 _TRANSIENT_CODES = ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "RESOURCE_EXHAUSTED", "REQUEST_LIMIT_EXCEEDED")
+
+
+@contextlib.contextmanager
+def quiet_mlflow() -> Iterator[None]:
+    """No download progress bars, MLflow warnings or info lines while fetching a model for a person
+    or a server (errors still raise)."""
+    names = ("mlflow", "mlflow.store", "mlflow.tracking", "mlflow.models")
+    levels = {n: logging.getLogger(n).level for n in names}
+    old = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+        if old is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = old
 
 
 # --- results ---------------------------------------------------------------------------
@@ -403,30 +427,37 @@ class Registry:
         run_id: str | None,
         example_texts: Sequence[str] = ("an example sentence to embed",),
     ) -> LoggedModel:
-        """Log the pyfunc embedding model (artifacts: merged and/or adapter) as a LoggedModel.
+        """Log the embedding model (see vembed.mlflow_model) as a LoggedModel.
 
+        Text models: the sentence_transformers flavor from the merged model (an adapter-only
+        registration is merged here first). CLIP / Qwen3-VL: a pyfunc with its code bundled.
+        The adapter is stored in the same model directory (`adapter/`).
         Built with the client API only (save locally, create, upload, finalize) so that mlflow's
         process-wide tracking URI is never touched.
         """
         from mlflow.models import Model, infer_signature
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-        import vembed
-        from vembed.mlflow_model import ADAPTER_ARTIFACT, DEFAULT_PARAMS, MERGED_ARTIFACT, MODEL_CODE
+        from vembed import mlflow_model as mm
         from vembed.predictor import Predictor
 
         with tempfile.TemporaryDirectory(prefix="vembed-register-") as tmp:
             artifacts: dict[str, str] = {}
             if merged_dir is not None:
-                artifacts[MERGED_ARTIFACT] = str(stage_merged(merged_dir, Path(tmp) / MERGED_ARTIFACT))
+                artifacts[mm.MERGED_ARTIFACT] = str(stage_merged(merged_dir, Path(tmp) / mm.MERGED_ARTIFACT))
             if adapter_dir is not None:
-                artifacts[ADAPTER_ARTIFACT] = str(stage_adapter(adapter_dir, Path(tmp) / ADAPTER_ARTIFACT))
+                artifacts[mm.ADAPTER_ARTIFACT] = str(
+                    stage_adapter(adapter_dir, Path(tmp) / mm.ADAPTER_ARTIFACT)
+                )
             example = list(example_texts)
-            output = Predictor(artifacts.get(MERGED_ARTIFACT) or artifacts[ADAPTER_ARTIFACT]).encode_text(
-                example
-            )
-            code = Path(tmp) / "embedding_model.py"
-            code.write_text(MODEL_CODE)
+            predictor = Predictor(artifacts.get(mm.MERGED_ARTIFACT) or artifacts[mm.ADAPTER_ARTIFACT])
+            text = predictor.spec.family == "text"
+            if text and mm.MERGED_ARTIFACT not in artifacts:
+                from vembed.export import merge_adapter  # standard servers need the merged weights
+
+                artifacts[mm.MERGED_ARTIFACT] = str(
+                    merge_adapter(artifacts[mm.ADAPTER_ARTIFACT], Path(tmp) / mm.MERGED_ARTIFACT)
+                )
             with _registry_errors(f"{self.where}: log embedding model"):
                 logged = self.client.create_logged_model(
                     self.experiment_id(),
@@ -435,21 +466,30 @@ class Registry:
                     tags={TAG_SOURCE_KEY: source_key},
                 )
                 local = Path(tmp) / "model"
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=".*input example was not provided.*")
-                    mlflow.pyfunc.save_model(
-                        str(local),
-                        python_model=str(code),
-                        artifacts=artifacts,
-                        signature=infer_signature(example, output, params=DEFAULT_PARAMS),
-                        # Explicit requirements: no dependency inference (slow, may reach the network).
-                        pip_requirements=[f"vembed-factory=={vembed.__version__}"],
-                        mlflow_model=Model(
-                            artifact_path=logged.artifact_location,
-                            run_id=run_id,
-                            model_uuid=logged.model_id,
-                            model_id=logged.model_id,
-                        ),
+                meta = Model(
+                    artifact_path=logged.artifact_location,
+                    run_id=run_id,
+                    model_uuid=logged.model_id,
+                    model_id=logged.model_id,
+                )
+                if text:
+                    mm.save_text_model(
+                        local,
+                        Path(artifacts[mm.MERGED_ARTIFACT]),
+                        normalize=predictor.spec.normalize,
+                        mlflow_model=meta,
+                        example=example,
+                    )
+                    if mm.ADAPTER_ARTIFACT in artifacts:
+                        shutil.copytree(artifacts[mm.ADAPTER_ARTIFACT], local / mm.ADAPTER_ARTIFACT)
+                else:
+                    output = predictor.encode_text(example)
+                    mm.save_pyfunc_model(
+                        local,
+                        artifacts,
+                        signature=infer_signature(example, output, params=mm.DEFAULT_PARAMS),
+                        mlflow_model=meta,
+                        code_file=Path(tmp) / "embedding_model.py",
                     )
                 repo = get_artifact_repository(
                     logged.artifact_location, tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri
@@ -706,10 +746,6 @@ class Registry:
 
     def download(self, models_uri: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
         """A local directory Predictor can load: the version's merged model if present, else its adapter."""
-        from mlflow.models import Model
-
-        from vembed.mlflow_model import ADAPTER_ARTIFACT, MERGED_ARTIFACT
-
         mv = self.resolve(models_uri)
         cache = Path(cache_dir or os.environ.get("VEMBED_CACHE_DIR") or Path.home() / ".cache" / "vembed")
         ident = hashlib.sha256(
@@ -720,7 +756,7 @@ class Registry:
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
             try:
-                with _registry_errors(f"{models_uri}: download from {self.where}"):
+                with _registry_errors(f"{models_uri}: download from {self.where}"), quiet_mlflow():
                     # The version's storage location, not `models:/...`: resolving that would consult
                     # mlflow's global registry URI instead of this registry's.
                     got = mlflow.artifacts.download_artifacts(
@@ -733,15 +769,35 @@ class Registry:
                     os.replace(got, dest)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-        flavor = Model.load(str(dest)).flavors.get("python_function", {})
-        paths = {
-            k: v.get("path") if isinstance(v, Mapping) else v
-            for k, v in (flavor.get("artifacts") or {}).items()
-        }
-        for key in (MERGED_ARTIFACT, ADAPTER_ARTIFACT):
-            if paths.get(key) and (dest / paths[key]).is_dir():
-                return dest / paths[key]
-        raise RegistryError(f"{models_uri}: version {mv.version} holds neither a merged model nor an adapter")
+        return model_dir_in(dest, models_uri, str(mv.version))
+
+    def storage_uri(self, models_uri: str) -> str:
+        """Where the version's MLflow model directory lives in storage (e.g. `s3://bucket/.../artifacts`)."""
+        mv = self.resolve(models_uri)
+        with _registry_errors(f"{models_uri}: storage location at {self.where}"):
+            uri = self.client.get_model_version_download_uri(mv.name, mv.version)
+            if uri.startswith("models:/"):  # a LoggedModel reference: its artifact location
+                uri = self.client.get_logged_model(uri.removeprefix("models:/").strip("/")).artifact_location
+        return uri
+
+
+def model_dir_in(dest: Path, models_uri: str, version: str) -> Path:
+    """The directory Predictor loads inside a downloaded MLflow model: merged model, else adapter."""
+    from mlflow.models import Model
+
+    from vembed.mlflow_model import ADAPTER_ARTIFACT, MERGED_ARTIFACT, ST_DATA_PATH
+
+    flavors = Model.load(str(dest)).flavors
+    if "sentence_transformers" in flavors and (dest / ST_DATA_PATH).is_dir():
+        return dest / ST_DATA_PATH
+    flavor = flavors.get("python_function", {})
+    paths = {
+        k: v.get("path") if isinstance(v, Mapping) else v for k, v in (flavor.get("artifacts") or {}).items()
+    }
+    for key in (MERGED_ARTIFACT, ADAPTER_ARTIFACT):
+        if paths.get(key) and (dest / paths[key]).is_dir():
+            return dest / paths[key]
+    raise RegistryError(f"{models_uri}: version {version} holds neither a merged model nor an adapter")
 
 
 def download_model(

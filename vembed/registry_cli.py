@@ -26,8 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("promote", parents=[common], help="make VERSION the champion (no gate)")
     p.add_argument("name")
     p.add_argument("version")
-    p = sub.add_parser("rollback", parents=[common], help="move champion back to the previous champion")
+    p = sub.add_parser(
+        "rollback", parents=[common], help="move champion back to the previous champion (and its InferenceService)"
+    )
     p.add_argument("name")
+    p.add_argument("--no-serving", action="store_true", help="move only the alias, leave the InferenceService")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the service to be Ready")
     return parser
 
 
@@ -75,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(decision.to_dict(), indent=2))
         else:
             print(f"{decision.model_name}: champion is now v{decision.version} ({decision.reason})")
+        if args.command == "rollback" and not args.no_serving:
+            return _rollback_serving(registry, args)
         return 0
     except VembedError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -83,6 +89,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename is not None else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
+
+
+def _rollback_serving(registry, args: argparse.Namespace) -> int:
+    """Point the InferenceService the last deploy recorded back at the (rolled back) champion.
+    When the cluster cannot be reached, print the exact command that does it."""
+    from vembed.steps.deploy import deploy, deploy_command, last_deployment
+
+    where = last_deployment(registry, args.name)
+    if where is None:
+        return 0  # never deployed: only the alias to move
+    options = {
+        "service_account": where.get("service_account"),
+        "mlflow_artifacts_destination": where.get("mlflow_artifacts_destination"),
+    }
+    try:
+        result = deploy(
+            args.name,
+            where["image"],
+            service_name=where["service"],
+            namespace=where["namespace"],
+            timeout_s=args.timeout,
+            output_dir=args.output_dir,
+            **options,
+        )
+    except VembedError as e:
+        command = deploy_command(args.name, where["service"], where["namespace"], where["image"], **options)
+        print(f"error: InferenceService {where['namespace']}/{where['service']} not updated: {e}", file=sys.stderr)
+        print(f"to point it at the champion, run: {command}", file=sys.stderr)
+        return 2
+    print(f"InferenceService {result['namespace']}/{result['service']} serves v{result['version']} ({result['revision']})")
+    return 0
 
 
 if __name__ == "__main__":

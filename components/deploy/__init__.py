@@ -1,0 +1,1 @@
+"""The deploy component; see README.md in this folder."""
