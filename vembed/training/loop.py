@@ -109,6 +109,32 @@ def build_embedder(cfg: TrainConfig, dtype: torch.dtype) -> Embedder:
     return embedder
 
 
+RUN_CONFIG_HEADER = "# vembed: the resolved config of this training run\n"
+
+
+def _is_vembed_log(path: Path) -> bool:
+    first = path.read_text(errors="replace").split("\n", 1)[0]
+    return not first or " start model=" in first
+
+
+def refuse_foreign_run_files(out: Path) -> None:
+    """Training writes `config.yaml` and `training_log.txt` into `output_dir`; refuse to replace such
+    files that a vembed run did not write (e.g. `output_dir: .` beside the user's own config.yaml).
+    Ours: a config.yaml with RUN_CONFIG_HEADER or in a run directory (a vembed log or checkpoints)."""
+    cfg_file, log_file = out / "config.yaml", out / "training_log.txt"
+    foreign = None
+    if log_file.is_file() and not _is_vembed_log(log_file):
+        foreign = log_file
+    elif cfg_file.is_file() and not cfg_file.read_text(errors="replace").startswith(RUN_CONFIG_HEADER):
+        run_dir = log_file.is_file() or any(ckpt.list_checkpoints(out))
+        foreign = None if run_dir else cfg_file
+    if foreign is not None:
+        raise ConfigError(
+            f"output_dir: {foreign} exists and was not written by a vembed run; "
+            "training would overwrite it: choose another output_dir"
+        )
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     accelerator, dtype = build_accelerator(cfg)
     set_seed(cfg.seed)
@@ -117,8 +143,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir: {out} exists and is not a directory")
     if accelerator.is_main_process:
+        refuse_foreign_run_files(out)
         out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "config.yaml")
+        (out / "config.yaml").write_text(RUN_CONFIG_HEADER + cfg.to_yaml())
 
     embedder = build_embedder(cfg, dtype)
     # Applies retrieval_mode, resolves image paths against the data file's directory and checks
