@@ -50,6 +50,10 @@ class TrainerOptions(BaseModel):
     env_from_secrets: dict[str, str] = Field(
         default_factory=dict, description='ENV_VAR: "secret-name/key"; the job reads the value from the secret'
     )
+    work_dir: str = Field(
+        "/tmp/vembed",
+        description="in each job pod: staged inputs, the config and checkpoints before node 0 publishes them",
+    )
 
     @field_validator("resources", mode="before")
     @classmethod
@@ -81,6 +85,13 @@ class TrainerOptions(BaseModel):
                 # The value is not echoed: a user who pasted the secret itself must not see it in a log.
                 raise ValueError(f"{env}: expected \"secret-name/key\", a reference to a Kubernetes secret")
         return v
+
+    @field_validator("work_dir")
+    @classmethod
+    def _absolute_work_dir(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"{v!r} must be an absolute path inside the job's pods")
+        return v.rstrip("/") or "/"
 
     @model_validator(mode="after")
     def _backend_needs(self) -> TrainerOptions:
