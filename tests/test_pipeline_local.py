@@ -89,9 +89,8 @@ def test_local_run_with_embedded_stores_holds_against_the_champion(
 def test_local_run_against_s3_and_mlflow_server_promotes(
     tiny_model: Path, tmp_path: Path, s3_env, mlflow_server, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    from vembed.registry import Registry
-
     from tests import secret_scan
+    from vembed.registry import Registry
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     # MLflow credentials too (the test server has no auth and ignores them), so both stores' secrets

@@ -234,10 +234,9 @@ def test_server_restart_between_register_and_alias(server_env, models: TinyModel
 def test_secrets_never_reach_mlflow_or_logs(
     server_env, s3_env, s3_server, models, tmp_path, caplog, capfd, monkeypatch
 ):
+    from tests import secret_scan
     from vembed.config import load_config
     from vembed.steps.register import register
-
-    from tests import secret_scan
 
     secret = s3_env.secret_key
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "tracking-pass-1234")
