@@ -86,8 +86,8 @@ def test_compare_two_models_and_cli(tiny_bert, minilm_path, tmp_path, capsys):
     results = compare_models({"random": tiny_bert, "minilm": minilm_path}, data, dims=[16])
     assert set(results["random"]) == set(results["minilm"]) == {"full", "16"}
     random_ndcg, minilm_ndcg = results["random"]["full"]["ndcg@10"], results["minilm"]["full"]["ndcg@10"]
-    # 12 documents: a random ranking puts the answer near the middle; MiniLM finds nearly every one.
-    assert minilm_ndcg > 0.9 and random_ndcg < 0.7, results
+    # 12 documents: a random model ranks the answer anywhere (measured 0.65); MiniLM finds every one (1.0).
+    assert minilm_ndcg > 0.9 and minilm_ndcg - random_ndcg > 0.2, results
     assert results["minilm"]["full"]["recall@1"] > results["random"]["full"]["recall@1"]
 
     rows = {tuple(cell.strip() for cell in line.split("│")[1:3]): line for line in format_table(results).splitlines()
