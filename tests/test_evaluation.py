@@ -60,16 +60,48 @@ def test_corpus_errors_name_line(tmp_path):
         read_corpus(p)
 
 
-def test_compare_base_vs_model_and_cli(tiny_bert, tmp_path, capsys):
+PAIRS = [
+    ("how do I sort a list", "Use sorted() to order the items of a list."),
+    ("read a text file", "open() the file and call read() to get its contents."),
+    ("parse a JSON string", "json.loads turns a JSON document into Python objects."),
+    ("current date and time", "datetime.now() returns the local date and time."),
+    ("make an HTTP request", "urllib.request.urlopen fetches a URL over HTTP."),
+    ("generate a random number", "random.randint picks a random integer in a range."),
+    ("remove duplicates from a list", "Build a set from the list to drop repeated items."),
+    ("join path components", "os.path.join combines directory and file names."),
+    ("run a shell command", "subprocess.run starts a program and waits for it."),
+    ("compress a file with gzip", "gzip.open writes a compressed .gz file."),
+    ("measure elapsed time", "time.perf_counter gives a clock for timing code."),
+    ("copy a directory tree", "shutil.copytree copies a folder and everything in it."),
+]
+
+
+def test_compare_two_models_and_cli(tiny_bert, minilm_path, tmp_path, capsys):
+    """A trained sentence encoder (MiniLM) against a random tiny BERT on paired questions/answers: the
+    results and the table show each model's own scores and the difference between them."""
     from vembed.cli import main
 
     data = tmp_path / "eval.jsonl"
-    data.write_text("".join(json.dumps({"query": f"q{i} word", "positive": f"doc {i} text"}) + "\n" for i in range(12)))
-    results = compare_models({"base": tiny_bert, "tuned": tiny_bert}, data, dims=[16])
-    assert results["base"] == results["tuned"]
-    assert set(results["base"]) == {"full", "16"}
-    assert "ndcg@10" in format_table(results)
+    data.write_text("".join(json.dumps({"query": q, "positive": p}) + "\n" for q, p in PAIRS))
+    results = compare_models({"random": tiny_bert, "minilm": minilm_path}, data, dims=[16])
+    assert set(results["random"]) == set(results["minilm"]) == {"full", "16"}
+    random_ndcg, minilm_ndcg = results["random"]["full"]["ndcg@10"], results["minilm"]["full"]["ndcg@10"]
+    # 12 documents: a random model ranks the answer anywhere (measured 0.65); MiniLM finds every one (1.0).
+    assert minilm_ndcg > 0.9 and minilm_ndcg - random_ndcg > 0.2, results
+    assert results["minilm"]["full"]["recall@1"] > results["random"]["full"]["recall@1"]
+
+    rows = {tuple(cell.strip() for cell in line.split("│")[1:3]): line for line in format_table(results).splitlines()
+            if line.count("│") >= 5}  # fmt: skip
+    cells = [c.strip() for c in rows[("full", "ndcg@10")].split("│")[3:6]]
+    assert cells == [f"{random_ndcg:.4f}", f"{minilm_ndcg:.4f}", f"{minilm_ndcg - random_ndcg:+.4f}"]
+    assert "minilm - random" in format_table(results)
+
+    # The CLI: the model against a --base, side by side, and the metrics file with both.
     out = tmp_path / "m.json"
-    assert main(["evaluate", tiny_bert, "--data", str(data), "--dims", "16", "--output", str(out)]) == 0
-    assert "recall@1" in capsys.readouterr().out
-    assert set(json.loads(out.read_text())["tuned"]) == {"full", "16"}
+    argv = ["evaluate", minilm_path, "--base", tiny_bert, "--data", str(data), "--dims", "16", "--output", str(out)]
+    assert main(argv) == 0
+    shown = capsys.readouterr().out
+    assert f"{random_ndcg:.4f}" in shown and f"{minilm_ndcg:.4f}" in shown and f"{minilm_ndcg - random_ndcg:+.4f}" in shown
+    saved = json.loads(out.read_text())
+    assert saved["tuned"]["full"]["ndcg@10"] == pytest.approx(minilm_ndcg)
+    assert saved["base"]["full"]["ndcg@10"] == pytest.approx(random_ndcg)

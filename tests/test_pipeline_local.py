@@ -89,10 +89,18 @@ def test_local_run_with_embedded_stores_holds_against_the_champion(
 def test_local_run_against_s3_and_mlflow_server_promotes(
     tiny_model: Path, tmp_path: Path, s3_env, mlflow_server, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
+    from tests import secret_scan
     from vembed.registry import Registry
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    # MLflow credentials too (the test server has no auth and ignores them), so both stores' secrets
+    # are in every step's environment and in use.
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "pipeline-user")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "mlflow-pass-0c7e1d2b-do-not-log")
+    secrets = [s3_env.secret_key, s3_env.access_key, "mlflow-pass-0c7e1d2b-do-not-log"]
     s3 = s3_env.client()
+    artifacts_before = secret_scan.s3_keys(s3, mlflow_server.bucket)
+    runs_before = secret_scan.mlflow_run_ids(mlflow_server.uri)
     s3.create_bucket(Bucket="pipeline-data")
     # An older snapshot that prepare would reject: reading it instead of the newest fails the run.
     s3.put_object(Bucket="pipeline-data", Key="pairs/dt=2024-01-01/pairs.jsonl", Body=b"not json\n")
@@ -101,7 +109,8 @@ def test_local_run_against_s3_and_mlflow_server_promotes(
     out = tmp_path / "pipeline"
 
     assert run_pipeline(out, tiny_model, "s3://pipeline-data/pairs/latest", "tiny-embed-remote", -1.0) == 0
-    captured = capsys.readouterr().out
+    terminal = capsys.readouterr()
+    captured = terminal.out
     assert "Gate: PROMOTE" in captured
     assert "registered tiny-embed-remote version 1 (aliases: challenger, champion)" in captured
     # No cluster here: deploy is off for local runs, which print the laptop equivalent instead.
@@ -114,6 +123,27 @@ def test_local_run_against_s3_and_mlflow_server_promotes(
     assert not (run / "deploy").exists()
     executor = json.loads((run / "prepare" / "executor_output.json").read_text())
     assert "dt=2024-01-02" in executor["artifacts"]["dataset"]["artifacts"][0]["metadata"]["source"]
+
+    # No secret anywhere the run wrote: every file (pipeline.log, the compiled spec, executor outputs,
+    # training_log.txt, the run's config, reports, models), the terminal, the new S3 objects, and what
+    # the MLflow server keeps about the new runs and the registered model (params, tags, inputs, versions).
+    # (The train step's scratch output_dir, with its config.yaml, is removed when the step ends; the
+    # same config is kept in the checkpoint as vembed_config.yaml.)
+    leaks, n_files = secret_scan.scan_files(tmp_path, secrets)
+    scanned = {p.name for p in tmp_path.rglob("*") if p.is_file()}
+    assert {"pipeline.log", "lora_finetune.local.yaml", "executor_output.json", "training_log.txt",
+            "vembed_config.yaml", "adapter_config.json"} <= scanned, scanned  # fmt: skip
+    assert len(list(run.glob("*/executor_output.json"))) >= 5, "every step's executor output is scanned"
+    leaks += [f"terminal: {s}" for s in secret_scan.hits((terminal.out + terminal.err).encode(), secrets)]
+    new_objects = secret_scan.s3_keys(s3, mlflow_server.bucket) - artifacts_before
+    assert any(k.endswith("model.safetensors") for k in new_objects), "the models went through the server"
+    leaks += secret_scan.scan_s3(s3, mlflow_server.bucket, new_objects, secrets)
+    leaks += secret_scan.scan_s3(s3, "pipeline-data", secret_scan.s3_keys(s3, "pipeline-data"), secrets)
+    new_runs = secret_scan.mlflow_run_ids(mlflow_server.uri) - runs_before
+    records = secret_scan.mlflow_records(mlflow_server.uri, new_runs, ["tiny-embed-remote"])
+    assert new_runs and any(r["data"]["params"] for k, r in records.items() if k.startswith("run "))
+    leaks += secret_scan.scan_records(records, secrets)
+    assert n_files > 20 and leaks == []
 
 
 def test_local_run_needs_the_local_flag(capsys) -> None:

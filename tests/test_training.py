@@ -72,9 +72,51 @@ def test_full_finetune_checkpoint_is_a_model(tiny_bert, pairs_file, tmp_path):
     AutoModel.from_pretrained(str(result.checkpoint_dir))
 
 
-def test_mrl_and_hard_negatives_train(tiny_bert, pairs_file, tmp_path):
-    result = train(cfg_for(tiny_bert, pairs_file, tmp_path / "o", use_mrl=True, mrl_dims=[32, 16, 8], max_steps=2))
-    assert result.global_step == 2 and result.final_loss == result.final_loss  # not NaN
+def test_mrl_and_hard_negatives_train(tiny_bert, tmp_path, monkeypatch):
+    """In training, the loss has one term per MRL dim, each with the rows' hard negatives in its candidate
+    pool, and every dim's term falls as training goes on."""
+    import vembed.training.loop as loop
+    from tests.conftest import write_pairs
+
+    dims, steps = [32, 16, 8], 8
+    seen: list[dict] = []
+    real_build_loss = loop.build_loss
+
+    class Spy(torch.nn.Module):
+        """The real training loss, recording what the loop hands it (nothing is replaced)."""
+
+        def __init__(self, real: torch.nn.Module) -> None:
+            super().__init__()
+            self.real = real
+
+        def forward(self, q, p, n=None, labels=None):
+            loss = self.real(q, p, n, labels)
+            seen.append({k: None if v is None else v.detach().clone() for k, v in
+                         {"q": q, "p": p, "n": n, "labels": labels, "loss": loss}.items()})  # fmt: skip
+            return loss
+
+    monkeypatch.setattr(loop, "build_loss", lambda cfg, dim: Spy(real_build_loss(cfg, dim)))
+    # One batch holds the whole data set, so every step sees the same pairs and the terms are comparable.
+    data = write_pairs(tmp_path / "d.jsonl", n=16, negatives=True)
+    cfg = cfg_for(tiny_bert, data, tmp_path / "o", use_mrl=True, mrl_dims=dims, mrl_weights=[1.0, 1.0, 1.0],
+                  batch_size=16, epochs=steps, learning_rate=1e-2, lora_dropout=0.0)  # fmt: skip
+    result = train(cfg)
+    assert result.global_step == steps and len(seen) == steps
+
+    # The loss one dim would get on its own (same settings, no MRL): the reference for each MRL term.
+    single = real_build_loss(cfg.model_copy(update={"use_mrl": False}), 32)
+    terms = []
+    for call in seen:
+        q, p, n = call["q"], call["p"], call["n"]
+        assert n is not None and n.shape == (16, 32), "each row's hard negative reaches the loss, at full dim"
+        per_dim = [single(q[:, :d], p[:, :d], n[:, :d], call["labels"]) for d in dims]
+        torch.testing.assert_close(call["loss"], sum(per_dim) / len(dims))
+        without_negatives = sum(single(q[:, :d], p[:, :d], None, call["labels"]) for d in dims) / len(dims)
+        assert (call["loss"] - without_negatives).abs() > 1e-3, "the negatives change the loss"
+        terms.append([t.item() for t in per_dim])
+    for i, d in enumerate(dims):
+        first, last = terms[0][i], terms[-1][i]
+        assert last < 0.9 * first, f"the dim-{d} term did not fall: {first:.4f} -> {last:.4f}"
 
 
 def test_mrl_dim_larger_than_model_is_config_error(tiny_bert, pairs_file, tmp_path):

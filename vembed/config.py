@@ -54,6 +54,10 @@ class TrainerOptions(BaseModel):
         default_factory=list, description="names of docker-registry secrets the job's pods pull the image with"
     )
     run_as_user: int = Field(1000, ge=1, description="UID of the job's containers (the images' user); never root")
+    work_dir: str = Field(
+        "/tmp/vembed",
+        description="in each job pod: staged inputs, the config and checkpoints before node 0 publishes them",
+    )
 
     @field_validator("resources", mode="before")
     @classmethod
@@ -85,6 +89,13 @@ class TrainerOptions(BaseModel):
                 # The value is not echoed: a user who pasted the secret itself must not see it in a log.
                 raise ValueError(f"{env}: expected \"secret-name/key\", a reference to a Kubernetes secret")
         return v
+
+    @field_validator("work_dir")
+    @classmethod
+    def _absolute_work_dir(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"{v!r} must be an absolute path inside the job's pods")
+        return v.rstrip("/") or "/"
 
     @model_validator(mode="after")
     def _backend_needs(self) -> TrainerOptions:

@@ -8,17 +8,26 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from vembed.config import TrainConfig
+from vembed.config import TrainConfig, TrainerOptions
 from vembed.errors import ConfigError
 
 ENTRYPOINT_MODULE = "vembed.entrypoints.train"
 
-# Inside a job pod: the config arrives in an env var (it holds no secrets) and is written here.
+# Inside a job pod: the config arrives in an env var (it holds no secrets) and is written under
+# trainer.work_dir (default JOB_WORKDIR), with the run's local output next to it.
 CONFIG_ENV = "VEMBED_CONFIG"
 OUTPUT_URI_ENV = "VEMBED_OUTPUT_URI"
-JOB_WORKDIR = "/tmp/vembed"
+JOB_WORKDIR = TrainerOptions.model_fields["work_dir"].default
 JOB_CONFIG_PATH = f"{JOB_WORKDIR}/config.yaml"
 JOB_OUTPUT_DIR = f"{JOB_WORKDIR}/output"
+
+
+def job_config_path(work_dir: str) -> str:
+    return f"{work_dir}/config.yaml"
+
+
+def job_output_dir(work_dir: str) -> str:
+    return f"{work_dir}/output"
 
 # The FSDP settings (sharding, use_orig_params for LoRA, wrapping, state dict) are the Accelerator's
 # plugin in vembed.training.fsdp; the flag only makes accelerate start the processes for FSDP.
@@ -93,7 +102,8 @@ def _shell_word(arg: str) -> str:
 def job_script(cfg: TrainConfig, rendezvous: Rendezvous) -> str:
     """The bash script each job node runs: stage inputs in, train, then node 0 publishes the output."""
     launch = " ".join(
-        _shell_word(a) for a in ["accelerate", "launch", *accelerate_args(cfg, JOB_CONFIG_PATH, rendezvous)]
+        _shell_word(a)
+        for a in ["accelerate", "launch", *accelerate_args(cfg, job_config_path(cfg.trainer.work_dir), rendezvous)]
     )
     return "\n".join(
         [
