@@ -36,6 +36,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from vembed.errors import RegistryError
+from vembed.promotion import DEFAULT_METRIC, decide
 from vembed.redaction import redact, scrub
 from vembed.registry_files import check_model_dir, content_key, stage_adapter, stage_merged
 from vembed.registry_plots import plot_loss_curve, plot_mrl_dims
@@ -45,7 +46,6 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 DEFAULT_EXPERIMENT = "vembed"
-DEFAULT_METRIC = "ndcg@10"
 MODEL_ARTIFACT_NAME = "embedding_model"
 
 # Tags on model versions / logged models / runs / registered models.
@@ -625,16 +625,12 @@ class Registry:
                 f"{(champ.eval_set_sha256 or '?')[:12]}, this version with {metric} on "
                 f"{(cand.eval_set_sha256 or '?')[:12]}; pass the champion's score on the same eval set"
             )
-        threshold = baseline + float(min_delta)
-        if cand.score >= threshold:
-            return True, (
-                f"{metric} {cand.score:.4f} >= {CHAMPION} v{champ.version} {baseline:.4f} + min_delta {min_delta:g}"
-                f" ({basis})"
-            )
-        return False, (
-            f"{metric} {cand.score:.4f} < {CHAMPION} v{champ.version} {baseline:.4f} + min_delta {min_delta:g}"
-            f" ({basis}); {CHAMPION} stays v{champ.version}"
-        )
+        champ_name = f"{CHAMPION} v{champ.version}"
+        gate = decide(cand.score, {champ_name: baseline}, metric, min_delta, candidate=f"version {cand.version}")
+        reason = f"{gate.reason} ({basis})"
+        if gate.passed:
+            return True, reason
+        return False, f"{reason}; {CHAMPION} stays v{champ.version}"
 
     # --- champion history ---------------------------------------------------------------
 

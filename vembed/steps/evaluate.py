@@ -12,11 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from vembed.errors import ConfigError
+from vembed.promotion import METRIC_KEYS, check_metric, decide
 
-METRIC_KEYS = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")
 ROLE_ORDER = ("tuned", "base", "champion")
-# 0.68 + 0.02 is 0.7000000000000001 in floats; a margin met exactly must pass.
-FLOAT_SLACK = 1e-9
 
 
 def base_model_of(adapter_dir: str | os.PathLike[str]) -> str:
@@ -65,31 +63,10 @@ def gate(
     min_delta: float = 0.0,
 ) -> dict[str, Any]:
     """Decide promotion from {"tuned": {"full": {...}}, "base": ..., "champion": ...} results."""
-    if promotion_metric not in METRIC_KEYS:
-        raise ConfigError(f"promotion_metric: unknown metric {promotion_metric!r}; choose one of {', '.join(METRIC_KEYS)}")
-    tuned = float(results["tuned"]["full"][promotion_metric])
-    baselines = {role: float(r["full"][promotion_metric]) for role, r in results.items() if role != "tuned"}
-    best_role = max(baselines, key=baselines.__getitem__) if baselines else None
-    threshold = (baselines[best_role] if best_role else float("-inf")) + float(min_delta)
-    passed = tuned >= threshold - FLOAT_SLACK
-    if best_role is None:
-        reason = f"no baseline to beat; tuned {promotion_metric} = {tuned:.4f}"
-    else:
-        op = ">=" if passed else "<"
-        reason = (
-            f"tuned {promotion_metric} {tuned:.4f} {op} {best_role} {baselines[best_role]:.4f}"
-            f" + min_delta {min_delta:g}"
-        )
-    return {
-        "passed": passed,
-        "decision": "promote" if passed else "hold",
-        "promotion_metric": promotion_metric,
-        "min_delta": float(min_delta),
-        "tuned": tuned,
-        "best_baseline": best_role,
-        "threshold": threshold,
-        "reason": reason,
-    }
+    check_metric(promotion_metric)
+    tuned = results["tuned"]["full"][promotion_metric]
+    baselines = {role: r["full"][promotion_metric] for role, r in results.items() if role != "tuned"}
+    return decide(tuned, baselines, promotion_metric, min_delta).to_dict()
 
 
 def render_markdown(results: Mapping[str, Mapping[str, Mapping[str, float]]], decision: Mapping[str, Any]) -> str:
@@ -128,8 +105,7 @@ def evaluate(
     """
     from vembed.evaluation import compare_models
 
-    if promotion_metric not in METRIC_KEYS:  # fail before spending minutes on encoding
-        raise ConfigError(f"promotion_metric: unknown metric {promotion_metric!r}; choose one of {', '.join(METRIC_KEYS)}")
+    check_metric(promotion_metric)  # fail before spending minutes on encoding
     models = {"tuned": str(adapter_dir), "base": base_model or base_model_of(adapter_dir)}
     if champion:
         models["champion"] = champion
