@@ -48,13 +48,9 @@ def champion_uri(model_name: str, tracking_uri: str | None = None) -> str | None
 
 def eval_set_sha256(dataset_dir: str | os.PathLike[str]) -> str:
     """sha256 of the eval split's bytes: the registry compares scores only on the same eval set."""
-    import hashlib
+    from vembed.integrity import sha256_file
 
-    digest = hashlib.sha256()
-    with (Path(dataset_dir) / "eval.jsonl").open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(Path(dataset_dir) / "eval.jsonl")
 
 
 def gate(

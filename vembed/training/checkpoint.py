@@ -12,7 +12,6 @@ Layout of `output_dir/checkpoint-N/`:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -29,27 +28,9 @@ from safetensors.torch import load_file, save_file
 
 from vembed.atomic_dir import staged_dir
 from vembed.errors import CheckpointError
+from vembed.integrity import CHECKSUMS, refuse_pickle, sha256_file, write_checksums
 
-CHECKSUMS = "checksums.json"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_checksums(directory: Path) -> None:
-    sums = {
-        str(p.relative_to(directory)): sha256_file(p)
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != CHECKSUMS
-    }
-    (directory / CHECKSUMS).write_text(json.dumps(sums, indent=1))
 
 
 def verify_checkpoint(directory: str | os.PathLike[str]) -> Path:
@@ -103,14 +84,6 @@ def check_safetensors(directory: Path) -> None:
         except (SafetensorError, OSError) as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CheckpointError(f"{f}: truncated or corrupt safetensors file ({reason})") from None
-
-
-def refuse_pickle(directory: Path) -> None:
-    found = [p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES]
-    if found:
-        raise CheckpointError(
-            f"{directory}: refusing pickle weight files {found}; vembed loads safetensors only"
-        )
 
 
 def list_checkpoints(output_dir: str | os.PathLike[str]) -> list[Path]:
