@@ -26,7 +26,7 @@ def materialize(model_path: str) -> Path:
 
         return Path(fetch(model_path))
     if model_path.startswith("models:/"):
-        from vembed.registry import download_model
+        from vembed.mlflow_store import download_model
 
         return Path(download_model(model_path))
     return Path(model_path)
