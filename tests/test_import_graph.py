@@ -72,8 +72,11 @@ def test_find_cycle_sees_a_cycle_and_its_absence() -> None:
 
 def test_graph_counts_imports_inside_functions() -> None:
     graph = import_graph()
-    assert "vembed.errors" in graph["vembed.cli"] or any("vembed.errors" in deps for deps in graph.values())
-    assert len(graph) > 50
+    # Predictor imports the model download only inside `materialize` (to keep `import vembed` light).
+    assert "vembed.mlflow_store" in graph["vembed.predictor"]
+    # `from vembed.training import checkpoint as ckpt`: the module, not only the package, is the dependency.
+    assert "vembed.training.checkpoint" in graph["vembed.training.loop"]
+    assert "vembed.mlflow_model" in graph["vembed.registry"]  # `from vembed import mlflow_model`, in a method
 
 
 def test_no_import_cycle_among_vembed_modules() -> None:
