@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from vembed.config import parse_pairs
 from vembed.errors import ConfigError
 
 REQUIRED = object()
@@ -86,18 +87,15 @@ def _coerce(name: str, kind: str, raw: str) -> Any:
 
 def parse_params(pairs: Iterable[str], spec: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Turn `k=v` strings into typed run arguments; unknown names suggest the closest parameter."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ConfigError(f"--param: expected name=value, got {pair!r}")
-        name, raw = pair.split("=", 1)
-        name = name.strip()
-        if name not in spec:
-            close = difflib.get_close_matches(name, list(spec), n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]}?" if close else f"; parameters: {', '.join(sorted(spec))}"
-            raise ConfigError(f"--param: unknown pipeline parameter {name!r}{hint}")
-        out[name] = _coerce(name, spec[name]["type"], raw)
-    return out
+
+    def unknown(name: str) -> ConfigError | None:
+        if name in spec:
+            return None
+        close = difflib.get_close_matches(name, list(spec), n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]}?" if close else f"; parameters: {', '.join(sorted(spec))}"
+        return ConfigError(f"--param: unknown pipeline parameter {name!r}{hint}")
+
+    return parse_pairs(pairs, "--param", lambda name, raw: _coerce(name, spec[name]["type"], raw), unknown, "name")
 
 
 def check_required(args: Mapping[str, Any], spec: Mapping[str, Mapping[str, Any]]) -> None:

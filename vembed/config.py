@@ -10,7 +10,7 @@ import difflib
 import os
 import re
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -360,17 +360,50 @@ def coerce_override(key: str, raw: str) -> Any:
     return text
 
 
-def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
+def parse_pairs(
+    pairs: Iterable[str],
+    option: str,
+    coerce: Callable[[str, str], Any],
+    unknown: Callable[[str], ConfigError | None],
+    noun: str = "key",
+) -> dict[str, Any]:
+    """The one `name=value` parser (`--config_override`, `--param`): {name: coerce(name, text)}.
+
+    `unknown(name)` returns the error for a name that is not accepted (None when it is).
+    """
     out: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
-            raise ConfigError(f"--config_override: expected key=value, got {pair!r}")
-        key, raw = pair.split("=", 1)
-        key = key.strip()
-        if _field(key) is None:
-            raise _unknown_key_error(key, "--config_override")
-        _put_override(out, key, coerce_override(key, raw), "--config_override")
+            raise ConfigError(f"{option}: expected {noun}=value, got {pair!r}")
+        name, raw = pair.split("=", 1)
+        name = name.strip()
+        if (error := unknown(name)) is not None:
+            raise error
+        out[name] = coerce(name, raw)
     return out
+
+
+def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
+    """`--config_override key=value` strings as a nested {key: value} / {section: {key: value}} dict."""
+    option = "--config_override"
+    flat = parse_pairs(pairs, option, coerce_override, lambda k: None if _field(k) else _unknown_key_error(k, option))
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        _put_override(out, key, value, option)
+    return out
+
+
+def _fill_trainer_defaults(values: dict[str, Any], defaults: Mapping[str, Any]) -> None:
+    """Fill the `trainer` keys that neither the file nor the overrides set (e.g. a pipeline's compiled
+    backend and job image). The image only for a cluster backend: a local run has no job image."""
+    section = values.get("trainer") if values.get("trainer") is not None else {}
+    if not isinstance(section, Mapping):
+        return  # validation reports the bad section
+    filled = {k: v for k, v in defaults.items() if v not in (None, "") and section.get(k) in (None, "")}
+    if (section.get("backend") or filled.get("backend") or "local") == "local":
+        filled.pop("image", None)
+    if filled:
+        values["trainer"] = {**section, **filled}
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -412,8 +445,13 @@ def _format_validation_error(err: ValidationError, source: str) -> ConfigError:
 def load_config(
     path: str | os.PathLike[str] | None = None,
     overrides: Iterable[str] | Mapping[str, Any] | None = None,
+    trainer_defaults: Mapping[str, Any] | None = None,
 ) -> TrainConfig:
-    """Build a config from defaults, then the YAML file, then overrides."""
+    """Build a config from defaults, then the YAML file, then overrides.
+
+    trainer_defaults: `trainer` keys to use where neither the file nor the overrides set them
+    (the train step passes the backend and image its pipeline was compiled for).
+    """
     values: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -435,6 +473,8 @@ def load_config(
                 value = {**values[key], **value}
             values[key] = value
         source = f"{source} + overrides"
+    if trainer_defaults:
+        _fill_trainer_defaults(values, trainer_defaults)
     try:
         return TrainConfig(**values)
     except ValidationError as e:

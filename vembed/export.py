@@ -16,11 +16,11 @@ from pathlib import Path
 
 from vembed.atomic_dir import refuse_existing, staged_dir
 from vembed.errors import CheckpointError, StorageError
+from vembed.integrity import write_checksums
 from vembed.models.base import Embedder
 from vembed.models.pooling import ST_POOLING
 from vembed.models.text import format_query
 from vembed.predictor import load_trained_embedder
-from vembed.training.checkpoint import write_checksums
 
 MERGE_MARKER = "vembed_merged.json"  # written by merge_adapter only: "this directory is a merge output"
 # Files that make a directory something merge must never replace.

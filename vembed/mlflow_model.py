@@ -22,10 +22,8 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 
-MERGED_ARTIFACT = "merged"
-ADAPTER_ARTIFACT = "adapter"
-# Where the sentence_transformers flavor keeps the model inside the MLflow model directory.
-ST_DATA_PATH = "model.sentence_transformer"
+from vembed.mlflow_store import ADAPTER_ARTIFACT, MERGED_ARTIFACT, ST_DATA_PATH
+
 # Model params a caller may pass to the pyfunc predict(); 0 means the full dimension.
 DEFAULT_PARAMS: dict[str, Any] = {"dim": 0, "is_query": False, "batch_size": 32}
 # The script MLflow stores and runs at load time instead of unpickling a Python object.
@@ -111,8 +109,6 @@ def save_pyfunc_model(
     path: Path, artifacts: dict[str, str], *, signature: Any, mlflow_model: Any, code_file: Path
 ) -> None:
     """A vision(-language) model as a pyfunc whose code (the vembed package) travels with it."""
-    import vembed
-
     code_file.write_text(MODEL_CODE)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")
@@ -121,7 +117,7 @@ def save_pyfunc_model(
             python_model=str(code_file),
             artifacts=artifacts,
             signature=signature,
-            code_paths=[str(Path(vembed.__file__).parent)],
+            code_paths=[str(Path(__file__).parent)],  # the vembed package itself
             pip_requirements=pinned(_PYFUNC_PACKAGES),
             mlflow_model=mlflow_model,
         )

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 
 from vembed.errors import CheckpointError, VembedError
+from vembed.integrity import check_integrity
 from vembed.models import Embedder, EmbedderSpec, Item, family_class, load_embedder, looks_like_hub_id
 from vembed.models.merged_base import find_base, lacks_tokenizer
-from vembed.training.checkpoint import check_integrity
 
 
 def materialize(model_path: str) -> Path:
@@ -26,7 +26,7 @@ def materialize(model_path: str) -> Path:
 
         return Path(fetch(model_path))
     if model_path.startswith("models:/"):
-        from vembed.registry import download_model
+        from vembed.mlflow_store import download_model
 
         return Path(download_model(model_path))
     return Path(model_path)

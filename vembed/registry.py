@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -23,19 +22,30 @@ import os
 import re
 import shutil
 import tempfile
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlflow
-from mlflow import MlflowClient
 from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus, Metric, Param
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from vembed.errors import RegistryError
+from vembed.mlflow_store import (  # noqa: F401 - download_model, quiet_mlflow...: re-exported, the public API
+    alias_version,
+    connect,
+    download_model,
+    download_version,
+    local_artifact_root,
+    model_dir_in,
+    quiet_mlflow,
+    require_existing_store,
+    resolve_tracking_uri,
+    resolve_version,
+)
+from vembed.mlflow_store import registry_errors as _registry_errors
+from vembed.promotion import DEFAULT_METRIC, decide
 from vembed.redaction import redact, scrub
 from vembed.registry_files import check_model_dir, content_key, stage_adapter, stage_merged
 from vembed.registry_plots import plot_loss_curve, plot_mrl_dims
@@ -45,7 +55,6 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 DEFAULT_EXPERIMENT = "vembed"
-DEFAULT_METRIC = "ndcg@10"
 MODEL_ARTIFACT_NAME = "embedding_model"
 
 # Tags on model versions / logged models / runs / registered models.
@@ -62,7 +71,7 @@ TAG_CHALLENGER_SET = "vembed.challenger_set"
 _MAX_PARAM_LEN = 6000  # MLflow's limit for a param value
 _MAX_TAG_LEN = 5000
 
-_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))/?$")
+
 
 
 # --- names and metrics -----------------------------------------------------------------
@@ -105,91 +114,6 @@ def safe_key(key: str) -> str:
     """Keys go into MLflow filter strings; anything beyond a plain id is replaced by its sha256."""
     key = str(key)
     return key if re.fullmatch(r"[\w.:/@-]{1,200}", key) else hashlib.sha256(key.encode()).hexdigest()
-
-
-def resolve_tracking_uri(output_dir: str | os.PathLike[str], create: bool = True) -> str:
-    """`MLFLOW_TRACKING_URI`, else the embedded sqlite store `<output_dir>/mlflow.db`.
-    `create=False` (read commands) leaves the file system alone."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if uri:
-        return uri
-    if str(output_dir).startswith("s3://"):
-        raise RegistryError(
-            f"{output_dir}: the embedded MLflow store needs a local output dir; set MLFLOW_TRACKING_URI"
-        )
-    out = Path(output_dir).resolve()
-    if create:
-        out.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{out / 'mlflow.db'}"
-
-
-def require_existing_store(tracking_uri: str) -> None:
-    """For read commands: a sqlite store that does not exist is an error, not a new empty database
-    (MLflow would create the file, and the folders above it, and then find nothing)."""
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri.removeprefix("sqlite:///"))
-        if not db.parent.is_dir():
-            raise RegistryError(f"{tracking_uri}: folder {db.parent} does not exist, so there is no MLflow store there")
-        if not db.is_file():
-            raise RegistryError(f"{tracking_uri}: no MLflow store there ({db} does not exist)")
-
-
-def check_server(tracking_uri: str) -> None:
-    """An http(s) tracking server must answer within seconds (MLflow itself would retry for minutes)."""
-    if tracking_uri.split(":", 1)[0] in ("http", "https"):
-        from vembed.endpoints import check_http
-
-        check_http(tracking_uri, "/health", "MLflow", RegistryError)
-
-
-def _local_artifact_root(tracking_uri: str) -> str | None:
-    """For a sqlite store, artifacts live next to the db file instead of MLflow's `./mlruns` default."""
-    if tracking_uri.startswith("sqlite:///"):
-        return (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-    return None
-
-
-@contextlib.contextmanager
-def _registry_errors(what: str) -> Iterator[None]:
-    """MLflow and network failures become one-line RegistryErrors."""
-    try:
-        yield
-    except RegistryError:
-        raise
-    except (MlflowException, OSError) as e:
-        first = redact(str(getattr(e, "message", e))).strip().splitlines()
-        err = RegistryError(f"{what}: {first[0][:300] if first else type(e).__name__}")
-        # Network errors, 5xx and throttling may pass; a pipeline step retries those (vembed.retry).
-        err.transient = isinstance(e, OSError) or getattr(e, "error_code", "") in _TRANSIENT_CODES or (
-            "Max retries exceeded" in str(e)
-        )
-        raise err from None
-
-
-_TRANSIENT_CODES = ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "RESOURCE_EXHAUSTED", "REQUEST_LIMIT_EXCEEDED")
-
-
-@contextlib.contextmanager
-def quiet_mlflow() -> Iterator[None]:
-    """No download progress bars, MLflow warnings or info lines while fetching a model for a person
-    or a server (errors still raise)."""
-    names = ("mlflow", "mlflow.store", "mlflow.tracking", "mlflow.models")
-    levels = {n: logging.getLogger(n).level for n in names}
-    old = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    for n in names:
-        logging.getLogger(n).setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for n, level in levels.items():
-            logging.getLogger(n).setLevel(level)
-        if old is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = old
 
 
 # --- results ---------------------------------------------------------------------------
@@ -245,12 +169,10 @@ class Registry:
     """Runs, versions and aliases in one MLflow tracking server / store."""
 
     def __init__(self, tracking_uri: str | None = None, experiment_name: str | None = None) -> None:
-        self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+        self.tracking_uri, self.client = connect(tracking_uri)
         self.experiment_name = (
             experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
         )
-        check_server(self.tracking_uri)
-        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         self._experiment_id: str | None = None
 
     @property
@@ -264,7 +186,7 @@ class Registry:
                 if exp is None:
                     try:
                         self._experiment_id = self.client.create_experiment(
-                            self.experiment_name, artifact_location=_local_artifact_root(self.tracking_uri)
+                            self.experiment_name, artifact_location=local_artifact_root(self.tracking_uri)
                         )
                     except MlflowException as e:  # created concurrently by another step
                         if "already exists" not in str(e).lower():
@@ -402,13 +324,7 @@ class Registry:
         return matches[0] if matches else None
 
     def alias_version(self, name: str, alias: str) -> ModelVersion | None:
-        try:
-            return self.client.get_model_version_by_alias(name, alias)
-        except MlflowException as e:
-            if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-                return None
-            with _registry_errors(f"{self.where}: {name}@{alias}"):
-                raise
+        return alias_version(self.client, name, alias)
 
     def _find_logged_model(self, source_key: str) -> LoggedModel | None:
         with _registry_errors(f"{self.where}: search logged models"):
@@ -625,16 +541,12 @@ class Registry:
                 f"{(champ.eval_set_sha256 or '?')[:12]}, this version with {metric} on "
                 f"{(cand.eval_set_sha256 or '?')[:12]}; pass the champion's score on the same eval set"
             )
-        threshold = baseline + float(min_delta)
-        if cand.score >= threshold:
-            return True, (
-                f"{metric} {cand.score:.4f} >= {CHAMPION} v{champ.version} {baseline:.4f} + min_delta {min_delta:g}"
-                f" ({basis})"
-            )
-        return False, (
-            f"{metric} {cand.score:.4f} < {CHAMPION} v{champ.version} {baseline:.4f} + min_delta {min_delta:g}"
-            f" ({basis}); {CHAMPION} stays v{champ.version}"
-        )
+        champ_name = f"{CHAMPION} v{champ.version}"
+        gate = decide(cand.score, {champ_name: baseline}, metric, min_delta, candidate=f"version {cand.version}")
+        reason = f"{gate.reason} ({basis})"
+        if gate.passed:
+            return True, reason
+        return False, f"{reason}; {CHAMPION} stays v{champ.version}"
 
     # --- champion history ---------------------------------------------------------------
 
@@ -730,46 +642,11 @@ class Registry:
     # --- download -----------------------------------------------------------------------
 
     def resolve(self, models_uri: str) -> ModelVersion:
-        m = _MODELS_URI.match(models_uri)
-        if not m:
-            raise RegistryError(f"{models_uri}: expected models:/NAME@alias or models:/NAME/VERSION")
-        name = m["name"]
-        if m["alias"]:
-            mv = self.alias_version(name, m["alias"])
-            if mv is None:
-                raise RegistryError(
-                    f"{models_uri}: no alias {m['alias']!r} on model {name!r} at {self.where}"
-                )
-            return mv
-        with _registry_errors(f"{models_uri} at {self.where}"):
-            return self.client.get_model_version(name, m["version"])
+        return resolve_version(self.client, models_uri)
 
     def download(self, models_uri: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
         """A local directory Predictor can load: the version's merged model if present, else its adapter."""
-        mv = self.resolve(models_uri)
-        cache = Path(cache_dir or os.environ.get("VEMBED_CACHE_DIR") or Path.home() / ".cache" / "vembed")
-        ident = hashlib.sha256(
-            f"{self.tracking_uri}|{mv.name}|{mv.version}|{mv.source}".encode()
-        ).hexdigest()[:16]
-        dest = cache / "models" / re.sub(r"[^\w.-]", "_", mv.name) / f"v{mv.version}-{ident}"
-        if not dest.is_dir():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-            try:
-                with _registry_errors(f"{models_uri}: download from {self.where}"), quiet_mlflow():
-                    # The version's storage location, not `models:/...`: resolving that would consult
-                    # mlflow's global registry URI instead of this registry's.
-                    got = mlflow.artifacts.download_artifacts(
-                        artifact_uri=self.client.get_model_version_download_uri(mv.name, mv.version),
-                        dst_path=str(tmp),
-                        tracking_uri=self.tracking_uri,
-                        registry_uri=self.tracking_uri,
-                    )
-                with contextlib.suppress(OSError):  # a concurrent download that finished first wins
-                    os.replace(got, dest)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        return model_dir_in(dest, models_uri, str(mv.version))
+        return download_version(self.client, self.tracking_uri, models_uri, cache_dir)
 
     def storage_uri(self, models_uri: str) -> str:
         """Where the version's MLflow model directory lives in storage (e.g. `s3://bucket/.../artifacts`)."""
@@ -779,34 +656,6 @@ class Registry:
             if uri.startswith("models:/"):  # a LoggedModel reference: its artifact location
                 uri = self.client.get_logged_model(uri.removeprefix("models:/").strip("/")).artifact_location
         return uri
-
-
-def model_dir_in(dest: Path, models_uri: str, version: str) -> Path:
-    """The directory Predictor loads inside a downloaded MLflow model: merged model, else adapter."""
-    from mlflow.models import Model
-
-    from vembed.mlflow_model import ADAPTER_ARTIFACT, MERGED_ARTIFACT, ST_DATA_PATH
-
-    flavors = Model.load(str(dest)).flavors
-    if "sentence_transformers" in flavors and (dest / ST_DATA_PATH).is_dir():
-        return dest / ST_DATA_PATH
-    flavor = flavors.get("python_function", {})
-    paths = {
-        k: v.get("path") if isinstance(v, Mapping) else v for k, v in (flavor.get("artifacts") or {}).items()
-    }
-    for key in (MERGED_ARTIFACT, ADAPTER_ARTIFACT):
-        if paths.get(key) and (dest / paths[key]).is_dir():
-            return dest / paths[key]
-    raise RegistryError(f"{models_uri}: version {version} holds neither a merged model nor an adapter")
-
-
-def download_model(
-    models_uri: str, tracking_uri: str | None = None, cache_dir: str | os.PathLike[str] | None = None
-) -> Path:
-    """Resolve `models:/NAME@alias` or `models:/NAME/3` to a local model directory for Predictor."""
-    registry = Registry(tracking_uri)
-    require_existing_store(registry.tracking_uri)  # reading: never create an empty store
-    return registry.download(models_uri, cache_dir)
 
 
 def log_training_run(

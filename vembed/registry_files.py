@@ -7,34 +7,15 @@ names the content so a retried registration finds the version it already created
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
 
 from vembed.errors import RegistryError
+from vembed.integrity import CHECKSUMS, refuse_pickle, sha256_file, write_checksums
 
 # Files of a training checkpoint that only matter for resuming, never for inference.
 _RESUME_ONLY = {"optimizer.safetensors", "optimizer.json", "scheduler.json", "rng.safetensors", "rng.json"}
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def refuse_pickle(directory: Path) -> None:
-    found = sorted(
-        str(p.relative_to(directory)) for p in directory.rglob("*") if p.suffix in _PICKLE_SUFFIXES
-    )
-    if found:
-        raise RegistryError(
-            f"{directory}: refusing pickle files {found[:5]}; vembed registers safetensors only"
-        )
 
 
 def check_model_dir(path: str | os.PathLike[str] | None, kind: str) -> Path | None:
@@ -51,11 +32,11 @@ def check_model_dir(path: str | os.PathLike[str] | None, kind: str) -> Path | No
 
 def inference_files(adapter_dir: Path) -> list[Path]:
     """The files of an adapter checkpoint a Predictor needs; resume state and checksums are left out."""
-    refuse_pickle(adapter_dir)
+    refuse_pickle(adapter_dir, RegistryError)
     return sorted(
         p
         for p in adapter_dir.iterdir()
-        if p.is_file() and p.name not in _RESUME_ONLY and p.name not in ("checksums.json", "manifest.json")
+        if p.is_file() and p.name not in _RESUME_ONLY and p.name not in (CHECKSUMS, "manifest.json")
     )
 
 
@@ -70,7 +51,7 @@ def content_key(adapter_dir: str | os.PathLike[str] | None, merged_dir: str | os
     else:
         raise RegistryError("register: give an adapter directory, a merged model directory, or both")
     for rel, path in files:
-        h.update(f"{rel}\0{_sha256_file(path)}\n".encode())
+        h.update(f"{rel}\0{sha256_file(path)}\n".encode())
     return h.hexdigest()
 
 
@@ -85,16 +66,14 @@ def _link_or_copy(src: str, dst: str) -> str:
 def stage_adapter(adapter_dir: Path, dest: Path) -> Path:
     """The adapter's inference files under `dest`, with fresh checksums for just those files."""
     dest.mkdir(parents=True)
-    sums = {}
     for src in inference_files(adapter_dir):
         _link_or_copy(str(src), str(dest / src.name))
-        sums[src.name] = _sha256_file(dest / src.name)
-    (dest / "checksums.json").write_text(json.dumps(sums, indent=1))
+    write_checksums(dest)
     return dest
 
 
 def stage_merged(merged_dir: Path, dest: Path) -> Path:
     """The merged model under `dest`, so the logged artifact is named `merged` whatever the source dir is."""
-    refuse_pickle(merged_dir)
+    refuse_pickle(merged_dir, RegistryError)
     shutil.copytree(merged_dir, dest, copy_function=_link_or_copy)
     return dest

@@ -26,6 +26,7 @@ from typing import Any
 
 from vembed.atomic_dir import publish, staged_dir
 from vembed.errors import StorageError
+from vembed.integrity import sha256_file
 from vembed.redaction import redact
 
 S3_SCHEME = "s3://"
@@ -65,11 +66,6 @@ def _dir_key(key: str) -> str:
     return f"{key}/" if key else ""
 
 
-def _sha256_file(path: Path) -> str:
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 # --------------------------------------------------------------------------- manifests
 
 
@@ -81,7 +77,7 @@ def build_manifest(local_dir: str | os.PathLike[str]) -> dict[str, Any]:
         rel = path.relative_to(root).as_posix()
         if rel == MANIFEST:
             continue
-        files.append({"path": rel, "size": path.stat().st_size, "sha256": _sha256_file(path)})
+        files.append({"path": rel, "size": path.stat().st_size, "sha256": sha256_file(path)})
     return {"version": MANIFEST_VERSION, "files": files}
 
 
@@ -109,7 +105,7 @@ def _verify_file(path: Path, entry: dict[str, Any], where: str) -> None:
     size = path.stat().st_size
     if size != entry["size"]:
         raise StorageError(f"{where}: size {size} does not match manifest ({entry['size']}); the copy is corrupt")
-    if _sha256_file(path) != entry["sha256"]:
+    if sha256_file(path) != entry["sha256"]:
         raise StorageError(f"{where}: sha256 does not match manifest; the copy is corrupt")
 
 

@@ -12,11 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from vembed.errors import ConfigError
+from vembed.promotion import METRIC_KEYS, check_metric, decide
 
-METRIC_KEYS = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")
 ROLE_ORDER = ("tuned", "base", "champion")
-# 0.68 + 0.02 is 0.7000000000000001 in floats; a margin met exactly must pass.
-FLOAT_SLACK = 1e-9
 
 
 def base_model_of(adapter_dir: str | os.PathLike[str]) -> str:
@@ -50,13 +48,9 @@ def champion_uri(model_name: str, tracking_uri: str | None = None) -> str | None
 
 def eval_set_sha256(dataset_dir: str | os.PathLike[str]) -> str:
     """sha256 of the eval split's bytes: the registry compares scores only on the same eval set."""
-    import hashlib
+    from vembed.integrity import sha256_file
 
-    digest = hashlib.sha256()
-    with (Path(dataset_dir) / "eval.jsonl").open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(Path(dataset_dir) / "eval.jsonl")
 
 
 def gate(
@@ -65,31 +59,10 @@ def gate(
     min_delta: float = 0.0,
 ) -> dict[str, Any]:
     """Decide promotion from {"tuned": {"full": {...}}, "base": ..., "champion": ...} results."""
-    if promotion_metric not in METRIC_KEYS:
-        raise ConfigError(f"promotion_metric: unknown metric {promotion_metric!r}; choose one of {', '.join(METRIC_KEYS)}")
-    tuned = float(results["tuned"]["full"][promotion_metric])
-    baselines = {role: float(r["full"][promotion_metric]) for role, r in results.items() if role != "tuned"}
-    best_role = max(baselines, key=baselines.__getitem__) if baselines else None
-    threshold = (baselines[best_role] if best_role else float("-inf")) + float(min_delta)
-    passed = tuned >= threshold - FLOAT_SLACK
-    if best_role is None:
-        reason = f"no baseline to beat; tuned {promotion_metric} = {tuned:.4f}"
-    else:
-        op = ">=" if passed else "<"
-        reason = (
-            f"tuned {promotion_metric} {tuned:.4f} {op} {best_role} {baselines[best_role]:.4f}"
-            f" + min_delta {min_delta:g}"
-        )
-    return {
-        "passed": passed,
-        "decision": "promote" if passed else "hold",
-        "promotion_metric": promotion_metric,
-        "min_delta": float(min_delta),
-        "tuned": tuned,
-        "best_baseline": best_role,
-        "threshold": threshold,
-        "reason": reason,
-    }
+    check_metric(promotion_metric)
+    tuned = results["tuned"]["full"][promotion_metric]
+    baselines = {role: r["full"][promotion_metric] for role, r in results.items() if role != "tuned"}
+    return decide(tuned, baselines, promotion_metric, min_delta).to_dict()
 
 
 def render_markdown(results: Mapping[str, Mapping[str, Mapping[str, float]]], decision: Mapping[str, Any]) -> str:
@@ -128,8 +101,7 @@ def evaluate(
     """
     from vembed.evaluation import compare_models
 
-    if promotion_metric not in METRIC_KEYS:  # fail before spending minutes on encoding
-        raise ConfigError(f"promotion_metric: unknown metric {promotion_metric!r}; choose one of {', '.join(METRIC_KEYS)}")
+    check_metric(promotion_metric)  # fail before spending minutes on encoding
     models = {"tuned": str(adapter_dir), "base": base_model or base_model_of(adapter_dir)}
     if champion:
         models["champion"] = champion

@@ -74,61 +74,27 @@ def dataset_files(dataset_dir: str | os.PathLike[str]) -> tuple[Path, Path | Non
     return train_path, (eval_path if eval_path.is_file() else None)
 
 
-def _trainer_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """The `trainer` section of the overrides, whether given nested or as dotted `trainer.key` keys."""
-    section = overrides.get("trainer")
-    out = dict(section) if isinstance(section, Mapping) else {}
-    out.update({k.removeprefix("trainer."): v for k, v in overrides.items() if k.startswith("trainer.")})
-    return out
-
-
-def _explicit_trainer_keys(config_path: str | os.PathLike[str] | None, overrides: Mapping[str, Any]) -> dict:
-    """The `trainer` keys the YAML or the overrides set (overrides win), read before any validation."""
-    import yaml
-
-    section: dict[str, Any] = {}
-    if config_path:
-        try:
-            data = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            data = None  # load_config reports the problem with the file
-        if isinstance(data, dict) and isinstance(data.get("trainer"), dict):
-            section.update(data["trainer"])
-    section.update(_trainer_overrides(overrides))
-    return section
-
-
 def resolve_config(
     config_path: str | os.PathLike[str] | None,
-    overrides: dict[str, Any],
+    overrides: Mapping[str, Any],
     backend: str | None = None,
     job_image: str | None = None,
 ) -> TrainConfig:
-    """`load_config`, plus the trainer settings a pipeline was compiled for where the config leaves them unset.
+    """`load_config`, with the trainer settings a pipeline was compiled for where the config leaves them unset.
 
     `backend`: the pipeline's train pod was shaped for it (with trainjob / pytorchjob it has no GPU),
     so a config that explicitly asks for another backend is an error rather than a silent CPU run.
     `job_image`: the image a cluster job runs when `trainer.image` is unset (the pipeline's train image).
-    Both are filled in before validation, which needs them (e.g. num_nodes > 1 needs a cluster backend).
     """
     from vembed.config import load_config
 
-    explicit = _explicit_trainer_keys(config_path, overrides)
-    defaults: dict[str, Any] = {}
-    if backend:
-        asked = explicit.get("backend")
-        if asked and asked != backend:
-            raise ConfigError(
-                f"trainer.backend is {asked!r} but this pipeline was compiled with --train-backend {backend} "
-                "(its train pod is shaped for that); remove the setting or recompile the pipeline"
-            )
-        defaults["backend"] = backend
-    if job_image and not explicit.get("image") and (explicit.get("backend") or backend or "local") != "local":
-        defaults["image"] = job_image
-    if defaults and (overrides.get("trainer") is None or isinstance(overrides["trainer"], Mapping)):
-        rest = {k: v for k, v in overrides.items() if k != "trainer" and not k.startswith("trainer.")}
-        overrides = {**rest, "trainer": {**defaults, **_trainer_overrides(overrides)}}
-    return load_config(config_path or None, overrides)
+    cfg = load_config(config_path or None, overrides, trainer_defaults={"backend": backend, "image": job_image})
+    if backend and cfg.trainer.backend != backend:  # the defaults fill only unset keys: the config set it
+        raise ConfigError(
+            f"trainer.backend is {cfg.trainer.backend!r} but this pipeline was compiled with --train-backend {backend} "
+            "(its train pod is shaped for that); remove the setting or recompile the pipeline"
+        )
+    return cfg
 
 
 def train(

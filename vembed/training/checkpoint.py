@@ -12,7 +12,6 @@ Layout of `output_dir/checkpoint-N/`:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -29,88 +28,10 @@ from safetensors.torch import load_file, save_file
 
 from vembed.atomic_dir import staged_dir
 from vembed.errors import CheckpointError
+from vembed.integrity import verify_checkpoint as verify_checkpoint  # re-exported: resume checks it here
+from vembed.integrity import write_checksums
 
-CHECKSUMS = "checksums.json"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_checksums(directory: Path) -> None:
-    sums = {
-        str(p.relative_to(directory)): sha256_file(p)
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != CHECKSUMS
-    }
-    (directory / CHECKSUMS).write_text(json.dumps(sums, indent=1))
-
-
-def verify_checkpoint(directory: str | os.PathLike[str]) -> Path:
-    """Raise CheckpointError unless every file listed in checksums.json is intact."""
-    d = Path(directory)
-    if not d.is_dir():
-        raise CheckpointError(f"{d}: checkpoint directory not found")
-    refuse_pickle(d)
-    sums_file = d / CHECKSUMS
-    if not sums_file.is_file():
-        raise CheckpointError(f"{d}: incomplete checkpoint ({CHECKSUMS} missing); it was not fully written")
-    try:
-        sums = json.loads(sums_file.read_text())
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{sums_file}: corrupt checksum file") from None
-    for name, digest in sums.items():
-        f = d / name
-        if not f.is_file():
-            raise CheckpointError(f"{d}: corrupt checkpoint, {name} is missing")
-        if sha256_file(f) != digest:
-            raise CheckpointError(f"{d}: corrupt checkpoint, {name} does not match its checksum")
-    return d
-
-
-def check_integrity(directory: str | os.PathLike[str]) -> Path:
-    """The one integrity policy for every reader (encode, Predictor, evaluate, merge, resume).
-
-    - checksums.json present: every listed file must match it.
-    - A vembed training checkpoint (trainer_state.json) without checksums.json was not fully
-      written (checksums.json is written last): refused, by resume and by encode alike.
-    - Any other model directory (a merged model, an adapter saved by another tool) has no
-      checksums to check; its safetensors headers are checked, so a truncated file is one line.
-    Pickle weight files are refused everywhere.
-    """
-    d = Path(directory)
-    if (d / CHECKSUMS).is_file() or (d / "trainer_state.json").is_file():
-        return verify_checkpoint(d)
-    refuse_pickle(d)
-    check_safetensors(d)
-    return d
-
-
-def check_safetensors(directory: Path) -> None:
-    """A truncated or corrupt .safetensors file fails here with its path, not deep in a loader."""
-    from safetensors import safe_open
-
-    for f in sorted(directory.rglob("*.safetensors")):
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                fh.keys()
-        except (SafetensorError, OSError) as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise CheckpointError(f"{f}: truncated or corrupt safetensors file ({reason})") from None
-
-
-def refuse_pickle(directory: Path) -> None:
-    found = [p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES]
-    if found:
-        raise CheckpointError(
-            f"{directory}: refusing pickle weight files {found}; vembed loads safetensors only"
-        )
 
 
 def list_checkpoints(output_dir: str | os.PathLike[str]) -> list[Path]:
