@@ -110,6 +110,8 @@ class TrainConfig(BaseModel):
     lora_dropout: float = Field(0.05, description="dropout inside the adapter, in [0, 1)")
     lora_target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     modules_to_save: list[str] | None = Field(None, description="modules trained fully and saved with the adapter")
+    use_rslora: bool = Field(False, description="rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r")
+    use_dora: bool = Field(False, description="DoRA: learn a per-column magnitude next to the LoRA direction")
 
     # Training
     batch_size: int = Field(32, gt=0)
@@ -118,6 +120,9 @@ class TrainConfig(BaseModel):
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
     seed: int = 42
     temperature: float = Field(0.05, gt=0, description="InfoNCE temperature")
+    mask_false_negatives: bool = Field(
+        True, description="in-batch rows with the same positive (or a positive equal to a hard negative) are not negatives"
+    )
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     weight_decay: float = Field(0.01, ge=0)
