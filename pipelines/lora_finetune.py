@@ -157,6 +157,7 @@ def build_pipeline(opts: PipelineOptions | None = None):
         mlflow_secret_name: str = "vembed-mlflow",
         s3_endpoint_url: str = "",
         mlflow_tracking_uri: str = "",
+        mine_negatives: str = "",
     ) -> PipelineOutputs:
         prepare_task = prepare(
             raw_uri=data_uri,
@@ -164,6 +165,7 @@ def build_pipeline(opts: PipelineOptions | None = None):
             seed=split_seed,
             on_bad_record=on_bad_record,
             s3_endpoint_url=s3_endpoint_url,
+            mine_negatives=mine_negatives,  # a model to mine hard negatives with; "" = off
         )
         train_task = train_component(
             dataset=prepare_task.outputs["dataset"],

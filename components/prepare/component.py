@@ -14,9 +14,11 @@ def prepare(
     seed: int = 0,
     on_bad_record: str = "error",
     s3_endpoint_url: str = "",
+    mine_negatives: str = "",
 ) -> str:
     """Read `raw_uri` (a JSONL file, a folder, an s3:// prefix, or `<prefix>/latest` for the newest
-    snapshot) and write `train.jsonl`, `eval.jsonl` and a manifest into `dataset`. Returns the summary JSON."""
+    snapshot) and write `train.jsonl`, `eval.jsonl` and a manifest into `dataset`. `mine_negatives`: a model
+    that mines hard negatives into the train split ("" = off). Returns the summary JSON."""
     import json
     import os
 
@@ -27,7 +29,12 @@ def prepare(
         os.environ["AWS_ENDPOINT_URL"] = s3_endpoint_url
     try:
         summary = run_prepare(
-            raw_uri, dataset.path, eval_fraction=eval_fraction, seed=seed, on_bad_record=on_bad_record
+            raw_uri,
+            dataset.path,
+            eval_fraction=eval_fraction,
+            seed=seed,
+            on_bad_record=on_bad_record,
+            mine_negatives=mine_negatives or None,
         )
     except VembedError as e:  # one readable line in the pod log, not a traceback
         raise SystemExit(f"error: {e}") from None
