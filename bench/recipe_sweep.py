@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS, child_setup, demo_data, md_table, minilm_path
+from bench.common import RESULTS, demo_data, md_table, minilm_path
 
 ALL_LINEAR = ["query", "key", "value", "dense"]
+DIMS = [384, 192, 96, 48]
 COMMON: dict[str, Any] = {
     "batch_size": 32,
     "max_seq_length": 128,
@@ -49,6 +50,9 @@ RUNS: dict[str, dict[str, Any]] = {
     "DoRA": {**BASE, "use_dora": True},
     "temperature 0.02": {**BASE, "temperature": 0.02},
     "temperature 0.1": {**BASE, "temperature": 0.1},
+    "LoRA + mined negatives": {**BASE, "_mine": True},
+    "LoRA + MRL (weights 1,1,1,1)": {**BASE, "use_mrl": True, "mrl_dims": DIMS, "mrl_weights": [1, 1, 1, 1]},
+    "LoRA + MRL (weights 1,1,2,2)": {**BASE, "use_mrl": True, "mrl_dims": DIMS, "mrl_weights": [1, 1, 2, 2]},
     "full FT lr 3e-5": {"use_lora": False, "learning_rate": 3e-5},
     "full FT lr 1e-4": {"use_lora": False, "learning_rate": 1e-4},
 }
@@ -68,18 +72,40 @@ def dataset(name: str) -> dict[str, Any]:
     return info
 
 
+def mined_train(data: dict[str, Any], model: str) -> tuple[str, dict[str, Any]]:
+    """The train split with one negative per query mined by the base model (ranks 10-50, margin 0.95)."""
+    path = Path(data["train"]).with_name("train_mined.jsonl")
+    info = path.with_suffix(".json")
+    if not path.is_file():
+        from vembed.data.mining import mine_file
+
+        start = time.perf_counter()
+        summary = mine_file(data["train"], str(path), model)
+        summary["mine_s"] = time.perf_counter() - start
+        info.write_text(json.dumps(summary))
+    return str(path), json.loads(info.read_text())
+
+
 def train_and_eval(overrides: dict[str, Any], data: dict[str, Any], model: str, out: Path) -> dict[str, Any]:
     from vembed.config import load_config
     from vembed.evaluation import compare_models
     from vembed.training import train
 
-    cfg = load_config(None, {**COMMON, **overrides, "model_name": model, "data_path": data["train"], "output_dir": str(out)})
+    overrides = dict(overrides)
+    extra: dict[str, Any] = {}
+    train_path = data["train"]
+    if overrides.pop("_mine", False):
+        train_path, extra["mining"] = mined_train(data, model)
+    cfg = load_config(None, {**COMMON, **overrides, "model_name": model, "data_path": train_path, "output_dir": str(out)})
     start = time.perf_counter()
     result = train(cfg)
     seconds = time.perf_counter() - start
-    metrics = compare_models({"m": str(result.checkpoint_dir)}, data["eval"], data["corpus"])["m"]["full"]
+    dims = DIMS[1:] if cfg.use_mrl else None
+    metrics = compare_models({"m": str(result.checkpoint_dir)}, data["eval"], data["corpus"], dims=dims)["m"]
     shutil.rmtree(out, ignore_errors=True)
-    return {"ndcg@10": metrics["ndcg@10"], "recall@10": metrics["recall@10"], "train_s": seconds}
+    full = metrics["full"]
+    per_dim = {str(d): metrics[str(d)]["ndcg@10"] for d in dims or []}
+    return {"ndcg@10": full["ndcg@10"], "recall@10": full["recall@10"], "train_s": seconds, "per_dim": per_dim, **extra}
 
 
 def base_score(data: dict[str, Any], model: str) -> float:
@@ -100,9 +126,17 @@ def write_table(results: dict[str, Any]) -> str:
             gain = r["ndcg@10"] - base if base is not None else float("nan")
             share = f"{100 * gain / (full - base):.0f}%" if base is not None and full and full > base else "-"
             rows.append([name, r["ndcg@10"], f"{gain:+.3f}", share, f"{r['train_s']:.0f}"])
+        mrl = [[n, r["ndcg@10"], *(r["per_dim"][str(d)] for d in DIMS[1:])] for n, r in runs.items() if r.get("per_dim")]
+        mrl_md = ""
+        if mrl:
+            mrl_md = "\n\nnDCG@10 per truncated dim (share of full dim):\n\n" + md_table(
+                ["run", *(str(d) for d in DIMS)],
+                [[n, f"{f:.3f}", *(f"{v:.3f} ({100 * v / f:.1f}%)" for v in vs)] for n, f, *vs in mrl],
+            )
         parts.append(
             f"**{ds}** (base nDCG@10 {base:.3f}; share = gain / best full fine-tune gain)\n\n"
             + md_table(["run", "nDCG@10", "gain vs base", "share of full-FT gain", "train s"], rows)
+            + mrl_md
         )
     return "\n\n".join(parts)
 
@@ -110,12 +144,17 @@ def write_table(results: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="demo", choices=["demo", "manpages"])
-    p.add_argument("--only", default="", help="comma-separated run names (default: all)")
+    p.add_argument("--only", default="", help="run names separated by | (default: all)")
     p.add_argument("--name", default="recipe_sweep")
+    # On a crowded machine one thread is faster: OpenMP threads wait for each other at every op.
+    p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
-    for k, v in {"OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}.items():
+    env = {"OMP_NUM_THREADS": str(a.threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    for k, v in env.items():
         os.environ.setdefault(k, v)
-    child_setup()
+    import torch
+
+    torch.set_num_threads(a.threads)
     import logging
 
     logging.disable(logging.WARNING)
@@ -126,7 +165,7 @@ def main(argv: list[str]) -> None:
     runs = results.setdefault(a.dataset, {})
     if "base" not in runs:
         runs["base"] = {"ndcg@10": base_score(data, model), "train_s": 0.0}
-    wanted = [n.strip() for n in a.only.split(",") if n.strip()] or list(RUNS)
+    wanted = [n.strip() for n in a.only.split("|") if n.strip()] or list(RUNS)
     for name in wanted:
         if name in runs:
             continue

@@ -81,7 +81,12 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from vembed.steps.prepare import prepare
 
     summary = prepare(
-        args.raw, args.output, eval_fraction=args.eval_fraction, seed=args.seed, on_bad_record=args.on_bad_record
+        args.raw,
+        args.output,
+        eval_fraction=args.eval_fraction,
+        seed=args.seed,
+        on_bad_record=args.on_bad_record,
+        mine_negatives=args.mine_negatives,
     )
     print(json.dumps(summary, indent=2))
     return 0
@@ -157,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--on-bad-record", choices=["error", "skip"], default="error")
+    p.add_argument("--mine-negatives", metavar="MODEL", help="mine hard negatives into the train split with MODEL")
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("mine", help="mine hard negatives into a JSONL dataset with a given model")
