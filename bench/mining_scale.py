@@ -3,7 +3,7 @@
     nice -n 15 .venv/bin/python -m bench.mining_scale [--passages 100000,300000] [--queries 2000]
 
 Each corpus size runs in a fresh child process: random unit vectors of dim 384 (all-MiniLM-L6-v2's),
-`--queries` queries against the corpus on one torch thread, top-51 (ranks 10-50 plus the query's own positive), 65,536
+`--queries` queries against the corpus on one torch thread, top-51 (ranks 10-50 plus the query's own positive), 16,384
 passages per chunk and 1,024 queries per block (vembed.data.mining's defaults). Reports the search
 time, the peak RSS and the corpus embeddings' own size. Encoding the passages is the model's
 encoding throughput (the encoding section above). Writes bench/results/mining_scale.{md,json}.

@@ -3,7 +3,7 @@
 The corpus (by default every distinct positive of the data, plus an optional extra corpus) is encoded
 once with a given model (the base model or the current champion: anything `Predictor` loads). For each
 query, an exact top-k over the corpus runs in chunks: a running top-k is merged with each chunk's
-scores, so memory is bounded by (queries per block) x (k + chunk size) scores whatever the corpus size.
+scores, so memory is bounded by (queries per block) x (chunk size) scores whatever the corpus size.
 Candidates come from ranks [rank_start, rank_end) of that ranking (the query's own positive left out):
 the very top ranks are often unlabelled positives. A candidate that scores above `margin` times the
 query's own positive score is skipped as a likely false negative. The result depends only on the
@@ -33,7 +33,7 @@ class MiningSettings:
     rank_end: int = 50
     num_negatives: int = 1
     margin: float = 0.95
-    chunk_size: int = 65536
+    chunk_size: int = 16384
     query_block: int = 1024
 
     def __post_init__(self) -> None:
@@ -74,11 +74,11 @@ def chunked_topk(
     best_i = torch.empty(queries.size(0), 0, dtype=torch.long)
     offset = 0
     for chunk in corpus_chunks:
-        scores = queries @ chunk.T
-        idx = torch.arange(offset, offset + chunk.size(0)).expand(queries.size(0), -1)
-        merged_s, merged_i = torch.cat([best_s, scores], 1), torch.cat([best_i, idx], 1)
-        top_s, pos = merged_s.topk(min(k, merged_s.size(1)), dim=1)
-        best_s, best_i = top_s, merged_i.gather(1, pos)
+        # Each chunk's own top-k first: only [Q, chunk] scores and [Q, 2k] candidates are ever held.
+        scores, pos = (queries @ chunk.T).topk(min(k, chunk.size(0)), dim=1)
+        merged_s, merged_i = torch.cat([best_s, scores], 1), torch.cat([best_i, pos + offset], 1)
+        best_s, keep = merged_s.topk(min(k, merged_s.size(1)), dim=1)
+        best_i = merged_i.gather(1, keep)
         offset += chunk.size(0)
     return best_s, best_i
 
