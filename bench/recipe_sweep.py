@@ -173,6 +173,11 @@ def main(argv: list[str]) -> None:
         out = Path(tempfile.mkdtemp(prefix="vembed-sweep-"))
         runs[name] = train_and_eval(RUNS[name], data, model, out)
         print(f"  nDCG@10 {runs[name]['ndcg@10']:.4f} in {runs[name]['train_s']:.0f}s", flush=True)
+        # Re-read before writing: another sweep process may have added runs meanwhile.
+        latest = json.loads(path.read_text()) if path.is_file() else {}
+        latest.setdefault(a.dataset, {}).update({k: v for k, v in runs.items() if k not in latest.get(a.dataset, {})})
+        latest[a.dataset][name] = runs[name]
+        results = latest
         path.write_text(json.dumps(results, indent=1))
         (RESULTS / f"{a.name}.md").write_text(write_table(results) + "\n")
     print(write_table(results))
