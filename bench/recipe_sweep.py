@@ -1,6 +1,6 @@
 """LoRA recipe sweep: one factor at a time from a baseline, on the demo data and the man-page set.
 
-    nice -n 15 .venv/bin/python -m bench.recipe_sweep [--dataset demo|manpages] [--only NAME,...]
+    nice -n 15 .venv/bin/python -m bench.recipe_sweep --threads 1 [--dataset demo|manpages] [--only "NAME|NAME"]
 
 all-MiniLM-L6-v2, one epoch, batch 32, fp32, 2 torch threads. Each run trains in this process and
 ranks the held-out queries against held-out plus training positives (nDCG@10). Results are appended
