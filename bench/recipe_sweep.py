@@ -2,7 +2,7 @@
 
     nice -n 15 .venv/bin/python -m bench.recipe_sweep --threads 1 [--dataset demo|manpages] [--only "NAME|NAME"]
 
-all-MiniLM-L6-v2, one epoch, batch 32, fp32, 2 torch threads. Each run trains in this process and
+all-MiniLM-L6-v2, one epoch, batch 32, fp32, --threads torch threads (1 on a crowded machine). Each run trains in this process and
 ranks the held-out queries against held-out plus training positives (nDCG@10). Results are appended
 to bench/results/recipe_sweep.json run by run (a run already there is skipped), and the table is
 rewritten to bench/results/recipe_sweep.md. The man-page set needs `apt-get install manpages manpages-dev`.
