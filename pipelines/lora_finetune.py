@@ -247,6 +247,7 @@ def build_pipeline(opts: PipelineOptions | None = None):
         canary_traffic_percent: int = 100,
         deploy_timeout_s: int = 900,
         mlflow_artifacts_destination: str = "",
+        mine_negatives: str = "",
     ) -> PipelineOutputs:
         # Runs after everything below, whatever the outcome. The handler is entered without a `with`
         # block so that the step definitions keep their place (and their indentation).
@@ -270,6 +271,7 @@ def build_pipeline(opts: PipelineOptions | None = None):
             seed=split_seed,
             on_bad_record=on_bad_record,
             s3_endpoint_url=s3_endpoint_url,
+            mine_negatives=mine_negatives,  # a model to mine hard negatives with; "" = off
         )
         train_task = train_component(
             dataset=prepare_task.outputs["dataset"],

@@ -51,3 +51,47 @@ def test_matryoshka_validates_lengths_and_dims():
 
 def test_default_mrl_dims():
     assert resolve_mrl_dims(None, 384) == [384, 192, 96, 48]
+
+
+def reference_masked_info_nce(q, p, n, ids_p, ids_n, t):
+    """Per query, written out: drop every candidate (other than the query's own positive) whose
+    content id equals that positive's id, then softmax over what is left."""
+    q, p, n = F.normalize(q, dim=-1), F.normalize(p, dim=-1), F.normalize(n, dim=-1)
+    cands, ids = torch.cat([p, n]), ids_p + ids_n
+    total, masked = 0.0, 0
+    for i in range(q.size(0)):
+        keep = [j for j in range(len(ids)) if j == i or ids[j] != ids_p[i]]
+        masked += len(ids) - len(keep)
+        logits = torch.stack([q[i] @ cands[j] for j in keep]) / t
+        total += -(logits[keep.index(i)] - torch.logsumexp(logits, 0))
+    return total / q.size(0), masked
+
+
+def test_false_negatives_are_masked_like_the_per_query_reference():
+    from vembed.losses import false_negative_mask
+
+    torch.manual_seed(0)
+    q, p, n = torch.randn(6, 8), torch.randn(6, 8), torch.randn(4, 8)
+    # rows 0, 2, 5 share a positive; row 1's positive is also hard negative 3 (of another row)
+    ids_p, ids_n = [7, 1, 7, 3, 4, 7], [10, 11, 12, 1]
+    p[2], p[5] = p[0], p[0]
+    n[3] = p[1]
+    mask = false_negative_mask(torch.arange(6), torch.tensor(ids_p + ids_n))
+    expected, masked = reference_masked_info_nce(q, p, n, ids_p, ids_n, 0.05)
+    assert int(mask.sum()) == masked == 3 * 2 + 1
+    torch.testing.assert_close(InfoNCELoss(0.05)(q, p, n, None, mask), expected)
+    # without the mask the shared positives count as negatives: a different (larger) loss
+    assert InfoNCELoss(0.05)(q, p, n) > expected
+    # MRL passes the mask to every dim
+    mrl = MatryoshkaLoss(InfoNCELoss(0.05), [8, 4])
+    ref4, _ = reference_masked_info_nce(q[:, :4], p[:, :4], n[:, :4], ids_p, ids_n, 0.05)
+    torch.testing.assert_close(mrl(q, p, n, None, mask), (expected + ref4) / 2)
+
+
+def test_false_negative_mask_follows_gathered_labels():
+    from vembed.losses import false_negative_mask
+
+    # two local queries whose positives sit at rows 2 and 3 of four gathered positives
+    ids = torch.tensor([5, 9, 5, 9])
+    mask = false_negative_mask(torch.tensor([2, 3]), ids)
+    assert mask.tolist() == [[True, False, False, False], [False, True, False, False]]

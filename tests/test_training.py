@@ -216,3 +216,19 @@ def test_bad_data_names_line_before_training(tiny_bert, tmp_path):
     with pytest.raises(DataError, match=rf"{data}:2: missing field 'positive'"):
         train(cfg_for(tiny_bert, str(data), tmp_path / "o"))
     assert not Path(tmp_path / "o" / "checkpoint-1").exists()
+
+
+def test_identical_rows_train_without_false_negatives(tiny_bert, tmp_path, caplog):
+    """16 copies of one pair: every other row is the same document, so nothing is a negative."""
+    data = tmp_path / "dup.jsonl"
+    data.write_text((json.dumps({"query": "how do I open a file", "positive": "open(path) opens a file"}) + "\n") * 16)
+    with caplog.at_level("WARNING"):
+        result = train(cfg_for(tiny_bert, str(data), tmp_path / "o", batch_size=16, logging_steps=1))
+    assert result.history[0]["masked_negatives"] == 16 * 15
+    assert result.final_loss == 0.0  # each query's softmax holds only its own positive
+    assert "one positive for all of them" in caplog.text
+    assert "masked_negatives=240" in (tmp_path / "o" / "training_log.txt").read_text()
+    # with the mask off, the copies are scored as negatives of each other
+    off = train(cfg_for(tiny_bert, str(data), tmp_path / "off", batch_size=16, mask_false_negatives=False))
+    assert off.history[0]["masked_negatives"] == 0
+    assert off.final_loss > 1.0

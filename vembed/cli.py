@@ -164,7 +164,30 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from vembed.steps.prepare import prepare
 
     summary = prepare(
-        args.raw, args.output, eval_fraction=args.eval_fraction, seed=args.seed, on_bad_record=args.on_bad_record
+        args.raw,
+        args.output,
+        eval_fraction=args.eval_fraction,
+        seed=args.seed,
+        on_bad_record=args.on_bad_record,
+        mine_negatives=args.mine_negatives,
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_mine(args: argparse.Namespace) -> int:
+    from vembed.data.mining import mine_file
+
+    summary = mine_file(
+        args.data,
+        args.output,
+        args.model,
+        rank_start=args.rank_start,
+        rank_end=args.rank_end,
+        num_negatives=args.num_negatives,
+        margin=args.margin,
+        corpus=args.corpus,
+        batch_size=args.batch_size,
     )
     print(json.dumps(summary, indent=2))
     return 0
@@ -245,7 +268,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--on-bad-record", choices=["error", "skip"], default="error")
+    p.add_argument("--mine-negatives", metavar="MODEL", help="mine hard negatives into the train split with MODEL")
     p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("mine", help="mine hard negatives into a JSONL dataset with a given model")
+    p.add_argument("data", help="JSONL records (query, positive, ...)")
+    p.add_argument("output", help="JSONL file to write (must not exist)")
+    p.add_argument("--model", required=True, help="model to mine with: HF id, directory, checkpoint or merged model")
+    p.add_argument("--rank-start", type=int, default=10, help="first rank (0-based) a negative may come from")
+    p.add_argument("--rank-end", type=int, default=50, help="ranks from --rank-end on are not candidates")
+    p.add_argument("--num-negatives", type=int, default=1, help="negatives added per query")
+    p.add_argument("--margin", type=float, default=0.95, help="skip candidates scoring above margin * positive score")
+    p.add_argument("--corpus", help='extra candidate passages, JSONL of {"text": ...}')
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=_cmd_mine)
 
     p = sub.add_parser("config", help="config tools")
     csub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)

@@ -131,14 +131,21 @@ class TrainConfig(BaseModel):
             "like lora_target_modules; a module that never reaches the embedding (BERT's pooler) is refused"
         ),
     )
+    use_rslora: bool = Field(False, description="rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r")
+    use_dora: bool = Field(False, description="DoRA: learn a per-column magnitude next to the LoRA direction")
 
     # Training
     batch_size: int = Field(32, gt=0)
-    learning_rate: float = 1e-4
+    learning_rate: float = Field(
+        1e-3, description="measured best for LoRA on all-MiniLM-L6-v2 (docs/benchmarks.md); full fine-tuning wants ~3e-5"
+    )
     epochs: int = Field(1, gt=0)
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
     seed: int = 42
     temperature: float = Field(0.05, gt=0, description="InfoNCE temperature")
+    mask_false_negatives: bool = Field(
+        True, description="in-batch rows with the same positive (or a positive equal to a hard negative) are not negatives"
+    )
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     weight_decay: float = Field(0.01, ge=0)

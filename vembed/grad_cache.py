@@ -26,7 +26,7 @@ from torch.utils.checkpoint import get_device_states, set_device_states
 from vembed.config import TrainConfig
 from vembed.models.base import Embedder
 from vembed.training.distributed import forwards_in_lockstep, max_over_ranks
-from vembed.training.negatives import gather_for_loss
+from vembed.training.negatives import FalseNegativeMasker, gather_for_loss
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ def grad_cache_step(
     embedder: Embedder,
     loss_fn: torch.nn.Module,
     replay_rng: bool = True,
+    masker: FalseNegativeMasker | None = None,
 ) -> StepFn:
     """A step function that does GradCache's forward/backward; it returns the (detached) loss.
 
@@ -126,7 +127,7 @@ def grad_cache_step(
                 chunks.append(Chunk(group, inputs, rng, embedder(**inputs)))
         return chunks
 
-    def embedding_grads(chunks: list[Chunk]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def embedding_grads(chunks: list[Chunk], batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         reps = {
             g: torch.cat([c.embedding for c in chunks if c.group == g]).detach().requires_grad_()
             for g in GROUPS
@@ -135,7 +136,8 @@ def grad_cache_step(
         q, p, n, labels = gather_for_loss(
             accelerator, reps["query"], reps["positive"], reps.get("negatives"), cfg.cross_device_negatives
         )
-        loss = loss_fn(q, p, n, labels)
+        mask = masker(batch, labels, q.size(0)) if masker is not None else None
+        loss = loss_fn(q, p, n, labels, mask)
         grads = torch.autograd.grad(loss, list(reps.values()), allow_unused=True)
         return loss.detach(), {
             g: (grad if grad is not None else torch.zeros_like(reps[g])) for g, grad in zip(reps, grads, strict=True)
@@ -161,7 +163,7 @@ def grad_cache_step(
 
     def step(batch: dict[str, Any]) -> torch.Tensor:
         chunks = embed_without_graph(batch)
-        loss, grads = embedding_grads(chunks)
+        loss, grads = embedding_grads(chunks, batch)
         backward_chunks(chunks, grads)
         return loss
 

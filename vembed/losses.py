@@ -15,20 +15,36 @@ def info_nce(
     negatives: torch.Tensor | None = None,
     temperature: float = 0.05,
     labels: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of each query against every positive in the batch plus all hard negatives.
 
     `query` [B, D], `positive` [P, D] (P >= B when positives were gathered from other
     processes), `negatives` [N, D]. Query i's target is positive `labels[i]` (default i).
     Hard negatives are added to the candidate pool; they never replace in-batch negatives.
+    `mask` [B, P + N], True where a candidate is a false negative of the query (the same content
+    as its positive): that candidate is left out of the query's softmax.
     """
     q = F.normalize(query.float(), dim=-1)
     candidates = positive if negatives is None or negatives.numel() == 0 else torch.cat([positive, negatives])
     c = F.normalize(candidates.float(), dim=-1)
     logits = q @ c.T / temperature
+    if mask is not None:
+        logits = logits.masked_fill(mask, float("-inf"))
     if labels is None:
         labels = torch.arange(q.size(0), device=q.device)
     return F.cross_entropy(logits, labels)
+
+
+def false_negative_mask(labels: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
+    """[B, C] True where candidate c has the same content id as query b's positive but is not it.
+
+    `candidate_ids` [C]: content ids of the positives, then the hard negatives, in loss order.
+    """
+    target = candidate_ids[labels]
+    mask = candidate_ids.unsqueeze(0) == target.unsqueeze(1)
+    mask[torch.arange(labels.size(0), device=labels.device), labels] = False
+    return mask
 
 
 class InfoNCELoss(nn.Module):
@@ -42,8 +58,9 @@ class InfoNCELoss(nn.Module):
         positive: torch.Tensor,
         negatives: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return info_nce(query, positive, negatives, self.temperature, labels)
+        return info_nce(query, positive, negatives, self.temperature, labels, mask)
 
 
 class MatryoshkaLoss(nn.Module):
@@ -64,6 +81,7 @@ class MatryoshkaLoss(nn.Module):
         positive: torch.Tensor,
         negatives: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         full = query.size(-1)
         too_big = [d for d in self.dims if d > full]
@@ -72,7 +90,7 @@ class MatryoshkaLoss(nn.Module):
         total = query.new_zeros((), dtype=torch.float32)
         for dim, weight in zip(self.dims, self.weights, strict=True):
             n = None if negatives is None else negatives[..., :dim]
-            total = total + weight * self.base(query[..., :dim], positive[..., :dim], n, labels)
+            total = total + weight * self.base(query[..., :dim], positive[..., :dim], n, labels, mask)
         return total / sum(self.weights)
 
 

@@ -100,6 +100,8 @@ def apply_lora(embedder: Embedder, cfg: TrainConfig) -> Embedder:
         target_modules=targets,
         exclude_modules=excluded or None,
         modules_to_save=modules_to_save,
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
         bias="none",
     )
     embedder.backbone = get_peft_model(backbone, lora_config)

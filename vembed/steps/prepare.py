@@ -192,6 +192,18 @@ class _Reader:
         )
 
 
+def _mine(train_path: Path, model: str, settings: Any) -> dict[str, Any]:
+    """Rewrite the train split with mined negatives; returns what was mined, for stats.json."""
+    from vembed.data import write_records
+    from vembed.data.mining import MiningSettings, mine_negatives, predictor_encoder
+
+    settings = settings or MiningSettings()
+    records = list(read_records(str(train_path)))
+    mined, stats = mine_negatives(records, predictor_encoder(model), settings)
+    write_records(mined, train_path)
+    return {"model": model, **dataclasses.asdict(settings), **dataclasses.asdict(stats)}
+
+
 def prepare(
     raw_uri: str,
     output_uri: str,
@@ -199,6 +211,8 @@ def prepare(
     seed: int = 0,
     on_bad_record: str = "error",
     latest: bool = False,
+    mine_negatives: str | None = None,
+    mining: Any = None,
 ) -> dict[str, Any]:
     """Validate, deduplicate and split raw JSONL into a dataset directory at `output_uri`.
 
@@ -207,6 +221,8 @@ def prepare(
     The split is deterministic: same data and seed -> same split. Local images are copied into
     the dataset (`images/`, content-addressed) and s3:// images are referenced by absolute URI,
     so the dataset directory is self-contained wherever it is stored.
+    `mine_negatives`: a model (HF id, directory or checkpoint) that mines hard negatives into the
+    train split (vembed.data.mining; `mining`: its MiningSettings); the eval split is left alone.
     Returns the stats written to `stats.json`, plus `output` and `dataset_sha256` (sha256 of the
     dataset's manifest).
     """
@@ -226,6 +242,7 @@ def prepare(
         warnings = []
         if eval_fraction > 0 and counts.eval == 0:
             warnings.append(f"eval split is empty: {counts.train} records are too few for eval_fraction={eval_fraction}")
+        mined = _mine(out / "train.jsonl", mine_negatives, mining) if mine_negatives else None
         stats: dict[str, Any] = {
             "source": source,
             "source_sha256": reader.source_hash.hexdigest(),
@@ -242,6 +259,7 @@ def prepare(
             "seed": seed,
             "on_bad_record": on_bad_record,
             "warnings": warnings,
+            **({"mining": mined} if mined else {}),
         }
         (out / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return {**stats, "output": output_uri, "dataset_sha256": storage.manifest_sha256(output_uri)}

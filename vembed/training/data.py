@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -32,13 +33,27 @@ def _image(path: str | None, root: Path | None) -> str | None:
     return resolve_image_path(path, root)
 
 
+def content_id(item: Item) -> int:
+    """A stable 63-bit id of a document's content (text and image), equal on every process and run:
+    two rows whose positives have the same id are not each other's negatives (vembed.losses)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update((item.text or "").encode("utf-8") + b"\x00")
+    image = item.image
+    if image is not None:
+        h.update(image.tobytes() if hasattr(image, "tobytes") else str(image).encode("utf-8"))
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
 class PairDataset(Dataset):
-    """Featurized (query, positive, negatives) triples; tokenisation happens once, here."""
+    """Featurized (query, positive, negatives) triples; tokenisation happens once, here.
+    Item i is (query, positive, negatives, (positive content id, negative content ids))."""
 
     def __init__(self, records: Sequence[Record], embedder: Embedder, data_root: Path | None = None) -> None:
         self.examples: list[tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]] = []
+        self.ids: list[tuple[int, list[int]]] = []
         for r in records:
             q, p, negs = record_items(r, data_root)
+            self.ids.append((content_id(p), [content_id(n) for n in negs]))
             self.examples.append(
                 (
                     embedder.featurize(q, is_query=True),
@@ -51,7 +66,7 @@ class PairDataset(Dataset):
         return len(self.examples)
 
     def __getitem__(self, i: int):
-        return self.examples[i]
+        return (*self.examples[i], self.ids[i])
 
     def lengths(self) -> list[int]:
         """Tokens per example (query + positive + negatives); 0 for items without input_ids (images)."""
@@ -77,6 +92,9 @@ class PairCollator:
         }
         if negatives:
             batch["negatives"] = self.embedder.collate(negatives)
+        if all(len(r) > 3 for r in rows):  # content ids, for false-negative masking
+            batch["positive_ids"] = torch.tensor([r[3][0] for r in rows], dtype=torch.long)
+            batch["negative_ids"] = torch.tensor([i for r in rows for i in r[3][1]], dtype=torch.long)
         return batch
 
 

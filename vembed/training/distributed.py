@@ -68,3 +68,13 @@ def gather_candidates(
     local_negatives = n if n is not None else p[:0]
     n_all, _ = all_gather_rows(local_negatives)
     return q, p_all, (n_all if n_all.size(0) else None), labels
+
+
+def all_gather_ids(ids: torch.Tensor) -> torch.Tensor:
+    """Every rank's content ids (no gradient), concatenated in rank order like `all_gather_rows`."""
+    sizes = gather_sizes(ids.size(0), ids.device)
+    longest = max(sizes)
+    padded = torch.cat([ids, ids.new_zeros(longest - ids.size(0))]) if ids.size(0) < longest else ids
+    pieces = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(pieces, padded.contiguous())
+    return torch.cat([piece[:n] for piece, n in zip(pieces, sizes, strict=True)])

@@ -33,6 +33,7 @@ from vembed.models.lora import apply_lora, count_parameters, enable_gradient_che
 from vembed.training import checkpoint as ckpt
 from vembed.training.data import EpochBatchSampler, PairCollator, PairDataset, load_records
 from vembed.training.log import TrainingLog
+from vembed.training.negatives import FalseNegativeMasker
 from vembed.training.step import make_step
 from vembed.training.validation import LOGGED, BestTracker, Validator
 
@@ -188,7 +189,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         num_training_steps=total_steps,
     )
     embedder, optimizer, loader, scheduler = accelerator.prepare(embedder, optimizer, loader, scheduler)
-    step_fn = make_step(cfg, accelerator, embedder, loss_fn)
+    masker = FalseNegativeMasker(accelerator, cfg.cross_device_negatives, enabled=cfg.mask_false_negatives)
+    step_fn = make_step(cfg, accelerator, embedder, loss_fn, masker)
 
     state = {"global_step": 0, "epoch": 0, "batch_in_epoch": 0, "history": []}
     if resume_dir is not None:
@@ -266,6 +268,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                     "loss": window_loss / n,
                     "lr": scheduler.get_last_lr()[0],
                     "samples_per_s": window_samples / elapsed,
+                    "masked_negatives": masker.take_window(),
                 }
                 history.append(entry)
                 train_log.step(entry)
@@ -289,6 +292,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             continue
         break
     progress.close()
+    if masker.duplicate_batches:
+        log.warning("%d batches had one positive for every row (duplicated data)", masker.duplicate_batches)
     position = {"global_step": global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
     if validator is not None and last_eval != global_step:
         evaluate(position)

@@ -11,12 +11,18 @@ from accelerate import Accelerator
 from vembed.config import TrainConfig
 from vembed.models.base import Embedder
 from vembed.training.distributed import forwards_in_lockstep, max_over_ranks
-from vembed.training.negatives import gather_for_loss
+from vembed.training.negatives import FalseNegativeMasker, gather_for_loss
 
 StepFn = Callable[[dict[str, Any]], torch.Tensor]
 
 
-def plain_step(accelerator: Accelerator, embedder: Embedder, loss_fn: torch.nn.Module, cross_device: bool) -> StepFn:
+def plain_step(
+    accelerator: Accelerator,
+    embedder: Embedder,
+    loss_fn: torch.nn.Module,
+    cross_device: bool,
+    masker: FalseNegativeMasker | None = None,
+) -> StepFn:
     lockstep = forwards_in_lockstep(accelerator)
 
     def step(batch: dict[str, Any]) -> torch.Tensor:
@@ -31,16 +37,23 @@ def plain_step(accelerator: Accelerator, embedder: Embedder, loss_fn: torch.nn.M
             one_row = splitter_for(accelerator.unwrap_model(embedder))(batch["positive"], 1)[0]
             n = embedder(**one_row)[:0]
         q, p, n, labels = gather_for_loss(accelerator, q, p, n, cross_device)
-        loss = loss_fn(q, p, n, labels)
+        mask = masker(batch, labels, q.size(0)) if masker is not None else None
+        loss = loss_fn(q, p, n, labels, mask)
         accelerator.backward(loss)
         return loss
 
     return step
 
 
-def make_step(cfg: TrainConfig, accelerator: Accelerator, embedder: Embedder, loss_fn: torch.nn.Module) -> StepFn:
+def make_step(
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    embedder: Embedder,
+    loss_fn: torch.nn.Module,
+    masker: FalseNegativeMasker | None = None,
+) -> StepFn:
     if cfg.use_gradient_cache:
         from vembed.grad_cache import grad_cache_step
 
-        return grad_cache_step(cfg, accelerator, embedder, loss_fn)
-    return plain_step(accelerator, embedder, loss_fn, cfg.cross_device_negatives)
+        return grad_cache_step(cfg, accelerator, embedder, loss_fn, masker=masker)
+    return plain_step(accelerator, embedder, loss_fn, cfg.cross_device_negatives, masker)

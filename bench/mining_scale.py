@@ -1,0 +1,92 @@
+"""Memory and time of mining's exact chunked top-k, per 100k passages (synthetic unit vectors).
+
+    nice -n 15 .venv/bin/python -m bench.mining_scale [--passages 100000,300000] [--queries 2000]
+
+Each corpus size runs in a fresh child process: random unit vectors of dim 384 (all-MiniLM-L6-v2's),
+`--queries` queries against the corpus on one torch thread, top-51 (ranks 10-50 plus the query's own positive), 16,384
+passages per chunk and 1,024 queries per block (vembed.data.mining's defaults). Reports the search
+time, the peak RSS and the corpus embeddings' own size. Encoding the passages is the model's
+encoding throughput (the encoding section above). Writes bench/results/mining_scale.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from bench.common import emit, machine, machine_line, md_table, run_child, save_report
+
+DIM = 384
+
+
+def _rss_mib(field: str = "VmRSS") -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> None:
+    """Linux: writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def child(passages: int, queries: int) -> None:
+    import torch
+
+    from vembed.data.mining import MiningSettings, chunked_topk
+
+    torch.set_num_threads(1)  # one thread: the machine these figures come from is shared
+    s = MiningSettings()
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(queries, DIM, generator=g), dim=-1)
+    start_rss = _rss_mib()
+    corpus = torch.empty(passages, DIM)
+    for i in range(0, passages, 10_000):  # filled in place: no full-size temporaries
+        block = corpus[i : i + 10_000]
+        block.normal_(generator=g)
+        block.div_(block.norm(dim=-1, keepdim=True))
+    base_rss = _rss_mib()
+    _reset_peak()
+    start = time.perf_counter()
+    for b in range(0, queries, s.query_block):
+        chunks = (corpus[i : i + s.chunk_size] for i in range(0, passages, s.chunk_size))
+        chunked_topk(q[b : b + s.query_block], chunks, s.rank_end + 1)
+    seconds = time.perf_counter() - start
+    emit({"passages": passages, "queries": queries, "search_s": seconds, "peak_rss_mib": _rss_mib("VmHWM"),
+          "rss_before_search_mib": base_rss, "rss_before_corpus_mib": start_rss, "corpus_mib": passages * DIM * 4 / 2**20})
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--child", action="store_true")
+    p.add_argument("--passages", default="100000,300000")
+    p.add_argument("--queries", type=int, default=2000)
+    a = p.parse_args(argv)
+    if a.child:
+        child(int(a.passages), a.queries)
+        return
+    info = machine()
+    rows, runs = [], []
+    for n in (int(x) for x in a.passages.split(",")):
+        r = run_child("bench.mining_scale", ["--passages", str(n), "--queries", str(a.queries)], timeout=3600)
+        runs.append(r)
+        per = r["search_s"] / (n / 1e5) / (a.queries / 1e3)
+        corpus_rss = r["rss_before_search_mib"] - r["rss_before_corpus_mib"]
+        search_rss = r["peak_rss_mib"] - r["rss_before_search_mib"]
+        rows.append([n, a.queries, r["search_s"], per, r["corpus_mib"], corpus_rss, search_rss, r["peak_rss_mib"]])
+        print(rows[-1], flush=True)
+    md = "\n\n".join([
+        md_table(["passages", "queries", "search s", "s per 100k passages per 1k queries", "corpus embeddings MiB",
+                  "RSS growth for the corpus MiB", "peak RSS growth during search MiB", "peak RSS MiB"], rows),
+        machine_line(info, os.getloadavg()).replace("2 torch threads per run", "1 torch thread"),
+    ])
+    print(md)
+    save_report("mining_scale", md, {"machine": info, "runs": runs})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
