@@ -89,10 +89,10 @@ def test_mrl_and_hard_negatives_train(tiny_bert, tmp_path, monkeypatch):
             super().__init__()
             self.real = real
 
-        def forward(self, q, p, n=None, labels=None):
-            loss = self.real(q, p, n, labels)
+        def forward(self, q, p, n=None, labels=None, mask=None):
+            loss = self.real(q, p, n, labels, mask)
             seen.append({k: None if v is None else v.detach().clone() for k, v in
-                         {"q": q, "p": p, "n": n, "labels": labels, "loss": loss}.items()})  # fmt: skip
+                         {"q": q, "p": p, "n": n, "labels": labels, "mask": mask, "loss": loss}.items()})  # fmt: skip
             return loss
 
     monkeypatch.setattr(loop, "build_loss", lambda cfg, dim: Spy(real_build_loss(cfg, dim)))
@@ -107,11 +107,13 @@ def test_mrl_and_hard_negatives_train(tiny_bert, tmp_path, monkeypatch):
     single = real_build_loss(cfg.model_copy(update={"use_mrl": False}), 32)
     terms = []
     for call in seen:
-        q, p, n = call["q"], call["p"], call["n"]
+        q, p, n, mask = call["q"], call["p"], call["n"], call["mask"]
         assert n is not None and n.shape == (16, 32), "each row's hard negative reaches the loss, at full dim"
-        per_dim = [single(q[:, :d], p[:, :d], n[:, :d], call["labels"]) for d in dims]
+        per_dim = [single(q[:, :d], p[:, :d], n[:, :d], call["labels"], mask) for d in dims]
         torch.testing.assert_close(call["loss"], sum(per_dim) / len(dims))
-        without_negatives = sum(single(q[:, :d], p[:, :d], None, call["labels"]) for d in dims) / len(dims)
+        # The false-negative mask covers the hard-negative columns too: keep only the in-batch part.
+        in_batch = None if mask is None else mask[:, : p.size(0)]
+        without_negatives = sum(single(q[:, :d], p[:, :d], None, call["labels"], in_batch) for d in dims) / len(dims)
         assert (call["loss"] - without_negatives).abs() > 1e-3, "the negatives change the loss"
         terms.append([t.item() for t in per_dim])
     for i, d in enumerate(dims):
