@@ -12,8 +12,9 @@ from vembed.data.synthetic_images import write_image_caption_set
 from vembed.evaluation import compare_models
 from vembed.grad_cache import split_inputs
 from vembed.models import Item, load_embedder
+from vembed.models.chat_prompt import DEFAULT_INSTRUCTION
 from vembed.models.lora import apply_lora
-from vembed.models.qwen_vl import DEFAULT_INSTRUCTION, IMAGE_PAD
+from vembed.models.qwen_vl import IMAGE_PAD
 from vembed.predictor import Predictor
 from vembed.training import train
 

@@ -11,7 +11,7 @@ import importlib
 import inspect
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from vembed.data import Record, split_records, write_records
@@ -74,11 +74,13 @@ def docstring_pairs() -> Iterator[Record]:
             yield Record(query=summary, positive=positive)
 
 
-def build_demo_dataset(out_dir: str | Path, eval_fraction: float = 0.2, max_train: int = 2000) -> dict[str, str | int]:
+def write_retrieval_dataset(
+    records: Iterable[Record], out_dir: str | Path, eval_fraction: float = 0.2, max_train: int = 2000
+) -> dict[str, str | int]:
     """Write train.jsonl, eval.jsonl and corpus.jsonl (train positives as distractors)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    split = split_records(docstring_pairs(), eval_fraction=eval_fraction, seed=0)
+    split = split_records(records, eval_fraction=eval_fraction, seed=0)
     train = split.train[:max_train]
     write_records(train, out / "train.jsonl")
     write_records(split.eval, out / "eval.jsonl")
@@ -92,3 +94,8 @@ def build_demo_dataset(out_dir: str | Path, eval_fraction: float = 0.2, max_trai
         "n_train": len(train),
         "n_eval": len(split.eval),
     }
+
+
+def build_demo_dataset(out_dir: str | Path, eval_fraction: float = 0.2, max_train: int = 2000) -> dict[str, str | int]:
+    """The docstring demo set (see write_retrieval_dataset)."""
+    return write_retrieval_dataset(docstring_pairs(), out_dir, eval_fraction, max_train)

@@ -11,13 +11,13 @@ system calls, library functions, file formats and concepts (sections 2, 3, 4, 5,
 from __future__ import annotations
 
 import gzip
-import json
 import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from vembed.data import Record, split_records, write_records
+from vembed.data import Record
+from vembed.demo_data import write_retrieval_dataset
 from vembed.errors import DataError
 
 PACKAGES = ("manpages", "manpages-dev")
@@ -114,20 +114,5 @@ def manpage_pairs(pages: list[Path] | None = None) -> Iterator[Record]:
 
 
 def build_manpage_dataset(out_dir: str | Path, eval_fraction: float = 0.2, max_train: int = 2000) -> dict[str, str | int]:
-    """Write train.jsonl, eval.jsonl and corpus.jsonl (train positives as distractors), as the demo set."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    split = split_records(manpage_pairs(), eval_fraction=eval_fraction, seed=0)
-    train = split.train[:max_train]
-    write_records(train, out / "train.jsonl")
-    write_records(split.eval, out / "eval.jsonl")
-    with (out / "corpus.jsonl").open("w", encoding="utf-8") as fh:
-        for r in train:
-            fh.write(json.dumps({"text": r.positive}) + "\n")
-    return {
-        "train": str(out / "train.jsonl"),
-        "eval": str(out / "eval.jsonl"),
-        "corpus": str(out / "corpus.jsonl"),
-        "n_train": len(train),
-        "n_eval": len(split.eval),
-    }
+    """The man-page set, written like the demo set (train, eval, corpus)."""
+    return write_retrieval_dataset(manpage_pairs(), out_dir, eval_fraction, max_train)

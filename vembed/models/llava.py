@@ -27,11 +27,9 @@ import torch
 from transformers import AutoModel, AutoProcessor, PretrainedConfig
 
 from vembed.data.images import load_image
-from vembed.errors import DataError
 from vembed.models.base import Embedder, EmbedderSpec, Item, load_backbone
+from vembed.models.chat_prompt import chat_features
 from vembed.models.pooling import pool
-
-DEFAULT_INSTRUCTION = "Represent the user's input."
 
 # LLaVA-1.5's conversation format, used when the checkpoint ships no chat template.
 DEFAULT_CHAT_TEMPLATE = (
@@ -76,20 +74,8 @@ class LlavaEmbedder(Embedder):
         return self.processor.tokenizer
 
     def featurize(self, item: Item, is_query: bool) -> dict[str, Any]:
-        if item.text is None and item.image is None:
-            raise DataError("LLaVA got an item with neither text nor image")
-        instruction = item.instruction or (self.spec.query_instruction if is_query else None) or DEFAULT_INSTRUCTION
-        content: list[dict[str, str]] = []
-        if item.image is not None:
-            content.append({"type": "image"})
-        if item.text is not None:
-            content.append({"type": "text", "text": self._truncate(item.text)})
-        conversation = [
-            {"role": "system", "content": [{"type": "text", "text": instruction}]},
-            {"role": "user", "content": content},
-        ]
-        prompt = self.processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        return {"prompt": prompt} if item.image is None else {"prompt": prompt, "image": item.image}
+        instruction = item.instruction or (self.spec.query_instruction if is_query else None)
+        return chat_features(item, instruction, self._truncate, self.processor.apply_chat_template, "LLaVA")
 
     def _truncate(self, text: str) -> str:
         text = text.replace(self._image_token, "")  # user text must not forge image placeholders

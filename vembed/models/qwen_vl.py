@@ -30,11 +30,10 @@ import torch
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, PretrainedConfig
 
 from vembed.data.images import load_image
-from vembed.errors import DataError
 from vembed.models.base import Embedder, EmbedderSpec, Item, load_backbone
+from vembed.models.chat_prompt import chat_features
 from vembed.models.pooling import pool
 
-DEFAULT_INSTRUCTION = "Represent the user's input."
 IMAGE_PAD = "<|image_pad|>"
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", IMAGE_PAD, "<|video_pad|>")
 # Qwen3-VL-Embedding's reference preprocessing bounds images to 1800 merged 32x32 patches;
@@ -116,21 +115,8 @@ class QwenVLEmbedder(Embedder):
         return self.processor.tokenizer
 
     def featurize(self, item: Item, is_query: bool) -> dict[str, Any]:
-        if item.text is None and item.image is None:
-            raise DataError("Qwen3-VL got an item with neither text nor image")
-        instruction = item.instruction or (self.spec.query_instruction if is_query else None) or DEFAULT_INSTRUCTION
-        content: list[dict[str, str]] = []
-        if item.image is not None:
-            content.append({"type": "image"})
-        if item.text is not None:
-            content.append({"type": "text", "text": self._truncate(item.text)})
-        conversation = [
-            {"role": "system", "content": [{"type": "text", "text": instruction}]},
-            {"role": "user", "content": content},
-        ]
-        prompt = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        # The image is decoded in collate (DataLoader workers): its size sets the token count.
-        return {"prompt": prompt} if item.image is None else {"prompt": prompt, "image": item.image}
+        instruction = item.instruction or (self.spec.query_instruction if is_query else None)
+        return chat_features(item, instruction, self._truncate, self.tokenizer.apply_chat_template, "Qwen3-VL")
 
     def _truncate(self, text: str) -> str:
         for token in VISION_TOKENS:  # user text must not forge image placeholders
