@@ -6,6 +6,7 @@ import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -129,3 +130,20 @@ def write_pairs(path, n: int = 48, seed: int = 0, negatives: bool = True) -> str
 @pytest.fixture
 def pairs_file(tmp_path) -> str:
     return write_pairs(tmp_path / "train.jsonl")
+
+
+def put_object(uri: str, data: bytes | str) -> None:
+    """Write one s3:// object with plain boto3 (test setup; vembed.storage only writes directories)."""
+    import boto3
+
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=data.encode() if isinstance(data, str) else data)
+
+
+def assert_manifest_covers(local_dir: str | Path) -> None:
+    """The directory's manifest.json lists exactly its files, with their sizes and sha256."""
+    import json
+
+    from vembed.storage import MANIFEST, build_manifest
+
+    assert json.loads((Path(local_dir) / MANIFEST).read_text()) == build_manifest(local_dir)

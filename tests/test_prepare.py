@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import S3Server
+from tests.conftest import S3Server, assert_manifest_covers, put_object
 from vembed import storage
 from vembed.cli import main as cli_main
 from vembed.errors import ConfigError, DataError
@@ -49,7 +49,7 @@ def test_local_file(tmp_path: Path) -> None:
 
     out = tmp_path / "ds"
     assert sorted(p.name for p in out.iterdir()) == ["eval.jsonl", "manifest.json", "stats.json", "train.jsonl"]
-    storage.verify_dir(out)  # manifest covers every file
+    assert_manifest_covers(out)  # manifest covers every file
     train, held = dataset_rows(out)
     assert stats["records"] == len(rows) + len(dups)
     assert stats["duplicates"] == len(dups)
@@ -80,9 +80,9 @@ def test_s3_prefix_of_several_files(bucket: str, tmp_path: Path) -> None:
     parts = {"raw/part-0.jsonl": pairs(0, 40), "raw/part-1.jsonl": pairs(40, 40) + pairs(0, 5), "raw/sub/part-2.jsonl": pairs(80, 30)}
     body = {key: jsonl(rows).encode() for key, rows in parts.items()}
     for key, data in body.items():
-        storage.write_bytes(f"s3://{bucket}/{key}", data)
-    storage.write_bytes(f"s3://{bucket}/raw/_SUCCESS", b"")  # not JSONL: ignored
-    storage.write_bytes(f"s3://{bucket}/raw-old/part-9.jsonl", b"{not json")  # another prefix: ignored
+        put_object(f"s3://{bucket}/{key}", data)
+    put_object(f"s3://{bucket}/raw/_SUCCESS", b"")  # not JSONL: ignored
+    put_object(f"s3://{bucket}/raw-old/part-9.jsonl", b"{not json")  # another prefix: ignored
 
     stats = prepare(f"s3://{bucket}/raw", f"s3://{bucket}/datasets/v1", eval_fraction=0.2, seed=3)
 
@@ -106,8 +106,8 @@ def test_s3_prefix_of_several_files(bucket: str, tmp_path: Path) -> None:
 
 def test_bad_records_error_names_s3_uri_and_line_and_writes_nothing(bucket: str) -> None:
     rows = jsonl(pairs(0, 3)).splitlines()
-    storage.write_text(f"s3://{bucket}/raw/a.jsonl", jsonl(pairs(10, 20)))
-    storage.write_text(f"s3://{bucket}/raw/b.jsonl", "\n".join([rows[0], rows[1], '{"query": "no positive"}', rows[2]]) + "\n")
+    put_object(f"s3://{bucket}/raw/a.jsonl", jsonl(pairs(10, 20)))
+    put_object(f"s3://{bucket}/raw/b.jsonl", "\n".join([rows[0], rows[1], '{"query": "no positive"}', rows[2]]) + "\n")
     prepare(f"s3://{bucket}/raw/a.jsonl", f"s3://{bucket}/ds")  # an existing dataset
     before = storage.read_bytes(f"s3://{bucket}/ds/manifest.json")
 
@@ -124,8 +124,8 @@ def test_skip_mode_counts_by_reason(bucket: str) -> None:
     lines = [json.dumps(r) for r in good[:10]]
     lines += ["{broken json", '{"query": "q"}', '{"query": 5, "positive": "p"}', '["a list"]', '{"query": " ", "positive": "p"}']
     lines += [json.dumps(r) for r in good[10:]]
-    storage.write_text(f"s3://{bucket}/raw/a.jsonl", "\n".join(lines) + "\n")
-    storage.write_bytes(f"s3://{bucket}/raw/b.jsonl", b"")  # an empty part file, as Spark writes them
+    put_object(f"s3://{bucket}/raw/a.jsonl", "\n".join(lines) + "\n")
+    put_object(f"s3://{bucket}/raw/b.jsonl", b"")  # an empty part file, as Spark writes them
 
     stats = prepare(f"s3://{bucket}/raw", f"s3://{bucket}/ds", on_bad_record="skip")
 
@@ -146,9 +146,9 @@ def test_latest_snapshot_local_and_s3(bucket: str, tmp_path: Path) -> None:
     for day, start in (("dt=2024-01-01", 0), ("dt=2024-02-10", 100), ("dt=2023-12-31", 200)):
         (tmp_path / "raw" / day).mkdir(parents=True)
         (tmp_path / "raw" / day / "part-0.jsonl").write_text(jsonl(pairs(start, 20)))
-        storage.write_text(f"s3://{bucket}/raw/{day}/part-0.jsonl", jsonl(pairs(start, 20)))
+        put_object(f"s3://{bucket}/raw/{day}/part-0.jsonl", jsonl(pairs(start, 20)))
     (tmp_path / "raw" / "tmp-backfill").mkdir()  # not a snapshot name
-    storage.write_text(f"s3://{bucket}/raw/zzz/part-0.jsonl", "{bad")
+    put_object(f"s3://{bucket}/raw/zzz/part-0.jsonl", "{bad")
 
     assert latest_snapshot(str(tmp_path / "raw")) == str(tmp_path / "raw" / "dt=2024-02-10")
     assert latest_snapshot(f"s3://{bucket}/raw") == f"s3://{bucket}/raw/dt=2024-02-10/"
@@ -172,7 +172,7 @@ def test_local_images_are_copied_into_the_dataset(bucket: str, tmp_path: Path) -
     for i in range(6):
         (tmp_path / "raw" / "img" / f"{i}.png").write_bytes(f"fake png {i}".encode())
     (tmp_path / "raw" / "data.jsonl").write_text(jsonl(rows))
-    storage.write_text(f"s3://{bucket}/raw/data.jsonl", jsonl(rows))
+    put_object(f"s3://{bucket}/raw/data.jsonl", jsonl(rows))
 
     local = prepare(str(tmp_path / "raw" / "data.jsonl"), str(tmp_path / "ds"), eval_fraction=0.0)
     assert local["images_rebased"] == len(rows)
@@ -181,7 +181,7 @@ def test_local_images_are_copied_into_the_dataset(bucket: str, tmp_path: Path) -
     copied = sorted((tmp_path / "ds" / r["positive_image"]).read_bytes() for r in train)
     assert copied == sorted(f"fake png {i}".encode() for i in range(6))
     assert all(r["positive_image"].startswith("images/") for r in train)
-    storage.verify_dir(str(tmp_path / "ds"))  # the copies are in the manifest
+    assert_manifest_covers(str(tmp_path / "ds"))  # the copies are in the manifest
 
     prepare(f"s3://{bucket}/raw/data.jsonl", str(tmp_path / "ds-s3"), eval_fraction=0.0)
     train, _ = dataset_rows(tmp_path / "ds-s3")

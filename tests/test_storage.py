@@ -7,12 +7,13 @@ import json
 import threading
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.conftest import S3Server, free_port
+from tests.conftest import S3Server, assert_manifest_covers, free_port, put_object
 from vembed import storage
 from vembed.errors import StorageError
 
@@ -51,22 +52,38 @@ def bucket(s3_env: S3Server) -> str:
     return name
 
 
+@pytest.fixture
+def on_s3_event() -> Iterator[Callable[[str, Callable[..., Any]], None]]:
+    """Hook botocore events of the shared S3 client; the hooks are removed after the test (the client outlives it)."""
+    client = storage.Storage().client
+    hooks: list[tuple[str, Callable[..., Any]]] = []
+
+    def register(event: str, handler: Callable[..., Any]) -> None:
+        client.meta.events.register(event, handler)
+        hooks.append((event, handler))
+
+    yield register
+    for event, handler in hooks:
+        client.meta.events.unregister(event, handler)
+
+
 # --------------------------------------------------------------------------- round trips
 
 
 def test_local_round_trip(tmp_path: Path) -> None:
     f = tmp_path / "a" / "note.txt"
-    storage.write_text(f, "héllo")
-    assert storage.read_text(f) == "héllo"
+    f.parent.mkdir()
+    f.write_text("héllo")
+    assert storage.read_bytes(f) == "héllo".encode()
     assert storage.exists(f) and not storage.exists(tmp_path / "missing")
-    assert [p for p in tmp_path.rglob("*") if ".tmp-" in p.name] == []  # atomic write left no temp file
 
     src = tmp_path / "src"
     files = make_tree(src)
     manifest = storage.upload_dir(src, str(tmp_path / "dst"))
     assert sorted(e["path"] for e in manifest["files"]) == sorted(files)
     assert read_tree(tmp_path / "dst") == {**files, "manifest.json": (tmp_path / "dst" / "manifest.json").read_bytes()}
-    assert storage.verify_dir(tmp_path / "dst") == manifest
+    assert_manifest_covers(tmp_path / "dst")
+    assert json.loads((tmp_path / "dst" / "manifest.json").read_text()) == manifest
     assert storage.list(tmp_path / "dst") == sorted(str(tmp_path / "dst" / p) for p in [*files, "manifest.json"])
 
     out = storage.download_dir(str(tmp_path / "dst"), tmp_path / "copy")
@@ -86,9 +103,9 @@ def test_local_reupload_replaces_the_whole_directory(tmp_path: Path) -> None:
 
 def test_s3_round_trip(bucket: str, tmp_path: Path) -> None:
     base = f"s3://{bucket}"
-    storage.write_text(f"{base}/notes/a.txt", "héllo")
-    storage.write_bytes(f"{base}/notes/b.bin", b"\x00\x01")
-    assert storage.read_text(f"{base}/notes/a.txt") == "héllo"
+    put_object(f"{base}/notes/a.txt", "héllo")
+    put_object(f"{base}/notes/b.bin", b"\x00\x01")
+    assert storage.read_bytes(f"{base}/notes/a.txt") == "héllo".encode()
     assert storage.read_bytes(f"{base}/notes/b.bin") == b"\x00\x01"
     assert storage.exists(f"{base}/notes/a.txt")
     assert storage.exists(f"{base}/notes")  # a prefix with objects
@@ -105,7 +122,7 @@ def test_s3_round_trip(bucket: str, tmp_path: Path) -> None:
 
     out = storage.download_dir(f"{base}/models/m1", tmp_path / "dl")
     assert {k: v for k, v in read_tree(out).items() if k != "manifest.json"} == files
-    storage.verify_dir(out)
+    assert_manifest_covers(out)
 
     cache = tmp_path / "cache"
     first = storage.materialize(f"{base}/models/m1", cache_dir=cache)
@@ -143,7 +160,7 @@ def test_multipart_upload_and_download(bucket: str, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- manifest contract
 
 
-def test_manifest_is_written_last_and_stale_manifest_deleted_first(bucket: str, tmp_path: Path) -> None:
+def test_manifest_is_written_last_and_stale_manifest_deleted_first(bucket: str, tmp_path: Path, on_s3_event) -> None:
     make_tree(tmp_path / "v1", "v1")
     storage.upload_dir(tmp_path / "v1", f"s3://{bucket}/m")
     make_tree(tmp_path / "v2", "v2")
@@ -161,8 +178,8 @@ def test_manifest_is_written_last_and_stale_manifest_deleted_first(bucket: str, 
 
         return hook
 
-    st.client.meta.events.register("before-parameter-build.s3", record("before"))
-    st.client.meta.events.register("after-call.s3", record("after"))
+    on_s3_event("before-parameter-build.s3", record("before"))
+    on_s3_event("after-call.s3", record("after"))
     st.upload_dir(tmp_path / "v2", f"s3://{bucket}/m")
 
     assert calls[0][1:] == ("DeleteObject", "m/manifest.json")  # the old version stops being readable first
@@ -202,7 +219,7 @@ def test_tampered_object_is_detected(bucket: str, s3_env: S3Server, tmp_path: Pa
 
 def test_directory_without_manifest_is_refused(bucket: str, tmp_path: Path) -> None:
     uri = f"s3://{bucket}/half"
-    storage.write_bytes(f"{uri}/adapter_model.safetensors", b"partial")
+    put_object(f"{uri}/adapter_model.safetensors", b"partial")
     for read in (lambda: storage.download_dir(uri, tmp_path / "dl"), lambda: storage.materialize(uri, tmp_path / "c")):
         with pytest.raises(StorageError) as exc:
             read()
@@ -229,16 +246,16 @@ def test_never_replaces_a_foreign_directory(bucket: str, tmp_path: Path) -> None
     assert read_tree(home) == {"thesis.tex": b"years of work"}
     (tmp_path / "empty").mkdir()  # an empty directory (e.g. pre-created by a pipeline runner) is fine
     storage.download_dir(f"s3://{bucket}/m", tmp_path / "empty")
-    storage.verify_dir(tmp_path / "empty")
+    assert_manifest_covers(tmp_path / "empty")
 
 
-def test_concurrent_materialize_of_one_uri(bucket: str, tmp_path: Path) -> None:
+def test_concurrent_materialize_of_one_uri(bucket: str, tmp_path: Path, on_s3_event) -> None:
     files = make_tree(tmp_path / "src", n=6, size=200_000)
     storage.upload_dir(tmp_path / "src", f"s3://{bucket}/m")
     results: list[Path | Exception] = []
     st = storage.Storage()
     file_gets: list[str] = []
-    st.client.meta.events.register(
+    on_s3_event(
         "before-parameter-build.s3.GetObject",
         lambda params, **kwargs: file_gets.append(params["Key"]) if not params["Key"].endswith("manifest.json") else None,
     )
@@ -268,7 +285,7 @@ def test_staging_dir_publishes_only_on_success(bucket: str, tmp_path: Path) -> N
         assert not storage.exists(uri)
         with storage.staging_dir(uri) as stage:
             (stage / "train.jsonl").write_text("x\n")
-        assert [e["path"] for e in storage.read_manifest(uri)["files"]] == ["train.jsonl"]
+        assert [e["path"] for e in storage.Storage().read_manifest(uri)["files"]] == ["train.jsonl"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
