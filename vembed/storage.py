@@ -1,13 +1,9 @@
-"""Local paths and `s3://bucket/key` through one boto3 client per process.
+"""Local paths and `s3://bucket/key` through one cached boto3 client per process.
 
-boto3 does the work: its managed transfers (multipart, concurrent, retried), paginators,
-endpoint resolution (`AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`, read by botocore itself) and
-the standard AWS credential chain. What is vembed's own:
-
-- a directory is complete only when its `manifest.json` exists: it is written last, lists the
-  size and sha256 of every file, and every download is verified against it;
-- only an empty directory or an earlier complete one is ever replaced;
-- `.../latest` snapshots are resolved by vembed.steps.prepare over `list_dirs`.
+boto3 does the work: managed transfers, paginators, retries, endpoint resolution (botocore reads
+`AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` itself) and the AWS credential chain. vembed's own rules
+(vembed.manifest): a directory is complete only once its manifest is written, last; every download
+is verified against it; only an empty or an earlier complete directory is ever replaced.
 """
 
 from __future__ import annotations
@@ -15,22 +11,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from vembed import manifest as mf
 from vembed.atomic_dir import staged_dir
 from vembed.errors import StorageError
-from vembed.integrity import sha256_file
+from vembed.manifest import MANIFEST, build_manifest
 from vembed.redaction import redact
 
 S3_SCHEME = "s3://"
-MANIFEST = "manifest.json"
 MiB = 1024 * 1024
 # Called with the bytes moved since the last call (negative when a retried part is rewound).
 ProgressCallback = Callable[[int], None]
@@ -54,67 +48,14 @@ def join(uri: str | os.PathLike[str], *parts: str) -> str:
     return str(Path(uri).joinpath(*parts))
 
 
+def _object(uri: str) -> dict[str, str]:
+    bucket, key = split_s3(uri)
+    return {"Bucket": bucket, "Key": key}
+
+
 def _dir_key(key: str) -> str:
     """A prefix with directory semantics: `raw` lists `raw/...`, never `raw-old/...`."""
     return f"{key.strip('/')}/" if key.strip("/") else ""
-
-
-# --------------------------------------------------------------------------- manifests
-
-
-def build_manifest(local_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Size and sha256 of every file under `local_dir` (a top-level manifest.json excluded)."""
-    root = Path(local_dir)
-    files = [
-        {"path": p.relative_to(root).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.relative_to(root).as_posix() != MANIFEST
-    ]
-    return {"version": 1, "files": files}
-
-
-def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
-    return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
-
-
-def _parse_manifest(data: bytes, where: str) -> dict[str, Any]:
-    try:
-        manifest = json.loads(data)
-        for entry in manifest["files"]:
-            rel, _, _ = entry["path"], int(entry["size"]), str(entry["sha256"])
-            # A manifest must never make us write outside the target directory.
-            if not isinstance(rel, str) or not rel or rel.startswith("/") or ".." in rel.split("/"):
-                raise ValueError(f"unsafe path {rel!r}")
-    except (ValueError, KeyError, TypeError) as e:
-        raise StorageError(f"{where}: invalid {MANIFEST} ({e})") from None
-    return manifest
-
-
-def _verify_file(path: Path, entry: dict[str, Any], where: str) -> None:
-    if (size := path.stat().st_size) != entry["size"]:
-        raise StorageError(f"{where}: size {size} does not match manifest ({entry['size']}); the copy is corrupt")
-    if sha256_file(path) != entry["sha256"]:
-        raise StorageError(f"{where}: sha256 does not match manifest; the copy is corrupt")
-
-
-def _incomplete(uri: str) -> StorageError:
-    return StorageError(
-        f"{uri}: no {MANIFEST}, so the directory is incomplete (an upload crashed or is still running); refusing to read it"
-    )
-
-
-def _write_manifest_last(local_dir: Path, manifest: dict[str, Any]) -> None:
-    tmp = local_dir / f".{MANIFEST}.tmp-{uuid.uuid4().hex}"
-    tmp.write_bytes(_manifest_bytes(manifest))
-    os.replace(tmp, local_dir / MANIFEST)
-
-
-def _check_replaceable(dest: Path) -> None:
-    """Only an empty directory or an earlier complete one (with a manifest) may be replaced."""
-    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
-        raise StorageError(f"{dest}: exists and is not a directory; refusing to replace it")
-    if dest.is_dir() and not (dest / MANIFEST).is_file() and any(dest.iterdir()):
-        raise StorageError(f"{dest}: exists, is not empty and has no {MANIFEST}; refusing to replace it")
 
 
 @contextlib.contextmanager
@@ -145,16 +86,12 @@ def _storage_error(uri: str, exc: BaseException, endpoint: str | None = None) ->
             f"{uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             "(or configure the standard AWS credential chain)"
         )
-    if isinstance(exc, (bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ConnectTimeoutError)):
+    if isinstance(exc, (bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ConnectTimeoutError, bex.ReadTimeoutError)):
         where = redact(endpoint) if endpoint else "the default AWS endpoint"
         return _transient(StorageError(f"{uri}: cannot reach S3 at {where} ({type(exc).__name__}, after retries)"))
-    if isinstance(exc, bex.ReadTimeoutError):
-        return _transient(StorageError(f"{uri}: S3 read timed out (after retries)"))
     if isinstance(exc, bex.ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if code == "NoSuchBucket":
-            return StorageError(f"{uri}: bucket {split_s3(uri)[0]!r} does not exist")
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
             return StorageError(f"{uri}: the S3 server rejected the credentials ({code}, HTTP {status})")
         if code in ("AccessDenied", "AllAccessDisabled", "Forbidden") or status == 403:
@@ -228,29 +165,25 @@ class Storage:
     def client(self) -> Any:
         return _client(*self._client_args, tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))))
 
-    def _call(self, uri: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run one boto3 (or file) call; every failure becomes a one-line StorageError naming `uri`."""
+    def _call(self, uri: str, fn: Callable[..., Any], *args: Any, missing_ok: bool = False, **kwargs: Any) -> Any:
+        """Run one boto3 (or file) call; a failure becomes a one-line StorageError naming `uri`."""
         try:
             return fn(*args, **kwargs)
         except Exception as e:
+            cause: Exception = e
             if _is_404(e) and is_s3(uri):  # a 404 does not say whether the key or the bucket is missing
-                self._check_bucket(uri)
-            raise self._error(uri, e) from None
-
-    def _error(self, uri: str, exc: Exception) -> StorageError:
-        err = _storage_error(uri, exc, self.client.meta.endpoint_url if is_s3(uri) else None)
-        if err is None:  # not a storage failure: a bug, raised as it is
-            raise exc
-        return err
-
-    def _check_bucket(self, uri: str) -> None:
-        bucket = split_s3(uri)[0]
-        try:
-            self.client.head_bucket(Bucket=bucket)
-        except Exception as e:
-            if _is_404(e):
-                raise StorageError(f"{uri}: bucket {bucket!r} does not exist") from None
-            raise self._error(uri, e) from None
+                bucket = split_s3(uri)[0]
+                try:
+                    self.client.head_bucket(Bucket=bucket)
+                except Exception as b:
+                    cause = StorageError(f"{uri}: bucket {bucket!r} does not exist") if _is_404(b) else b
+                else:
+                    if missing_ok:
+                        return None
+            err = _storage_error(uri, cause, self.client.meta.endpoint_url if is_s3(uri) else None)
+            if err is None:  # not a storage failure: a bug, raised as it is
+                raise
+            raise err from None
 
     def _transfer_args(self, progress: ProgressCallback | None) -> dict[str, Any]:
         from boto3.s3.transfer import TransferConfig
@@ -259,14 +192,7 @@ class Storage:
 
     def _head(self, uri: str) -> dict[str, Any] | None:
         """Object metadata, or None if the object is missing (a missing bucket raises)."""
-        bucket, key = split_s3(uri)
-        try:
-            return self.client.head_object(Bucket=bucket, Key=key)
-        except Exception as e:
-            if not _is_404(e):
-                raise self._error(uri, e) from None
-        self._check_bucket(uri)
-        return None
+        return self._call(uri, self.client.head_object, **_object(uri), missing_ok=True)
 
     def exists(self, uri: str | os.PathLike[str]) -> bool:
         """A file/object, or a directory/prefix holding at least one object."""
@@ -280,8 +206,7 @@ class Storage:
     def read_bytes(self, uri: str | os.PathLike[str]) -> bytes:
         if not is_s3(uri):
             return self._call(str(uri), Path(uri).read_bytes)
-        bucket, key = split_s3(uri)
-        return self._call(uri, lambda: self.client.get_object(Bucket=bucket, Key=key)["Body"].read())
+        return self._call(uri, lambda: self.client.get_object(**_object(uri))["Body"].read())
 
     def download_file(self, uri: str, local_path: str | os.PathLike[str], progress: ProgressCallback | None = None) -> Path:
         """One object to a local path; boto3 writes a temporary name and renames, so it is never partial."""
@@ -293,8 +218,7 @@ class Storage:
         """Delete one object/file; missing is fine."""
         if not is_s3(uri):
             return Path(uri).unlink(missing_ok=True)
-        bucket, key = split_s3(uri)
-        self._call(uri, self.client.delete_object, Bucket=bucket, Key=key)
+        self._call(uri, self.client.delete_object, **_object(uri))
 
     def list(self, uri_prefix: str | os.PathLike[str], delimiter: str = "") -> list[str]:
         """Every file/object under a directory or prefix, recursively, sorted; a file lists itself."""
@@ -321,15 +245,12 @@ class Storage:
         """The manifest of a complete directory; StorageError if it has none."""
         where = join(uri, MANIFEST)
         if not (self._head(where) is not None if is_s3(uri) else Path(where).is_file()):
-            raise StorageError(f"{uri}: not found") if not (is_s3(uri) or Path(uri).exists()) else _incomplete(str(uri))
-        return _parse_manifest(self.read_bytes(where), where)
+            raise StorageError(f"{uri}: not found") if not (is_s3(uri) or Path(uri).exists()) else mf.incomplete(str(uri))
+        return mf.parse_manifest(self.read_bytes(where), where)
 
     def upload_dir(self, local_dir: str | os.PathLike[str], uri: str, progress: ProgressCallback | None = None) -> dict[str, Any]:
-        """Copy a local directory to `uri`, the manifest last; returns it.
-
-        Any old manifest at `uri` is deleted first, so a crashed or retried upload reads as
-        incomplete until the new manifest lands.
-        """
+        """Copy a local directory to `uri` and return its manifest, which goes last; an old one goes
+        first, so a crashed or retried upload reads as incomplete until the new manifest lands."""
         src = Path(local_dir)
         if not src.is_dir():
             raise StorageError(f"{local_dir}: not a directory")
@@ -341,21 +262,19 @@ class Storage:
         bucket, key = split_s3(uri)
         self._call(uri, self.client.delete_object, Bucket=bucket, Key=_dir_key(key) + MANIFEST)
         for e in manifest["files"]:
-            upload = self.client.upload_file
-            self._call(uri, upload, str(src / e["path"]), bucket, _dir_key(key) + e["path"], **self._transfer_args(progress))
+            upload, target = self.client.upload_file, _dir_key(key) + e["path"]
+            self._call(uri, upload, str(src / e["path"]), bucket, target, **self._transfer_args(progress))
         # Every file is in place: now, and only now, the directory becomes complete.
-        self._call(uri, self.client.put_object, Bucket=bucket, Key=_dir_key(key) + MANIFEST, Body=_manifest_bytes(manifest))
+        self._call(uri, self.client.put_object, Bucket=bucket, Key=_dir_key(key) + MANIFEST, Body=mf.manifest_bytes(manifest))
         return manifest
 
     def download_dir(
         self, uri: str | os.PathLike[str], local_dir: str | os.PathLike[str], progress: ProgressCallback | None = None
     ) -> Path:
-        """Copy a complete directory to `local_dir`, verifying every file; refuses one without a manifest.
-
-        `local_dir` is replaced as a whole, and holds a manifest.json of its own afterwards.
-        """
+        """Copy a complete directory to `local_dir` (replaced as a whole, manifest included), verifying
+        every file; a directory without a manifest is refused."""
         manifest = self.read_manifest(uri)
-        with staged_dir(local_dir, may_replace=_check_replaceable) as tmp:
+        with staged_dir(local_dir, may_replace=mf.check_replaceable) as tmp:
             for entry in manifest["files"]:
                 where, target = join(uri, entry["path"]), tmp / entry["path"]
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -363,16 +282,13 @@ class Storage:
                     self.download_file(where, target, progress)
                 else:
                     self._call(where, shutil.copyfile, where, target)
-                _verify_file(target, entry, where)
-            _write_manifest_last(tmp, manifest)
+                mf.verify_file(target, entry, where)
+            mf.write_manifest_last(tmp, manifest)
         return Path(local_dir)
 
     def materialize(self, uri: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Path:
-        """A local directory for `uri`: local paths pass through; s3 is downloaded and verified.
-
-        Downloads are cached under `cache_dir` (default $VEMBED_CACHE_DIR or ~/.cache/vembed)
-        and reused while the remote manifest is unchanged.
-        """
+        """A local directory for `uri`: local paths pass through; s3 is downloaded, verified and cached
+        under `cache_dir` (default $VEMBED_CACHE_DIR or ~/.cache/vembed) while its manifest is unchanged."""
         if not is_s3(uri):
             if not Path(uri).exists():
                 raise StorageError(f"{uri}: not found")
@@ -382,42 +298,26 @@ class Storage:
         dest = root / "s3" / bucket / (key.strip("/") or "_root")
         remote = self.read_manifest(uri)
         with _file_lock(dest.with_name(f".{dest.name}.lock")):
-            if _cache_matches(dest, remote):
+            if mf.cache_matches(dest, remote):
                 return dest
             return self.download_dir(uri, dest)
 
     @contextlib.contextmanager
     def staging_dir(self, uri: str | os.PathLike[str]) -> Iterator[Path]:
-        """Write a directory locally, then publish it to `uri` complete with its manifest.
-
-        Local `uri`: a hidden sibling is renamed into place. s3: uploaded, manifest last.
-        On an exception nothing is published.
-        """
+        """Write a directory locally, then publish it to `uri` with its manifest (local: a hidden
+        sibling renamed into place; s3: uploaded, manifest last). On an exception nothing is published."""
         if is_s3(uri):
-            tmp = Path(tempfile.mkdtemp(prefix="vembed-stage-"))
-            try:
-                yield tmp
+            with tempfile.TemporaryDirectory(prefix="vembed-stage-") as tmp:
+                yield Path(tmp)
                 self.upload_dir(tmp, str(uri))
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
             return
-        with staged_dir(Path(uri), may_replace=_check_replaceable) as tmp:
+        with staged_dir(Path(uri), may_replace=mf.check_replaceable) as tmp:
             yield tmp
-            _write_manifest_last(tmp, build_manifest(tmp))
+            mf.write_manifest_last(tmp, build_manifest(tmp))
 
     def manifest_sha256(self, uri: str | os.PathLike[str]) -> str:
         """sha256 of a complete directory's manifest: one id for all of its content."""
-        return hashlib.sha256(_manifest_bytes(self.read_manifest(uri))).hexdigest()
-
-
-def _cache_matches(dest: Path, manifest: dict[str, Any]) -> bool:
-    """Files were verified when downloaded; a size check catches later truncation cheaply."""
-    try:
-        cached = json.loads((dest / MANIFEST).read_bytes())
-    except (OSError, ValueError):
-        return False
-    files = manifest["files"]
-    return cached == manifest and all((dest / e["path"]).is_file() and (dest / e["path"]).stat().st_size == e["size"] for e in files)
+        return hashlib.sha256(mf.manifest_bytes(self.read_manifest(uri))).hexdigest()
 
 
 # The module API: the default Storage (its client is built on first use, then shared).
