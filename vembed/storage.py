@@ -18,8 +18,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from vembed import manifest as mf
 from vembed.atomic_dir import staged_dir
+from vembed.endpoints import check_tcp
 from vembed.errors import StorageError
 from vembed.manifest import MANIFEST, build_manifest
 from vembed.redaction import redact
@@ -35,7 +38,6 @@ def is_s3(uri: str | os.PathLike[str]) -> bool:
 
 
 def split_s3(uri: str) -> tuple[str, str]:
-    """`s3://bucket/a/b` -> ("bucket", "a/b")."""
     bucket, _, key = uri[len(S3_SCHEME) :].partition("/")
     if not is_s3(uri) or not bucket:
         raise StorageError(f"{uri}: not an s3://bucket/key URI")
@@ -58,20 +60,6 @@ def _dir_key(key: str) -> str:
     return f"{key.strip('/')}/" if key.strip("/") else ""
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock between processes (e.g. every rank of a launch fetching one model)."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes
-        yield
-
-
-# --------------------------------------------------------------------------- errors
-
-
 def _storage_error(uri: str, exc: BaseException, endpoint: str | None = None) -> StorageError | None:
     """One line that names the URI for a boto/botocore/OS failure; None for anything else (a bug)."""
     import botocore.exceptions as bex
@@ -82,10 +70,7 @@ def _storage_error(uri: str, exc: BaseException, endpoint: str | None = None) ->
     if exc is None or isinstance(exc, StorageError):
         return exc
     if isinstance(exc, (bex.NoCredentialsError, bex.PartialCredentialsError)):
-        return StorageError(
-            f"{uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-            "(or configure the standard AWS credential chain)"
-        )
+        return StorageError(f"{uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or configure the standard AWS credential chain)")
     if isinstance(exc, (bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ConnectTimeoutError, bex.ReadTimeoutError)):
         where = redact(endpoint) if endpoint else "the default AWS endpoint"
         return _transient(StorageError(f"{uri}: cannot reach S3 at {where} ({type(exc).__name__}, after retries)"))
@@ -127,8 +112,6 @@ def _client(endpoint_url: str | None, max_attempts: int, pool: int, aws_env: tup
     import boto3
     from botocore.config import Config
 
-    from vembed.endpoints import check_tcp
-
     # connect_timeout: the default 60 s, times every retry, is a hang to a user.
     config = Config(retries={"mode": "standard", "max_attempts": max_attempts}, connect_timeout=5, max_pool_connections=pool)
     session = boto3.session.Session()
@@ -140,26 +123,14 @@ def _client(endpoint_url: str | None, max_attempts: int, pool: int, aws_env: tup
     return client
 
 
-# --------------------------------------------------------------------------- the API
-
-
 class Storage:
     """Storage operations with one transfer/retry setting; the module functions use the defaults."""
 
-    def __init__(
-        self,
-        endpoint_url: str | None = None,
-        *,
-        multipart_threshold: int = 64 * MiB,
-        multipart_chunksize: int = 16 * MiB,
-        max_concurrency: int = 8,
-        max_attempts: int = 5,
-    ) -> None:
+    def __init__(self, endpoint_url: str | None = None, *, multipart_threshold: int = 64 * MiB,
+                 multipart_chunksize: int = 16 * MiB, max_concurrency: int = 8, max_attempts: int = 5) -> None:  # fmt: skip
         self._client_args = (endpoint_url, max_attempts, max(10, max_concurrency + 2))
-        self._transfer = dict(
-            multipart_threshold=multipart_threshold, multipart_chunksize=multipart_chunksize,
-            max_concurrency=max_concurrency, preferred_transfer_client="classic",
-        )  # fmt: skip
+        self._transfer = {"multipart_threshold": multipart_threshold, "multipart_chunksize": multipart_chunksize,
+                          "max_concurrency": max_concurrency, "preferred_transfer_client": "classic"}  # fmt: skip
 
     @property
     def client(self) -> Any:
@@ -268,9 +239,7 @@ class Storage:
         self._call(uri, self.client.put_object, Bucket=bucket, Key=_dir_key(key) + MANIFEST, Body=mf.manifest_bytes(manifest))
         return manifest
 
-    def download_dir(
-        self, uri: str | os.PathLike[str], local_dir: str | os.PathLike[str], progress: ProgressCallback | None = None
-    ) -> Path:
+    def download_dir(self, uri: str | os.PathLike[str], local_dir: str | os.PathLike[str], progress: ProgressCallback | None = None) -> Path:
         """Copy a complete directory to `local_dir` (replaced as a whole, manifest included), verifying
         every file; a directory without a manifest is refused."""
         manifest = self.read_manifest(uri)
@@ -297,7 +266,8 @@ class Storage:
         root = Path(cache_dir or os.environ.get("VEMBED_CACHE_DIR") or Path.home() / ".cache" / "vembed")
         dest = root / "s3" / bucket / (key.strip("/") or "_root")
         remote = self.read_manifest(uri)
-        with _file_lock(dest.with_name(f".{dest.name}.lock")):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(dest.with_name(f".{dest.name}.lock")):  # every rank of a launch fetching one model
             if mf.cache_matches(dest, remote):
                 return dest
             return self.download_dir(uri, dest)
