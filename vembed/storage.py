@@ -28,7 +28,6 @@ from vembed.manifest import MANIFEST, build_manifest
 from vembed.redaction import redact
 
 S3_SCHEME = "s3://"
-MiB = 1024 * 1024
 # Called with the bytes moved since the last call (negative when a retried part is rewound).
 ProgressCallback = Callable[[int], None]
 
@@ -95,8 +94,7 @@ def _storage_error(uri: str, exc: BaseException, endpoint: str | None = None) ->
 
 
 def _transient(err: StorageError) -> StorageError:
-    """Network errors, 5xx and throttling: a later attempt may succeed (see vembed.retry)."""
-    err.transient = True
+    err.transient = True  # network errors, 5xx and throttling: a later attempt may succeed (vembed.retry)
     return err
 
 
@@ -126,10 +124,10 @@ def _client(endpoint_url: str | None, max_attempts: int, pool: int, aws_env: tup
 class Storage:
     """Storage operations with one transfer/retry setting; the module functions use the defaults."""
 
-    def __init__(self, endpoint_url: str | None = None, *, multipart_threshold: int = 64 * MiB,
-                 multipart_chunksize: int = 16 * MiB, max_concurrency: int = 8, max_attempts: int = 5) -> None:  # fmt: skip
+    def __init__(self, endpoint_url: str | None = None, *, multipart_threshold: int = 64 * 2**20,
+                 multipart_chunksize: int = 16 * 2**20, max_concurrency: int = 8, max_attempts: int = 5) -> None:  # fmt: skip
         self._client_args = (endpoint_url, max_attempts, max(10, max_concurrency + 2))
-        self._transfer = {"multipart_threshold": multipart_threshold, "multipart_chunksize": multipart_chunksize,
+        self._config = {"multipart_threshold": multipart_threshold, "multipart_chunksize": multipart_chunksize,
                           "max_concurrency": max_concurrency, "preferred_transfer_client": "classic"}  # fmt: skip
 
     @property
@@ -146,20 +144,25 @@ class Storage:
                 bucket = split_s3(uri)[0]
                 try:
                     self.client.head_bucket(Bucket=bucket)
+                    if missing_ok:  # the bucket is there: the object is just missing
+                        return None
                 except Exception as b:
                     cause = StorageError(f"{uri}: bucket {bucket!r} does not exist") if _is_404(b) else b
-                else:
-                    if missing_ok:
-                        return None
             err = _storage_error(uri, cause, self.client.meta.endpoint_url if is_s3(uri) else None)
             if err is None:  # not a storage failure: a bug, raised as it is
                 raise
             raise err from None
 
-    def _transfer_args(self, progress: ProgressCallback | None) -> dict[str, Any]:
-        from boto3.s3.transfer import TransferConfig
+    def _transfer(self, calls: list[tuple[str, str, tuple[str, ...]]], progress: ProgressCallback | None) -> None:
+        """Run (uri, "upload"/"download", args) calls at once through one boto3 transfer manager,
+        cancelled on the first failure; a file is never partial (s3transfer renames when done)."""
+        from boto3.s3.transfer import ProgressCallbackInvoker, TransferConfig, create_transfer_manager
 
-        return {"Config": TransferConfig(**self._transfer), "Callback": progress}
+        subscribers = [ProgressCallbackInvoker(progress)] if progress else None
+        with create_transfer_manager(self.client, TransferConfig(**self._config)) as tm:
+            futures = [(uri, getattr(tm, kind)(*args, subscribers=subscribers)) for uri, kind, args in calls]
+            for uri, future in futures:
+                self._call(uri, future.result)
 
     def _head(self, uri: str) -> dict[str, Any] | None:
         """Object metadata, or None if the object is missing (a missing bucket raises)."""
@@ -182,7 +185,7 @@ class Storage:
     def download_file(self, uri: str, local_path: str | os.PathLike[str], progress: ProgressCallback | None = None) -> Path:
         """One object to a local path; boto3 writes a temporary name and renames, so it is never partial."""
         Path(local_path).parent.mkdir(parents=True, exist_ok=True)
-        self._call(uri, self.client.download_file, *split_s3(uri), str(local_path), **self._transfer_args(progress))
+        self._transfer([(uri, "download", (*split_s3(uri), str(local_path)))], progress)
         return Path(local_path)
 
     def delete(self, uri: str) -> None:
@@ -228,13 +231,11 @@ class Storage:
         if not is_s3(uri):
             with self.staging_dir(uri) as tmp:
                 shutil.copytree(src, tmp, dirs_exist_ok=True)
-            return build_manifest(uri)
+            return self.read_manifest(uri)
         manifest = build_manifest(src)
         bucket, key = split_s3(uri)
         self._call(uri, self.client.delete_object, Bucket=bucket, Key=_dir_key(key) + MANIFEST)
-        for e in manifest["files"]:
-            upload, target = self.client.upload_file, _dir_key(key) + e["path"]
-            self._call(uri, upload, str(src / e["path"]), bucket, target, **self._transfer_args(progress))
+        self._transfer([(uri, "upload", (str(src / e["path"]), bucket, _dir_key(key) + e["path"])) for e in manifest["files"]], progress)
         # Every file is in place: now, and only now, the directory becomes complete.
         self._call(uri, self.client.put_object, Bucket=bucket, Key=_dir_key(key) + MANIFEST, Body=mf.manifest_bytes(manifest))
         return manifest
@@ -244,12 +245,13 @@ class Storage:
         every file; a directory without a manifest is refused."""
         manifest = self.read_manifest(uri)
         with staged_dir(local_dir, may_replace=mf.check_replaceable) as tmp:
-            for entry in manifest["files"]:
-                where, target = join(uri, entry["path"]), tmp / entry["path"]
+            files = [(join(uri, e["path"]), tmp / e["path"], e) for e in manifest["files"]]
+            for _, target, _ in files:
                 target.parent.mkdir(parents=True, exist_ok=True)
-                if is_s3(where):
-                    self.download_file(where, target, progress)
-                else:
+            if is_s3(uri):
+                self._transfer([(where, "download", (*split_s3(where), str(target))) for where, target, _ in files], progress)
+            for where, target, entry in files:
+                if not is_s3(uri):
                     self._call(where, shutil.copyfile, where, target)
                 mf.verify_file(target, entry, where)
             mf.write_manifest_last(tmp, manifest)
