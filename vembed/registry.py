@@ -72,8 +72,6 @@ _MAX_PARAM_LEN = 6000  # MLflow's limit for a param value
 _MAX_TAG_LEN = 5000
 
 
-
-
 # --- names and metrics -----------------------------------------------------------------
 
 
@@ -254,9 +252,8 @@ class Registry:
 
     def _log_params(self, run_id: str, config: Mapping[str, Any], existing: Mapping[str, str]) -> None:
         params = {mlflow_key(k): v[:_MAX_PARAM_LEN] for k, v in scrub(config).items()}
-        todo = [Param(k, v) for k, v in params.items() if k not in existing]
-        for i in range(0, len(todo), 100):
-            self.client.log_batch(run_id, params=todo[i : i + 100])
+        # MlflowClient.log_batch splits into MLflow's per-request limits itself.
+        self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items() if k not in existing])
 
     def _log_metrics(
         self,
@@ -285,34 +282,28 @@ class Registry:
         for name, value in flatten_metrics(eval_metrics.get("results", eval_metrics), "eval").items():
             if name not in existing:
                 metrics.append(Metric(name, value, now, 0))
-        for i in range(0, len(metrics), 1000):
-            self.client.log_batch(run_id, metrics=metrics[i : i + 1000])
+        self.client.log_batch(run_id, metrics=metrics)
 
     def _log_plots(
         self, run_id: str, history: Sequence[Mapping[str, Any]], eval_metrics: Mapping[str, Any], metric: str
     ) -> None:
-        with tempfile.TemporaryDirectory(prefix="vembed-plots-") as tmp:
-            made = [
-                plot_loss_curve(history, Path(tmp) / "training_loss.png"),
-                plot_mrl_dims(eval_metrics, Path(tmp) / f"mrl_dims_{mlflow_key(metric)}.png", metric),
-            ]
-            for path in filter(None, made):
-                self.client.log_artifact(run_id, str(path), "plots")
+        figures = {
+            "plots/training_loss.png": plot_loss_curve(history),
+            f"plots/mrl_dims_{mlflow_key(metric)}.png": plot_mrl_dims(eval_metrics, metric),
+        }
+        for name, fig in figures.items():
+            if fig is not None:
+                self.client.log_figure(run_id, fig, name)
 
     # --- versions -----------------------------------------------------------------------
 
     def ensure_registered_model(self, name: str) -> None:
         with _registry_errors(f"{self.where}: registered model {name!r}"):
             try:
-                self.client.get_registered_model(name)
-            except MlflowException as e:
-                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                self.client.create_registered_model(name)
+            except MlflowException as e:  # get-or-create: it exists already (or was created concurrently)
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
-                try:
-                    self.client.create_registered_model(name)
-                except MlflowException as e2:
-                    if e2.error_code != "RESOURCE_ALREADY_EXISTS":
-                        raise
 
     def versions(self, name: str) -> list[ModelVersion]:
         with _registry_errors(f"{self.where}: model {name!r}"):
@@ -542,7 +533,9 @@ class Registry:
                 f"{(cand.eval_set_sha256 or '?')[:12]}; pass the champion's score on the same eval set"
             )
         champ_name = f"{CHAMPION} v{champ.version}"
-        gate = decide(cand.score, {champ_name: baseline}, metric, min_delta, candidate=f"version {cand.version}")
+        gate = decide(
+            cand.score, {champ_name: baseline}, metric, min_delta, candidate=f"version {cand.version}"
+        )
         reason = f"{gate.reason} ({basis})"
         if gate.passed:
             return True, reason
