@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,6 +32,8 @@ from mlflow.exceptions import MlflowException
 
 from vembed.errors import RegistryError
 from vembed.mlflow_store import (  # noqa: F401 - download_model, quiet_mlflow...: re-exported, the public API
+    ADAPTER_ARTIFACT,
+    MERGED_ARTIFACT,
     alias_version,
     connect,
     download_model,
@@ -342,29 +343,18 @@ class Registry:
         Built with the client API only (save locally, create, upload, finalize) so that mlflow's
         process-wide tracking URI is never touched.
         """
-        from mlflow.models import Model, infer_signature
+        from mlflow.models import Model
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-        from vembed import mlflow_model as mm
-        from vembed.predictor import Predictor
+        from vembed.mlflow_model import save_embedding_model  # the torch side: merge, encode, save
 
         with tempfile.TemporaryDirectory(prefix="vembed-register-") as tmp:
-            artifacts: dict[str, str] = {}
+            # Staged first (pickle refused, resume state left behind), before anything exists in MLflow.
+            artifacts = {}
             if merged_dir is not None:
-                artifacts[mm.MERGED_ARTIFACT] = str(stage_merged(merged_dir, Path(tmp) / mm.MERGED_ARTIFACT))
+                artifacts[MERGED_ARTIFACT] = str(stage_merged(merged_dir, Path(tmp) / MERGED_ARTIFACT))
             if adapter_dir is not None:
-                artifacts[mm.ADAPTER_ARTIFACT] = str(
-                    stage_adapter(adapter_dir, Path(tmp) / mm.ADAPTER_ARTIFACT)
-                )
-            example = list(example_texts)
-            predictor = Predictor(artifacts.get(mm.MERGED_ARTIFACT) or artifacts[mm.ADAPTER_ARTIFACT])
-            text = predictor.spec.family == "text"
-            if text and mm.MERGED_ARTIFACT not in artifacts:
-                from vembed.export import merge_adapter  # standard servers need the merged weights
-
-                artifacts[mm.MERGED_ARTIFACT] = str(
-                    merge_adapter(artifacts[mm.ADAPTER_ARTIFACT], Path(tmp) / mm.MERGED_ARTIFACT)
-                )
+                artifacts[ADAPTER_ARTIFACT] = str(stage_adapter(adapter_dir, Path(tmp) / ADAPTER_ARTIFACT))
             with _registry_errors(f"{self.where}: log embedding model"):
                 logged = self.client.create_logged_model(
                     self.experiment_id(),
@@ -372,32 +362,14 @@ class Registry:
                     source_run_id=run_id,
                     tags={TAG_SOURCE_KEY: source_key},
                 )
-                local = Path(tmp) / "model"
-                meta = Model(
-                    artifact_path=logged.artifact_location,
-                    run_id=run_id,
-                    model_uuid=logged.model_id,
-                    model_id=logged.model_id,
-                )
-                if text:
-                    mm.save_text_model(
-                        local,
-                        Path(artifacts[mm.MERGED_ARTIFACT]),
-                        normalize=predictor.spec.normalize,
-                        mlflow_model=meta,
-                        example=example,
-                    )
-                    if mm.ADAPTER_ARTIFACT in artifacts:
-                        shutil.copytree(artifacts[mm.ADAPTER_ARTIFACT], local / mm.ADAPTER_ARTIFACT)
-                else:
-                    output = predictor.encode_text(example)
-                    mm.save_pyfunc_model(
-                        local,
-                        artifacts,
-                        signature=infer_signature(example, output, params=mm.DEFAULT_PARAMS),
-                        mlflow_model=meta,
-                        code_file=Path(tmp) / "embedding_model.py",
-                    )
+            meta = Model(
+                artifact_path=logged.artifact_location,
+                run_id=run_id,
+                model_uuid=logged.model_id,
+                model_id=logged.model_id,
+            )
+            local = save_embedding_model(Path(tmp), artifacts, meta, list(example_texts))
+            with _registry_errors(f"{self.where}: log embedding model"):
                 repo = get_artifact_repository(
                     logged.artifact_location, tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri
                 )
