@@ -184,17 +184,15 @@ class Registry:
                 exp = self.client.get_experiment_by_name(self.experiment_name)
                 if exp is None:
                     try:
+                        root = local_artifact_root(self.tracking_uri)
                         self._experiment_id = self.client.create_experiment(
-                            self.experiment_name, artifact_location=local_artifact_root(self.tracking_uri)
+                            self.experiment_name, artifact_location=root
                         )
                     except MlflowException as e:  # created concurrently by another step
-                        if "already exists" not in str(e).lower():
+                        if e.error_code != "RESOURCE_ALREADY_EXISTS":
                             raise
-                        self._experiment_id = self.client.get_experiment_by_name(
-                            self.experiment_name
-                        ).experiment_id
-                else:
-                    self._experiment_id = exp.experiment_id
+                        exp = self.client.get_experiment_by_name(self.experiment_name)
+                self._experiment_id = self._experiment_id or exp.experiment_id
         return self._experiment_id
 
     # --- runs ---------------------------------------------------------------------------
@@ -456,17 +454,22 @@ class Registry:
         promoted, reason = self._gate(cand, champ, min_delta, champion_score, eval_gate_passed)
         if promoted and (champ is None or champ.version != version):
             self.set_champion(name, version)
+        return self._decision(name, version, promoted, reason, champ.version if champ else None, created)
+
+    def _decision(
+        self, name: str, version: str, promoted: bool, reason: str, before: str | None, created: bool = False
+    ) -> PromotionDecision:
         with _registry_errors(f"{self.where}: model {name!r}"):
-            aliases = sorted(self.client.get_model_version(name, version).aliases or [])
+            info = _version_info(self.client.get_model_version(name, version))
         return PromotionDecision(
             promoted=promoted,
             reason=reason,
             version=version,
-            aliases=aliases,
+            aliases=info.aliases,
             model_name=name,
-            metric=cand.metric or DEFAULT_METRIC,
-            score=cand.score,
-            champion_before=champ.version if champ else None,
+            metric=info.metric or DEFAULT_METRIC,
+            score=info.score,
+            champion_before=before,
             created=created,
         )
 
@@ -552,19 +555,10 @@ class Registry:
             mv = self.client.get_model_version(name, str(version))
         before = self.alias_version(name, CHAMPION)
         self.set_champion(name, str(mv.version))
-        info = _version_info(self.client.get_model_version(name, str(mv.version)))
-        return PromotionDecision(
-            promoted=True,
-            reason=f"promoted by hand (was v{before.version})"
-            if before
-            else "promoted by hand (no champion before)",
-            version=info.version,
-            aliases=info.aliases,
-            model_name=name,
-            metric=info.metric or DEFAULT_METRIC,
-            score=info.score,
-            champion_before=str(before.version) if before else None,
+        reason = (
+            f"promoted by hand (was v{before.version})" if before else "promoted by hand (no champion before)"
         )
+        return self._decision(name, str(mv.version), True, reason, str(before.version) if before else None)
 
     def rollback(self, name: str) -> PromotionDecision:
         """Move `champion` back to the previous champion in the history."""
@@ -578,17 +572,8 @@ class Registry:
         with _registry_errors(f"{self.where}: alias {name}@{CHAMPION}"):
             self.client.set_registered_model_alias(name, CHAMPION, previous)
         self._write_history(name, history[:-1])
-        info = _version_info(self.client.get_model_version(name, previous))
-        return PromotionDecision(
-            promoted=True,
-            reason=f"rolled back {CHAMPION} from v{current} to v{previous}",
-            version=previous,
-            aliases=info.aliases,
-            model_name=name,
-            metric=info.metric or DEFAULT_METRIC,
-            score=info.score,
-            champion_before=current,
-        )
+        reason = f"rolled back {CHAMPION} from v{current} to v{previous}"
+        return self._decision(name, previous, True, reason, current)
 
     def show(self, name: str) -> dict[str, Any]:
         with _registry_errors(f"{self.where}: model {name!r}"):
@@ -606,25 +591,11 @@ class Registry:
 
     # --- download -----------------------------------------------------------------------
 
-    def resolve(self, models_uri: str) -> ModelVersion:
-        return resolve_version(self.client, models_uri)
-
-    def download(self, models_uri: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-        """A local directory Predictor can load: the version's merged model if present, else its adapter."""
-        return download_version(self.client, self.tracking_uri, models_uri, cache_dir)
-
     def storage_uri(self, models_uri: str) -> str:
         """Where the version's MLflow model directory lives in storage (e.g. `s3://bucket/.../artifacts`)."""
-        mv = self.resolve(models_uri)
+        mv = resolve_version(self.client, models_uri)
         with _registry_errors(f"{models_uri}: storage location at {self.where}"):
             uri = self.client.get_model_version_download_uri(mv.name, mv.version)
             if uri.startswith("models:/"):  # a LoggedModel reference: its artifact location
                 uri = self.client.get_logged_model(uri.removeprefix("models:/").strip("/")).artifact_location
         return uri
-
-
-def log_training_run(
-    *, output_dir: str | os.PathLike[str] = "output", tracking_uri: str | None = None, **kwargs: Any
-) -> str:
-    """`Registry.log_training_run` against `tracking_uri` or `resolve_tracking_uri(output_dir)`."""
-    return Registry(tracking_uri or resolve_tracking_uri(output_dir)).log_training_run(**kwargs)
