@@ -591,9 +591,12 @@ class Registry:
 
     # --- download -----------------------------------------------------------------------
 
+    def resolve(self, models_uri: str) -> ModelVersion:
+        return resolve_version(self.client, models_uri)
+
     def storage_uri(self, models_uri: str) -> str:
         """Where the version's MLflow model directory lives in storage (e.g. `s3://bucket/.../artifacts`)."""
-        mv = resolve_version(self.client, models_uri)
+        mv = self.resolve(models_uri)
         with _registry_errors(f"{models_uri}: storage location at {self.where}"):
             uri = self.client.get_model_version_download_uri(mv.name, mv.version)
             if uri.startswith("models:/"):  # a LoggedModel reference: its artifact location
