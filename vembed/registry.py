@@ -21,6 +21,7 @@ import math
 import os
 import re
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,9 +38,7 @@ from vembed.mlflow_store import (  # noqa: F401 - download_model, quiet_mlflow..
     alias_version,
     connect,
     download_model,
-    download_version,
     local_artifact_root,
-    model_dir_in,
     quiet_mlflow,
     require_existing_store,
     resolve_tracking_uri,
@@ -261,27 +260,18 @@ class Registry:
         eval_metrics: Mapping[str, Any],
         existing: set[str],
     ) -> None:
-        import time
-
         now = int(time.time() * 1000)
-        metrics: list[Metric] = []
-        for entry in history:
-            step = int(entry.get("step", 0))
-            for key, value in entry.items():
-                # Validation during training (val_loss, val_ndcg@10, ...) goes to val/...; the rest to train/...
-                key = str(key)
-                name = f"val/{mlflow_key(key[4:])}" if key.startswith("val_") else f"train/{mlflow_key(key)}"
-                if (
-                    key != "step"
-                    and name not in existing
-                    and isinstance(value, int | float)
-                    and math.isfinite(value)
-                ):
-                    metrics.append(Metric(name, float(value), now, step))
-        for name, value in flatten_metrics(eval_metrics.get("results", eval_metrics), "eval").items():
-            if name not in existing:
-                metrics.append(Metric(name, value, now, 0))
-        self.client.log_batch(run_id, metrics=metrics)
+        # Validation during training (val_loss, val_ndcg@10, ...) goes to val/...; the rest to train/...
+        metrics = [
+            Metric(
+                f"val/{k[4:]}" if k.startswith("val_") else f"train/{k}", v, now, int(entry.get("step", 0))
+            )
+            for entry in history
+            for k, v in flatten_metrics({k: v for k, v in entry.items() if k != "step"}).items()
+        ]
+        evals = flatten_metrics(eval_metrics.get("results", eval_metrics), "eval")
+        metrics += [Metric(k, v, now, 0) for k, v in evals.items()]
+        self.client.log_batch(run_id, metrics=[m for m in metrics if m.key not in existing])
 
     def _log_plots(
         self, run_id: str, history: Sequence[Mapping[str, Any]], eval_metrics: Mapping[str, Any], metric: str
