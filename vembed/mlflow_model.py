@@ -60,11 +60,6 @@ def pinned(packages: tuple[str, ...]) -> list[str]:
     return out
 
 
-def st_params(normalize: bool) -> dict[str, Any]:
-    """The encode() params the sentence_transformers pyfunc accepts (None = the model's default)."""
-    return {"prompt_name": None, "truncate_dim": None, "normalize_embeddings": normalize, "batch_size": 32}
-
-
 def save_text_model(
     path: Path, merged_dir: Path, *, normalize: bool, mlflow_model: Any, example: list[str]
 ) -> None:
