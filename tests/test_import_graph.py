@@ -7,6 +7,8 @@ each other. The graph is built from the source with `ast`, so the test needs no 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import vembed
@@ -76,9 +78,20 @@ def test_graph_counts_imports_inside_functions() -> None:
     assert "vembed.mlflow_store" in graph["vembed.predictor"]
     # `from vembed.training import checkpoint as ckpt`: the module, not only the package, is the dependency.
     assert "vembed.training.checkpoint" in graph["vembed.training.loop"]
-    assert "vembed.mlflow_model" in graph["vembed.registry"]  # `from vembed import mlflow_model`, in a method
+    assert "vembed.mlflow_model" in graph["vembed.registry"]  # `from vembed.mlflow_model import ...`, in a method
 
 
 def test_no_import_cycle_among_vembed_modules() -> None:
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_registry_imports_no_torch() -> None:
+    # A fresh interpreter: this test process has imported torch long ago.
+    code = (
+        "import sys, vembed.registry, vembed.registry_cli\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'vembed.predictor') if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "", f"import vembed.registry pulled in: {out.strip()}"

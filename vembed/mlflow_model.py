@@ -60,11 +60,6 @@ def pinned(packages: tuple[str, ...]) -> list[str]:
     return out
 
 
-def st_params(normalize: bool) -> dict[str, Any]:
-    """The encode() params the sentence_transformers pyfunc accepts (None = the model's default)."""
-    return {"prompt_name": None, "truncate_dim": None, "normalize_embeddings": normalize, "batch_size": 32}
-
-
 def save_text_model(
     path: Path, merged_dir: Path, *, normalize: bool, mlflow_model: Any, example: list[str]
 ) -> None:
@@ -121,6 +116,43 @@ def save_pyfunc_model(
             pip_requirements=pinned(_PYFUNC_PACKAGES),
             mlflow_model=mlflow_model,
         )
+
+
+def save_embedding_model(tmp: Path, artifacts: dict[str, str], mlflow_model: Any, example: list[str]) -> Path:
+    """The MLflow model directory (`tmp/model`) for staged `artifacts` ({merged, adapter: dir}).
+
+    Text models: the sentence_transformers flavor from the merged model (an adapter-only
+    registration is merged here first), the adapter copied next to it. CLIP / Qwen3-VL: a pyfunc
+    with its code bundled. This is the torch side of registering; the registry only logs the result.
+    """
+    from mlflow.models import infer_signature
+
+    from vembed.predictor import Predictor
+
+    predictor = Predictor(artifacts.get(MERGED_ARTIFACT) or artifacts[ADAPTER_ARTIFACT])
+    local = tmp / "model"
+    if predictor.spec.family != "text":
+        output = predictor.encode_text(example)
+        signature = infer_signature(example, output, params=DEFAULT_PARAMS)
+        save_pyfunc_model(
+            local,
+            artifacts,
+            signature=signature,
+            mlflow_model=mlflow_model,
+            code_file=tmp / "embedding_model.py",
+        )
+        return local
+    if MERGED_ARTIFACT not in artifacts:
+        from vembed.export import merge_adapter  # standard servers need the merged weights
+
+        artifacts[MERGED_ARTIFACT] = str(merge_adapter(artifacts[ADAPTER_ARTIFACT], tmp / MERGED_ARTIFACT))
+    merged = Path(artifacts[MERGED_ARTIFACT])
+    save_text_model(
+        local, merged, normalize=predictor.spec.normalize, mlflow_model=mlflow_model, example=example
+    )
+    if ADAPTER_ARTIFACT in artifacts:
+        shutil.copytree(artifacts[ADAPTER_ARTIFACT], local / ADAPTER_ARTIFACT)
+    return local
 
 
 def model_dir_from_artifacts(artifacts: dict[str, str]) -> str:

@@ -20,8 +20,8 @@ import logging
 import math
 import os
 import re
-import shutil
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,12 +33,12 @@ from mlflow.exceptions import MlflowException
 
 from vembed.errors import RegistryError
 from vembed.mlflow_store import (  # noqa: F401 - download_model, quiet_mlflow...: re-exported, the public API
+    ADAPTER_ARTIFACT,
+    MERGED_ARTIFACT,
     alias_version,
     connect,
     download_model,
-    download_version,
     local_artifact_root,
-    model_dir_in,
     quiet_mlflow,
     require_existing_store,
     resolve_tracking_uri,
@@ -70,8 +70,6 @@ TAG_CHALLENGER_SET = "vembed.challenger_set"
 
 _MAX_PARAM_LEN = 6000  # MLflow's limit for a param value
 _MAX_TAG_LEN = 5000
-
-
 
 
 # --- names and metrics -----------------------------------------------------------------
@@ -185,17 +183,15 @@ class Registry:
                 exp = self.client.get_experiment_by_name(self.experiment_name)
                 if exp is None:
                     try:
+                        root = local_artifact_root(self.tracking_uri)
                         self._experiment_id = self.client.create_experiment(
-                            self.experiment_name, artifact_location=local_artifact_root(self.tracking_uri)
+                            self.experiment_name, artifact_location=root
                         )
                     except MlflowException as e:  # created concurrently by another step
-                        if "already exists" not in str(e).lower():
+                        if e.error_code != "RESOURCE_ALREADY_EXISTS":
                             raise
-                        self._experiment_id = self.client.get_experiment_by_name(
-                            self.experiment_name
-                        ).experiment_id
-                else:
-                    self._experiment_id = exp.experiment_id
+                        exp = self.client.get_experiment_by_name(self.experiment_name)
+                self._experiment_id = self._experiment_id or exp.experiment_id
         return self._experiment_id
 
     # --- runs ---------------------------------------------------------------------------
@@ -254,9 +250,8 @@ class Registry:
 
     def _log_params(self, run_id: str, config: Mapping[str, Any], existing: Mapping[str, str]) -> None:
         params = {mlflow_key(k): v[:_MAX_PARAM_LEN] for k, v in scrub(config).items()}
-        todo = [Param(k, v) for k, v in params.items() if k not in existing]
-        for i in range(0, len(todo), 100):
-            self.client.log_batch(run_id, params=todo[i : i + 100])
+        # MlflowClient.log_batch splits into MLflow's per-request limits itself.
+        self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items() if k not in existing])
 
     def _log_metrics(
         self,
@@ -265,54 +260,39 @@ class Registry:
         eval_metrics: Mapping[str, Any],
         existing: set[str],
     ) -> None:
-        import time
-
         now = int(time.time() * 1000)
-        metrics: list[Metric] = []
-        for entry in history:
-            step = int(entry.get("step", 0))
-            for key, value in entry.items():
-                # Validation during training (val_loss, val_ndcg@10, ...) goes to val/...; the rest to train/...
-                key = str(key)
-                name = f"val/{mlflow_key(key[4:])}" if key.startswith("val_") else f"train/{mlflow_key(key)}"
-                if (
-                    key != "step"
-                    and name not in existing
-                    and isinstance(value, int | float)
-                    and math.isfinite(value)
-                ):
-                    metrics.append(Metric(name, float(value), now, step))
-        for name, value in flatten_metrics(eval_metrics.get("results", eval_metrics), "eval").items():
-            if name not in existing:
-                metrics.append(Metric(name, value, now, 0))
-        for i in range(0, len(metrics), 1000):
-            self.client.log_batch(run_id, metrics=metrics[i : i + 1000])
+        # Validation during training (val_loss, val_ndcg@10, ...) goes to val/...; the rest to train/...
+        metrics = [
+            Metric(
+                f"val/{k[4:]}" if k.startswith("val_") else f"train/{k}", v, now, int(entry.get("step", 0))
+            )
+            for entry in history
+            for k, v in flatten_metrics({k: v for k, v in entry.items() if k != "step"}).items()
+        ]
+        evals = flatten_metrics(eval_metrics.get("results", eval_metrics), "eval")
+        metrics += [Metric(k, v, now, 0) for k, v in evals.items()]
+        self.client.log_batch(run_id, metrics=[m for m in metrics if m.key not in existing])
 
     def _log_plots(
         self, run_id: str, history: Sequence[Mapping[str, Any]], eval_metrics: Mapping[str, Any], metric: str
     ) -> None:
-        with tempfile.TemporaryDirectory(prefix="vembed-plots-") as tmp:
-            made = [
-                plot_loss_curve(history, Path(tmp) / "training_loss.png"),
-                plot_mrl_dims(eval_metrics, Path(tmp) / f"mrl_dims_{mlflow_key(metric)}.png", metric),
-            ]
-            for path in filter(None, made):
-                self.client.log_artifact(run_id, str(path), "plots")
+        figures = {
+            "plots/training_loss.png": plot_loss_curve(history),
+            f"plots/mrl_dims_{mlflow_key(metric)}.png": plot_mrl_dims(eval_metrics, metric),
+        }
+        for name, fig in figures.items():
+            if fig is not None:
+                self.client.log_figure(run_id, fig, name)
 
     # --- versions -----------------------------------------------------------------------
 
     def ensure_registered_model(self, name: str) -> None:
         with _registry_errors(f"{self.where}: registered model {name!r}"):
             try:
-                self.client.get_registered_model(name)
-            except MlflowException as e:
-                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                self.client.create_registered_model(name)
+            except MlflowException as e:  # get-or-create: it exists already (or was created concurrently)
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
-                try:
-                    self.client.create_registered_model(name)
-                except MlflowException as e2:
-                    if e2.error_code != "RESOURCE_ALREADY_EXISTS":
-                        raise
 
     def versions(self, name: str) -> list[ModelVersion]:
         with _registry_errors(f"{self.where}: model {name!r}"):
@@ -351,29 +331,18 @@ class Registry:
         Built with the client API only (save locally, create, upload, finalize) so that mlflow's
         process-wide tracking URI is never touched.
         """
-        from mlflow.models import Model, infer_signature
+        from mlflow.models import Model
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-        from vembed import mlflow_model as mm
-        from vembed.predictor import Predictor
+        from vembed.mlflow_model import save_embedding_model  # the torch side: merge, encode, save
 
         with tempfile.TemporaryDirectory(prefix="vembed-register-") as tmp:
-            artifacts: dict[str, str] = {}
+            # Staged first (pickle refused, resume state left behind), before anything exists in MLflow.
+            artifacts = {}
             if merged_dir is not None:
-                artifacts[mm.MERGED_ARTIFACT] = str(stage_merged(merged_dir, Path(tmp) / mm.MERGED_ARTIFACT))
+                artifacts[MERGED_ARTIFACT] = str(stage_merged(merged_dir, Path(tmp) / MERGED_ARTIFACT))
             if adapter_dir is not None:
-                artifacts[mm.ADAPTER_ARTIFACT] = str(
-                    stage_adapter(adapter_dir, Path(tmp) / mm.ADAPTER_ARTIFACT)
-                )
-            example = list(example_texts)
-            predictor = Predictor(artifacts.get(mm.MERGED_ARTIFACT) or artifacts[mm.ADAPTER_ARTIFACT])
-            text = predictor.spec.family == "text"
-            if text and mm.MERGED_ARTIFACT not in artifacts:
-                from vembed.export import merge_adapter  # standard servers need the merged weights
-
-                artifacts[mm.MERGED_ARTIFACT] = str(
-                    merge_adapter(artifacts[mm.ADAPTER_ARTIFACT], Path(tmp) / mm.MERGED_ARTIFACT)
-                )
+                artifacts[ADAPTER_ARTIFACT] = str(stage_adapter(adapter_dir, Path(tmp) / ADAPTER_ARTIFACT))
             with _registry_errors(f"{self.where}: log embedding model"):
                 logged = self.client.create_logged_model(
                     self.experiment_id(),
@@ -381,32 +350,14 @@ class Registry:
                     source_run_id=run_id,
                     tags={TAG_SOURCE_KEY: source_key},
                 )
-                local = Path(tmp) / "model"
-                meta = Model(
-                    artifact_path=logged.artifact_location,
-                    run_id=run_id,
-                    model_uuid=logged.model_id,
-                    model_id=logged.model_id,
-                )
-                if text:
-                    mm.save_text_model(
-                        local,
-                        Path(artifacts[mm.MERGED_ARTIFACT]),
-                        normalize=predictor.spec.normalize,
-                        mlflow_model=meta,
-                        example=example,
-                    )
-                    if mm.ADAPTER_ARTIFACT in artifacts:
-                        shutil.copytree(artifacts[mm.ADAPTER_ARTIFACT], local / mm.ADAPTER_ARTIFACT)
-                else:
-                    output = predictor.encode_text(example)
-                    mm.save_pyfunc_model(
-                        local,
-                        artifacts,
-                        signature=infer_signature(example, output, params=mm.DEFAULT_PARAMS),
-                        mlflow_model=meta,
-                        code_file=Path(tmp) / "embedding_model.py",
-                    )
+            meta = Model(
+                artifact_path=logged.artifact_location,
+                run_id=run_id,
+                model_uuid=logged.model_id,
+                model_id=logged.model_id,
+            )
+            local = save_embedding_model(Path(tmp), artifacts, meta, list(example_texts))
+            with _registry_errors(f"{self.where}: log embedding model"):
                 repo = get_artifact_repository(
                     logged.artifact_location, tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri
                 )
@@ -493,17 +444,22 @@ class Registry:
         promoted, reason = self._gate(cand, champ, min_delta, champion_score, eval_gate_passed)
         if promoted and (champ is None or champ.version != version):
             self.set_champion(name, version)
+        return self._decision(name, version, promoted, reason, champ.version if champ else None, created)
+
+    def _decision(
+        self, name: str, version: str, promoted: bool, reason: str, before: str | None, created: bool = False
+    ) -> PromotionDecision:
         with _registry_errors(f"{self.where}: model {name!r}"):
-            aliases = sorted(self.client.get_model_version(name, version).aliases or [])
+            info = _version_info(self.client.get_model_version(name, version))
         return PromotionDecision(
             promoted=promoted,
             reason=reason,
             version=version,
-            aliases=aliases,
+            aliases=info.aliases,
             model_name=name,
-            metric=cand.metric or DEFAULT_METRIC,
-            score=cand.score,
-            champion_before=champ.version if champ else None,
+            metric=info.metric or DEFAULT_METRIC,
+            score=info.score,
+            champion_before=before,
             created=created,
         )
 
@@ -542,7 +498,9 @@ class Registry:
                 f"{(cand.eval_set_sha256 or '?')[:12]}; pass the champion's score on the same eval set"
             )
         champ_name = f"{CHAMPION} v{champ.version}"
-        gate = decide(cand.score, {champ_name: baseline}, metric, min_delta, candidate=f"version {cand.version}")
+        gate = decide(
+            cand.score, {champ_name: baseline}, metric, min_delta, candidate=f"version {cand.version}"
+        )
         reason = f"{gate.reason} ({basis})"
         if gate.passed:
             return True, reason
@@ -587,19 +545,10 @@ class Registry:
             mv = self.client.get_model_version(name, str(version))
         before = self.alias_version(name, CHAMPION)
         self.set_champion(name, str(mv.version))
-        info = _version_info(self.client.get_model_version(name, str(mv.version)))
-        return PromotionDecision(
-            promoted=True,
-            reason=f"promoted by hand (was v{before.version})"
-            if before
-            else "promoted by hand (no champion before)",
-            version=info.version,
-            aliases=info.aliases,
-            model_name=name,
-            metric=info.metric or DEFAULT_METRIC,
-            score=info.score,
-            champion_before=str(before.version) if before else None,
+        reason = (
+            f"promoted by hand (was v{before.version})" if before else "promoted by hand (no champion before)"
         )
+        return self._decision(name, str(mv.version), True, reason, str(before.version) if before else None)
 
     def rollback(self, name: str) -> PromotionDecision:
         """Move `champion` back to the previous champion in the history."""
@@ -613,17 +562,8 @@ class Registry:
         with _registry_errors(f"{self.where}: alias {name}@{CHAMPION}"):
             self.client.set_registered_model_alias(name, CHAMPION, previous)
         self._write_history(name, history[:-1])
-        info = _version_info(self.client.get_model_version(name, previous))
-        return PromotionDecision(
-            promoted=True,
-            reason=f"rolled back {CHAMPION} from v{current} to v{previous}",
-            version=previous,
-            aliases=info.aliases,
-            model_name=name,
-            metric=info.metric or DEFAULT_METRIC,
-            score=info.score,
-            champion_before=current,
-        )
+        reason = f"rolled back {CHAMPION} from v{current} to v{previous}"
+        return self._decision(name, previous, True, reason, current)
 
     def show(self, name: str) -> dict[str, Any]:
         with _registry_errors(f"{self.where}: model {name!r}"):
@@ -644,10 +584,6 @@ class Registry:
     def resolve(self, models_uri: str) -> ModelVersion:
         return resolve_version(self.client, models_uri)
 
-    def download(self, models_uri: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-        """A local directory Predictor can load: the version's merged model if present, else its adapter."""
-        return download_version(self.client, self.tracking_uri, models_uri, cache_dir)
-
     def storage_uri(self, models_uri: str) -> str:
         """Where the version's MLflow model directory lives in storage (e.g. `s3://bucket/.../artifacts`)."""
         mv = self.resolve(models_uri)
@@ -656,10 +592,3 @@ class Registry:
             if uri.startswith("models:/"):  # a LoggedModel reference: its artifact location
                 uri = self.client.get_logged_model(uri.removeprefix("models:/").strip("/")).artifact_location
         return uri
-
-
-def log_training_run(
-    *, output_dir: str | os.PathLike[str] = "output", tracking_uri: str | None = None, **kwargs: Any
-) -> str:
-    """`Registry.log_training_run` against `tracking_uri` or `resolve_tracking_uri(output_dir)`."""
-    return Registry(tracking_uri or resolve_tracking_uri(output_dir)).log_training_run(**kwargs)
