@@ -35,7 +35,7 @@ def retrieval_metrics(scores: np.ndarray, qrels: Sequence[set[int]], k: int = 10
 
 
 def build_retrieval_set(
-    records: Sequence[Record], corpus: Sequence[str] = (), data_root: Path | None = None
+    records: Sequence[Record], corpus: Sequence[str] = ()
 ) -> tuple[list[Item], list[Item], list[set[int]]]:
     """Queries, documents (eval positives + extra corpus, deduplicated) and qrels."""
     from vembed.training.data import record_items
@@ -54,7 +54,7 @@ def build_retrieval_set(
         return doc_index[key]
 
     for r in records:
-        q, p, _ = record_items(r, data_root)
+        q, p, _ = record_items(r)
         qkey = (q.text, str(q.image) if q.image is not None else None, q.instruction)
         if qkey not in query_index:
             query_index[qkey] = len(queries)
@@ -72,10 +72,9 @@ def evaluate_retrieval(
     corpus: Sequence[str] | None = None,
     dims: Sequence[int] | None = None,
     batch_size: int = 64,
-    data_root: Path | None = None,
 ) -> dict[str, dict[str, float]]:
     """{"full": metrics, "<dim>": metrics, ...} for one model."""
-    queries, docs, qrels = build_retrieval_set(records, corpus or (), data_root)
+    queries, docs, qrels = build_retrieval_set(records, corpus or ())
     q = predictor.encode_items(queries, batch_size=batch_size, is_query=True)
     d = predictor.encode_items(docs, batch_size=batch_size)
     results = {"full": retrieval_metrics(_normalized(q) @ _normalized(d).T, qrels)}

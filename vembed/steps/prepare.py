@@ -70,10 +70,6 @@ def source_files(raw_uri: str) -> list[str]:
     return uris
 
 
-def _is_absolute(path: str) -> bool:
-    return "://" in path or os.path.isabs(path)
-
-
 def _resolve_image(source_uri: str, image: str) -> str:
     """An image path relative to its data file, made absolute (local path or s3:// URI).
     Paths that escape the data file's directory (or bucket) are refused."""

@@ -119,10 +119,6 @@ def read_optimizer_state(directory: Path) -> dict[str, Any]:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    optimizer.load_state_dict(read_optimizer_state(directory))
-
-
 def _param_key(pid: str) -> int | str:
     return int(pid) if pid.isdigit() else pid
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,22 +14,14 @@ from vembed.data import ReadStats, Record, read_records
 from vembed.models.base import Embedder, Item
 
 
-def record_items(record: Record, data_root: Path | None = None) -> tuple[Item, Item, list[Item]]:
-    """(query, positive, negatives) as model items. Image paths stay as written;
-    families that read images resolve them against `data_root`."""
-    query = Item(text=record.query, image=_image(record.query_image, data_root), instruction=record.instruction)
-    positive = Item(text=record.positive, image=_image(record.positive_image, data_root))
+def record_items(record: Record) -> tuple[Item, Item, list[Item]]:
+    """(query, positive, negatives) as model items. Image paths stay as written: they were resolved
+    against the data file's directory when the records were read (vembed.data.images.RecordImages)."""
+    query = Item(text=record.query, image=record.query_image, instruction=record.instruction)
+    positive = Item(text=record.positive, image=record.positive_image)
     negatives = [Item(text=t) for t in record.negatives]
-    negatives += [Item(image=_image(p, data_root)) for p in record.negative_images]
+    negatives += [Item(image=p) for p in record.negative_images]
     return query, positive, negatives
-
-
-def _image(path: str | None, root: Path | None) -> str | None:
-    if path is None or root is None:
-        return path
-    from vembed.data.images import resolve_image_path
-
-    return resolve_image_path(path, root)
 
 
 def content_id(item: Item) -> int:
@@ -48,11 +39,11 @@ class PairDataset(Dataset):
     """Featurized (query, positive, negatives) triples; tokenisation happens once, here.
     Item i is (query, positive, negatives, (positive content id, negative content ids))."""
 
-    def __init__(self, records: Sequence[Record], embedder: Embedder, data_root: Path | None = None) -> None:
+    def __init__(self, records: Sequence[Record], embedder: Embedder) -> None:
         self.examples: list[tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]] = []
         self.ids: list[tuple[int, list[int]]] = []
         for r in records:
-            q, p, negs = record_items(r, data_root)
+            q, p, negs = record_items(r)
             self.ids.append((content_id(p), [content_id(n) for n in negs]))
             self.examples.append(
                 (

@@ -58,7 +58,3 @@ def load_model_state(accelerator: Accelerator, embedder: Embedder, state: dict[s
         return
     backbone.load_state_dict(state)
 
-
-def trainable_state(embedder: Embedder) -> dict[str, Any]:
-    """Name -> tensor for the parameters being trained (for comparisons in tests/benchmarks)."""
-    return {n: p.detach().cpu().clone() for n, p in embedder.named_parameters() if p.requires_grad}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,15 +44,14 @@ class Validator:
         batch_size: int,
         loss_block: int | None = None,
         corpus: Sequence[str] = (),
-        data_root: Path | None = None,
     ) -> None:
-        queries, docs, self.qrels = build_retrieval_set(records, corpus, data_root)
+        queries, docs, self.qrels = build_retrieval_set(records, corpus)
         q_index = {_query_key(q): i for i, q in enumerate(queries)}
         d_index = {_doc_key(d): i for i, d in enumerate(docs)}
         negatives: list[Item] = []
         self.rows: list[tuple[int, int, list[int]]] = []  # per record: query, positive doc, negative items
         for r in records:
-            q, p, negs = record_items(r, data_root)
+            q, p, negs = record_items(r)
             first = len(negatives)
             negatives.extend(negs)
             self.rows.append((q_index[_query_key(q)], d_index[_doc_key(p)], list(range(first, len(negatives)))))
