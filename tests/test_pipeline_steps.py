@@ -70,6 +70,9 @@ def test_flat_metrics_round_trip() -> None:
     flat = flat_metrics(results)
     assert flat["tuned/ndcg@10"] == 0.71 and flat["base/dim128/ndcg@10"] == 0.31
     assert unflatten_metrics({**flat, "gate/passed": 1.0}) == results
+    # Every other shape a caller may hold reads as the same results (vembed.promotion.results_of).
+    assert unflatten_metrics({"results": results, "decision": {"passed": True}}) == results
+    assert unflatten_metrics({"ndcg@10": 0.5, "note": "x"}) == {"tuned": {"full": {"ndcg@10": 0.5}}}
 
 
 def test_mrl_dims_are_read_from_the_adapter_config(tmp_path: Path) -> None:

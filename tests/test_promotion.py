@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vembed.promotion import decide
-from vembed.registry import Registry, VersionInfo
+from vembed.promotion import decide, decide_version
+from vembed.registry import VersionInfo
 from vembed.steps.evaluate import gate
 
 EVAL_SET = "e" * 64
@@ -31,9 +31,9 @@ def _full(score: float) -> dict[str, dict[str, float]]:
 def test_evaluate_step_and_registry_agree(tuned: float, champion: float, min_delta: float, passed: bool) -> None:
     step = gate({"tuned": _full(tuned), "champion": _full(champion)}, "ndcg@10", min_delta)
     # The registry compares the new version's stored score with the champion's on the same eval set.
-    promoted, reason = Registry._gate(_version("2", tuned), _version("1", champion), min_delta, None, None)
+    promoted, reason = decide_version(_version("2", tuned), _version("1", champion), min_delta, None, None)
     # ...or with the champion's score the evaluate step measured on this eval set.
-    measured, _ = Registry._gate(_version("2", tuned), _version("1", 0.0), min_delta, champion, None)
+    measured, _ = decide_version(_version("2", tuned), _version("1", 0.0), min_delta, champion, None)
     assert step["passed"] is promoted is measured is passed
     assert decide(tuned, {"champion": champion}, "ndcg@10", min_delta).passed is passed
     assert ("champion stays v1" in reason) is not passed

@@ -1,27 +1,25 @@
 """MLflow model registry: one run per training run, model versions, aliases and the promotion gate.
 
-- Tracking: `MLFLOW_TRACKING_URI`, else an embedded sqlite store under the output dir
-  (`<output_dir>/mlflow.db`, artifacts in `<output_dir>/mlartifacts`).
-- A model version is one MLflow model (vembed.mlflow_model): text models in the native
-  `sentence_transformers` flavor, CLIP/Qwen3-VL as a pyfunc with bundled code; the LoRA adapter
-  travels in the same directory. `download_model`, `mlflow.pyfunc` and standard servers read it.
-- Every new version gets the alias `challenger`; `champion` moves only through the gate (or by hand
-  with `promote`/`rollback`, which keep a champion history on the registered model).
-- Retrying is safe: versions carry a `vembed.source_key` tag and are looked up before anything is
-  created; a retry after a crash between "create version" and "set alias" finishes the alias step.
-- Nothing secret reaches MLflow: params and tags pass through `scrub`.
+- Tracking: `MLFLOW_TRACKING_URI`, else an embedded sqlite store `<output_dir>/mlflow.db` (artifacts in
+  `<output_dir>/mlartifacts`). Every call goes through an MlflowClient for that URI: MLflow's fluent
+  `log_model` would pick the tracking URI and experiment from process-wide state.
+- A version is one MLflow model (vembed.mlflow_model): text models in the native `sentence_transformers`
+  flavor, CLIP/Qwen3-VL as a pyfunc with bundled code, the LoRA adapter alongside.
+- Every new version gets the alias `challenger`; `champion` moves only through the gate (vembed.promotion),
+  or by hand with `promote`/`rollback`, which keep a champion history on the registered model.
+- Retrying is safe: runs, logged models and versions carry a key tag and are looked up before anything
+  is created. Nothing secret reaches MLflow: params and tags pass through `scrub`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import math
 import os
 import re
 import tempfile
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,46 +31,27 @@ from mlflow.exceptions import MlflowException
 
 from vembed.errors import RegistryError
 from vembed.mlflow_store import (  # noqa: F401 - download_model, quiet_mlflow...: re-exported, the public API
-    ADAPTER_ARTIFACT,
-    MERGED_ARTIFACT,
     alias_version,
     connect,
     download_model,
     local_artifact_root,
     quiet_mlflow,
+    registry_errors,
     require_existing_store,
     resolve_tracking_uri,
     resolve_version,
 )
-from vembed.mlflow_store import registry_errors as _registry_errors
-from vembed.promotion import DEFAULT_METRIC, decide
+from vembed.promotion import DEFAULT_METRIC, decide_version, flat_metrics, is_score, results_of, score_of
 from vembed.redaction import redact, scrub
-from vembed.registry_files import check_model_dir, content_key, stage_adapter, stage_merged
+from vembed.registry_files import check_model_dir, content_key, stage
 from vembed.registry_plots import plot_loss_curve, plot_mrl_dims
 
-log = logging.getLogger(__name__)
-
-CHAMPION = "champion"
-CHALLENGER = "challenger"
-DEFAULT_EXPERIMENT = "vembed"
+CHAMPION, CHALLENGER = "champion", "challenger"
 MODEL_ARTIFACT_NAME = "embedding_model"
-
-# Tags on model versions / logged models / runs / registered models.
-TAG_SOURCE_KEY = "vembed.source_key"
-TAG_METRIC_NAME = "vembed.metric_name"
-TAG_METRIC_VALUE = "vembed.metric_value"
-TAG_EVAL_SET = "vembed.eval_set_sha256"
-TAG_EVAL_METRICS = "vembed.eval_metrics"
-TAG_RUN_KEY = "vembed.training_run_key"
+TAG_SOURCE_KEY = "vembed.source_key"  # on logged models and versions: what was registered
 TAG_RUN_COMPLETE = "vembed.run_logged"
-TAG_CHAMPION_HISTORY = "vembed.champion_history"
 TAG_CHALLENGER_SET = "vembed.challenger_set"
-
-_MAX_PARAM_LEN = 6000  # MLflow's limit for a param value
-_MAX_TAG_LEN = 5000
-
-
-# --- names and metrics -----------------------------------------------------------------
+TAG_CHAMPION_HISTORY = "vembed.champion_history"  # on the registered model
 
 
 def mlflow_key(name: str) -> str:
@@ -80,41 +59,19 @@ def mlflow_key(name: str) -> str:
     return re.sub(r"[^\w./\- :]", "_", name.replace("@", "_at_"))
 
 
-def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """{"tuned": {"full": {"ndcg@10": x}}} -> {"tuned/full/ndcg_at_10": x}; non-numbers are skipped."""
-    flat: dict[str, float] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}/{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            flat.update(flatten_metrics(value, name))
-        elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-            flat[mlflow_key(name)] = float(value)
-    return flat
-
-
 def pick_metric(metrics: Mapping[str, Any], name: str) -> float:
-    """The candidate's score: `name` at top level, or under results -> tuned -> full."""
-    node: Any = metrics
-    for hop in ("results", "tuned", "full"):
-        if isinstance(node, Mapping) and name not in node and hop in node:
-            node = node[hop]
-    if isinstance(node, Mapping) and name not in node and f"tuned/{name}" in node:
-        name = f"tuned/{name}"
-    value = node.get(name) if isinstance(node, Mapping) else None
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        raise RegistryError(
-            f"metrics: no numeric {name!r} for the candidate model (keys: {sorted(node)[:12]})"
-        )
-    return float(value)
+    """The candidate's full-dimension score, from any metrics shape `results_of` reads."""
+    results = results_of(metrics)
+    if (score := score_of(results, name)) is None:
+        keys = sorted(results.get("tuned", {}).get("full", {})) or sorted(results)
+        raise RegistryError(f"metrics: no numeric {name!r} for the candidate model (keys: {keys[:12]})")
+    return score
 
 
 def safe_key(key: str) -> str:
     """Keys go into MLflow filter strings; anything beyond a plain id is replaced by its sha256."""
     key = str(key)
     return key if re.fullmatch(r"[\w.:/@-]{1,200}", key) else hashlib.sha256(key.encode()).hexdigest()
-
-
-# --- results ---------------------------------------------------------------------------
 
 
 @dataclass
@@ -135,6 +92,8 @@ class PromotionDecision:
 
 @dataclass
 class VersionInfo:
+    """A model version as the gate and `show` see it (from its vembed.* tags)."""
+
     version: str
     aliases: list[str]
     metric: str | None
@@ -144,23 +103,12 @@ class VersionInfo:
     run_id: str | None
     tags: dict[str, str] = field(default_factory=dict)
 
-
-def _version_info(mv: ModelVersion) -> VersionInfo:
-    tags = dict(mv.tags or {})
-    value = tags.get(TAG_METRIC_VALUE)
-    return VersionInfo(
-        version=str(mv.version),
-        aliases=sorted(mv.aliases or []),
-        metric=tags.get(TAG_METRIC_NAME),
-        score=float(value) if value not in (None, "") else None,
-        eval_set_sha256=tags.get(TAG_EVAL_SET),
-        source_key=tags.get(TAG_SOURCE_KEY),
-        run_id=mv.run_id,
-        tags=tags,
-    )
-
-
-# --- the registry ----------------------------------------------------------------------
+    @classmethod
+    def of(cls, mv: ModelVersion) -> VersionInfo:
+        tags, version = dict(mv.tags or {}), str(mv.version)
+        score = float(tags["vembed.metric_value"]) if tags.get("vembed.metric_value") else None
+        args = (tags.get("vembed.metric_name"), score, tags.get("vembed.eval_set_sha256"), tags.get(TAG_SOURCE_KEY))
+        return cls(version, sorted(mv.aliases or []), *args, mv.run_id, tags)
 
 
 class Registry:
@@ -168,200 +116,114 @@ class Registry:
 
     def __init__(self, tracking_uri: str | None = None, experiment_name: str | None = None) -> None:
         self.tracking_uri, self.client = connect(tracking_uri)
-        self.experiment_name = (
-            experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-        )
+        self.experiment_name = experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "vembed"
+        self.where = redact(self.tracking_uri)
         self._experiment_id: str | None = None
 
-    @property
-    def where(self) -> str:
-        return redact(self.tracking_uri)
-
     def experiment_id(self) -> str:
+        """The experiment's id; created when missing (with a sqlite store's artifact root)."""
         if self._experiment_id is None:
-            with _registry_errors(f"{self.where}: experiment {self.experiment_name!r}"):
-                exp = self.client.get_experiment_by_name(self.experiment_name)
-                if exp is None:
-                    try:
-                        root = local_artifact_root(self.tracking_uri)
-                        self._experiment_id = self.client.create_experiment(
-                            self.experiment_name, artifact_location=root
-                        )
-                    except MlflowException as e:  # created concurrently by another step
-                        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                            raise
-                        exp = self.client.get_experiment_by_name(self.experiment_name)
-                self._experiment_id = self._experiment_id or exp.experiment_id
+            with registry_errors(f"{self.where}: experiment {self.experiment_name!r}"):
+                if exp := self.client.get_experiment_by_name(self.experiment_name):
+                    self._experiment_id = exp.experiment_id
+                    return exp.experiment_id
+                try:
+                    root = local_artifact_root(self.tracking_uri)
+                    self._experiment_id = self.client.create_experiment(self.experiment_name, artifact_location=root)
+                except MlflowException as e:  # created concurrently by another step
+                    if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
+                    self._experiment_id = self.client.get_experiment_by_name(self.experiment_name).experiment_id
         return self._experiment_id
 
-    # --- runs ---------------------------------------------------------------------------
-
     def find_run(self, run_key: str) -> str | None:
-        with _registry_errors(f"{self.where}: search runs"):
-            runs = self.client.search_runs(
-                [self.experiment_id()], filter_string=f"tags.`{TAG_RUN_KEY}` = '{run_key}'", max_results=1
-            )
-        return runs[0].info.run_id if runs else None
+        with registry_errors(f"{self.where}: search runs"):
+            found = self.client.search_runs([self.experiment_id()], f"tags.`vembed.training_run_key` = '{run_key}'", max_results=1)
+        return found[0].info.run_id if found else None
 
     def log_training_run(
         self,
-        *,
         run_key: str,
+        *,
         config: Mapping[str, Any] | Any | None = None,
         history: Sequence[Mapping[str, Any]] = (),
         eval_metrics: Mapping[str, Any] | None = None,
-        base_model: str | None = None,
-        dataset_sha256: str | None = None,
-        git_commit: str | None = None,
-        pipeline_run_id: str | None = None,
         promotion_metric: str = DEFAULT_METRIC,
         run_name: str | None = None,
+        tags: Mapping[str, str | None] | None = None,
     ) -> str:
         """The MLflow run of one training run (found by `run_key`, else created); returns its run id.
-
-        A retry of a run that was fully logged changes nothing; a half-logged run is completed.
-        """
-        if config is not None and hasattr(config, "model_dump"):
-            config = config.model_dump()
-        base_model = base_model or (config or {}).get("model_name")
-        run_key = safe_key(run_key)
+        tags: base_model, dataset_sha256, git_commit, pipeline_run_id (stored as `vembed.<name>`).
+        A retry of a fully logged run changes nothing; a half-logged run is completed."""
+        config = dict(config.model_dump() if hasattr(config, "model_dump") else config or {})
+        run_key, results = safe_key(run_key), results_of(eval_metrics or {})
         run_id = self.find_run(run_key)
-        with _registry_errors(f"{self.where}: log training run {run_key[:12]}"):
+        with registry_errors(f"{self.where}: log training run {run_key[:12]}"):
             if run_id is None:
-                tags = {TAG_RUN_KEY: run_key}
-                optional = {
-                    "vembed.base_model": base_model,
-                    "vembed.dataset_sha256": dataset_sha256,
-                    "vembed.git_commit": git_commit,
-                    "vembed.pipeline_run_id": pipeline_run_id,
-                }
-                tags.update({k: v for k, v in optional.items() if v})
-                run = self.client.create_run(self.experiment_id(), tags=scrub(tags), run_name=run_name)
-                run_id = run.info.run_id
+                tags = {**(tags or {}), "training_run_key": run_key}
+                tags["base_model"] = tags.get("base_model") or config.get("model_name")
+                tags = scrub({f"vembed.{k}": v for k, v in tags.items() if v})
+                run_id = self.client.create_run(self.experiment_id(), tags=tags, run_name=run_name).info.run_id
             run = self.client.get_run(run_id)
             if run.data.tags.get(TAG_RUN_COMPLETE) == "true":
                 return run_id
-            self._log_params(run_id, config or {}, run.data.params)
-            self._log_metrics(run_id, history, eval_metrics or {}, set(run.data.metrics))
-            self._log_plots(run_id, history, eval_metrics or {}, promotion_metric)
+            now = int(time.time() * 1000)
+            params = [Param(mlflow_key(k), v[:6000]) for k, v in scrub(config).items()]  # MLflow's length limit
+            # Validation during training (val_loss, val_ndcg@10, ...) goes to val/...; the rest to train/...
+            metrics = [
+                Metric(mlflow_key(f"val/{k[4:]}" if k.startswith("val_") else f"train/{k}"), v, now, int(e.get("step", 0)))
+                for e in history
+                for k, v in e.items()
+                if k != "step" and is_score(v)
+            ]
+            metrics += [Metric(mlflow_key(f"eval/{k}"), v, now, 0) for k, v in flat_metrics(results).items()]
+            # MlflowClient.log_batch splits into MLflow's per-request limits itself.
+            self.client.log_batch(
+                run_id,
+                metrics=[m for m in metrics if m.key not in run.data.metrics],
+                params=[p for p in params if p.key not in run.data.params],
+            )
+            figures = {"training_loss": plot_loss_curve(history)}
+            figures[f"mrl_dims_{mlflow_key(promotion_metric)}"] = plot_mrl_dims(results, promotion_metric)
+            for name, fig in figures.items():
+                if fig is not None:
+                    self.client.log_figure(run_id, fig, f"plots/{name}.png")
             self.client.set_tag(run_id, TAG_RUN_COMPLETE, "true")
             self.client.set_terminated(run_id, "FINISHED")
         return run_id
 
-    def _log_params(self, run_id: str, config: Mapping[str, Any], existing: Mapping[str, str]) -> None:
-        params = {mlflow_key(k): v[:_MAX_PARAM_LEN] for k, v in scrub(config).items()}
-        # MlflowClient.log_batch splits into MLflow's per-request limits itself.
-        self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items() if k not in existing])
-
-    def _log_metrics(
-        self,
-        run_id: str,
-        history: Sequence[Mapping[str, Any]],
-        eval_metrics: Mapping[str, Any],
-        existing: set[str],
-    ) -> None:
-        now = int(time.time() * 1000)
-        # Validation during training (val_loss, val_ndcg@10, ...) goes to val/...; the rest to train/...
-        metrics = [
-            Metric(
-                f"val/{k[4:]}" if k.startswith("val_") else f"train/{k}", v, now, int(entry.get("step", 0))
-            )
-            for entry in history
-            for k, v in flatten_metrics({k: v for k, v in entry.items() if k != "step"}).items()
-        ]
-        evals = flatten_metrics(eval_metrics.get("results", eval_metrics), "eval")
-        metrics += [Metric(k, v, now, 0) for k, v in evals.items()]
-        self.client.log_batch(run_id, metrics=[m for m in metrics if m.key not in existing])
-
-    def _log_plots(
-        self, run_id: str, history: Sequence[Mapping[str, Any]], eval_metrics: Mapping[str, Any], metric: str
-    ) -> None:
-        figures = {
-            "plots/training_loss.png": plot_loss_curve(history),
-            f"plots/mrl_dims_{mlflow_key(metric)}.png": plot_mrl_dims(eval_metrics, metric),
-        }
-        for name, fig in figures.items():
-            if fig is not None:
-                self.client.log_figure(run_id, fig, name)
-
-    # --- versions -----------------------------------------------------------------------
-
-    def ensure_registered_model(self, name: str) -> None:
-        with _registry_errors(f"{self.where}: registered model {name!r}"):
-            try:
-                self.client.create_registered_model(name)
-            except MlflowException as e:  # get-or-create: it exists already (or was created concurrently)
-                if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-
     def versions(self, name: str) -> list[ModelVersion]:
-        with _registry_errors(f"{self.where}: model {name!r}"):
-            found = list(self.client.search_model_versions(f"name = '{name}'"))
-        return sorted(found, key=lambda mv: int(mv.version))
-
-    def find_version(self, name: str, source_key: str) -> ModelVersion | None:
-        matches = [mv for mv in self.versions(name) if (mv.tags or {}).get(TAG_SOURCE_KEY) == source_key]
-        return matches[0] if matches else None
+        with registry_errors(f"{self.where}: model {name!r}"):
+            return sorted(self.client.search_model_versions(f"name = '{name}'"), key=lambda mv: int(mv.version))
 
     def alias_version(self, name: str, alias: str) -> ModelVersion | None:
         return alias_version(self.client, name, alias)
 
-    def _find_logged_model(self, source_key: str) -> LoggedModel | None:
-        with _registry_errors(f"{self.where}: search logged models"):
-            found = self.client.search_logged_models(
-                [self.experiment_id()], filter_string=f"tags.`{TAG_SOURCE_KEY}` = '{source_key}'"
-            )
-        ready = [m for m in found if m.status == LoggedModelStatus.READY]
-        return ready[0] if ready else None
-
     def log_embedding_model(
-        self,
-        *,
-        source_key: str,
-        adapter_dir: Path | None,
-        merged_dir: Path | None,
-        run_id: str | None,
-        example_texts: Sequence[str] = ("an example sentence to embed",),
+        self, *, source_key: str, adapter_dir: Path | None, merged_dir: Path | None, run_id: str | None
     ) -> LoggedModel:
-        """Log the embedding model (see vembed.mlflow_model) as a LoggedModel.
-
-        Text models: the sentence_transformers flavor from the merged model (an adapter-only
-        registration is merged here first). CLIP / Qwen3-VL: a pyfunc with its code bundled.
-        The adapter is stored in the same model directory (`adapter/`).
-        Built with the client API only (save locally, create, upload, finalize) so that mlflow's
-        process-wide tracking URI is never touched.
-        """
+        """The LoggedModel holding the model vembed.mlflow_model builds (staged first: pickle refused,
+        resume state left behind). The LoggedModel found by `source_key` when a retry gets here."""
         from mlflow.models import Model
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-        from vembed.mlflow_model import save_embedding_model  # the torch side: merge, encode, save
+        from vembed.mlflow_model import build_model  # the torch side: merge, encode, save
 
+        with registry_errors(f"{self.where}: search logged models"):
+            found = self.client.search_logged_models([self.experiment_id()], f"tags.`{TAG_SOURCE_KEY}` = '{source_key}'")
+        if ready := [m for m in found if m.status == LoggedModelStatus.READY]:
+            return ready[0]
         with tempfile.TemporaryDirectory(prefix="vembed-register-") as tmp:
-            # Staged first (pickle refused, resume state left behind), before anything exists in MLflow.
-            artifacts = {}
-            if merged_dir is not None:
-                artifacts[MERGED_ARTIFACT] = str(stage_merged(merged_dir, Path(tmp) / MERGED_ARTIFACT))
-            if adapter_dir is not None:
-                artifacts[ADAPTER_ARTIFACT] = str(stage_adapter(adapter_dir, Path(tmp) / ADAPTER_ARTIFACT))
-            with _registry_errors(f"{self.where}: log embedding model"):
+            artifacts = stage(Path(tmp), adapter_dir, merged_dir)
+            with registry_errors(f"{self.where}: log embedding model"):
                 logged = self.client.create_logged_model(
-                    self.experiment_id(),
-                    name=MODEL_ARTIFACT_NAME,
-                    source_run_id=run_id,
-                    tags={TAG_SOURCE_KEY: source_key},
+                    self.experiment_id(), name=MODEL_ARTIFACT_NAME, source_run_id=run_id, tags={TAG_SOURCE_KEY: source_key}
                 )
-            meta = Model(
-                artifact_path=logged.artifact_location,
-                run_id=run_id,
-                model_uuid=logged.model_id,
-                model_id=logged.model_id,
-            )
-            local = save_embedding_model(Path(tmp), artifacts, meta, list(example_texts))
-            with _registry_errors(f"{self.where}: log embedding model"):
-                repo = get_artifact_repository(
-                    logged.artifact_location, tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri
-                )
-                repo.log_artifacts(str(local))
+            meta = Model(artifact_path=logged.artifact_location, run_id=run_id, model_uuid=logged.model_id, model_id=logged.model_id)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+                local = build_model(Path(tmp), artifacts, meta, ["an example sentence to embed"])
+            with registry_errors(f"{self.where}: log embedding model"):
+                self.client.log_model_artifacts(logged.model_id, str(local))
                 if run_id:
                     self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
                 return self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
@@ -387,32 +249,28 @@ class Registry:
         scores it); needed when the champion's stored score comes from a different eval set.
         eval_gate_passed: False when evaluation already said "hold" (e.g. worse than the base model).
         """
-        adapter = check_model_dir(adapter_dir, "adapter")
-        merged = check_model_dir(merged_dir, "merged")
+        adapter, merged = check_model_dir(adapter_dir, "adapter"), check_model_dir(merged_dir, "merged")
         key = safe_key(source_key or content_key(adapter, merged))
         score = pick_metric(eval_metrics, promotion_metric)
-        self.ensure_registered_model(model_name)
-        mv = self.find_version(model_name, key)
+        with registry_errors(f"{self.where}: registered model {model_name!r}"):
+            try:
+                self.client.create_registered_model(model_name)
+            except MlflowException as e:  # get-or-create: it exists already (or was created concurrently)
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+        mv = next((v for v in self.versions(model_name) if (v.tags or {}).get(TAG_SOURCE_KEY) == key), None)
         created = mv is None
         if mv is None:
             run_id = run_id or self.find_run(key)
-            logged = self._find_logged_model(key) or self.log_embedding_model(
-                source_key=key, adapter_dir=adapter, merged_dir=merged, run_id=run_id
-            )
-            tags = {
-                TAG_SOURCE_KEY: key,
-                TAG_METRIC_NAME: promotion_metric,
-                TAG_METRIC_VALUE: repr(score),
-                TAG_EVAL_SET: eval_set_sha256,
-                TAG_EVAL_METRICS: json.dumps(flatten_metrics(eval_metrics.get("results", eval_metrics)))[
-                    :_MAX_TAG_LEN
-                ],
-            }
-            with _registry_errors(f"{self.where}: create version of {model_name!r}"):
-                source_run = logged.source_run_id or run_id
-                # A server resolves `models:/<id>` itself. A direct (sqlite) store would resolve it through
-                # mlflow's *global* tracking URI (an MLflow TODO), so give it the artifact location instead.
-                remote = self.tracking_uri.split(":", 1)[0] in ("http", "https", "databricks")
+            logged = self.log_embedding_model(source_key=key, adapter_dir=adapter, merged_dir=merged, run_id=run_id)
+            flat = {mlflow_key(k): v for k, v in flat_metrics(results_of(eval_metrics)).items()}
+            tags = {TAG_SOURCE_KEY: key, "vembed.metric_name": promotion_metric, "vembed.metric_value": repr(score)}
+            tags |= {"vembed.eval_set_sha256": eval_set_sha256, "vembed.eval_metrics": json.dumps(flat)[:5000]}
+            # A server resolves `models:/<id>` itself. A direct (sqlite) store would resolve it through
+            # mlflow's *global* tracking URI (an MLflow TODO), so give it the artifact location instead.
+            remote = self.tracking_uri.split(":", 1)[0] in ("http", "https", "databricks")
+            source_run = logged.source_run_id or run_id
+            with registry_errors(f"{self.where}: create version of {model_name!r}"):
                 mv = self.client.create_model_version(
                     model_name,
                     source=f"models:/{logged.model_id}" if remote else logged.artifact_location,
@@ -420,166 +278,78 @@ class Registry:
                     tags=scrub(tags),
                     model_id=logged.model_id if remote or source_run else None,
                 )
-            log.info("registered %s version %s", model_name, mv.version)
-        return self._apply_gate(mv, min_delta, champion_score, eval_gate_passed, created)
-
-    def _apply_gate(
-        self,
-        mv: ModelVersion,
-        min_delta: float,
-        champion_score: float | None,
-        eval_gate_passed: bool | None,
-        created: bool,
-    ) -> PromotionDecision:
-        name, version = mv.name, str(mv.version)
-        cand = _version_info(mv)
+        cand, version = VersionInfo.of(mv), str(mv.version)
         # Once per version: the tag marks "challenger was set", so retrying an older registration
         # never pulls the alias back from a newer version.
         if cand.tags.get(TAG_CHALLENGER_SET) != "true":
-            with _registry_errors(f"{self.where}: alias {name}@{CHALLENGER}"):
-                self.client.set_registered_model_alias(name, CHALLENGER, version)
-                self.client.set_model_version_tag(name, version, TAG_CHALLENGER_SET, "true")
-        champion = self.alias_version(name, CHAMPION)
-        champ = _version_info(champion) if champion else None
-        promoted, reason = self._gate(cand, champ, min_delta, champion_score, eval_gate_passed)
+            with registry_errors(f"{self.where}: alias {model_name}@{CHALLENGER}"):
+                self.client.set_registered_model_alias(model_name, CHALLENGER, version)
+                self.client.set_model_version_tag(model_name, version, TAG_CHALLENGER_SET, "true")
+        champion = self.alias_version(model_name, CHAMPION)
+        champ = VersionInfo.of(champion) if champion else None
+        promoted, reason = decide_version(cand, champ, min_delta, champion_score, eval_gate_passed)
         if promoted and (champ is None or champ.version != version):
-            self.set_champion(name, version)
-        return self._decision(name, version, promoted, reason, champ.version if champ else None, created)
+            self.set_champion(model_name, version)
+        return self._decision(model_name, version, promoted, reason, champ.version if champ else None, created)
 
     def _decision(
         self, name: str, version: str, promoted: bool, reason: str, before: str | None, created: bool = False
     ) -> PromotionDecision:
-        with _registry_errors(f"{self.where}: model {name!r}"):
-            info = _version_info(self.client.get_model_version(name, version))
-        return PromotionDecision(
-            promoted=promoted,
-            reason=reason,
-            version=version,
-            aliases=info.aliases,
-            model_name=name,
-            metric=info.metric or DEFAULT_METRIC,
-            score=info.score,
-            champion_before=before,
-            created=created,
-        )
-
-    @staticmethod
-    def _gate(
-        cand: VersionInfo,
-        champ: VersionInfo | None,
-        min_delta: float,
-        champion_score: float | None,
-        eval_gate_passed: bool | None,
-    ) -> tuple[bool, str]:
-        metric = cand.metric or DEFAULT_METRIC
-        if champ is not None and champ.version == cand.version:
-            return True, f"version {cand.version} is already {CHAMPION}"
-        if eval_gate_passed is False:
-            return False, "evaluation gate did not pass (see the evaluate step); champion unchanged"
-        if cand.score is None:
-            return False, f"version {cand.version} has no {metric} score; champion unchanged"
-        if champ is None:
-            return (
-                True,
-                f"no {CHAMPION} yet; version {cand.version} ({metric} {cand.score:.4f}) becomes {CHAMPION}",
-            )
-        if champion_score is not None:
-            baseline, basis = float(champion_score), "measured on this eval set"
-        elif (
-            champ.metric == metric
-            and champ.eval_set_sha256 == cand.eval_set_sha256
-            and champ.score is not None
-        ):
-            baseline, basis = champ.score, "same eval set"
-        else:
-            return False, (
-                f"cannot compare with {CHAMPION} v{champ.version}: it was scored with {champ.metric} on eval set "
-                f"{(champ.eval_set_sha256 or '?')[:12]}, this version with {metric} on "
-                f"{(cand.eval_set_sha256 or '?')[:12]}; pass the champion's score on the same eval set"
-            )
-        champ_name = f"{CHAMPION} v{champ.version}"
-        gate = decide(
-            cand.score, {champ_name: baseline}, metric, min_delta, candidate=f"version {cand.version}"
-        )
-        reason = f"{gate.reason} ({basis})"
-        if gate.passed:
-            return True, reason
-        return False, f"{reason}; {CHAMPION} stays v{champ.version}"
-
-    # --- champion history ---------------------------------------------------------------
+        with registry_errors(f"{self.where}: model {name!r}"):
+            info = VersionInfo.of(self.client.get_model_version(name, version))
+        metric = info.metric or DEFAULT_METRIC
+        return PromotionDecision(promoted, reason, version, info.aliases, name, metric, info.score, before, created)
 
     def champion_history(self, name: str) -> list[str]:
         """Versions that were champion, oldest first, trimmed to end at the current champion.
-
-        Trimming repairs the history after a crash between writing it and moving the alias.
-        """
-        with _registry_errors(f"{self.where}: model {name!r}"):
+        Trimming repairs the history after a crash between writing it and moving the alias."""
+        with registry_errors(f"{self.where}: model {name!r}"):
             tags = self.client.get_registered_model(name).tags or {}
         try:
             history = [str(v) for v in json.loads(tags.get(TAG_CHAMPION_HISTORY, "[]"))]
         except json.JSONDecodeError:
             history = []
-        current = self.alias_version(name, CHAMPION)
-        if current is None:
+        if (current := self.alias_version(name, CHAMPION)) is None:
             return []
         cur = str(current.version)
-        if cur in history:
-            return history[: len(history) - history[::-1].index(cur)]
-        return [*history, cur]
+        return history[: len(history) - history[::-1].index(cur)] if cur in history else [*history, cur]
 
-    def _write_history(self, name: str, history: list[str]) -> None:
-        with _registry_errors(f"{self.where}: model {name!r}"):
+    def _move_champion(self, name: str, version: str, history: list[str]) -> None:
+        """History first, then the alias: a crash in between leaves a history that reads as trimmed."""
+        with registry_errors(f"{self.where}: alias {name}@{CHAMPION}"):
             self.client.set_registered_model_tag(name, TAG_CHAMPION_HISTORY, json.dumps(history[-50:]))
+            self.client.set_registered_model_alias(name, CHAMPION, version)
 
     def set_champion(self, name: str, version: str) -> None:
-        """Move `champion` to `version` and record it (history first, so a crash leaves it trimmable)."""
-        history = self.champion_history(name)
-        if not history or history[-1] != str(version):
-            self._write_history(name, [*history, str(version)])
-        with _registry_errors(f"{self.where}: alias {name}@{CHAMPION}"):
-            self.client.set_registered_model_alias(name, CHAMPION, str(version))
+        """Move `champion` to `version` and record it."""
+        history, version = self.champion_history(name), str(version)
+        self._move_champion(name, version, history if history[-1:] == [version] else [*history, version])
 
     def promote(self, name: str, version: str | int) -> PromotionDecision:
         """Make `version` champion by hand (no gate)."""
-        with _registry_errors(f"{self.where}: {name} version {version}"):
+        with registry_errors(f"{self.where}: {name} version {version}"):
             mv = self.client.get_model_version(name, str(version))
         before = self.alias_version(name, CHAMPION)
         self.set_champion(name, str(mv.version))
-        reason = (
-            f"promoted by hand (was v{before.version})" if before else "promoted by hand (no champion before)"
-        )
+        reason = f"promoted by hand (was v{before.version})" if before else "promoted by hand (no champion before)"
         return self._decision(name, str(mv.version), True, reason, str(before.version) if before else None)
 
     def rollback(self, name: str) -> PromotionDecision:
         """Move `champion` back to the previous champion in the history."""
         history = self.champion_history(name)
         if len(history) < 2:
-            raise RegistryError(
-                f"{name}: no previous {CHAMPION} to roll back to (history: {history or 'empty'})"
-            )
-        current, previous = history[-1], history[-2]
-        # Alias first, then history: a crash in between is repaired by the trimming in champion_history.
-        with _registry_errors(f"{self.where}: alias {name}@{CHAMPION}"):
-            self.client.set_registered_model_alias(name, CHAMPION, previous)
-        self._write_history(name, history[:-1])
-        reason = f"rolled back {CHAMPION} from v{current} to v{previous}"
-        return self._decision(name, previous, True, reason, current)
+            raise RegistryError(f"{name}: no previous {CHAMPION} to roll back to (history: {history or 'empty'})")
+        self._move_champion(name, history[-2], history[:-1])
+        reason = f"rolled back {CHAMPION} from v{history[-1]} to v{history[-2]}"
+        return self._decision(name, history[-2], True, reason, history[-1])
 
     def show(self, name: str) -> dict[str, Any]:
-        with _registry_errors(f"{self.where}: model {name!r}"):
+        with registry_errors(f"{self.where}: model {name!r}"):
             aliases = self.client.get_registered_model(name).aliases or {}
-        versions = []
-        for mv in self.versions(name):  # search results carry no aliases; the registered model does
-            info = _version_info(mv)
-            info.aliases = sorted(a for a, v in aliases.items() if str(v) == info.version)
-            versions.append(asdict(info))
-        return {
-            "name": name,
-            "versions": versions,
-            "champion_history": self.champion_history(name),
-        }
-
-    # --- download -----------------------------------------------------------------------
+        versions = [asdict(VersionInfo.of(mv)) for mv in self.versions(name)]
+        for v in versions:  # search results carry no aliases; the registered model does
+            v["aliases"] = sorted(a for a, ver in aliases.items() if str(ver) == v["version"])
+        return {"name": name, "versions": versions, "champion_history": self.champion_history(name)}
 
     def resolve(self, models_uri: str) -> ModelVersion:
         return resolve_version(self.client, models_uri)
@@ -587,7 +357,7 @@ class Registry:
     def storage_uri(self, models_uri: str) -> str:
         """Where the version's MLflow model directory lives in storage (e.g. `s3://bucket/.../artifacts`)."""
         mv = self.resolve(models_uri)
-        with _registry_errors(f"{models_uri}: storage location at {self.where}"):
+        with registry_errors(f"{models_uri}: storage location at {self.where}"):
             uri = self.client.get_model_version_download_uri(mv.name, mv.version)
             if uri.startswith("models:/"):  # a LoggedModel reference: its artifact location
                 uri = self.client.get_logged_model(uri.removeprefix("models:/").strip("/")).artifact_location

@@ -12,9 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from vembed.errors import ConfigError
-from vembed.promotion import METRIC_KEYS, check_metric, decide
+from vembed.promotion import (
+    METRIC_KEYS,
+    check_metric,
+    decide,
+    flat_metrics,  # noqa: F401 - the KFP Metrics artifact's names (components/)
+    results_of,
+)
+from vembed.promotion import ROLES as ROLE_ORDER
 
-ROLE_ORDER = ("tuned", "base", "champion")
+unflatten_metrics = results_of  # those names back to results (components/register)
 
 
 def base_model_of(adapter_dir: str | os.PathLike[str]) -> str:
@@ -109,26 +116,3 @@ def evaluate(
     results = compare_models(models, str(eval_path), corpus_path=str(corpus_path) if corpus_path else None, dims=dims)
     decision = gate(results, promotion_metric, min_delta)
     return {"results": results, "decision": decision, "report": render_markdown(results, decision)}
-
-
-def unflatten_metrics(flat: Mapping[str, float]) -> dict[str, dict[str, dict[str, float]]]:
-    """Inverse of `flat_metrics` (keys of other shapes, e.g. "gate/passed", are ignored)."""
-    results: dict[str, dict[str, dict[str, float]]] = {}
-    for key, value in flat.items():
-        parts = key.split("/")
-        if parts[0] not in ROLE_ORDER or len(parts) not in (2, 3):
-            continue
-        dim = parts[1].removeprefix("dim") if len(parts) == 3 else "full"
-        results.setdefault(parts[0], {}).setdefault(dim, {})[parts[-1]] = float(value)
-    return results
-
-
-def flat_metrics(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, float]:
-    """{"tuned/ndcg@10": ..., "base/recall@1": ..., "tuned/dim256/ndcg@10": ...} for metric loggers."""
-    flat: dict[str, float] = {}
-    for role, by_dim in results.items():
-        for dim, metrics in by_dim.items():
-            prefix = role if dim == "full" else f"{role}/dim{dim}"
-            for name, value in metrics.items():
-                flat[f"{prefix}/{name}"] = float(value)
-    return flat

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vembed.errors import RegistryError
+from vembed.promotion import results_of, score_of
 
 PIPELINE_RUN_ENV = ("KFP_RUN_ID", "VEMBED_PIPELINE_RUN_ID")
 GIT_COMMIT_ENV = ("GIT_COMMIT", "VEMBED_GIT_COMMIT")
@@ -65,15 +66,6 @@ def _from_checkpoint(adapter_dir: Path | None) -> tuple[dict[str, Any] | None, l
     return config, history
 
 
-def _champion_score(metrics: Mapping[str, Any], metric: str) -> float | None:
-    """The champion's score on this eval set when the evaluate step measured it."""
-    results = metrics.get("results", metrics)
-    try:
-        return float(results["champion"]["full"][metric])
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
 def register(
     adapter_dir: str | os.PathLike[str] | None,
     merged_dir: str | os.PathLike[str] | None,
@@ -108,16 +100,18 @@ def register(
         (os.environ[n] for n in PIPELINE_RUN_ENV if os.environ.get(n)), None
     )
     run_id = registry.log_training_run(
-        run_key=key,
+        key,
         config=info.get("config") or ckpt_config,
         history=info.get("history") or ckpt_history,
         eval_metrics=metrics,
-        base_model=info.get("base_model"),
-        dataset_sha256=info.get("dataset_sha256"),
-        git_commit=info.get("git_commit") or _git_commit(),
-        pipeline_run_id=pipeline_run_id,
         promotion_metric=promotion_metric,
         run_name=info.get("run_name"),
+        tags={
+            "base_model": info.get("base_model"),
+            "dataset_sha256": info.get("dataset_sha256"),
+            "git_commit": info.get("git_commit") or _git_commit(),
+            "pipeline_run_id": pipeline_run_id,
+        },
     )
     decision_in = metrics.get("decision") if isinstance(metrics.get("decision"), Mapping) else {}
     decision = registry.register(
@@ -130,7 +124,8 @@ def register(
         run_id=run_id,
         promotion_metric=promotion_metric,
         min_delta=min_delta,
-        champion_score=_champion_score(metrics, promotion_metric),
+        # The champion's score on this eval set, when the evaluate step measured it.
+        champion_score=score_of(results_of(metrics), promotion_metric, "champion"),
         eval_gate_passed=decision_in.get("passed"),
     )
     return {**decision.to_dict(), "run_id": run_id, "tracking_uri": redact(registry.tracking_uri)}
