@@ -20,13 +20,13 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.utils.models import get_model_name_and_version
 
 from vembed.errors import RegistryError
 from vembed.redaction import redact
 
 MERGED_ARTIFACT, ADAPTER_ARTIFACT = "merged", "adapter"  # directories inside a registered model
 ST_DATA_PATH = "model.sentence_transformer"  # where the sentence_transformers flavor keeps the model
-_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))/?$")
 _TRANSIENT = ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "RESOURCE_EXHAUSTED", "REQUEST_LIMIT_EXCEEDED")
 _MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
@@ -77,23 +77,17 @@ def registry_errors(what: str) -> Iterator[None]:
 @contextlib.contextmanager
 def quiet_mlflow() -> Iterator[None]:
     """No progress bars, warnings or info lines from MLflow while fetching a model (errors still raise)."""
-    loggers = [logging.getLogger(n) for n in ("mlflow", "mlflow.store", "mlflow.tracking", "mlflow.models")]
-    levels = [lg.level for lg in loggers]
-    old = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    logger, env = logging.getLogger("mlflow"), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    level, old = logger.level, os.environ.get(env)
+    os.environ[env] = "false"
+    logger.setLevel(logging.ERROR)  # mlflow.* loggers inherit it
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for lg in loggers:
-                lg.setLevel(logging.ERROR)
             yield
     finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-        if old is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = old
+        logger.setLevel(level)
+        os.environ.pop(env) if old is None else os.environ.update({env: old})
 
 
 def connect(tracking_uri: str | None = None) -> tuple[str, MlflowClient]:
@@ -119,18 +113,13 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion |
 
 
 def resolve_version(client: MlflowClient, models_uri: str) -> ModelVersion:
-    """The version `models:/NAME@alias` or `models:/NAME/VERSION` names. (Resolved with this client:
-    MLflow's own `models:/` resolution reads the process-wide registry URI instead.)"""
-    m = _MODELS_URI.match(models_uri)
-    if not m:
-        raise RegistryError(f"{models_uri}: expected models:/NAME@alias or models:/NAME/VERSION")
-    where = redact(client.tracking_uri)
-    if m["alias"] and (mv := alias_version(client, m["name"], m["alias"])) is None:
-        raise RegistryError(f"{models_uri}: no alias {m['alias']!r} on model {m['name']!r} at {where}")
-    if m["alias"]:
-        return mv
-    with registry_errors(f"{models_uri} at {where}"):
-        return client.get_model_version(m["name"], m["version"])
+    """The version `models:/NAME@alias` or `models:/NAME/VERSION` names, resolved with this client
+    (MLflow's own `models:/` download would resolve it through the process-wide registry URI)."""
+    with registry_errors(f"{models_uri} at {redact(client.tracking_uri)}"):
+        found = get_model_name_and_version(client, models_uri)
+        if len(found) != 2:  # `models:/<logged model id>`: not a registered version
+            raise RegistryError(f"{models_uri}: expected models:/NAME@alias or models:/NAME/VERSION")
+        return client.get_model_version(*found)
 
 
 def download_model(

@@ -20,7 +20,7 @@ import re
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,16 @@ def pick_metric(metrics: Mapping[str, Any], name: str) -> float:
         keys = sorted(results.get("tuned", {}).get("full", {})) or sorted(results)
         raise RegistryError(f"metrics: no numeric {name!r} for the candidate model (keys: {keys[:12]})")
     return score
+
+
+def _get_or_create(create: Callable[[], Any], existing: Callable[[], Any]) -> Any:
+    """`create()`, else `existing()` when it exists already (or was created concurrently by another step)."""
+    try:
+        return create()
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return existing()
 
 
 def safe_key(key: str) -> str:
@@ -123,17 +133,13 @@ class Registry:
     def experiment_id(self) -> str:
         """The experiment's id; created when missing (with a sqlite store's artifact root)."""
         if self._experiment_id is None:
-            with registry_errors(f"{self.where}: experiment {self.experiment_name!r}"):
-                if exp := self.client.get_experiment_by_name(self.experiment_name):
-                    self._experiment_id = exp.experiment_id
-                    return exp.experiment_id
-                try:
-                    root = local_artifact_root(self.tracking_uri)
-                    self._experiment_id = self.client.create_experiment(self.experiment_name, artifact_location=root)
-                except MlflowException as e:  # created concurrently by another step
-                    if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                        raise
-                    self._experiment_id = self.client.get_experiment_by_name(self.experiment_name).experiment_id
+            name, root = self.experiment_name, local_artifact_root(self.tracking_uri)
+            with registry_errors(f"{self.where}: experiment {name!r}"):
+                exp = self.client.get_experiment_by_name(name)
+                self._experiment_id = exp.experiment_id if exp else _get_or_create(
+                    lambda: self.client.create_experiment(name, artifact_location=root),
+                    lambda: self.client.get_experiment_by_name(name).experiment_id,
+                )
         return self._experiment_id
 
     def find_run(self, run_key: str) -> str | None:
@@ -253,11 +259,7 @@ class Registry:
         key = safe_key(source_key or content_key(adapter, merged))
         score = pick_metric(eval_metrics, promotion_metric)
         with registry_errors(f"{self.where}: registered model {model_name!r}"):
-            try:
-                self.client.create_registered_model(model_name)
-            except MlflowException as e:  # get-or-create: it exists already (or was created concurrently)
-                if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
+            _get_or_create(lambda: self.client.create_registered_model(model_name), lambda: None)
         mv = next((v for v in self.versions(model_name) if (v.tags or {}).get(TAG_SOURCE_KEY) == key), None)
         created = mv is None
         if mv is None:

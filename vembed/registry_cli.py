@@ -19,43 +19,28 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--output-dir", default="output", help="where the embedded store lives")
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
+    common.add_argument("name")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    p = sub.add_parser("show", parents=[common], help="versions, aliases and metrics of a registered model")
-    p.add_argument("name")
-    p = sub.add_parser("promote", parents=[common], help="make VERSION the champion (no gate)")
-    p.add_argument("name")
-    p.add_argument("version")
+    sub.add_parser("show", parents=[common], help="versions, aliases and metrics of a registered model")
+    sub.add_parser("promote", parents=[common], help="make VERSION the champion (no gate)").add_argument("version")
     p = sub.add_parser(
         "rollback", parents=[common], help="move champion back to the previous champion (and its InferenceService)"
     )
-    p.add_argument("name")
     p.add_argument("--no-serving", action="store_true", help="move only the alias, leave the InferenceService")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the service to be Ready")
     return parser
 
 
 def _format_show(info: dict) -> str:
-    lines = [f"model {info['name']}"]
     rows = [("version", "aliases", "metric", "score", "eval set", "run")]
     for v in info["versions"]:
-        rows.append(
-            (
-                v["version"],
-                ",".join(v["aliases"]) or "-",
-                v["metric"] or "-",
-                f"{v['score']:.4f}" if v["score"] is not None else "-",
-                (v["eval_set_sha256"] or "-")[:12],
-                (v["run_id"] or "-")[:12],
-            )
-        )
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines += [
-        "  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
-    ]
-    history = " -> ".join(f"v{v}" for v in info["champion_history"]) or "none"
-    lines.append(f"champion history: {history}")
-    return "\n".join(lines)
+        score = f"{v['score']:.4f}" if v["score"] is not None else "-"
+        row = (v["version"], ",".join(v["aliases"]), v["metric"], score, v["eval_set_sha256"], v["run_id"])
+        rows.append(tuple(str(c or "-")[:12] if i > 3 else str(c or "-") for i, c in enumerate(row)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"model {info['name']}"]
+    lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join([*lines, f"champion history: {' -> '.join(f'v{v}' for v in info['champion_history']) or 'none'}"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,27 +81,15 @@ def _rollback_serving(registry, args: argparse.Namespace) -> int:
     When the cluster cannot be reached, print the exact command that does it."""
     from vembed.steps.deploy import deploy, deploy_command, last_deployment
 
-    where = last_deployment(registry, args.name)
-    if where is None:
+    if (where := last_deployment(registry, args.name)) is None:
         return 0  # never deployed: only the alias to move
-    options = {
-        "service_account": where.get("service_account"),
-        "mlflow_artifacts_destination": where.get("mlflow_artifacts_destination"),
-    }
+    opts = {k: where.get(k) for k in ("service_account", "mlflow_artifacts_destination")}
+    svc, ns, image = where["service"], where["namespace"], where["image"]
     try:
-        result = deploy(
-            args.name,
-            where["image"],
-            service_name=where["service"],
-            namespace=where["namespace"],
-            timeout_s=args.timeout,
-            output_dir=args.output_dir,
-            **options,
-        )
+        result = deploy(args.name, image, service_name=svc, namespace=ns, timeout_s=args.timeout, output_dir=args.output_dir, **opts)
     except VembedError as e:
-        command = deploy_command(args.name, where["service"], where["namespace"], where["image"], **options)
-        print(f"error: InferenceService {where['namespace']}/{where['service']} not updated: {e}", file=sys.stderr)
-        print(f"to point it at the champion, run: {command}", file=sys.stderr)
+        print(f"error: InferenceService {ns}/{svc} not updated: {e}", file=sys.stderr)
+        print(f"to point it at the champion, run: {deploy_command(args.name, svc, ns, image, **opts)}", file=sys.stderr)
         return 2
     print(f"InferenceService {result['namespace']}/{result['service']} serves v{result['version']} ({result['revision']})")
     return 0

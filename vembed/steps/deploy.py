@@ -62,7 +62,7 @@ def merged_location(registry: Any, models_uri: str, artifacts_destination: str =
     import mlflow
     import yaml
 
-    from vembed.mlflow_model import MERGED_ARTIFACT, ST_DATA_PATH
+    from vembed.mlflow_store import MERGED_ARTIFACT, ST_DATA_PATH
     from vembed.registry import quiet_mlflow
 
     root = registry.storage_uri(models_uri).rstrip("/")
