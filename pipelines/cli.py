@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from vembed.errors import ConfigError, VembedError
+from vembed.errors import ConfigError, run_command
 
 
 def _add_param_args(p: argparse.ArgumentParser) -> None:
@@ -319,12 +319,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except VembedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a file-system error on a path given here: one line, no traceback
-        where = f"{e.filename}: " if e.filename is not None else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: args.func(args))
