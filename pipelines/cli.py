@@ -128,31 +128,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_upload(args: argparse.Namespace) -> int:
-    from pipelines.remote import upload
+    from pipelines.remote import Kfp
 
-    up = upload(args.host, args.package, args.pipeline, args.version_name, args.description, args.namespace)
+    up = Kfp(args.host, args.namespace).upload(args.package, args.pipeline, args.version_name, args.description)
     what = "created pipeline" if up.created_pipeline else ("already uploaded:" if up.reused else "added version to")
     print(f"{what} {up.pipeline_name} ({up.pipeline_id}); version {up.version_name} id {up.version_id}: {up.url}")
     return 0
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from pipelines.remote import _client, resolve_version, submit, submit_version, version_parameters
+    from pipelines.remote import Kfp
 
     if args.pipeline_version_id:
-        client = _client(args.host, args.namespace)
-        ref = resolve_version(client, args.host, args.pipeline, args.pipeline_version_id)
-        arguments = _run_arguments_for(args, version_parameters(client, args.host, ref))
-        sub = submit_version(
-            args.host, ref, arguments, experiment=args.experiment, run_name=args.run_name,
-            namespace=args.namespace, service_account=args.service_account, client=client,
-        )  # fmt: skip
+        kfp = Kfp(args.host, args.namespace)
+        ref = kfp.resolve_version(args.pipeline, args.pipeline_version_id)
+        arguments = _run_arguments_for(args, kfp.version_parameters(ref))
+        sub = kfp.submit_version(ref, arguments, args.experiment, args.run_name, args.service_account)
         print(f"submitted run {sub.id} ({sub.name}) of {ref.pipeline_name} version {ref.version_id}: {sub.url}")
         return 0
-    sub = submit(
-        args.host, args.package, _run_arguments(args), experiment=args.experiment, run_name=args.run_name,
-        namespace=args.namespace, service_account=args.service_account,
-    )  # fmt: skip
+    arguments = _run_arguments(args)  # checked before any request
+    sub = Kfp(args.host, args.namespace).submit(
+        args.package, arguments, args.experiment, args.run_name, args.service_account
+    )
     print(f"submitted run {sub.id} ({sub.name}) in experiment {sub.experiment_id}: {sub.url}")
     return 0
 
@@ -160,7 +157,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 def _cmd_schedule(args: argparse.Namespace) -> int:
     from pipelines.cron import validate_cron
     from pipelines.params import parse_params, read_pipeline_parameters
-    from pipelines.remote import VersionRef, _client, _upload, resolve_version, schedule, schedule_version
+    from pipelines.remote import Kfp, VersionRef
 
     if args.cron:
         validate_cron(args.cron)  # before any request
@@ -172,11 +169,11 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
             raise ConfigError("--cron is required")
         arguments = _run_arguments(args)
     else:
-        client = _client(args.host, args.namespace)
+        kfp = Kfp(args.host, args.namespace)
         if args.pipeline_version_id:
-            ref = resolve_version(client, args.host, args.pipeline, args.pipeline_version_id)
+            ref = kfp.resolve_version(args.pipeline, args.pipeline_version_id)
         else:  # upload --package (a no-op when this exact package is there already)
-            up = _upload(client, args.host, args.package, args.pipeline, None, None, args.namespace)
+            up = kfp.upload(args.package, args.pipeline)
             print(f"pipeline {up.pipeline_name} version {up.version_name} ({up.version_id})"
                   f"{' was already uploaded' if up.reused else ' uploaded'}")  # fmt: skip
             ref = VersionRef(up.pipeline_id, None if args.follow_latest else up.version_id, up.pipeline_name)
@@ -193,18 +190,16 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if versioned:
-        sub = schedule_version(
-            args.host, ref, arguments, args.cron, experiment=args.experiment, name=args.name,
-            namespace=args.namespace, service_account=args.service_account, update=args.update, client=client,
-        )  # fmt: skip
+        sub = kfp.schedule_version(
+            ref, arguments, args.cron, args.experiment, args.name, args.service_account, update=args.update
+        )
         target = "the newest version at each run" if ref.version_id is None else f"version {ref.version_id}"
         verb = "re-pointed" if args.update else "scheduled"
         print(f"{verb} recurring run {sub.id} ({sub.name}) on {ref.pipeline_name} {target}: {sub.url}")
         return 0
-    sub = schedule(
-        args.host, args.package, arguments, args.cron, experiment=args.experiment, name=args.name,
-        namespace=args.namespace, service_account=args.service_account,
-    )  # fmt: skip
+    sub = Kfp(args.host, args.namespace).schedule(
+        args.package, arguments, args.cron, args.experiment, args.name, args.service_account
+    )
     print(f"scheduled recurring run {sub.id} ({sub.name}, cron '{args.cron}'): {sub.url}")
     return 0
 
