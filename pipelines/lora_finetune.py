@@ -245,15 +245,15 @@ def build_pipeline(opts: PipelineOptions | None = None):
     ) -> PipelineOutputs:
         # Runs after everything below, whatever the outcome. The handler is entered without a `with`
         # block so that the step definitions keep their place (and their indentation).
+        # Inputs several steps take alike.
+        endpoints = {"mlflow_tracking_uri": mlflow_tracking_uri, "s3_endpoint_url": s3_endpoint_url}
+        this_run = {"pipeline_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, "pipeline_run_name": dsl.PIPELINE_JOB_NAME_PLACEHOLDER}
+        gate = {"promotion_metric": promotion_metric, "min_delta": min_delta}
+
         exit_task = steps = None
         if opts.exit_handler:
             exit_task = on_exit(
-                pipeline_root=dsl.PIPELINE_ROOT_PLACEHOLDER,
-                pipeline_name=PIPELINE_NAME,
-                pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                pipeline_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-                mlflow_tracking_uri=mlflow_tracking_uri,
-                s3_endpoint_url=s3_endpoint_url,
+                pipeline_root=dsl.PIPELINE_ROOT_PLACEHOLDER, pipeline_name=PIPELINE_NAME, **this_run, **endpoints
             )
             steps = dsl.ExitHandler(exit_task, name="steps")
             steps.__enter__()
@@ -283,10 +283,8 @@ def build_pipeline(opts: PipelineOptions | None = None):
             model=train_task.outputs["model"],
             base_model=base_model,
             registered_model_name=registered_model_name,
-            promotion_metric=promotion_metric,
-            min_delta=min_delta,
-            mlflow_tracking_uri=mlflow_tracking_uri,
-            s3_endpoint_url=s3_endpoint_url,
+            **gate,
+            **endpoints,
         )
         merge_task = merge(model=train_task.outputs["model"])
 
@@ -298,12 +296,9 @@ def build_pipeline(opts: PipelineOptions | None = None):
                 dataset=prepare_task.outputs["dataset"],
                 model_name=registered_model_name,
                 promote=promote,
-                promotion_metric=promotion_metric,
-                min_delta=min_delta,
-                mlflow_tracking_uri=mlflow_tracking_uri,
-                s3_endpoint_url=s3_endpoint_url,
-                pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                pipeline_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+                **gate,
+                **endpoints,
+                **this_run,
             )
             task.set_display_name("register-champion" if promote else "register-challenger")
             return task

@@ -23,16 +23,13 @@ def check_output_file(path: str) -> None:
         raise StorageError(f"{path}: folder {p.parent} does not exist")
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _config_args() -> argparse.ArgumentParser:
+    """The arguments of `train` and `config show` (a parent parser)."""
+    p = argparse.ArgumentParser(add_help=False)
     p.add_argument("config", help="YAML config file")
-    p.add_argument(
-        "--config_override",
-        "--config-override",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override config keys, e.g. lora_r=32 mrl_dims=[256,128]",
-    )
+    p.add_argument("--config_override", "--config-override", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. lora_r=32 mrl_dims=[256,128]")
+    return p
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -150,9 +147,9 @@ def _delegate(module: str, argv: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vembed", description="Fine-tune embedding models with LoRA.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    config_args = _config_args()
 
-    p = sub.add_parser("train", help="fine-tune a model (same as `python run.py CONFIG`)")
-    _add_config_args(p)
+    p = sub.add_parser("train", parents=[config_args], help="fine-tune a model (same as `python run.py CONFIG`)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="retrieval metrics (Recall@k, MRR@10, nDCG@10), base vs tuned")
@@ -229,9 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="config tools")
     csub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
-    show = csub.add_parser("show", help="print the resolved config")
-    _add_config_args(show)
-    show.set_defaults(func=_cmd_config_show)
+    csub.add_parser("show", parents=[config_args], help="print the resolved config").set_defaults(func=_cmd_config_show)
 
     p = sub.add_parser("demo", help="fine-tune all-MiniLM-L6-v2 on built-in data and print before/after metrics")
     p.add_argument("--output-dir", default="output/demo")
