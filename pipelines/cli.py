@@ -46,9 +46,11 @@ def _add_version_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def _run_arguments_for(args: argparse.Namespace, spec: dict) -> dict:
-    from pipelines.params import check_required, parse_params
+def _run_arguments(args: argparse.Namespace, spec: dict | None = None) -> dict:
+    """--param and --config-override as typed run arguments of `spec` (default: --package's parameters)."""
+    from pipelines.params import check_required, parse_params, read_pipeline_parameters
 
+    spec = spec or read_pipeline_parameters(args.package)
     arguments = parse_params(args.param, spec)
     if args.config_override:
         if "config_overrides" in arguments:
@@ -58,22 +60,12 @@ def _run_arguments_for(args: argparse.Namespace, spec: dict) -> dict:
     return arguments
 
 
-def _run_arguments(args: argparse.Namespace) -> dict:
-    from pipelines.params import read_pipeline_parameters
-
-    return _run_arguments_for(args, read_pipeline_parameters(args.package))
-
-
 def _cmd_compile(args: argparse.Namespace) -> int:
     from pipelines.compile import COMPILED_PATH, compile_pipeline
     from pipelines.lora_finetune import PipelineOptions
+    from vembed.config import parse_pairs
 
-    node_selector = {}
-    for pair in args.node_selector:
-        if "=" not in pair:
-            raise ConfigError(f"--node-selector: expected label=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        node_selector[key] = value
+    node_selector = parse_pairs(args.node_selector, "--node-selector", lambda _, value: value, lambda _: None, "label")
     tolerations = []
     for text in args.toleration:
         try:
@@ -142,7 +134,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     if args.pipeline_version_id:
         kfp = Kfp(args.host, args.namespace)
         ref = kfp.resolve_version(args.pipeline, args.pipeline_version_id)
-        arguments = _run_arguments_for(args, kfp.version_parameters(ref))
+        arguments = _run_arguments(args, kfp.version_parameters(ref))
         sub = kfp.submit_version(ref, arguments, args.experiment, args.run_name, args.service_account)
         print(f"submitted run {sub.id} ({sub.name}) of {ref.pipeline_name} version {ref.version_id}: {sub.url}")
         return 0
@@ -179,7 +171,7 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
             ref = VersionRef(up.pipeline_id, None if args.follow_latest else up.version_id, up.pipeline_name)
         spec = read_pipeline_parameters(args.package)
         # With --update, parameters left out keep the existing recurring run's values.
-        arguments = parse_params(args.param, spec) if args.update else _run_arguments_for(args, spec)
+        arguments = parse_params(args.param, spec) if args.update else _run_arguments(args, spec)
         if args.update and args.config_override:
             arguments["config_overrides"] = list(args.config_override)
     data_uri = str(arguments.get("data_uri", ""))
