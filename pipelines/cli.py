@@ -24,28 +24,6 @@ def _add_param_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def _add_remote_args(p: argparse.ArgumentParser) -> None:
-    from pipelines.compile import COMPILED_PATH
-
-    p.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
-    p.add_argument("--experiment", default="vembed", help="experiment name (created if missing)")
-    p.add_argument("--namespace", help="Kubernetes namespace (multi-user KFP)")
-    p.add_argument("--service-account", help="Kubernetes service account for the run's pods")
-    p.add_argument("--package", default=str(COMPILED_PATH), help="compiled pipeline YAML (default: committed)")
-    _add_param_args(p)
-
-
-def _add_version_args(p: argparse.ArgumentParser) -> None:
-    from pipelines.lora_finetune import PIPELINE_NAME
-
-    p.add_argument("--pipeline", default=PIPELINE_NAME, help="uploaded pipeline's name (with --pipeline-version-id)")
-    p.add_argument(
-        "--pipeline-version-id", metavar="ID",
-        help="run an uploaded pipeline version (`vembed pipeline upload`) instead of sending --package; "
-        "'latest' picks the newest",
-    )  # fmt: skip
-
-
 def _run_arguments(args: argparse.Namespace, spec: dict | None = None) -> dict:
     """--param and --config-override as typed run arguments of `spec` (default: --package's parameters)."""
     from pipelines.params import check_required, parse_params, read_pipeline_parameters
@@ -211,7 +189,22 @@ def _cmd_rbac(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipelines.lora_finetune import DEFAULT_BASE_MODEL, DEFAULT_MODEL_NAME, TRAIN_BACKENDS
+    from pipelines.compile import COMPILED_PATH
+    from pipelines.lora_finetune import DEFAULT_BASE_MODEL, DEFAULT_MODEL_NAME, PIPELINE_NAME, TRAIN_BACKENDS
+
+    remote = argparse.ArgumentParser(add_help=False)  # the arguments of submit and schedule
+    remote.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
+    remote.add_argument("--experiment", default="vembed", help="experiment name (created if missing)")
+    remote.add_argument("--namespace", help="Kubernetes namespace (multi-user KFP)")
+    remote.add_argument("--service-account", help="Kubernetes service account for the run's pods")
+    remote.add_argument("--package", default=str(COMPILED_PATH), help="compiled pipeline YAML (default: committed)")
+    _add_param_args(remote)
+    remote.add_argument("--pipeline", default=PIPELINE_NAME, help="uploaded pipeline's name (with --pipeline-version-id)")
+    remote.add_argument(
+        "--pipeline-version-id", metavar="ID",
+        help="run an uploaded pipeline version (`vembed pipeline upload`) instead of sending --package; "
+        "'latest' picks the newest",
+    )  # fmt: skip
 
     parser = argparse.ArgumentParser(prog="vembed pipeline", description="The lora-finetune Kubeflow pipeline.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -261,24 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("upload", help="create the pipeline on a KFP cluster, or add --package as a new version")
     p.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
     p.add_argument("--namespace", help="Kubernetes namespace (multi-user KFP)")
-    from pipelines.compile import COMPILED_PATH
-    from pipelines.lora_finetune import PIPELINE_NAME
-
     p.add_argument("--package", default=str(COMPILED_PATH), help="compiled pipeline YAML (default: committed)")
     p.add_argument("--pipeline", default=PIPELINE_NAME, help="pipeline name")
     p.add_argument("--version-name", help="default: <vembed version>-<sha256 of the package, 12 hex>")
     p.add_argument("--description")
     p.set_defaults(func=_cmd_upload)
 
-    p = sub.add_parser("submit", help="start one run on a KFP cluster")
-    _add_remote_args(p)
-    _add_version_args(p)
+    p = sub.add_parser("submit", parents=[remote], help="start one run on a KFP cluster")
     p.add_argument("--run-name")
     p.set_defaults(func=_cmd_submit)
 
-    p = sub.add_parser("schedule", help="create a recurring run (retraining) on a KFP cluster")
-    _add_remote_args(p)
-    _add_version_args(p)
+    p = sub.add_parser("schedule", parents=[remote], help="create a recurring run (retraining) on a KFP cluster")
     p.add_argument("--cron", help="KFP cron, 6 fields with seconds first: '0 0 3 * * *' (kept by --update)")
     p.add_argument("--name", help="recurring run name")
     p.add_argument(
