@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from vembed.errors import ConfigError, VembedError
+from vembed.errors import ConfigError, run_command
 
 
 def _add_param_args(p: argparse.ArgumentParser) -> None:
@@ -24,31 +24,11 @@ def _add_param_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def _add_remote_args(p: argparse.ArgumentParser) -> None:
-    from pipelines.compile import COMPILED_PATH
+def _run_arguments(args: argparse.Namespace, spec: dict | None = None) -> dict:
+    """--param and --config-override as typed run arguments of `spec` (default: --package's parameters)."""
+    from pipelines.params import check_required, parse_params, read_pipeline_parameters
 
-    p.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
-    p.add_argument("--experiment", default="vembed", help="experiment name (created if missing)")
-    p.add_argument("--namespace", help="Kubernetes namespace (multi-user KFP)")
-    p.add_argument("--service-account", help="Kubernetes service account for the run's pods")
-    p.add_argument("--package", default=str(COMPILED_PATH), help="compiled pipeline YAML (default: committed)")
-    _add_param_args(p)
-
-
-def _add_version_args(p: argparse.ArgumentParser) -> None:
-    from pipelines.lora_finetune import PIPELINE_NAME
-
-    p.add_argument("--pipeline", default=PIPELINE_NAME, help="uploaded pipeline's name (with --pipeline-version-id)")
-    p.add_argument(
-        "--pipeline-version-id", metavar="ID",
-        help="run an uploaded pipeline version (`vembed pipeline upload`) instead of sending --package; "
-        "'latest' picks the newest",
-    )  # fmt: skip
-
-
-def _run_arguments_for(args: argparse.Namespace, spec: dict) -> dict:
-    from pipelines.params import check_required, parse_params
-
+    spec = spec or read_pipeline_parameters(args.package)
     arguments = parse_params(args.param, spec)
     if args.config_override:
         if "config_overrides" in arguments:
@@ -58,22 +38,12 @@ def _run_arguments_for(args: argparse.Namespace, spec: dict) -> dict:
     return arguments
 
 
-def _run_arguments(args: argparse.Namespace) -> dict:
-    from pipelines.params import read_pipeline_parameters
-
-    return _run_arguments_for(args, read_pipeline_parameters(args.package))
-
-
 def _cmd_compile(args: argparse.Namespace) -> int:
     from pipelines.compile import COMPILED_PATH, compile_pipeline
     from pipelines.lora_finetune import PipelineOptions
+    from vembed.config import parse_pairs
 
-    node_selector = {}
-    for pair in args.node_selector:
-        if "=" not in pair:
-            raise ConfigError(f"--node-selector: expected label=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        node_selector[key] = value
+    node_selector = parse_pairs(args.node_selector, "--node-selector", lambda _, value: value, lambda _: None, "label")
     tolerations = []
     for text in args.toleration:
         try:
@@ -128,31 +98,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_upload(args: argparse.Namespace) -> int:
-    from pipelines.remote import upload
+    from pipelines.remote import Kfp
 
-    up = upload(args.host, args.package, args.pipeline, args.version_name, args.description, args.namespace)
+    up = Kfp(args.host, args.namespace).upload(args.package, args.pipeline, args.version_name, args.description)
     what = "created pipeline" if up.created_pipeline else ("already uploaded:" if up.reused else "added version to")
     print(f"{what} {up.pipeline_name} ({up.pipeline_id}); version {up.version_name} id {up.version_id}: {up.url}")
     return 0
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from pipelines.remote import _client, resolve_version, submit, submit_version, version_parameters
+    from pipelines.remote import Kfp
 
     if args.pipeline_version_id:
-        client = _client(args.host, args.namespace)
-        ref = resolve_version(client, args.host, args.pipeline, args.pipeline_version_id)
-        arguments = _run_arguments_for(args, version_parameters(client, args.host, ref))
-        sub = submit_version(
-            args.host, ref, arguments, experiment=args.experiment, run_name=args.run_name,
-            namespace=args.namespace, service_account=args.service_account, client=client,
-        )  # fmt: skip
+        kfp = Kfp(args.host, args.namespace)
+        ref = kfp.resolve_version(args.pipeline, args.pipeline_version_id)
+        arguments = _run_arguments(args, kfp.version_parameters(ref))
+        sub = kfp.submit_version(ref, arguments, args.experiment, args.run_name, args.service_account)
         print(f"submitted run {sub.id} ({sub.name}) of {ref.pipeline_name} version {ref.version_id}: {sub.url}")
         return 0
-    sub = submit(
-        args.host, args.package, _run_arguments(args), experiment=args.experiment, run_name=args.run_name,
-        namespace=args.namespace, service_account=args.service_account,
-    )  # fmt: skip
+    arguments = _run_arguments(args)  # checked before any request
+    sub = Kfp(args.host, args.namespace).submit(
+        args.package, arguments, args.experiment, args.run_name, args.service_account
+    )
     print(f"submitted run {sub.id} ({sub.name}) in experiment {sub.experiment_id}: {sub.url}")
     return 0
 
@@ -160,7 +127,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 def _cmd_schedule(args: argparse.Namespace) -> int:
     from pipelines.cron import validate_cron
     from pipelines.params import parse_params, read_pipeline_parameters
-    from pipelines.remote import VersionRef, _client, _upload, resolve_version, schedule, schedule_version
+    from pipelines.remote import Kfp, VersionRef
 
     if args.cron:
         validate_cron(args.cron)  # before any request
@@ -172,17 +139,17 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
             raise ConfigError("--cron is required")
         arguments = _run_arguments(args)
     else:
-        client = _client(args.host, args.namespace)
+        kfp = Kfp(args.host, args.namespace)
         if args.pipeline_version_id:
-            ref = resolve_version(client, args.host, args.pipeline, args.pipeline_version_id)
+            ref = kfp.resolve_version(args.pipeline, args.pipeline_version_id)
         else:  # upload --package (a no-op when this exact package is there already)
-            up = _upload(client, args.host, args.package, args.pipeline, None, None, args.namespace)
+            up = kfp.upload(args.package, args.pipeline)
             print(f"pipeline {up.pipeline_name} version {up.version_name} ({up.version_id})"
                   f"{' was already uploaded' if up.reused else ' uploaded'}")  # fmt: skip
             ref = VersionRef(up.pipeline_id, None if args.follow_latest else up.version_id, up.pipeline_name)
         spec = read_pipeline_parameters(args.package)
         # With --update, parameters left out keep the existing recurring run's values.
-        arguments = parse_params(args.param, spec) if args.update else _run_arguments_for(args, spec)
+        arguments = parse_params(args.param, spec) if args.update else _run_arguments(args, spec)
         if args.update and args.config_override:
             arguments["config_overrides"] = list(args.config_override)
     data_uri = str(arguments.get("data_uri", ""))
@@ -193,18 +160,16 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if versioned:
-        sub = schedule_version(
-            args.host, ref, arguments, args.cron, experiment=args.experiment, name=args.name,
-            namespace=args.namespace, service_account=args.service_account, update=args.update, client=client,
-        )  # fmt: skip
+        sub = kfp.schedule_version(
+            ref, arguments, args.cron, args.experiment, args.name, args.service_account, update=args.update
+        )
         target = "the newest version at each run" if ref.version_id is None else f"version {ref.version_id}"
         verb = "re-pointed" if args.update else "scheduled"
         print(f"{verb} recurring run {sub.id} ({sub.name}) on {ref.pipeline_name} {target}: {sub.url}")
         return 0
-    sub = schedule(
-        args.host, args.package, arguments, args.cron, experiment=args.experiment, name=args.name,
-        namespace=args.namespace, service_account=args.service_account,
-    )  # fmt: skip
+    sub = Kfp(args.host, args.namespace).schedule(
+        args.package, arguments, args.cron, args.experiment, args.name, args.service_account
+    )
     print(f"scheduled recurring run {sub.id} ({sub.name}, cron '{args.cron}'): {sub.url}")
     return 0
 
@@ -224,7 +189,22 @@ def _cmd_rbac(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipelines.lora_finetune import DEFAULT_BASE_MODEL, DEFAULT_MODEL_NAME, TRAIN_BACKENDS
+    from pipelines.compile import COMPILED_PATH
+    from pipelines.lora_finetune import DEFAULT_BASE_MODEL, DEFAULT_MODEL_NAME, PIPELINE_NAME, TRAIN_BACKENDS
+
+    remote = argparse.ArgumentParser(add_help=False)  # the arguments of submit and schedule
+    remote.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
+    remote.add_argument("--experiment", default="vembed", help="experiment name (created if missing)")
+    remote.add_argument("--namespace", help="Kubernetes namespace (multi-user KFP)")
+    remote.add_argument("--service-account", help="Kubernetes service account for the run's pods")
+    remote.add_argument("--package", default=str(COMPILED_PATH), help="compiled pipeline YAML (default: committed)")
+    _add_param_args(remote)
+    remote.add_argument("--pipeline", default=PIPELINE_NAME, help="uploaded pipeline's name (with --pipeline-version-id)")
+    remote.add_argument(
+        "--pipeline-version-id", metavar="ID",
+        help="run an uploaded pipeline version (`vembed pipeline upload`) instead of sending --package; "
+        "'latest' picks the newest",
+    )  # fmt: skip
 
     parser = argparse.ArgumentParser(prog="vembed pipeline", description="The lora-finetune Kubeflow pipeline.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -274,24 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("upload", help="create the pipeline on a KFP cluster, or add --package as a new version")
     p.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
     p.add_argument("--namespace", help="Kubernetes namespace (multi-user KFP)")
-    from pipelines.compile import COMPILED_PATH
-    from pipelines.lora_finetune import PIPELINE_NAME
-
     p.add_argument("--package", default=str(COMPILED_PATH), help="compiled pipeline YAML (default: committed)")
     p.add_argument("--pipeline", default=PIPELINE_NAME, help="pipeline name")
     p.add_argument("--version-name", help="default: <vembed version>-<sha256 of the package, 12 hex>")
     p.add_argument("--description")
     p.set_defaults(func=_cmd_upload)
 
-    p = sub.add_parser("submit", help="start one run on a KFP cluster")
-    _add_remote_args(p)
-    _add_version_args(p)
+    p = sub.add_parser("submit", parents=[remote], help="start one run on a KFP cluster")
     p.add_argument("--run-name")
     p.set_defaults(func=_cmd_submit)
 
-    p = sub.add_parser("schedule", help="create a recurring run (retraining) on a KFP cluster")
-    _add_remote_args(p)
-    _add_version_args(p)
+    p = sub.add_parser("schedule", parents=[remote], help="create a recurring run (retraining) on a KFP cluster")
     p.add_argument("--cron", help="KFP cron, 6 fields with seconds first: '0 0 3 * * *' (kept by --update)")
     p.add_argument("--name", help="recurring run name")
     p.add_argument(
@@ -319,12 +292,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except VembedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a file-system error on a path given here: one line, no traceback
-        where = f"{e.filename}: " if e.filename is not None else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: args.func(args))

@@ -81,17 +81,6 @@ def _check_local_inputs(data_uri: str | None, config_path: str | None) -> None:
         raise ConfigError(f"{config_path}: config file does not exist")
 
 
-def default_tracking_uri(out_dir: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out_dir / 'mlflow.db').resolve()}"
-
-
-def _compile_local(out_dir: Path) -> Path:
-    from pipelines.compile import compile_pipeline
-
-    # No accelerator request: kfp.local ignores it and would only warn.
-    return compile_pipeline(out_dir / LOCAL_YAML_NAME, PipelineOptions(accelerator_limit=0, exit_handler=False))
-
-
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -145,15 +134,6 @@ class _StepLog(io.TextIOBase):
         self.log.flush()
 
 
-@contextlib.contextmanager
-def _quiet_kfp_warnings():
-    with warnings.catch_warnings():
-        # Image names and pod settings mean nothing to a subprocess; kfp.local says so once per task.
-        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-        warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*")
-        yield
-
-
 def run_local(
     output_dir: str | os.PathLike[str] = "output/pipeline",
     data_uri: str | None = None,
@@ -170,12 +150,15 @@ def run_local(
     parameters. Step output goes to `<out>/pipeline.log` unless `verbose`."""
     from kfp import components, local
 
+    from pipelines.compile import compile_pipeline
+
     _check_local_inputs(data_uri, config_path)  # a missing file fails in a second, not after a compile
     out = Path(output_dir).resolve()
     if out.exists() and not out.is_dir():
         raise LocalRunError(f"{output_dir}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    package = _compile_local(out)
+    # No accelerator request (kfp.local ignores it and would only warn); pipeline outputs need no exit handler.
+    package = compile_pipeline(out / LOCAL_YAML_NAME, PipelineOptions(accelerator_limit=0, exit_handler=False))
     data = _absolute_if_local(data_uri) if data_uri else str(build_demo_raw_data(out))
     base_model = _absolute_if_local(base_model)
     if config_path is None and data_uri is None and DEMO_CONFIG.is_file():
@@ -188,7 +171,7 @@ def run_local(
         "registered_model_name": registered_model_name,
         "promotion_metric": promotion_metric,
         "min_delta": float(min_delta),
-        "mlflow_tracking_uri": default_tracking_uri(out),
+        "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}",
         "s3_endpoint_url": os.environ.get("AWS_ENDPOINT_URL", ""),
         # No cluster to deploy to: the run ends by printing the `vembed serve` command instead.
         "deploy": False,
@@ -205,7 +188,10 @@ def run_local(
         raise_on_error=True,
     )
     pipeline = components.load_component_from_file(str(package))
-    with _quiet_kfp_warnings(), log_path.open("w", encoding="utf-8") as log:
+    with warnings.catch_warnings(), log_path.open("w", encoding="utf-8") as log:
+        # Image names and pod settings mean nothing to a subprocess; kfp.local says so once per task.
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*")
         # kfp.local prints its progress and every step's output to stdout: keep the progress on the
         # terminal, send the rest to the log file.
         step_log = _StepLog(log, sys.stderr)

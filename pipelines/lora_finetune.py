@@ -89,6 +89,20 @@ _IMAGE_REF = re.compile(r"^[a-z0-9]+([._/:-][a-z0-9]+)*(:[\w][\w.-]{0,127})?(@sh
 IMAGE_UID = 1000
 
 
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+# VEMBED_* environment variable -> (PipelineOptions field, how to read the value)
+_ENV_OPTIONS = {
+    "VEMBED_IMAGE": ("image", str), "VEMBED_TRAIN_IMAGE": ("train_image", str),
+    "VEMBED_GPU_TYPE": ("accelerator_type", str), "VEMBED_GPUS": ("accelerator_limit", int),
+    "VEMBED_NODE_SELECTOR": ("node_selector", json.loads), "VEMBED_TOLERATIONS": ("tolerations", json.loads),
+    "VEMBED_MODEL_CACHE_PVC": ("model_cache_pvc", str), "VEMBED_TRAIN_BACKEND": ("train_backend", str),
+    "VEMBED_EVALUATE_GPUS": ("evaluate_accelerator_limit", int), "VEMBED_IMAGE_PULL_SECRETS": ("image_pull_secrets", _names),
+}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class PipelineOptions:
     """Compile-time settings. The defaults produce the committed `pipelines/compiled/lora_finetune.yaml`."""
@@ -132,27 +146,7 @@ class PipelineOptions:
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "PipelineOptions":
         """Defaults < VEMBED_* environment variables < explicit keyword overrides."""
         env = dict(os.environ if env is None else env)
-        values: dict = {}
-        if env.get("VEMBED_IMAGE"):
-            values["image"] = env["VEMBED_IMAGE"]
-        if env.get("VEMBED_TRAIN_IMAGE"):
-            values["train_image"] = env["VEMBED_TRAIN_IMAGE"]
-        if env.get("VEMBED_GPU_TYPE"):
-            values["accelerator_type"] = env["VEMBED_GPU_TYPE"]
-        if env.get("VEMBED_GPUS"):
-            values["accelerator_limit"] = int(env["VEMBED_GPUS"])
-        if env.get("VEMBED_NODE_SELECTOR"):
-            values["node_selector"] = json.loads(env["VEMBED_NODE_SELECTOR"])
-        if env.get("VEMBED_TOLERATIONS"):
-            values["tolerations"] = json.loads(env["VEMBED_TOLERATIONS"])
-        if env.get("VEMBED_MODEL_CACHE_PVC"):
-            values["model_cache_pvc"] = env["VEMBED_MODEL_CACHE_PVC"]
-        if env.get("VEMBED_TRAIN_BACKEND"):
-            values["train_backend"] = env["VEMBED_TRAIN_BACKEND"]
-        if env.get("VEMBED_EVALUATE_GPUS"):
-            values["evaluate_accelerator_limit"] = int(env["VEMBED_EVALUATE_GPUS"])
-        if env.get("VEMBED_IMAGE_PULL_SECRETS"):
-            values["image_pull_secrets"] = [n.strip() for n in env["VEMBED_IMAGE_PULL_SECRETS"].split(",") if n.strip()]
+        values = {key: read(env[name]) for name, (key, read) in _ENV_OPTIONS.items() if env.get(name)}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return replace(cls(), **values)
 
@@ -251,15 +245,15 @@ def build_pipeline(opts: PipelineOptions | None = None):
     ) -> PipelineOutputs:
         # Runs after everything below, whatever the outcome. The handler is entered without a `with`
         # block so that the step definitions keep their place (and their indentation).
+        # Inputs several steps take alike.
+        endpoints = {"mlflow_tracking_uri": mlflow_tracking_uri, "s3_endpoint_url": s3_endpoint_url}
+        this_run = {"pipeline_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, "pipeline_run_name": dsl.PIPELINE_JOB_NAME_PLACEHOLDER}
+        gate = {"promotion_metric": promotion_metric, "min_delta": min_delta}
+
         exit_task = steps = None
         if opts.exit_handler:
             exit_task = on_exit(
-                pipeline_root=dsl.PIPELINE_ROOT_PLACEHOLDER,
-                pipeline_name=PIPELINE_NAME,
-                pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                pipeline_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-                mlflow_tracking_uri=mlflow_tracking_uri,
-                s3_endpoint_url=s3_endpoint_url,
+                pipeline_root=dsl.PIPELINE_ROOT_PLACEHOLDER, pipeline_name=PIPELINE_NAME, **this_run, **endpoints
             )
             steps = dsl.ExitHandler(exit_task, name="steps")
             steps.__enter__()
@@ -289,10 +283,8 @@ def build_pipeline(opts: PipelineOptions | None = None):
             model=train_task.outputs["model"],
             base_model=base_model,
             registered_model_name=registered_model_name,
-            promotion_metric=promotion_metric,
-            min_delta=min_delta,
-            mlflow_tracking_uri=mlflow_tracking_uri,
-            s3_endpoint_url=s3_endpoint_url,
+            **gate,
+            **endpoints,
         )
         merge_task = merge(model=train_task.outputs["model"])
 
@@ -304,12 +296,9 @@ def build_pipeline(opts: PipelineOptions | None = None):
                 dataset=prepare_task.outputs["dataset"],
                 model_name=registered_model_name,
                 promote=promote,
-                promotion_metric=promotion_metric,
-                min_delta=min_delta,
-                mlflow_tracking_uri=mlflow_tracking_uri,
-                s3_endpoint_url=s3_endpoint_url,
-                pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                pipeline_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+                **gate,
+                **endpoints,
+                **this_run,
             )
             task.set_display_name("register-champion" if promote else "register-challenger")
             return task
@@ -320,18 +309,12 @@ def build_pipeline(opts: PipelineOptions | None = None):
             # register -> deploy: the new champion becomes the serving endpoint (KServe).
             with dsl.If(deploy == True, name="deploy-enabled"):  # noqa: E712 - a KFP condition, not a Python test
                 deploy_task = deploy_component(
-                    registration=promoted.output,
-                    model_name=registered_model_name,
-                    image=serving_image,
-                    default_image=image,
-                    namespace=serving_namespace,
-                    service_name=serving_service_name,
-                    service_account=serving_service_account,
-                    canary_traffic_percent=canary_traffic_percent,
-                    timeout_s=deploy_timeout_s,
-                    mlflow_artifacts_destination=mlflow_artifacts_destination,
+                    registration=promoted.output, model_name=registered_model_name, image=serving_image,
+                    default_image=image, namespace=serving_namespace, service_name=serving_service_name,
+                    service_account=serving_service_account, canary_traffic_percent=canary_traffic_percent,
+                    timeout_s=deploy_timeout_s, mlflow_artifacts_destination=mlflow_artifacts_destination,
                     mlflow_tracking_uri=mlflow_tracking_uri,
-                )
+                )  # fmt: skip
         with dsl.Else(name="gate-held"):
             held = register_task(promote=False)
 
@@ -342,13 +325,12 @@ def build_pipeline(opts: PipelineOptions | None = None):
         for task in (evaluate_task, merge_task, *([] if opts.on_cluster else [train_task])):
             task.set_container_image(train_image)
 
-        _requests(prepare_task, res["prepare"])
-        _requests(train_task, res["train-launcher" if opts.on_cluster else "train"])
-        _requests(evaluate_task, res["evaluate"])
-        _requests(merge_task, res["merge"])
-        for task in (promoted, held):
-            _requests(task, res["register"])
-        _requests(deploy_task, res["deploy"])
+        for task, key in (
+            (prepare_task, "prepare"), (train_task, "train-launcher" if opts.on_cluster else "train"),
+            (evaluate_task, "evaluate"), (merge_task, "merge"), (promoted, "register"), (held, "register"),
+            (deploy_task, "deploy"), *((t, "on-exit") for t in exit_tasks),
+        ):  # fmt: skip
+            _requests(task, res[key])
 
         # No task-level retry: KFP would rerun a step on any failure, a missing data file included
         # (minutes of backoff for an error that cannot change). The steps retry transient failures
@@ -386,8 +368,6 @@ def build_pipeline(opts: PipelineOptions | None = None):
                 task, secret_name=mlflow_secret_name, secret_key_to_env=MLFLOW_SECRET_KEYS, optional=True
             )
 
-        for task in exit_tasks:
-            _requests(task, res["on-exit"])
         if steps is not None:
             steps.__exit__(None, None, None)
         harden_tasks(opts)

@@ -41,48 +41,35 @@ def parameters_from_spec(spec: Mapping[str, Any], where: str) -> dict[str, dict[
     }
 
 
+# Parameter type -> (reader, what a bad value should have been, (type a JSON value must have, its name) or None)
+_READERS = {
+    "NUMBER_INTEGER": (int, "an integer", None),
+    "NUMBER_DOUBLE": (float, "a number", None),
+    "LIST": (json.loads, 'a JSON list, e.g. ["lora_r=32","epochs=2"]', (list, "a JSON list")),
+    "STRUCT": (json.loads, "a JSON object", (dict, "a JSON object")),
+}
+
+
 def _coerce(name: str, kind: str, raw: str) -> Any:
     def bad(expected: str) -> ConfigError:
         return ConfigError(f"--param {name}={raw}: expected {expected}")
 
-    if kind == "STRING":
-        return raw
-    if kind == "NUMBER_INTEGER":
-        try:
-            return int(raw)
-        except ValueError:
-            raise bad("an integer") from None
-    if kind == "NUMBER_DOUBLE":
-        try:
-            return float(raw)
-        except ValueError:
-            raise bad("a number") from None
+    if kind == "LIST" and not raw.strip().startswith("["):  # a,b,c
+        return [item for item in raw.strip().split(",") if item]
     if kind == "BOOLEAN":
-        if raw.lower() in ("true", "1", "yes"):
-            return True
-        if raw.lower() in ("false", "0", "no"):
-            return False
+        if raw.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return raw.lower() in ("true", "1", "yes")
         raise bad("true or false")
-    if kind == "LIST":
-        text = raw.strip()
-        if text.startswith("["):
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError:
-                raise bad('a JSON list, e.g. ["lora_r=32","epochs=2"]') from None
-            if not isinstance(value, list):
-                raise bad("a JSON list")
-            return value
-        return [item for item in text.split(",") if item] if text else []
-    if kind == "STRUCT":
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            raise bad("a JSON object") from None
-        if not isinstance(value, dict):
-            raise bad("a JSON object")
-        return value
-    return raw
+    if kind not in _READERS:  # STRING, and any type a newer KFP adds
+        return raw
+    read, expected, json_type = _READERS[kind]
+    try:
+        value = read(raw)
+    except ValueError:  # json.JSONDecodeError included
+        raise bad(expected) from None
+    if json_type and not isinstance(value, json_type[0]):
+        raise bad(json_type[1])
+    return value
 
 
 def parse_params(pairs: Iterable[str], spec: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from vembed.errors import StorageError, VembedError
+from vembed.errors import StorageError, VembedError, run_command
 
 
 def check_output_file(path: str) -> None:
@@ -22,30 +23,13 @@ def check_output_file(path: str) -> None:
         raise StorageError(f"{path}: folder {p.parent} does not exist")
 
 
-def _end_progress_bars() -> None:
-    """A failure mid-training leaves tqdm's bar open: close it, so the error starts on its own line."""
-    std = sys.modules.get("tqdm.std")
-    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
-        bar.close()
-
-
-def _os_error_line(e: OSError) -> str:
-    """`path: reason` for a file-system error that no handler turned into a VembedError."""
-    if e.filename is not None:
-        return f"{e.filename}: {e.strerror or type(e).__name__}"
-    return str(e) or type(e).__name__
-
-
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _config_args() -> argparse.ArgumentParser:
+    """The arguments of `train` and `config show` (a parent parser)."""
+    p = argparse.ArgumentParser(add_help=False)
     p.add_argument("config", help="YAML config file")
-    p.add_argument(
-        "--config_override",
-        "--config-override",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override config keys, e.g. lora_r=32 mrl_dims=[256,128]",
-    )
+    p.add_argument("--config_override", "--config-override", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. lora_r=32 mrl_dims=[256,128]")
+    return p
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -69,14 +53,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from vembed.evaluation import evaluate_cli
 
     return evaluate_cli(args)
-
-
-def _cmd_merge(args: argparse.Namespace) -> int:
-    from vembed.export import merge_adapter
-
-    out = merge_adapter(args.checkpoint, args.output_dir, overwrite=args.overwrite)
-    print(f"merged model written to {out}")
-    return 0
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
@@ -134,69 +110,32 @@ def summarize_embeddings(emb, labels: Sequence[str], first: int = 5, rows: int =
     return "\n".join(lines)
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from vembed.serve import serve
+def _calling(target: str, report: Callable[[Any], str] | None = None) -> Callable[[argparse.Namespace], int]:
+    """A handler that calls `module:function` with the parsed arguments named like its parameters (all
+    of them when it takes **kwargs) and prints `report(result)`; without `report` the result is the exit code."""
 
-    serve(args.model, host=args.host, port=args.port, device=args.device)
-    return 0
+    def handler(args: argparse.Namespace) -> int:
+        import importlib
+        import inspect
 
+        module, name = target.split(":")
+        fn = getattr(importlib.import_module(module), name)
+        params = inspect.signature(fn).parameters
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        result = fn(**{k: v for k, v in vars(args).items() if k in params or (takes_any and k not in _PARSER_KEYS)})
+        if report is None:
+            return int(result or 0)
+        print(report(result))
+        return 0
 
-def _cmd_deploy(args: argparse.Namespace) -> int:
-    from vembed.steps.deploy import deploy
-
-    result = deploy(
-        args.model_name,
-        args.image,
-        alias=args.alias,
-        service_name=args.service,
-        namespace=args.namespace,
-        service_account=args.service_account,
-        canary_traffic_percent=args.canary_traffic_percent,
-        timeout_s=args.timeout,
-        mlflow_artifacts_destination=args.mlflow_artifacts_destination,
-        output_dir=args.output_dir,
-    )
-    print(json.dumps(result, indent=2, default=str))
-    return 0
+    return handler
 
 
-def _cmd_prepare(args: argparse.Namespace) -> int:
-    from vembed.steps.prepare import prepare
-
-    summary = prepare(
-        args.raw,
-        args.output,
-        eval_fraction=args.eval_fraction,
-        seed=args.seed,
-        on_bad_record=args.on_bad_record,
-        mine_negatives=args.mine_negatives,
-    )
-    print(json.dumps(summary, indent=2))
-    return 0
+_PARSER_KEYS = ("command", "func")
 
 
-def _cmd_mine(args: argparse.Namespace) -> int:
-    from vembed.data.mining import mine_file
-
-    summary = mine_file(
-        args.data,
-        args.output,
-        args.model,
-        rank_start=args.rank_start,
-        rank_end=args.rank_end,
-        num_negatives=args.num_negatives,
-        margin=args.margin,
-        corpus=args.corpus,
-        batch_size=args.batch_size,
-    )
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from vembed.demo import run_demo
-
-    return run_demo(args.output_dir, minutes=args.minutes)
+def _as_json(result: Any) -> str:
+    return json.dumps(result, indent=2, default=str)
 
 
 def _delegate(module: str, argv: list[str]) -> int:
@@ -208,9 +147,9 @@ def _delegate(module: str, argv: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vembed", description="Fine-tune embedding models with LoRA.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    config_args = _config_args()
 
-    p = sub.add_parser("train", help="fine-tune a model (same as `python run.py CONFIG`)")
-    _add_config_args(p)
+    p = sub.add_parser("train", parents=[config_args], help="fine-tune a model (same as `python run.py CONFIG`)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="retrieval metrics (Recall@k, MRR@10, nDCG@10), base vs tuned")
@@ -227,10 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("merge", help="merge_and_unload an adapter into a standalone model")
-    p.add_argument("checkpoint", help="adapter checkpoint directory")
+    p.add_argument("checkpoint_dir", metavar="checkpoint", help="adapter checkpoint directory")
     p.add_argument("output_dir", help="a new or empty directory")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier merge output in output_dir")
-    p.set_defaults(func=_cmd_merge)
+    p.set_defaults(func=_calling("vembed.export:merge_adapter", lambda out: f"merged model written to {out}"))
 
     p = sub.add_parser("encode", help="embed texts or images")
     p.add_argument("model")
@@ -242,38 +181,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_encode)
 
     p = sub.add_parser("serve", help="OpenAI-compatible /v1/embeddings server for a model")
-    p.add_argument("model", help="model directory, s3:// URI or models:/NAME@alias")
+    p.add_argument("model_uri", metavar="model", help="model directory, s3:// URI or models:/NAME@alias")
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.set_defaults(func=_cmd_serve)
+    p.set_defaults(func=_calling("vembed.serve:serve"))
 
     p = sub.add_parser("deploy", help="serve models:/NAME@alias as a KServe InferenceService (vembed serve)")
     p.add_argument("model_name", help="registered model name")
     p.add_argument("--image", required=True, help="the vembed image the predictor runs")
     p.add_argument("--alias", default="champion")
-    p.add_argument("--service", default="", help="InferenceService name (default: from the model name)")
+    p.add_argument("--service", dest="service_name", metavar="SERVICE", default="",
+                   help="InferenceService name (default: from the model name)")
     p.add_argument("--namespace", default="", help="default: this pod's namespace, else default")
     p.add_argument("--service-account", default="", help="predictor's service account (S3 credentials)")
     p.add_argument("--canary-traffic-percent", type=int, default=100)
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for Ready")
+    p.add_argument("--timeout", dest="timeout_s", metavar="TIMEOUT", type=float, default=900.0,
+                   help="seconds to wait for Ready")
     p.add_argument("--mlflow-artifacts-destination", default="",
                    help="the MLflow server's --artifacts-destination, when it proxies artifacts")
     p.add_argument("--output-dir", default="output", help="where the embedded MLflow store lives")
-    p.set_defaults(func=_cmd_deploy)
+    p.set_defaults(func=_calling("vembed.steps.deploy:deploy", _as_json))
 
     p = sub.add_parser("prepare", help="validate, dedup and split raw JSONL into a dataset directory")
-    p.add_argument("raw", help="JSONL file, directory, or s3:// URI/prefix")
-    p.add_argument("output", help="dataset directory (local or s3://)")
+    p.add_argument("raw_uri", metavar="raw", help="JSONL file, directory, or s3:// URI/prefix")
+    p.add_argument("output_uri", metavar="output", help="dataset directory (local or s3://)")
     p.add_argument("--eval-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--on-bad-record", choices=["error", "skip"], default="error")
     p.add_argument("--mine-negatives", metavar="MODEL", help="mine hard negatives into the train split with MODEL")
-    p.set_defaults(func=_cmd_prepare)
+    p.set_defaults(func=_calling("vembed.steps.prepare:prepare", _as_json))
 
     p = sub.add_parser("mine", help="mine hard negatives into a JSONL dataset with a given model")
-    p.add_argument("data", help="JSONL records (query, positive, ...)")
-    p.add_argument("output", help="JSONL file to write (must not exist)")
+    p.add_argument("data_path", metavar="data", help="JSONL records (query, positive, ...)")
+    p.add_argument("output_path", metavar="output", help="JSONL file to write (must not exist)")
     p.add_argument("--model", required=True, help="model to mine with: HF id, directory, checkpoint or merged model")
     p.add_argument("--rank-start", type=int, default=10, help="first rank (0-based) a negative may come from")
     p.add_argument("--rank-end", type=int, default=50, help="ranks from --rank-end on are not candidates")
@@ -281,18 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=0.95, help="skip candidates scoring above margin * positive score")
     p.add_argument("--corpus", help='extra candidate passages, JSONL of {"text": ...}')
     p.add_argument("--batch-size", type=int, default=64)
-    p.set_defaults(func=_cmd_mine)
+    p.set_defaults(func=_calling("vembed.data.mining:mine_file", _as_json))
 
     p = sub.add_parser("config", help="config tools")
     csub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
-    show = csub.add_parser("show", help="print the resolved config")
-    _add_config_args(show)
-    show.set_defaults(func=_cmd_config_show)
+    csub.add_parser("show", parents=[config_args], help="print the resolved config").set_defaults(func=_cmd_config_show)
 
     p = sub.add_parser("demo", help="fine-tune all-MiniLM-L6-v2 on built-in data and print before/after metrics")
     p.add_argument("--output-dir", default="output/demo")
     p.add_argument("--minutes", type=float, default=3.0, help="training time budget")
-    p.set_defaults(func=_cmd_demo)
+    p.set_defaults(func=_calling("vembed.demo:run_demo"))
 
     p = sub.add_parser("pipeline", help="compile, run locally, upload, submit or schedule the Kubeflow pipeline; render its RBAC", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
@@ -316,19 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = argparse.Namespace(func=lambda _: _delegate(module, rest))
     else:
         args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except VembedError as e:
-        _end_progress_bars()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # the file system said no (read-only, full, missing folder): one line, no traceback
-        _end_progress_bars()
-        print(f"error: {_os_error_line(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class VembedError(Exception):
     """Base class: a user-facing error whose message says what and where.
@@ -30,3 +32,39 @@ class StorageError(VembedError):
 
 class RegistryError(VembedError):
     """A model-registry operation failed."""
+
+
+# --- the one shell: every command and pipeline step turns these into one `error: ...` line -----------
+ONE_LINE_ERRORS = (VembedError, OSError)  # OSError: the file system said no (read-only, full, missing)
+
+
+def error_line(exc: BaseException) -> str:
+    """What follows `error: `: `path: reason` for a file-system error, else the message."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or type(exc).__name__}"
+    return str(exc).strip() or type(exc).__name__
+
+
+def _end_progress_bars() -> None:
+    """A failure mid-training leaves tqdm's bar open: close it, so the error starts on its own line."""
+    import sys
+
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
+def run_command(fn: Callable[[], int | None]) -> int:
+    """Run a CLI command: its exit code, or 2 after one `error: ...` line on stderr (no traceback);
+    130 on Ctrl-C. Pipeline steps use `vembed.retry.run_step`, which ends the same way in the pod log."""
+    import sys
+
+    try:
+        return int(fn() or 0)
+    except ONE_LINE_ERRORS as e:
+        _end_progress_bars()
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

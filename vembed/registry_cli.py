@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from vembed.errors import VembedError
+from vembed.errors import VembedError, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +45,8 @@ def _format_show(info: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(argv) if argv is not None else None)
-    try:
+
+    def run() -> int:
         from vembed.registry import Registry, require_existing_store, resolve_tracking_uri
 
         # Every command here needs a model that is already registered: never create a store.
@@ -67,13 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "rollback" and not args.no_serving:
             return _rollback_serving(registry, args)
         return 0
-    except VembedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a file-system error on a path given here: one line, no traceback
-        where = f"{e.filename}: " if e.filename is not None else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
-        return 2
+
+    return run_command(run)
 
 
 def _rollback_serving(registry, args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from vembed.errors import VembedError
+from vembed.errors import ONE_LINE_ERRORS, VembedError, error_line
 
 T = TypeVar("T")
 
@@ -29,13 +29,6 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (ConnectionError, TimeoutError))
 
 
-def _line(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.filename is not None:
-        return f"{exc.filename}: {exc.strerror or type(exc).__name__}"
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def run_step(
     fn: Callable[[], T],
     retries: int = RETRIES,
@@ -48,11 +41,11 @@ def run_step(
     for attempt in range(retries + 1):
         try:
             return fn()
-        except (VembedError, OSError) as e:
+        except ONE_LINE_ERRORS as e:
             if is_transient(e) and attempt < retries:
                 delay = backoff_s * factor**attempt
-                print(f"transient failure, retrying in {delay:g}s ({attempt + 1}/{retries}): {_line(e)}", file=sys.stderr)
+                print(f"transient failure, retrying in {delay:g}s ({attempt + 1}/{retries}): {error_line(e)}", file=sys.stderr)
                 sleep(delay)
                 continue
-            raise SystemExit(f"error: {_line(e)}") from None
+            raise SystemExit(f"error: {error_line(e)}") from None
     raise AssertionError("unreachable")

@@ -25,31 +25,24 @@ def deploy(
     `registration` says the version was not promoted. Returns JSON: service, namespace, version,
     endpoint, revision, traffic."""
     import json
-    import os
 
-    from vembed.errors import VembedError
+    from vembed.retry import run_step
+    from vembed.steps import use_endpoints
     from vembed.steps.deploy import deploy as run_deploy
 
     reg = json.loads(registration or "{}")
     if not reg.get("promoted"):
         print(f"not deploying: version {reg.get('version')} was not promoted ({reg.get('reason')})")
         return json.dumps({"skipped": True, "reason": reg.get("reason")})
-    if mlflow_tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        raise SystemExit("error: no MLflow to read the champion from: set the mlflow_tracking_uri parameter")
-    try:
-        result = run_deploy(
-            model_name,
-            image or default_image,
-            namespace=namespace,
-            service_name=service_name,
-            service_account=service_account,
-            canary_traffic_percent=canary_traffic_percent,
-            timeout_s=float(timeout_s),
-            mlflow_artifacts_destination=mlflow_artifacts_destination,
-        )
-    except VembedError as e:  # one readable line in the pod log, not a traceback
-        raise SystemExit(f"error: {e}") from None
+
+    def attempt() -> dict:
+        use_endpoints(mlflow_tracking_uri, mlflow_needed_to="read the champion from")
+        return run_deploy(
+            model_name, image or default_image, namespace=namespace, service_name=service_name,
+            service_account=service_account, canary_traffic_percent=canary_traffic_percent,
+            timeout_s=float(timeout_s), mlflow_artifacts_destination=mlflow_artifacts_destination,
+        )  # fmt: skip
+
+    result = run_step(attempt, retries=0)  # no retry: the wait for Ready has its own timeout; one line on failure
     print(json.dumps(result, indent=2, default=str))
     return json.dumps(result, default=str)

@@ -24,27 +24,21 @@ def evaluate(
     """Retrieval metrics on the eval split for the tuned adapter, the base model and, when
     `registered_model_name` has a `champion` alias, the champion. `decision` is "promote" when tuned
     >= max(base, champion) + min_delta on `promotion_metric`, else "hold"."""
-    import os
     from collections import namedtuple
     from pathlib import Path
 
     from vembed.retry import run_step
+    from vembed.steps import use_endpoints
     from vembed.steps.evaluate import champion_uri, flat_metrics
     from vembed.steps.evaluate import evaluate as run_evaluate
 
-    if mlflow_tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
-    if s3_endpoint_url:
-        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint_url
-    if registered_model_name and not os.environ.get("MLFLOW_TRACKING_URI"):
-        raise SystemExit("error: no MLflow to find the champion in: set the mlflow_tracking_uri parameter")
     def attempt() -> dict:
-        champion = champion_uri(registered_model_name) if registered_model_name else None
+        use_endpoints(mlflow_tracking_uri, s3_endpoint_url, "find the champion in" if registered_model_name else "")
         return run_evaluate(
             model.path,
             Path(dataset.path) / "eval.jsonl",
             base_model=base_model or model.metadata.get("base_model") or None,
-            champion=champion,
+            champion=champion_uri(registered_model_name) if registered_model_name else None,
             promotion_metric=promotion_metric,
             min_delta=min_delta,
         )

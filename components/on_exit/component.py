@@ -19,14 +19,11 @@ def on_exit(
     its MLflow run (vembed.pipeline_status, vembed.failed_task, vembed.failure_reason). Never fails the
     run itself: problems are printed. Returns JSON: state, deleted, mlflow_run_id, problems."""
     import json
-    import os
 
+    from vembed.steps import use_endpoints
     from vembed.steps.finalize import FinalStatus, finalize
 
-    if mlflow_tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
-    if s3_endpoint_url:
-        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint_url
+    use_endpoints(mlflow_tracking_uri, s3_endpoint_url)
     final = FinalStatus(
         state=str(status.state),
         task_name=str(status.pipeline_task_name or ""),

@@ -20,13 +20,12 @@ def prepare(
     snapshot) and write `train.jsonl`, `eval.jsonl` and a manifest into `dataset`. `mine_negatives`: a model
     that mines hard negatives into the train split ("" = off). Returns the summary JSON."""
     import json
-    import os
 
     from vembed.retry import run_step
+    from vembed.steps import use_endpoints
     from vembed.steps.prepare import prepare as run_prepare
 
-    if s3_endpoint_url:
-        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint_url
+    use_endpoints(s3_endpoint_url=s3_endpoint_url)
     # Transient failures (network, 5xx, throttling) are retried; bad data fails at once, in one line.
     summary = run_step(
         lambda: run_prepare(

@@ -26,20 +26,13 @@ def register(
     registry may move `champion` to it; without, `champion` stays. Returns JSON: model_name, version,
     aliases, promoted, reason, run_id."""
     import json
-    import os
     import tempfile
 
     from vembed.retry import run_step
+    from vembed.steps import use_endpoints
     from vembed.steps.evaluate import eval_set_sha256, unflatten_metrics
     from vembed.steps.register import register as run_register
 
-    if mlflow_tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
-    if s3_endpoint_url:
-        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint_url
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        # Without it the registry would write to a throwaway store inside this pod.
-        raise SystemExit("error: no MLflow to register in: set the mlflow_tracking_uri parameter")
     evaluation = {"results": unflatten_metrics(metrics.metadata), "decision": {"passed": bool(promote)}}
     run_info = {
         "base_model": adapter.metadata.get("base_model"),
@@ -47,7 +40,9 @@ def register(
         "pipeline_run_id": pipeline_run_id or None,
         "run_name": pipeline_run_name or None,
     }
+
     def attempt() -> dict:
+        use_endpoints(mlflow_tracking_uri, s3_endpoint_url, "register in")
         with tempfile.TemporaryDirectory() as scratch:
             return run_register(
                 adapter.path,

@@ -41,22 +41,9 @@ def train(
 ) -> NamedTuple("TrainOutputs", [("final_loss", float), ("global_step", int)]):
     """`train` for a pod that launches a cluster job. `job_settings`: {"resources": {"requests": ...,
     "limits": ...}, "image_pull_secrets": [...]} for the job's pods (trainer.* in the config wins)."""
-    import dataclasses
+    inputs = dict(locals())  # the parameters above, before any import adds a name
     from collections import namedtuple
 
-    from vembed.steps.train import train_to_artifacts
+    from vembed.steps.train import train_component
 
-    summary = train_to_artifacts(
-        dataset.path, model.path, model.uri, report.path,
-        base_model=base_model, config_overrides=config_overrides, config_path=config_path,
-        s3_endpoint_url=s3_endpoint_url, train_backend=train_backend, job_image=job_image,
-        job_output_uri=job_output_uri,
-        task_config=dataclasses.asdict(task_config) if task_config else None, job_settings=job_settings,
-    )  # fmt: skip
-    model.metadata.update(
-        base_model=summary["config"]["model_name"],
-        final_loss=summary["final_loss"],
-        global_step=summary["global_step"],
-    )
-    outputs = namedtuple("TrainOutputs", ["final_loss", "global_step"])
-    return outputs(summary["final_loss"], summary["global_step"])
+    return namedtuple("TrainOutputs", ["final_loss", "global_step"])(*train_component(**inputs))

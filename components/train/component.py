@@ -40,23 +40,12 @@ def train(
     With trainer.backend trainjob / pytorchjob: `train_backend` is the backend the pipeline was compiled
     for (empty: as the config says), `job_image` the job's image when trainer.image is unset, and the job
     writes to `job_output_uri` (default: `<model artifact URI>-job`, s3:// or a shared-PVC path)."""
+    inputs = dict(locals())  # the parameters above, before any import adds a name
     from collections import namedtuple
 
-    from vembed.steps.train import train_to_artifacts
+    from vembed.steps.train import train_component
 
-    summary = train_to_artifacts(
-        dataset.path, model.path, model.uri, report.path,
-        base_model=base_model, config_overrides=config_overrides, config_path=config_path,
-        s3_endpoint_url=s3_endpoint_url, train_backend=train_backend, job_image=job_image,
-        job_output_uri=job_output_uri,
-    )  # fmt: skip
-    model.metadata.update(
-        base_model=summary["config"]["model_name"],
-        final_loss=summary["final_loss"],
-        global_step=summary["global_step"],
-    )
-    outputs = namedtuple("TrainOutputs", ["final_loss", "global_step"])
-    return outputs(summary["final_loss"], summary["global_step"])
+    return namedtuple("TrainOutputs", ["final_loss", "global_step"])(*train_component(**inputs))
 
 
 from components.train.cluster import CLUSTER_PASSTHROUGHS  # noqa: E402 - re-exported next to `train`

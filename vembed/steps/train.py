@@ -251,3 +251,16 @@ def train_to_artifacts(
         shutil.copy2(summary["log_path"], out / "training_log.txt")
     Path(report_path).write_text(render_report(summary), encoding="utf-8")
     return summary
+
+
+def train_component(dataset: Any, model: Any, report: Any, task_config: Any = None, **params: Any) -> tuple[float, int]:
+    """The body of both train components, given their KFP artifacts (`.path`, `.uri`, `.metadata`) and
+    their other inputs by name: `train_to_artifacts`, then the model's metadata. Returns (final_loss, global_step)."""
+    import dataclasses
+
+    task = dataclasses.asdict(task_config) if task_config else None  # a dsl.TaskConfig (cluster variant)
+    summary = train_to_artifacts(dataset.path, model.path, model.uri, report.path, task_config=task, **params)
+    model.metadata.update(
+        base_model=summary["config"]["model_name"], final_loss=summary["final_loss"], global_step=summary["global_step"]
+    )
+    return summary["final_loss"], summary["global_step"]
