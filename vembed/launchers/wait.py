@@ -13,11 +13,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from vembed.errors import VembedError
 
 LogFn = Callable[[str], None]
+T = TypeVar("T")
 
 
 class TrainingJobError(VembedError):
@@ -35,6 +36,16 @@ class Phase(enum.StrEnum):
 class JobState:
     phase: Phase
     reason: str = ""
+
+
+class JobRun:
+    """A submitted job of one backend (TrainJobRun, PyTorchJobRun) with its client."""
+
+    kind = "job"
+
+    def __init__(self, client: Any, name: str, namespace: str) -> None:
+        self.client, self.name, self.namespace = client, name, namespace
+        self.description = f"{self.kind} {namespace}/{name}"
 
 
 class TrainingJob(Protocol):
@@ -80,6 +91,23 @@ def api_error_text(exc: BaseException) -> str:
             return f"HTTP {status} {reason}".strip() + _status_message(getattr(seen, "body", None))
         seen = seen.__cause__ or seen.__context__
     return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def sdk_call(what: str, call: Callable[[], T]) -> T:
+    """`call()`; any failure (no credentials, HTTP 403, ...) becomes one line: `what: reason`."""
+    try:
+        return call()
+    except Exception as e:  # noqa: BLE001 - an SDK raises many types; the step needs one clear line
+        raise TrainingJobError(f"{what}: {api_error_text(e)}") from None
+
+
+def failure_reason(conditions: list[str], pods: Callable[[], list[Any]], container: str) -> str:
+    """The Failed condition(s) plus which node container died how (when the pods can be read)."""
+    try:
+        conditions = [*conditions, describe_pod_failure(pods(), container)]
+    except Exception as e:  # noqa: BLE001 - report what was found; the job did fail either way
+        conditions.append(f"(details unavailable: {api_error_text(e)})")
+    return "; ".join(p for p in conditions if p)
 
 
 def _status_message(body: Any) -> str:
