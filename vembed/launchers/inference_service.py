@@ -20,14 +20,16 @@ its models add nothing over a plain manifest for one create/patch/get.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from vembed.errors import VembedError
+from vembed.launchers.wait import api_error_text
 
 GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -110,12 +112,6 @@ def custom_objects_api(client_configuration: Any = None) -> Any:
     return client.CustomObjectsApi(client.ApiClient(client_configuration))
 
 
-def _api_error(e: BaseException) -> str:
-    from vembed.launchers.wait import api_error_text
-
-    return api_error_text(e)
-
-
 @dataclass
 class Rollout:
     """The outcome of one create/patch, for the deploy step's result."""
@@ -138,22 +134,31 @@ class InferenceServices:
     def where(self, name: str) -> str:
         return f"InferenceService {self.namespace}/{name}"
 
+    @contextlib.contextmanager
+    def _errors(self, name: str, doing: str = "") -> Iterator[None]:
+        """Any API failure (connection refused and friends) as one line naming the service."""
+        try:
+            yield
+        except DeployError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise DeployError(f"{self.where(name)}: {doing}{api_error_text(e)}") from None
+
     def get(self, name: str) -> dict[str, Any] | None:
         from kubernetes.client.exceptions import ApiException
 
-        try:
-            return self.api.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise DeployError(f"{self.where(name)}: {_api_error(e)}") from None
-        except Exception as e:  # noqa: BLE001 - connection refused and friends
-            raise DeployError(f"{self.where(name)}: {_api_error(e)}") from None
+        with self._errors(name):
+            try:
+                return self.api.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+            except ApiException as e:
+                if e.status != 404:
+                    raise
+        return None
 
     def apply(self, name: str, spec: PredictorSpec, canary_traffic_percent: int) -> tuple[str, dict | None]:
         """Create, or merge-patch the predictor. Returns (action, the object as it was before)."""
         before = self.get(name)
-        try:
+        with self._errors(name):
             if before is None:
                 self.api.create_namespaced_custom_object(
                     GROUP, VERSION, self.namespace, PLURAL, manifest(name, self.namespace, spec)
@@ -169,10 +174,6 @@ class InferenceServices:
             }
             self.api.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, patch)
             return "patched", before
-        except DeployError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise DeployError(f"{self.where(name)}: {_api_error(e)}") from None
 
     def restore(self, name: str, before: dict[str, Any]) -> None:
         """Put the previous predictor spec back (replace, so fields the failed spec added go away)."""
@@ -185,10 +186,8 @@ class InferenceServices:
             {k: v for k, v in (before["metadata"].get("annotations") or {}).items() if k == ANNOTATION_MODEL}
         )
         body.pop("status", None)
-        try:
+        with self._errors(name, "restoring the previous spec failed: "):
             self.api.replace_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, body)
-        except Exception as e:  # noqa: BLE001
-            raise DeployError(f"{self.where(name)}: restoring the previous spec failed: {_api_error(e)}") from None
 
     def wait_ready(
         self,

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import json
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from vembed.errors import VembedError
 
@@ -39,27 +40,23 @@ class JobState:
 
 
 class JobRun:
-    """A submitted job of one backend (TrainJobRun, PyTorchJobRun) with its client."""
+    """A submitted job of one backend (TrainJobRun, PyTorchJobRun), as the wait loop sees it."""
 
     kind = "job"
 
     def __init__(self, client: Any, name: str, namespace: str) -> None:
         self.client, self.name, self.namespace = client, name, namespace
-        self.description = f"{self.kind} {namespace}/{name}"
+        self.description = f"{self.kind} {namespace}/{name}"  # e.g. "TrainJob team-a/vembed-1a2b3c4d"
 
-
-class TrainingJob(Protocol):
-    """What the loop needs from a submitted job; see TrainJobRun and PyTorchJobRun."""
-
-    description: str  # e.g. "TrainJob team-a/vembed-1a2b3c4d"
-
-    def state(self) -> JobState: ...
+    def state(self) -> JobState:
+        raise NotImplementedError
 
     def stream_logs(self) -> Iterator[str]:
         """Follow the logs of node 0 (the master) until its container ends."""
-        ...
+        raise NotImplementedError
 
-    def delete(self) -> None: ...
+    def delete(self) -> None:
+        raise NotImplementedError
 
 
 def print_line(line: str) -> None:
@@ -69,7 +66,7 @@ def print_line(line: str) -> None:
 class _LogPump(threading.Thread):
     """Copies the job's node-0 log into ours; a daemon, so a hung stream never blocks the step."""
 
-    def __init__(self, job: TrainingJob, log: LogFn):
+    def __init__(self, job: JobRun, log: LogFn):
         super().__init__(name=f"logs {job.description}", daemon=True)
         self.job, self.log = job, log
 
@@ -111,8 +108,6 @@ def failure_reason(conditions: list[str], pods: Callable[[], list[Any]], contain
 
 
 def _status_message(body: Any) -> str:
-    import json
-
     try:
         message = json.loads(body).get("message") if body else None
     except (TypeError, ValueError, AttributeError):
@@ -145,7 +140,7 @@ def sigterm_raises(what: str) -> Iterator[None]:
 
 
 def wait_for_job(
-    job: TrainingJob,
+    job: JobRun,
     *,
     timeout: float,
     keep_job: bool = False,
@@ -157,58 +152,46 @@ def wait_for_job(
     """Block until `job` succeeds (return its state) or fails / times out (raise TrainingJobError)."""
     deadline = time.monotonic() + timeout
     log(f"[vembed] waiting for {job.description} (timeout {timeout:g}s)")
+    pump: _LogPump | None = None
+    state = JobState(Phase.PENDING)
+    errors = 0
     try:
         with sigterm_raises(f"waiting for {job.description}"):
-            return _poll(job, deadline, timeout, poll_interval, log, log_grace, max_poll_errors)
+            while True:
+                try:
+                    state = job.state()
+                    errors = 0
+                except Exception as e:  # noqa: BLE001 - one failed poll of a day-long job is not a failure
+                    errors += 1
+                    if errors >= max_poll_errors:
+                        raise TrainingJobError(
+                            f"{job.description}: cannot read its status ({api_error_text(e)}); "
+                            "check the RBAC in pipelines/rbac/"
+                        ) from None
+                    log(f"[vembed] status of {job.description} unavailable ({api_error_text(e)}); retrying")
+                if state.phase is not Phase.PENDING and pump is None:
+                    log(f"[vembed] {job.description} is {state.phase.value}; streaming the node-0 log")
+                    pump = _LogPump(job, log)
+                    pump.start()
+                if state.phase in (Phase.SUCCEEDED, Phase.FAILED):
+                    if pump is not None:
+                        pump.join(log_grace)  # let the tail of the log arrive before reporting
+                    if state.phase is Phase.FAILED:
+                        raise TrainingJobError(f"{job.description} failed: {state.reason or 'no reason reported'}")
+                    log(f"[vembed] {job.description} succeeded")
+                    return state
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TrainingJobError(
+                        f"{job.description} did not finish within trainer.timeout={timeout:g}s "
+                        f"(last seen {state.phase.value})"
+                    )
+                time.sleep(min(poll_interval, remaining))
     finally:
         _clean_up(job, keep_job, log)
 
 
-def _poll(
-    job: TrainingJob,
-    deadline: float,
-    timeout: float,
-    poll_interval: float,
-    log: LogFn,
-    log_grace: float,
-    max_poll_errors: int,
-) -> JobState:
-    pump: _LogPump | None = None
-    state = JobState(Phase.PENDING)
-    errors = 0
-    while True:
-        try:
-            state = job.state()
-            errors = 0
-        except Exception as e:  # noqa: BLE001 - one failed poll of a day-long job is not a failure
-            errors += 1
-            if errors >= max_poll_errors:
-                raise TrainingJobError(
-                    f"{job.description}: cannot read its status ({api_error_text(e)}); "
-                    "check the RBAC in pipelines/rbac/"
-                ) from None
-            log(f"[vembed] status of {job.description} unavailable ({api_error_text(e)}); retrying")
-        if state.phase is not Phase.PENDING and pump is None:
-            log(f"[vembed] {job.description} is {state.phase.value}; streaming the node-0 log")
-            pump = _LogPump(job, log)
-            pump.start()
-        if state.phase in (Phase.SUCCEEDED, Phase.FAILED):
-            if pump is not None:
-                pump.join(log_grace)  # let the tail of the log arrive before reporting
-            if state.phase is Phase.FAILED:
-                raise TrainingJobError(f"{job.description} failed: {state.reason or 'no reason reported'}")
-            log(f"[vembed] {job.description} succeeded")
-            return state
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TrainingJobError(
-                f"{job.description} did not finish within trainer.timeout={timeout:g}s "
-                f"(last seen {state.phase.value})"
-            )
-        time.sleep(min(poll_interval, remaining))
-
-
-def _clean_up(job: TrainingJob, keep_job: bool, log: LogFn) -> None:
+def _clean_up(job: JobRun, keep_job: bool, log: LogFn) -> None:
     if keep_job:
         log(f"[vembed] keeping {job.description} (trainer.keep_job); delete it when done")
         return
