@@ -407,25 +407,23 @@ def fsdp_worker(out: str, dry_run: bool) -> None:
 
 
 def markdown(report: dict[str, Any]) -> str:
+    from bench.common import md_table
+
     def cell(v: Any, fmt: str = "{:.1f}") -> str:
         return "-" if v is None else fmt.format(v)
 
+    rows = [
+        [name, r.get("error") or r.get("skipped"), "", "", "", "", "", ""] if "error" in r or "skipped" in r
+        else [name, r.get("model", ""), r["batch"], r.get("chunk") or "-", cell(r["samples_per_s"]),
+              cell(r["tokens_per_s"], "{:.0f}"), cell(r.get("peak_mem_gib"), "{:.2f}"), cell(r.get("mfu"), "{:.1%}")]
+        for name, r in report["sections"].items()
+    ]  # fmt: skip
     lines = [
         f"GPU check on {report['device']} ({report['gpus']} GPU), torch {report['torch']}"
         + (" (dry run: CPU, tiny shapes)" if report["dry_run"] else ""),
         "",
-        "| section | model | batch | chunk | samples/s | tokens/s | peak GiB | MFU |",
-        "|---|---|---|---|---|---|---|---|",
+        md_table(["section", "model", "batch", "chunk", "samples/s", "tokens/s", "peak GiB", "MFU"], rows),
     ]
-    for name, r in report["sections"].items():
-        if "error" in r or "skipped" in r:
-            lines.append(f"| {name} | {r.get('error') or r.get('skipped')} | | | | | | |")
-            continue
-        lines.append(
-            f"| {name} | {r.get('model', '')} | {r['batch']} | {r.get('chunk') or '-'} | {cell(r['samples_per_s'])} "
-            f"| {cell(r['tokens_per_s'], '{:.0f}')} | {cell(r.get('peak_mem_gib'), '{:.2f}')} "
-            f"| {cell(r.get('mfu'), '{:.1%}')} |"
-        )
     lora, full = report["sections"].get("lora", {}), report["sections"].get("full", {})
     if "samples_per_s" in lora and "samples_per_s" in full:
         speed = lora["samples_per_s"] / full["samples_per_s"]

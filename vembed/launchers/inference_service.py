@@ -1,21 +1,17 @@
 """A KServe InferenceService (serving.kserve.io/v1beta1) that serves a model with `vembed serve`.
 
 Why a custom predictor and not KServe's Hugging Face runtime (`modelFormat: huggingface`, task
-`text_embedding`): its encoder model always mean-pools the last hidden state and L2-normalises
-(kserve/kserve python/huggingfaceserver/huggingfaceserver/encoder_model.py, `postprocess`:
-`_mean_pooling(outputs, attention_mask)` then `F.normalize`), reads neither modules.json (CLS or
-last-token pooling) nor prompts (query instructions), and ignores `dimensions` (MRL). vembed's
-models use all of those, and VL models are not text encoders at all. So the predictor runs
-vembed's own image (`vembed serve`), which answers the same OpenAI `/v1/embeddings` API.
+`text_embedding`): its encoder model always mean-pools and L2-normalises (huggingfaceserver's
+encoder_model.py, `postprocess`), reads neither modules.json (CLS or last-token pooling) nor prompts
+(query instructions), and ignores `dimensions` (MRL); VL models are not text encoders at all. vembed's
+own image (`vembed serve`) answers the same OpenAI `/v1/embeddings` API.
 
-The model files come from object storage through KServe's storage initializer, with the
-credentials of `service_account`: for a custom predictor KServe takes the storage URI from the
-`STORAGE_URI` env var of the container named `kserve-container` (pkg/apis/serving/v1beta1/
-predictor_custom.go, `CustomPredictor.GetStorageUri`) and downloads it to /mnt/models.
+The model files come through KServe's storage initializer, with the credentials of `service_account`:
+for a custom predictor KServe reads `STORAGE_URI` from the container named `kserve-container`
+(predictor_custom.go, `GetStorageUri`) and downloads it to /mnt/models.
 
-Why the Kubernetes client's CustomObjectsApi and not the `kserve` SDK: `kserve` 0.21 pins
-pandas<3 and psutil<6 and would downgrade both in the shared environment (pip --dry-run), and
-its models add nothing over a plain manifest for one create/patch/get.
+Why CustomObjectsApi and not the `kserve` SDK: `kserve` 0.21 pins pandas<3 and psutil<6 (it would
+downgrade both in the shared environment), and its models add nothing to one create/patch/get.
 """
 
 from __future__ import annotations
