@@ -197,10 +197,9 @@ class InferenceServices:
         obj: dict[str, Any] = {}
         while True:
             obj = self.get(name) or {}
-            status = obj.get("status") or {}
+            status, pred = _status(obj)
             generation = (obj.get("metadata") or {}).get("generation", 0)
             current = status.get("observedGeneration", generation) >= generation
-            pred = (status.get("components") or {}).get("predictor") or {}
             conditions = {c.get("type"): c for c in status.get("conditions") or []}
             if current:
                 for c in conditions.values():
@@ -216,15 +215,19 @@ class InferenceServices:
             sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
 
 
+def _status(obj: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(status, status.components.predictor) of an InferenceService; empty where not reported yet."""
+    status = (obj or {}).get("status") or {}
+    return status, (status.get("components") or {}).get("predictor") or {}
+
+
 def rollout_of(action: str, ready: bool, reason: str, obj: dict[str, Any], before: dict | None) -> Rollout:
-    status = obj.get("status") or {}
-    pred = (status.get("components") or {}).get("predictor") or {}
-    prev_pred = (((before or {}).get("status") or {}).get("components") or {}).get("predictor") or {}
+    status, pred = _status(obj)
     return Rollout(
         action=action,
         ready=ready,
         revision=pred.get("latestReadyRevision") if ready else pred.get("latestCreatedRevision"),
-        previous_revision=prev_pred.get("latestReadyRevision"),
+        previous_revision=_status(before)[1].get("latestReadyRevision"),
         traffic=list(pred.get("traffic") or []),
         reason=reason,
         url=status.get("url"),
