@@ -63,19 +63,13 @@ def print_line(line: str) -> None:
     print(line, flush=True)
 
 
-class _LogPump(threading.Thread):
-    """Copies the job's node-0 log into ours; a daemon, so a hung stream never blocks the step."""
-
-    def __init__(self, job: JobRun, log: LogFn):
-        super().__init__(name=f"logs {job.description}", daemon=True)
-        self.job, self.log = job, log
-
-    def run(self) -> None:
-        try:
-            for line in self.job.stream_logs():
-                self.log(line.rstrip("\n"))
-        except Exception as e:  # noqa: BLE001 - losing the log stream must not fail the training
-            self.log(f"[vembed] log stream of {self.job.description} ended early: {api_error_text(e)}")
+def _pump_logs(job: JobRun, log: LogFn) -> None:
+    """Copy the job's node-0 log into ours (in a daemon thread: a hung stream never blocks the step)."""
+    try:
+        for line in job.stream_logs():
+            log(line.rstrip("\n"))
+    except Exception as e:  # noqa: BLE001 - losing the log stream must not fail the training
+        log(f"[vembed] log stream of {job.description} ended early: {api_error_text(e)}")
 
 
 def api_error_text(exc: BaseException) -> str:
@@ -152,7 +146,7 @@ def wait_for_job(
     """Block until `job` succeeds (return its state) or fails / times out (raise TrainingJobError)."""
     deadline = time.monotonic() + timeout
     log(f"[vembed] waiting for {job.description} (timeout {timeout:g}s)")
-    pump: _LogPump | None = None
+    pump: threading.Thread | None = None
     state = JobState(Phase.PENDING)
     errors = 0
     try:
@@ -171,7 +165,7 @@ def wait_for_job(
                     log(f"[vembed] status of {job.description} unavailable ({api_error_text(e)}); retrying")
                 if state.phase is not Phase.PENDING and pump is None:
                     log(f"[vembed] {job.description} is {state.phase.value}; streaming the node-0 log")
-                    pump = _LogPump(job, log)
+                    pump = threading.Thread(target=_pump_logs, args=(job, log), name=f"logs {job.description}", daemon=True)
                     pump.start()
                 if state.phase in (Phase.SUCCEEDED, Phase.FAILED):
                     if pump is not None:
@@ -188,18 +182,14 @@ def wait_for_job(
                     )
                 time.sleep(min(poll_interval, remaining))
     finally:
-        _clean_up(job, keep_job, log)
-
-
-def _clean_up(job: JobRun, keep_job: bool, log: LogFn) -> None:
-    if keep_job:
-        log(f"[vembed] keeping {job.description} (trainer.keep_job); delete it when done")
-        return
-    try:
-        job.delete()
-        log(f"[vembed] deleted {job.description}")
-    except Exception as e:  # noqa: BLE001 - never hide the training outcome behind a cleanup error
-        log(f"[vembed] could not delete {job.description}: {api_error_text(e)}")
+        if keep_job:
+            log(f"[vembed] keeping {job.description} (trainer.keep_job); delete it when done")
+        else:
+            try:
+                job.delete()
+                log(f"[vembed] deleted {job.description}")
+            except Exception as e:  # noqa: BLE001 - never hide the training outcome behind a cleanup error
+                log(f"[vembed] could not delete {job.description}: {api_error_text(e)}")
 
 
 def describe_pod_failure(pods: list[Any], container: str) -> str:
