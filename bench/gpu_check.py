@@ -184,7 +184,9 @@ def vl_batch(p: dict[str, Any], config: Any, batch: int, device: Any, seed: int)
         "image_grid_thw": torch.tensor([[1, side, side]] * batch).to(device),
         "mm_token_type_ids": (ids == config.image_token_id).int().to(device),  # 1 marks image tokens (M-RoPE)
     }
-    return {"query": text_inputs(batch, p["q_len"], 1000, device, seed + 2), "positive": positive}
+    query = text_inputs(batch, p["q_len"], 1000, device, seed + 2)
+    query["mm_token_type_ids"] = torch.zeros_like(query["input_ids"]).int()  # text only
+    return {"query": query, "positive": positive}
 
 
 # --- measurement --------------------------------------------------------------------------

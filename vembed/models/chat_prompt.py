@@ -5,7 +5,6 @@ ChatEmbedder is what the two families share: loading, the prompt, truncation, po
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,30 +14,6 @@ from vembed.errors import DataError
 from vembed.models.base import Embedder, EmbedderSpec, Item, base_model, load_backbone
 
 DEFAULT_INSTRUCTION = "Represent the user's input."
-
-
-def chat_features(
-    item: Item,
-    instruction: str | None,
-    truncate: Callable[[str], str],
-    apply_chat_template: Callable[..., str],
-    family: str,
-) -> dict[str, Any]:
-    """{"prompt": ...} plus "image" when the item has one; the image is decoded later, in collate
-    (DataLoader workers), where its size sets the number of image tokens."""
-    if item.text is None and item.image is None:
-        raise DataError(f"{family} got an item with neither text nor image")
-    content: list[dict[str, str]] = []
-    if item.image is not None:
-        content.append({"type": "image"})
-    if item.text is not None:
-        content.append({"type": "text", "text": truncate(item.text)})
-    conversation = [
-        {"role": "system", "content": [{"type": "text", "text": instruction or DEFAULT_INSTRUCTION}]},
-        {"role": "user", "content": content},
-    ]
-    prompt = apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    return {"prompt": prompt} if item.image is None else {"prompt": prompt, "image": item.image}
 
 
 class ChatEmbedder(Embedder):
@@ -72,8 +47,20 @@ class ChatEmbedder(Embedder):
         return self.tokenizer.apply_chat_template(conversation, **kwargs)
 
     def featurize(self, item: Item, is_query: bool) -> dict[str, Any]:
+        """{"prompt": ...} plus "image" when the item has one; the image is decoded later, in collate
+        (DataLoader workers), where its size sets the number of image tokens."""
+        if item.text is None and item.image is None:
+            raise DataError(f"{self.display_name} got an item with neither text nor image")
         instruction = item.instruction or (self.spec.query_instruction if is_query else None)
-        return chat_features(item, instruction, self._truncate, self.apply_chat_template, self.display_name)
+        content: list[dict[str, str]] = [{"type": "image"}] if item.image is not None else []
+        if item.text is not None:
+            content.append({"type": "text", "text": self._truncate(item.text)})
+        conversation = [
+            {"role": "system", "content": [{"type": "text", "text": instruction or DEFAULT_INSTRUCTION}]},
+            {"role": "user", "content": content},
+        ]
+        prompt = self.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        return {"prompt": prompt} if item.image is None else {"prompt": prompt, "image": item.image}
 
     def _truncate(self, text: str) -> str:
         for token in self.vision_tokens:
