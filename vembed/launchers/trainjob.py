@@ -3,8 +3,9 @@
 The TrainJob references a training runtime (default `torch-distributed`) and overrides its trainer:
 our image, `bash -c` with the `accelerate launch` script, num_nodes, resources, and env. Secrets are
 passed as `secretKeyRef`s. The SDK's CustomTrainerContainer only takes plain env values, so the
-TrainJob is built from the SDK's own CRD models (kubeflow_trainer_api) and submitted through the
-SDK backend's Kubernetes client; status, logs and deletion go through TrainerClient.
+TrainJob is written as Kubernetes JSON, read through the SDK's own CRD models (kubeflow_trainer_api,
+refusing any field they would drop) and submitted through the SDK backend's Kubernetes client;
+status, logs and deletion go through TrainerClient.
 """
 
 from __future__ import annotations
