@@ -185,3 +185,29 @@ def machine_line(info: dict[str, Any], load_end: Sequence[float] | None = None) 
         f"sentence-transformers {info['sentence_transformers']}; {info['date']}; "
         f"load average (1, 5, 15 min) at the start {info['load_avg']}{end}."
     )
+
+
+def report(name: str, parts: Sequence[str], data: dict[str, Any], info: dict[str, Any] | None = None,
+           sep: str = "\n\n") -> Path:
+    """Join the markdown parts (plus the machine line when `info` is given), print and save them."""
+    if info is not None:
+        parts, data = [*parts, machine_line(info, os.getloadavg())], {"machine": info, **data}
+    md = sep.join(parts)
+    print(md)
+    return save_report(name, md, data)
+
+
+def proc_rss_mib(field: str = "VmRSS") -> float:
+    """This process's current (VmRSS) or peak (VmHWM) resident set size from /proc, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def entry(main: Any, child: Any = None) -> None:
+    """`python -m bench.X --child ...` runs one measurement (child); anything else the parent (main)."""
+    if child is not None and sys.argv[1:2] == ["--child"]:
+        child(sys.argv[2:])
+    else:
+        main(sys.argv[1:])

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,13 +20,13 @@ from bench.common import (
     alternate,
     child_setup,
     emit,
+    entry,
     machine,
-    machine_line,
     md_table,
     median,
     minilm_path,
     peak_rss_mib,
-    save_report,
+    report,
 )
 
 
@@ -139,7 +137,8 @@ def main(argv: list[str]) -> None:
     ]
     speed = median(v, "texts_per_s") / median(s, "texts_per_s")
     pct = [lengths[int(q * (len(lengths) - 1))] for q in (0.1, 0.5, 0.9)]
-    md = "\n\n".join(
+    report(
+        a.name,
         [
             f"{a.texts} texts, tokens per text: 10th percentile {pct[0]}, median {pct[1]}, 90th percentile "
             f"{pct[2]}, max {lengths[-1]} (truncated at 256); batch size {a.batch_size}. "
@@ -156,17 +155,11 @@ def main(argv: list[str]) -> None:
                 ["run", "vembed texts/s", "ST texts/s", "load avg"],
                 [[i + 1, x["texts_per_s"], y["texts_per_s"], y["load_avg_1m"]] for i, (x, y) in enumerate(zip(v, s, strict=True))],
             ),
-            machine_line(info, os.getloadavg()),
-        ]
-    )
-    print(md)
-    save_report(
-        a.name, md, {"machine": info, "runs": runs, "speed_ratio": speed, "max_abs_diff": diff, "padded": padded}
+        ],
+        {"runs": runs, "speed_ratio": speed, "max_abs_diff": diff, "padded": padded},
+        info,
     )
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--child"]:
-        child(sys.argv[2:])
-    else:
-        main(sys.argv[1:])
+    entry(main, child)

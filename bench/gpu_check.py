@@ -121,34 +121,27 @@ def text_embedder(shape: dict[str, Any], name: str, dtype: Any, device: Any):
     return TextEmbedder(backbone, tokenizer=None, spec=spec)
 
 
-class VLEmbedder:
-    """Last-token embeddings from a Qwen3-VL model: the shape of vembed's qwen3_vl family."""
+def vl_embedder(shape: dict[str, Any], name: str, dtype: Any, device: Any):
+    """vembed's qwen3_vl embedder around a randomly initialised Qwen3-VL model, and the model's config."""
+    from types import SimpleNamespace
 
-    @staticmethod
-    def build(shape: dict[str, Any], name: str, dtype: Any, device: Any):
-        import torch
-        from transformers import Qwen3VLConfig, Qwen3VLModel
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLModel
 
-        from vembed.models.base import Embedder, EmbedderSpec
-        from vembed.models.pooling import last_token_pool
+    from vembed.models.base import EmbedderSpec
+    from vembed.models.qwen_vl import QwenVLEmbedder
 
-        class _VL(Embedder):
-            family = "qwen3_vl"
-
-            def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
-                out = self.backbone(**inputs)
-                return last_token_pool(out.last_hidden_state, inputs["attention_mask"])
-
-            @property
-            def dim(self) -> int:
-                return int(shape["text"]["hidden_size"])
-
-        torch.manual_seed(0)
-        config = Qwen3VLConfig(text_config=shape["text"], vision_config=shape["vision"], **shape.get("tokens", {}))
-        with torch.device(device):
-            backbone = Qwen3VLModel(config).to(dtype)
-        spec = EmbedderSpec(family="qwen3_vl", model_name=name, pooling="last_token", max_seq_length=2048)
-        return _VL(backbone, spec), config
+    torch.manual_seed(0)
+    config = Qwen3VLConfig(text_config=shape["text"], vision_config=shape["vision"], **shape.get("tokens", {}))
+    with torch.device(device):
+        backbone = Qwen3VLModel(config).to(dtype)
+    spec = EmbedderSpec(family="qwen3_vl", model_name=name, pooling="last_token", max_seq_length=2048)
+    # Batches are built here, not by the processor: the embedder only asks it for two numbers.
+    processor = SimpleNamespace(
+        tokenizer=SimpleNamespace(convert_tokens_to_ids=lambda token: config.image_token_id),
+        image_processor=SimpleNamespace(merge_size=config.vision_config.spatial_merge_size),
+    )
+    return QwenVLEmbedder(backbone, processor, spec), config
 
 
 def text_inputs(batch: int, length: int, vocab: int, device: Any, seed: int) -> dict[str, Any]:
@@ -187,11 +180,13 @@ def vl_batch(p: dict[str, Any], config: Any, batch: int, device: Any, seed: int)
     positive = {
         "input_ids": ids.to(device),
         "attention_mask": torch.ones_like(ids).to(device),
-        "pixel_values": torch.randn(batch * side * side, patch_dim, generator=g).to(device),
+        "pixel_values": torch.randn(batch, side * side, patch_dim, generator=g).to(device),  # row-aligned
         "image_grid_thw": torch.tensor([[1, side, side]] * batch).to(device),
         "mm_token_type_ids": (ids == config.image_token_id).int().to(device),  # 1 marks image tokens (M-RoPE)
     }
-    return {"query": text_inputs(batch, p["q_len"], 1000, device, seed + 2), "positive": positive}
+    query = text_inputs(batch, p["q_len"], 1000, device, seed + 2)
+    query["mm_token_type_ids"] = torch.zeros_like(query["input_ids"]).int()  # text only
+    return {"query": query, "positive": positive}
 
 
 # --- measurement --------------------------------------------------------------------------
@@ -232,15 +227,13 @@ def tokens_in(batch: dict[str, Any]) -> int:
     return int(sum(int(part["attention_mask"].sum()) for part in batch.values()))
 
 
-def measure(name: str, p: dict[str, Any], cfg: Any, embedder: Any, batches: list, shape: dict, full: bool) -> dict:
-    """Warm-up steps, then timed steps, through vembed's step function and AdamW."""
+def prepared(cfg: Any, accelerator: Any, embedder: Any) -> tuple[Any, Any, Any, bool]:
+    """vembed's own step function and AdamW over the prepared model: (model, optimizer, step, on CUDA)."""
     import torch
 
     from vembed.losses import build_loss
-    from vembed.training.loop import build_accelerator
     from vembed.training.step import make_step
 
-    accelerator, _ = build_accelerator(cfg)
     optimizer = torch.optim.AdamW([q for q in embedder.parameters() if q.requires_grad], lr=1e-5)
     model, optimizer = accelerator.prepare(embedder, optimizer)
     step = make_step(cfg, accelerator, model, build_loss(cfg, embedder.dim))
@@ -248,43 +241,54 @@ def measure(name: str, p: dict[str, Any], cfg: Any, embedder: Any, batches: list
     cuda = accelerator.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    losses = []
+    return model, optimizer, step, cuda
 
-    def one(batch: dict[str, Any]) -> None:
-        losses.append(float(step(batch).detach()))
+
+def timed_steps(p: dict[str, Any], step: Any, optimizer: Any, batches: list, cuda: bool) -> tuple[float, list[float]]:
+    """p["warmup"] untimed steps, then p["steps"] timed ones: (seconds, every step's loss)."""
+    import torch
+
+    losses = []
+    for i in range(p["warmup"] + p["steps"]):
+        if i == p["warmup"]:
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        losses.append(float(step(batches[i % len(batches)]).detach()))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, losses
 
-    for i in range(p["warmup"]):
-        one(batches[i % len(batches)])
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for i in range(p["steps"]):
-        one(batches[i % len(batches)])
-    if cuda:
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+
+def measure(name: str, p: dict[str, Any], cfg: Any, embedder: Any, batches: list, shape: dict, full: bool) -> dict:
+    """Warm-up steps, then timed steps, through vembed's step function and AdamW."""
+    import torch
+
+    from vembed.training.loop import build_accelerator
+
+    accelerator, _ = build_accelerator(cfg)
+    model, optimizer, step, cuda = prepared(cfg, accelerator, embedder)
+    elapsed, losses = timed_steps(p, step, optimizer, batches, cuda)
     samples = cfg.batch_size * p["steps"]
     tokens = sum(tokens_in(batches[i % len(batches)]) for i in range(p["steps"]))
     seq = tokens / (samples * 2)
     flops = model_flops_per_token(accelerator.unwrap_model(model), shape, seq, full) * tokens
-    device_name = torch.cuda.get_device_name() if cuda else "cpu"
-    peak = peak_flops(device_name) if cuda else None
-    trainable = sum(q.numel() for q in embedder.parameters() if q.requires_grad)
-    peak_mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    peak = peak_flops(torch.cuda.get_device_name()) if cuda else None
     accelerator.free_memory()  # drop the accelerator's references so the next section starts empty
     return {
         "section": name,
+        "model": embedder.spec.model_name,
         "batch": cfg.batch_size,
         "chunk": cfg.gradient_cache_chunk_size if cfg.use_gradient_cache else None,
-        "trainable_params": trainable,
+        "trainable_params": sum(q.numel() for q in embedder.parameters() if q.requires_grad),
         "params": sum(q.numel() for q in embedder.parameters()),
         "steps": p["steps"],
         "step_s": elapsed / p["steps"],
         "samples_per_s": samples / elapsed,
         "tokens_per_s": tokens / elapsed,
-        "peak_mem_gib": peak_mem,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "model_tflops_per_s": flops / elapsed / 1e12,
         "mfu": flops / elapsed / peak if peak else None,
         "loss_first": losses[0],
@@ -310,40 +314,29 @@ def device() -> Any:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def section_text(p: dict[str, Any], name: str) -> dict[str, Any]:
+def section(p: dict[str, Any], name: str) -> dict[str, Any]:
+    """A single-process section: lora, grad_cache or full on the text model, or vl."""
     import torch
 
     from vembed.models.lora import apply_lora
 
-    full = name == "full"
-    batch = p["batch"] * (8 if name == "grad_cache" else 1)
+    full, vl = name == "full", name == "vl"
+    batch = p["vl_batch"] if vl else p["batch"] * (8 if name == "grad_cache" else 1)
     cfg = train_config(
         p, batch_size=batch, use_lora=not full, use_gradient_cache=name == "grad_cache",
         gradient_cache_chunk_size=p["batch"],
     )  # fmt: skip
     # As the loop loads them: a frozen base in the training dtype under LoRA, fp32 master weights otherwise.
     dtype = torch.float32 if full else getattr(torch, p["dtype"])
-    embedder = text_embedder(p["text_shape"], p["text_name"], dtype, device())
+    if vl:
+        embedder, config = vl_embedder(p["vl_shape"], p["vl_name"], dtype, device())
+        batches = [vl_batch(p, config, batch, device(), seed) for seed in range(2)]
+    else:
+        embedder = text_embedder(p["text_shape"], p["text_name"], dtype, device())
+        batches = [text_batch(p, batch, device(), seed) for seed in range(2)]
     if not full:
         apply_lora(embedder, cfg)
-    batches = [text_batch(p, batch, device(), seed) for seed in range(2)]
-    result = measure(name, p, cfg, embedder, batches, p["text_shape"], full)
-    result["model"] = p["text_name"]
-    return result
-
-
-def section_vl(p: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
-    from vembed.models.lora import apply_lora
-
-    cfg = train_config(p, batch_size=p["vl_batch"])
-    embedder, config = VLEmbedder.build(p["vl_shape"], p["vl_name"], getattr(torch, p["dtype"]), device())
-    apply_lora(embedder, cfg)
-    batches = [vl_batch(p, config, p["vl_batch"], device(), seed) for seed in range(2)]
-    result = measure("vl", p, cfg, embedder, batches, p["vl_shape"], full=False)
-    result["model"] = p["vl_name"]
-    return result
+    return measure(name, p, cfg, embedder, batches, p["vl_shape" if vl else "text_shape"], full)
 
 
 # --- FSDP: a separate `accelerate launch` over the machine's GPUs ----------------------------
@@ -371,11 +364,9 @@ def section_fsdp(p: dict[str, Any], dry_run: bool, timeout: float) -> dict[str, 
 def fsdp_worker(out: str, dry_run: bool) -> None:
     import torch
 
-    from vembed.losses import build_loss
     from vembed.models.lora import apply_lora
     from vembed.training.loop import build_accelerator
     from vembed.training.model_state import gather_model_state, gather_optimizer_state
-    from vembed.training.step import make_step
 
     p = plan(dry_run)
     cfg = train_config(
@@ -386,27 +377,9 @@ def fsdp_worker(out: str, dry_run: bool) -> None:
     # One uniform dtype under FSDP: fp32 parameters (LoRA included), bf16 compute from the plugin.
     embedder = text_embedder(p["text_shape"], p["text_name"], torch.float32, accelerator.device)
     apply_lora(embedder, cfg)
-    optimizer = torch.optim.AdamW([q for q in embedder.parameters() if q.requires_grad], lr=1e-5)
-    model, optimizer = accelerator.prepare(embedder, optimizer)
-    step = make_step(cfg, accelerator, model, build_loss(cfg, embedder.dim))
-    cuda = accelerator.device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    model, optimizer, step, cuda = prepared(cfg, accelerator, embedder)
     batches = [text_batch(p, cfg.batch_size, accelerator.device, 100 + accelerator.process_index * 7 + s) for s in range(2)]
-    for i in range(p["warmup"]):
-        step(batches[i % 2])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for i in range(p["steps"]):
-        loss = step(batches[i % 2])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    if cuda:
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    elapsed, losses = timed_steps(p, step, optimizer, batches, cuda)
     model_state = gather_model_state(accelerator, model)  # collective
     optim_state = gather_optimizer_state(accelerator, model, optimizer)  # collective
     if accelerator.is_main_process:
@@ -423,7 +396,7 @@ def fsdp_worker(out: str, dry_run: bool) -> None:
             "samples_per_s": samples / elapsed,
             "tokens_per_s": sum(tokens_in(batches[i % 2]) for i in range(p["steps"])) * accelerator.num_processes / elapsed,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-            "loss_last": float(loss.detach()),
+            "loss_last": losses[-1],
             "adapter_tensors_gathered": len(model_state or {}),
             "adapter_tensors_expected": len(full_shapes),
             "optimizer_states_gathered": len((optim_state or {}).get("state", {})),
@@ -436,25 +409,23 @@ def fsdp_worker(out: str, dry_run: bool) -> None:
 
 
 def markdown(report: dict[str, Any]) -> str:
+    from bench.common import md_table
+
     def cell(v: Any, fmt: str = "{:.1f}") -> str:
         return "-" if v is None else fmt.format(v)
 
+    rows = [
+        [name, r.get("error") or r.get("skipped"), "", "", "", "", "", ""] if "error" in r or "skipped" in r
+        else [name, r.get("model", ""), r["batch"], r.get("chunk") or "-", cell(r["samples_per_s"]),
+              cell(r["tokens_per_s"], "{:.0f}"), cell(r.get("peak_mem_gib"), "{:.2f}"), cell(r.get("mfu"), "{:.1%}")]
+        for name, r in report["sections"].items()
+    ]  # fmt: skip
     lines = [
         f"GPU check on {report['device']} ({report['gpus']} GPU), torch {report['torch']}"
         + (" (dry run: CPU, tiny shapes)" if report["dry_run"] else ""),
         "",
-        "| section | model | batch | chunk | samples/s | tokens/s | peak GiB | MFU |",
-        "|---|---|---|---|---|---|---|---|",
+        md_table(["section", "model", "batch", "chunk", "samples/s", "tokens/s", "peak GiB", "MFU"], rows),
     ]
-    for name, r in report["sections"].items():
-        if "error" in r or "skipped" in r:
-            lines.append(f"| {name} | {r.get('error') or r.get('skipped')} | | | | | | |")
-            continue
-        lines.append(
-            f"| {name} | {r.get('model', '')} | {r['batch']} | {r.get('chunk') or '-'} | {cell(r['samples_per_s'])} "
-            f"| {cell(r['tokens_per_s'], '{:.0f}')} | {cell(r.get('peak_mem_gib'), '{:.2f}')} "
-            f"| {cell(r.get('mfu'), '{:.1%}')} |"
-        )
     lora, full = report["sections"].get("lora", {}), report["sections"].get("full", {})
     if "samples_per_s" in lora and "samples_per_s" in full:
         speed = lora["samples_per_s"] / full["samples_per_s"]
@@ -514,10 +485,8 @@ def main(argv: list[str]) -> int:
         try:
             if name == "fsdp":
                 result = section_fsdp(p, args.dry_run, timeout=max(args.budget_s - spent, 60) + 120)
-            elif name == "vl":
-                result = section_vl(p)
             else:
-                result = section_text(p, name)
+                result = section(p, name)
         except Exception as e:  # one failing section must not hide the others' figures
             traceback.print_exc()
             result = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"}

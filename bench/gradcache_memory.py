@@ -21,30 +21,23 @@ the figures behind the default `gradient_cache_chunk_size`.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 from bench.common import (
     child_setup,
     demo_data,
     emit,
+    entry,
     machine,
-    machine_line,
     md_table,
     minilm_path,
+    proc_rss_mib,
+    report,
     run_child,
-    save_report,
 )
 
 CHUNK = 32
-
-
-def current_rss_mib() -> float:
-    with open("/proc/self/statm") as fh:
-        pages = int(fh.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def child(argv: list[str]) -> None:
@@ -90,7 +83,7 @@ def child(argv: list[str]) -> None:
     model, optimizer = accelerator.prepare(embedder, optimizer)
     step = make_step(cfg, accelerator, model, build_loss(cfg, embedder.dim))
     model.train()
-    ready_rss = current_rss_mib()
+    ready_rss = proc_rss_mib()
     for batch in batches[:warmup]:
         step(batch)
         optimizer.step()
@@ -118,6 +111,24 @@ def child(argv: list[str]) -> None:
     )
 
 
+def run_configs(seq: int, configs: list[tuple[int, int | None]], repeats: int = 1) -> tuple[list[dict], dict]:
+    """Each (batch, GradCache chunk or None for the plain step) in a fresh child, alternating over
+    `repeats` rounds so that load from other jobs on the shared machine falls on all of them."""
+    info = demo_data()
+    data, model = info["train"], minilm_path()
+    start_info = machine()
+    runs = []
+    for _ in range(repeats):
+        for batch, chunk in configs:
+            args = ["--batch", str(batch), "--seq", str(seq), "--data", data, "--model", model]
+            args += ["--grad-cache", "--chunk", str(chunk)] if chunk else []
+            r = run_child("bench.gradcache_memory", args, timeout=1800)
+            print(f"batch {batch} chunk {chunk}: peak {r['peak_rss_mib']:.0f} MiB, "
+                  f"training {r['training_mib']:.0f} MiB, {r['ms_per_sample']:.1f} ms/sample", flush=True)  # fmt: skip
+            runs.append(r)
+    return runs, start_info
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seq", type=int, default=64, help="max_seq_length (demo positives fill it)")
@@ -127,108 +138,50 @@ def main(argv: list[str]) -> None:
     a = p.parse_args(argv)
     if a.chunk_sweep:
         return chunk_sweep(a.seq, repeats=a.repeats)
-    info = demo_data()
-    data, model = info["train"], minilm_path()
-    configs = [(32, False), (32, True), (128, False), (128, True), (512, True)]
-    if a.plain_512:
-        configs.append((512, False))
-    start_info = machine()
-    runs = []
-    for batch, gc in configs:
-        args = ["--batch", str(batch), "--seq", str(a.seq), "--data", data, "--model", model]
-        r = run_child("bench.gradcache_memory", args + (["--grad-cache"] if gc else []), timeout=1800)
-        print(f"batch {batch} grad_cache={gc}: peak {r['peak_rss_mib']:.0f} MiB, "
-              f"training {r['training_mib']:.0f} MiB, {r['ms_per_sample']:.1f} ms/sample", flush=True)  # fmt: skip
-        runs.append(r)
+    configs = [(32, None), (32, CHUNK), (128, None), (128, CHUNK), (512, CHUNK)] + ([(512, None)] if a.plain_512 else [])
+    runs, info = run_configs(a.seq, configs)
     plain = {r["batch"]: r for r in runs if not r["grad_cache"]}
     # Plain-step memory is linear in the batch: extrapolate 512 from the two measured sizes.
     slope = (plain[128]["training_mib"] - plain[32]["training_mib"]) / (128 - 32)
     estimate_512 = plain[128]["training_mib"] + slope * (512 - 128)
     rows = [
-        [
-            r["batch"],
-            f"GradCache, chunk {r['chunk']}" if r["grad_cache"] else "plain",
-            round(r["peak_rss_mib"]),
-            round(r["training_mib"]),
-            r["ms_per_sample"],
-        ]
+        [r["batch"], f"GradCache, chunk {r['chunk']}" if r["grad_cache"] else "plain", round(r["peak_rss_mib"]),
+         round(r["training_mib"]), r["ms_per_sample"]]
         for r in runs
-    ]
+    ]  # fmt: skip
     if not a.plain_512:
         rows.append([512, "plain (not run: estimated)", "-", f"~{estimate_512:.0f}", "-"])
     table = md_table(["batch", "step", "peak RSS MiB", "training MiB (peak - ready)", "ms / sample"], rows)
-    md = "\n".join(
-        [
-            "## GradCache memory",
-            "",
-            f"all-MiniLM-L6-v2, LoRA r=16 on query/value, fp32 on CPU, max_seq_length {a.seq} (demo data), "
-            f"one step per fresh process (`python -m bench.gradcache_memory`).",
-            "",
-            table,
-            "",
-            machine_line(start_info, os.getloadavg()),
-        ]
-    )
-    save_report("gradcache_memory", md, {"machine": start_info, "runs": runs, "plain_512_estimate_mib": estimate_512})
-    print(md)
+    text = (f"all-MiniLM-L6-v2, LoRA r=16 on query/value, fp32 on CPU, max_seq_length {a.seq} (demo data), "
+            "one step per fresh process (`python -m bench.gradcache_memory`).")  # fmt: skip
+    report("gradcache_memory", ["## GradCache memory", "", text, "", table, ""],
+           {"runs": runs, "plain_512_estimate_mib": estimate_512}, info, sep="\n")  # fmt: skip
 
 
 def chunk_sweep(seq: int, batch: int = 32, chunks: tuple[int, ...] = (4, 8, 16, 32), repeats: int = 1) -> None:
-    """Peak memory and step time of the guide's batch 32 for several chunk sizes (and the plain step).
-
-    The configurations alternate (plain, 4, 8, 16, 32, plain, 4, ...) so that load from other jobs on
-    the shared machine falls on all of them; the table reports the median of `repeats` runs. The CPU
-    time column is the steadier figure when other jobs share the machine."""
-    info = demo_data()
-    data, model = info["train"], minilm_path()
-    start_info = machine()
+    """Peak memory and step time of the guide's batch 32 for several chunk sizes (and the plain step),
+    the median of `repeats` alternating runs. The CPU time column is the steadier figure when other
+    jobs share the machine."""
     variants: list[int | None] = [None, *chunks]
-    runs: list[dict] = []
-    for _ in range(repeats):
-        for chunk in variants:
-            args = ["--batch", str(batch), "--seq", str(seq), "--data", data, "--model", model]
-            if chunk is not None:
-                args += ["--grad-cache", "--chunk", str(chunk)]
-            r = run_child("bench.gradcache_memory", args, timeout=1800)
-            print(f"chunk {chunk}: peak {r['peak_rss_mib']:.0f} MiB, training {r['training_mib']:.0f} MiB, "
-                  f"{r['ms_per_sample']:.1f} ms/sample", flush=True)  # fmt: skip
-            runs.append(r)
+    runs, info = run_configs(seq, [(batch, c) for c in variants], repeats)
 
     def med(chunk: int | None, key: str) -> float | str:
         values = [r[key] for r in runs if r["chunk"] == chunk and key in r]
         return statistics.median(values) if values else "-"
 
+    keys = ("ms_per_sample", "cpu_ms_per_sample")
     rows = [
-        [
-            "plain" if c is None else f"GradCache, chunk {c}",
-            round(med(c, "peak_rss_mib")),
-            round(med(c, "training_mib")),
-            med(c, "ms_per_sample"),
-            med(c, "cpu_ms_per_sample"),
-        ]
+        ["plain" if c is None else f"GradCache, chunk {c}", round(med(c, "peak_rss_mib")),
+         round(med(c, "training_mib")), *(med(c, k) for k in keys)]
         for c in variants
-    ]
+    ]  # fmt: skip
     header = ["step (batch 32)", "peak RSS MiB", "training MiB (peak - ready)", "wall ms / sample", "CPU ms / sample"]
-    table = md_table(header, rows)
-    md = "\n".join(
-        [
-            "## GradCache chunk size at the guide's batch 32",
-            "",
-            f"all-MiniLM-L6-v2, LoRA r=16 on query/value, fp32 on CPU, max_seq_length {seq} (demo data), "
+    text = (f"all-MiniLM-L6-v2, LoRA r=16 on query/value, fp32 on CPU, max_seq_length {seq} (demo data), "
             f"batch {batch}, one step (after a warm-up step) per fresh process, median of {repeats} alternating run(s) "
-            "(`python -m bench.gradcache_memory --chunk-sweep`).",
-            "",
-            table,
-            "",
-            machine_line(start_info, os.getloadavg()),
-        ]
-    )
-    save_report("gradcache_chunks", md, {"machine": start_info, "runs": runs})
-    print(md)
+            "(`python -m bench.gradcache_memory --chunk-sweep`).")  # fmt: skip
+    report("gradcache_chunks", ["## GradCache chunk size at the guide's batch 32", "", text, "", md_table(header, rows), ""],
+           {"runs": runs}, info, sep="\n")  # fmt: skip
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(sys.argv[2:])
-    else:
-        main(sys.argv[1:])
+    entry(main, child)

@@ -28,31 +28,19 @@ GIB = 1024**3
 MIB = 1024**2
 
 
+def hf(model: str, config: str, **kw: object) -> Callable[[], nn.Module]:
+    """A builder of transformers' `model` class from its `config` class, e.g. hf("BertModel", "BertConfig")."""
+
+    def build() -> nn.Module:
+        import transformers
+
+        return getattr(transformers, model)(getattr(transformers, config)(**kw))
+
+    return build
+
+
 def qwen3_vl(text: dict, vision: dict) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        from transformers import Qwen3VLConfig, Qwen3VLModel
-
-        return Qwen3VLModel(Qwen3VLConfig(text_config=text, vision_config=vision))
-
-    return build
-
-
-def qwen3(**kw) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        from transformers import Qwen3Config, Qwen3Model
-
-        return Qwen3Model(Qwen3Config(**kw))
-
-    return build
-
-
-def bert(**kw) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        from transformers import BertConfig, BertModel
-
-        return BertModel(BertConfig(**kw))
-
-    return build
+    return hf("Qwen3VLModel", "Qwen3VLConfig", text_config=text, vision_config=vision)
 
 
 _QWEN_TEXT = {"vocab_size": 151936, "head_dim": 128, "num_key_value_heads": 8}
@@ -77,18 +65,18 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], list[str]]] = {
         ["q_proj", "v_proj"],
     ),
     "Qwen3-Embedding-0.6B": (
-        qwen3(vocab_size=151669, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-              num_attention_heads=16, num_key_value_heads=8, head_dim=128),
+        hf("Qwen3Model", "Qwen3Config", vocab_size=151669, hidden_size=1024, intermediate_size=3072,
+           num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128),
         ["q_proj", "v_proj"],
     ),
     "Qwen3-Embedding-8B": (
-        qwen3(vocab_size=151665, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-              num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+        hf("Qwen3Model", "Qwen3Config", vocab_size=151665, hidden_size=4096, intermediate_size=12288,
+           num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128),
         ["q_proj", "v_proj"],
     ),
     "all-MiniLM-L6-v2": (
-        bert(vocab_size=30522, hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
-             num_attention_heads=12, max_position_embeddings=512),
+        hf("BertModel", "BertConfig", vocab_size=30522, hidden_size=384, intermediate_size=1536,
+           num_hidden_layers=6, num_attention_heads=12, max_position_embeddings=512),
         ["query", "key", "value", "dense"],
     ),
 }

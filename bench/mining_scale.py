@@ -16,16 +16,9 @@ import os
 import sys
 import time
 
-from bench.common import emit, machine, machine_line, md_table, run_child, save_report
+from bench.common import emit, machine, machine_line, md_table, proc_rss_mib, report, run_child
 
 DIM = 384
-
-
-def _rss_mib(field: str = "VmRSS") -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _reset_peak() -> None:
@@ -43,20 +36,20 @@ def child(passages: int, queries: int) -> None:
     s = MiningSettings()
     g = torch.Generator().manual_seed(0)
     q = torch.nn.functional.normalize(torch.randn(queries, DIM, generator=g), dim=-1)
-    start_rss = _rss_mib()
+    start_rss = proc_rss_mib()
     corpus = torch.empty(passages, DIM)
     for i in range(0, passages, 10_000):  # filled in place: no full-size temporaries
         block = corpus[i : i + 10_000]
         block.normal_(generator=g)
         block.div_(block.norm(dim=-1, keepdim=True))
-    base_rss = _rss_mib()
+    base_rss = proc_rss_mib()
     _reset_peak()
     start = time.perf_counter()
     for b in range(0, queries, s.query_block):
         chunks = (corpus[i : i + s.chunk_size] for i in range(0, passages, s.chunk_size))
         chunked_topk(q[b : b + s.query_block], chunks, s.rank_end + 1)
     seconds = time.perf_counter() - start
-    emit({"passages": passages, "queries": queries, "search_s": seconds, "peak_rss_mib": _rss_mib("VmHWM"),
+    emit({"passages": passages, "queries": queries, "search_s": seconds, "peak_rss_mib": proc_rss_mib("VmHWM"),
           "rss_before_search_mib": base_rss, "rss_before_corpus_mib": start_rss, "corpus_mib": passages * DIM * 4 / 2**20})
 
 
@@ -79,13 +72,11 @@ def main(argv: list[str]) -> None:
         search_rss = r["peak_rss_mib"] - r["rss_before_search_mib"]
         rows.append([n, a.queries, r["search_s"], per, r["corpus_mib"], corpus_rss, search_rss, r["peak_rss_mib"]])
         print(rows[-1], flush=True)
-    md = "\n\n".join([
+    report("mining_scale", [
         md_table(["passages", "queries", "search s", "s per 100k passages per 1k queries", "corpus embeddings MiB",
                   "RSS growth for the corpus MiB", "peak RSS growth during search MiB", "peak RSS MiB"], rows),
         machine_line(info, os.getloadavg()).replace("2 torch threads per run", "1 torch thread"),
-    ])
-    print(md)
-    save_report("mining_scale", md, {"machine": info, "runs": runs})
+    ], {"machine": info, "runs": runs})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
     .venv/bin/python -m bench.profile_step vembed [--disable length_grouping,lean_dropout,...]
     .venv/bin/python -m bench.profile_step st
 
-Same run as bench.train_throughput (LoRA r=16 on query/value, batch 32, max_seq_length 128, fp32,
-2 threads); profiles steps 2-3 (after one warm-up step) and prints the operators by self CPU time,
+The training run of bench.train_throughput (LoRA r=16 on query/value, batch 32, max_seq_length 128,
+fp32, 2 threads); profiles steps 2-3 (after one warm-up step) and prints the operators by self CPU time,
 grouped into what they do. Writes bench/results/profile_<tool>[_<name>].md.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections import defaultdict
 
 from bench.common import CHILD_ENV, child_setup, demo_data, md_table, minilm_path, save_report
@@ -37,84 +36,6 @@ GROUPS = {
 }
 
 
-def profile_vembed(data: str, model: str, off: list[str], steps: int):
-    import torch
-
-    import vembed.training.loop as loop
-    from bench.trainers import disable
-    from vembed.config import load_config
-    from vembed.losses import build_loss
-    from vembed.training.data import EpochBatchSampler, PairCollator, PairDataset, load_records
-
-    extra: dict = {}
-    disable(off, extra)
-    cfg = load_config(
-        None,
-        {
-            "model_name": model,
-            "data_path": data,
-            "batch_size": 32,
-            "max_seq_length": 128,
-            "torch_dtype": "float32",
-            "lora_target_modules": ["query", "value"],
-            **extra,
-        },
-    )
-    embedder = loop.build_embedder(cfg, torch.float32)
-    records, _ = load_records(cfg.data_path, "error")
-    dataset = PairDataset(records, embedder)
-    lengths = dataset.lengths() if cfg.group_by_length else None
-    sampler = EpochBatchSampler(len(dataset), 32, cfg.seed, lengths)
-    collate = PairCollator(embedder)
-    loss_fn = build_loss(cfg, embedder.dim)
-    params = [p for p in embedder.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=True)
-    embedder.train()
-    batches = iter(sampler)
-
-    def step():
-        batch = collate([dataset[i] for i in next(batches)])
-        loss = loss_fn(embedder(**batch["query"]), embedder(**batch["positive"]))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
-def profile_st(data: str, model: str, steps: int):
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from sentence_transformers import SentenceTransformer, losses
-
-    from bench.trainers import read_pairs
-
-    st = SentenceTransformer(model, device="cpu")
-    st.max_seq_length = 128
-    st[0].model = get_peft_model(
-        st[0].model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["query", "value"])
-    )
-    queries, positives = read_pairs(data)
-    loss_fn = losses.MultipleNegativesRankingLoss(st, scale=20.0)
-    params = [p for p in st.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=True)
-    st.train()
-    order = torch.randperm(len(queries), generator=torch.Generator().manual_seed(42)).tolist()
-    starts = iter(range(0, len(order), 32))
-
-    def step():
-        idx = order[next(starts) :][:32]
-        features = [st.preprocess([queries[i] for i in idx]), st.preprocess([positives[i] for i in idx])]
-        loss = loss_fn(features, None)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("tool", choices=["vembed", "st"])
@@ -124,17 +45,19 @@ def main(argv: list[str]) -> None:
     a = p.parse_args(argv)
     os.environ.update(CHILD_ENV)
     child_setup()
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from bench.trainers import train_st, train_vembed
 
     data, model = demo_data()["train"], minilm_path()
     off = [x for x in a.disable.split(",") if x]
-    step = profile_vembed(data, model, off, a.steps) if a.tool == "vembed" else profile_st(data, model, a.steps)
-    step()  # warm-up
-    start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(a.steps):
-            step()
-    wall = time.perf_counter() - start
+    # The real training run of bench.train_throughput; the profiler skips the first (warm-up) step.
+    with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=1, warmup=0, active=a.steps, repeat=1)) as prof:
+        if a.tool == "vembed":
+            result = train_vembed(data, model, 1 + a.steps, 1, lora=True, off=off, on_step=prof.step)
+        else:
+            result = train_st(data, model, 1 + a.steps, 1, lora=True, on_step=prof.step)
+    wall = sum(result["step_s"])
     events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
     total = sum(e.self_cpu_time_total for e in events)
     grouped: dict[str, float] = defaultdict(float)

@@ -25,7 +25,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from bench.common import CHILD_ENV, REPO, THREADS, machine, machine_line, md_table, minilm_path, save_report
+from bench.common import CHILD_ENV, REPO, THREADS, machine, machine_line, md_table, minilm_path, report
 
 BATCH = 32
 
@@ -149,28 +149,19 @@ def main(argv: list[str]) -> None:
     rows = [
         [name, r["p50_ms"], r["p99_ms"], r["batch_texts_per_s"]] for name, r in results.items()
     ]
-    md = "\n".join(
-        [
-            "## Serving: `vembed serve` vs in-process Predictor vs SentenceTransformer.encode",
-            "",
-            f"all-MiniLM-L6-v2 on CPU, {THREADS} torch threads each. Single texts: {a.singles} sequential calls "
+    text = (f"all-MiniLM-L6-v2 on CPU, {THREADS} torch threads each. Single texts: {a.singles} sequential calls "
             f"(after 10 warm-up calls). Batches: {a.clients} concurrent clients x {a.batches} batches of {BATCH} "
             "texts each. The server runs in its own process on loopback, and the client is the official `openai` "
-            "package (base64 floats, as it asks by default).",
-            "",
-            md_table(["contender", "single text p50 (ms)", "single text p99 (ms)",
-                      f"batches of {BATCH}, {a.clients} clients (texts/s)"], rows),  # fmt: skip
-            "",
-            f"Served embeddings vs Predictor: max abs diff {diff:.2e}.",
-            "",
-            machine_line(info, os.getloadavg()),
-            "",
-            f"Reproduce: `nice -n 15 .venv/bin/python -m bench.serve_latency --singles {a.singles} "
-            f"--batches {a.batches} --clients {a.clients}`",
-        ]
-    )
-    path = save_report(a.name, md, {"machine": info, "args": vars(a), "results": results, "max_abs_diff": diff})
-    print(md)
+            "package (base64 floats, as it asks by default).")  # fmt: skip
+    header = ["contender", "single text p50 (ms)", "single text p99 (ms)", f"batches of {BATCH}, {a.clients} clients (texts/s)"]
+    rows = [[name, r["p50_ms"], r["p99_ms"], r["batch_texts_per_s"]] for name, r in results.items()]
+    path = report(a.name, [
+        "## Serving: `vembed serve` vs in-process Predictor vs SentenceTransformer.encode", "", text, "",
+        md_table(header, rows), "", f"Served embeddings vs Predictor: max abs diff {diff:.2e}.", "",
+        machine_line(info, os.getloadavg()), "",
+        f"Reproduce: `nice -n 15 .venv/bin/python -m bench.serve_latency --singles {a.singles} "
+        f"--batches {a.batches} --clients {a.clients}`",
+    ], {"machine": info, "args": vars(a), "results": results, "max_abs_diff": diff}, sep="\n")  # fmt: skip
     print(f"\nwritten to {path}")
 
 

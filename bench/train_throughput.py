@@ -1,16 +1,21 @@
-"""Training throughput: vembed vs sentence-transformers on the same LoRA run.
+"""Training throughput of the LoRA run in bench.trainers, three ways:
 
-    .venv/bin/python -m bench.train_throughput [--repeats 3] [--steps 30]
+    .venv/bin/python -m bench.train_throughput [--repeats 3] [--steps 31]     # vembed vs sentence-transformers
+    .venv/bin/python -m bench.train_throughput ablation [--full] [--last N]   # vembed's optimisations, one at a time
+    .venv/bin/python -m bench.train_throughput lora_vs_full                    # LoRA vs every weight trained
 
-Each run is a fresh process; the two alternate A B A B. Prints medians, the ratio and the losses,
-and writes bench/results/train_throughput.{md,json}.
+Each run is a fresh process (`--child`); the contenders alternate A B A B. The default 31 steps is one
+epoch of the demo data, so every length-grouped batch is timed once. `ablation` turns the optimisations
+off in the child: none on (the loop as it was), then length-grouped batches, lean dropout, lean
+attention and fused AdamW added cumulatively. `lora_vs_full` also prints what weights, gradients and
+AdamW state take in each mode, which is the memory LoRA can save.
+Writes bench/results/NAME.{md,json} (NAME: train_throughput, ablation or lora_vs_full unless --name).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
+from typing import Any
 
 from bench.common import (
     alternate,
@@ -18,12 +23,23 @@ from bench.common import (
     child_setup,
     demo_data,
     emit,
+    entry,
     machine,
-    machine_line,
     md_table,
     median,
-    save_report,
+    minilm_path,
+    report,
 )
+from bench.trainers import OPTIMISATIONS
+
+MIB = 2**20
+BEST, MEDIAN = "samples/s (each step's best run)", "samples/s (median run)"
+ABLATION_LABELS = {
+    "length_grouping": "+ length-grouped batches",
+    "lean_dropout": "+ lean dropout (bool masks)",
+    "lean_attention": "+ lean attention (CPU, with dropout)",
+    "fused_adamw": "+ fused AdamW",
+}
 
 
 def child(argv: list[str]) -> None:
@@ -46,86 +62,140 @@ def child(argv: list[str]) -> None:
         emit(train_st(a.data, a.model, a.steps, a.warmup, lora=not a.full))
 
 
+def tools(a: argparse.Namespace, runs: dict[str, list[dict]], model: str) -> tuple[list[str], dict[str, Any]]:
+    v, s = runs["vembed"], runs["st"]
+    keys = ("samples_per_s", "cpu_ms_per_sample", "s_per_step", "peak_rss_mib", "setup_s", "loss_first", "loss_last5")
+    rows = [
+        [label, best_samples_per_s(r), *(median(r, k) for k in keys), r[0]["trainable_params"]]
+        for label, r in (("vembed", v), ("sentence-transformers", s))
+    ]
+    ratios = {
+        "speed_ratio": best_samples_per_s(v) / best_samples_per_s(s),
+        "median_speed_ratio": median(v, "samples_per_s") / median(s, "samples_per_s"),
+        "cpu_ratio": median(s, "cpu_ms_per_sample") / median(v, "cpu_ms_per_sample"),
+        "rss_ratio": median(v, "peak_rss_mib") / median(s, "peak_rss_mib"),
+    }
+    header = ["tool", BEST, MEDIAN, "CPU ms / sample", "s/step", "peak RSS MiB", f"setup + first {a.warmup} steps s",
+              "loss step 1", f"mean loss steps {a.steps - 4}-{a.steps}", "trainable params"]  # fmt: skip
+    each = [[i + 1, x["samples_per_s"], y["samples_per_s"], x["cpu_ms_per_sample"], y["cpu_ms_per_sample"],
+             x["peak_rss_mib"], y["peak_rss_mib"], y["load_avg_1m"]] for i, (x, y) in enumerate(zip(v, s, strict=True))]  # fmt: skip
+    return [
+        f"Medians of {a.repeats} alternating runs, {a.steps} steps each, timing from the end of step {a.warmup}.",
+        md_table(header, rows),
+        f"**vembed / sentence-transformers: {ratios['speed_ratio']:.2f}x samples/s (each step's best run; "
+        f"{ratios['median_speed_ratio']:.2f}x between median runs), {ratios['cpu_ratio']:.2f}x by CPU time per "
+        f"sample, {ratios['rss_ratio']:.2f}x peak RSS.**",
+        "Each run:",
+        md_table(["run", "vembed samples/s", "ST samples/s", "vembed CPU ms/sample", "ST CPU ms/sample",
+                  "vembed RSS MiB", "ST RSS MiB", "load avg"], each),  # fmt: skip
+    ], ratios
+
+
+def ablation(a: argparse.Namespace, runs: dict[str, list[dict]], model: str) -> tuple[list[str], dict[str, Any]]:
+    rows, prev = [], None
+    for label, r in runs.items():
+        sps, cpu, rss = best_samples_per_s(r), median(r, "cpu_ms_per_sample"), median(r, "peak_rss_mib")
+        step = "-" if prev is None else f"{sps / prev[0]:.2f}x, {prev[1] / cpu:.2f}x, {rss - prev[2]:+.0f} MiB"
+        rows.append([label, sps, median(r, "samples_per_s"), cpu, rss, step])
+        prev = (sps, cpu, rss)
+    first, last = runs[list(runs)[0]], runs[list(runs)[-1]]
+    total = median(first, "cpu_ms_per_sample") / median(last, "cpu_ms_per_sample")
+    wall = best_samples_per_s(last) / best_samples_per_s(first)
+    header = ["variant", BEST, MEDIAN, "CPU ms / sample", "peak RSS MiB", "vs row above (samples/s, CPU time, RSS)"]
+    return [
+        f"vembed alone, {'full fine-tuning' if a.full else 'LoRA r=16'}, batch 32, max_seq_length 128, fp32, "
+        f"2 threads; medians of {a.repeats} alternating runs of {a.steps} steps (timing from the end of step "
+        f"{a.warmup}). Each row adds one optimisation to the row above; the last row is vembed as shipped.",
+        md_table(header, rows),
+        f"**First row to last: {wall:.2f}x samples/s (each step's best run), {total:.2f}x less CPU time per sample, "
+        f"{median(last, 'peak_rss_mib') - median(first, 'peak_rss_mib'):+.0f} MiB peak RSS.**",
+    ], {}
+
+
+def state_sizes(model: str) -> dict[str, float]:
+    """MiB of weights, and of gradients + AdamW moments for each mode (fp32 everywhere)."""
+    from transformers import AutoModel
+
+    backbone = AutoModel.from_pretrained(model)
+    total = sum(p.numel() for p in backbone.parameters())
+    # LoRA r=16 on query and value: A [r, d_in] + B [d_out, r] per adapted Linear.
+    lora = sum(
+        16 * (m.in_features + m.out_features)
+        for name, m in backbone.named_modules()
+        if name.rsplit(".", 1)[-1] in ("query", "value")
+    )
+    return {
+        "params_total": total,
+        "params_lora": lora,
+        "weights_mib": total * 4 / MIB,
+        "full_grads_adam_mib": total * 4 * 3 / MIB,
+        "lora_grads_adam_mib": lora * 4 * 3 / MIB,
+    }
+
+
+def lora_vs_full(a: argparse.Namespace, runs: dict[str, list[dict]], model: str) -> tuple[list[str], dict[str, Any]]:
+    sizes = state_sizes(model)
+    lo, fu = runs["lora"], runs["full"]
+    keys = ("samples_per_s", "cpu_ms_per_sample", "peak_rss_mib", "loss_last5")
+    rows = [
+        [label, r[0]["trainable_params"], best_samples_per_s(r), *(median(r, k) for k in keys)]
+        for label, r in (("LoRA r=16 (query, value)", lo), ("full fine-tuning", fu))
+    ]
+    speed = best_samples_per_s(lo) / best_samples_per_s(fu)
+    cpu_speed = median(fu, "cpu_ms_per_sample") / median(lo, "cpu_ms_per_sample")
+    saved = 1 - median(lo, "peak_rss_mib") / median(fu, "peak_rss_mib")
+    state_share = sizes["full_grads_adam_mib"] / median(fu, "peak_rss_mib")
+    header = ["mode", "trainable params", BEST, MEDIAN, "CPU ms / sample", "peak RSS MiB", "mean loss last 5 steps"]
+    memory = [
+        ["model weights (both modes)", sizes["weights_mib"]],
+        ["full fine-tuning: gradients + AdamW moments (3x weights)", sizes["full_grads_adam_mib"]],
+        ["LoRA: gradients + AdamW moments of the adapters", sizes["lora_grads_adam_mib"]],
+        ["full fine-tuning: that state as a share of its peak RSS", f"{100 * state_share:.0f}%"],
+    ]
+    return [
+        f"Medians of {a.repeats} alternating runs, {a.steps} steps each (timing from the end of step "
+        f"{a.warmup}); same data, batch 32, max_seq_length 128, fp32, 2 threads.",
+        md_table(header, rows),
+        f"**LoRA / full: {speed:.2f}x samples/s (each step's best run), {cpu_speed:.2f}x by CPU time; "
+        f"LoRA's peak RSS is {100 * saved:.0f}% lower.**",
+        md_table(["memory item (fp32)", "MiB"], memory),
+    ], {"sizes": sizes, "speed_ratio": speed}
+
+
+def contenders(a: argparse.Namespace, data: str, model: str) -> dict[str, list[str]]:
+    common = ["--data", data, "--model", model, "--steps", str(a.steps), "--warmup", str(a.warmup)]
+    if a.compare == "tools":
+        return {"vembed": ["vembed", *common], "st": ["st", *common]}
+    common = ["vembed", *common]
+    if a.compare == "lora_vs_full":
+        return {"lora": common, "full": [*common, "--full"]}
+    common += ["--full"] if a.full else []
+    variants = {"none (before)": [*common, "--disable", ",".join(OPTIMISATIONS)]}
+    for i, name in enumerate(OPTIMISATIONS):
+        off = OPTIMISATIONS[i + 1 :]
+        variants[ABLATION_LABELS[name]] = [*common, "--disable", ",".join(off)] if off else common
+    return dict(list(variants.items())[-a.last :]) if a.last else variants
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("compare", nargs="?", choices=["tools", "ablation", "lora_vs_full"], default="tools")
+    p.add_argument("--repeats", type=int, help="runs per contender (default: 3 for tools, else 2)")
     p.add_argument("--steps", type=int, default=31, help="optimizer steps per run (one epoch of the demo data)")
     p.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
-    p.add_argument("--name", default="train_throughput")
+    p.add_argument("--full", action="store_true", help="ablation: full fine-tuning instead of LoRA")
+    p.add_argument("--last", type=int, default=0, help="ablation: run only the last N variants (0: all)")
+    p.add_argument("--name", help="report name (default: train_throughput, ablation or lora_vs_full)")
     a = p.parse_args(argv)
-    from bench.common import minilm_path
-
-    info = machine()
-    data = demo_data()
-    model = minilm_path()
-    common = ["--data", data["train"], "--model", model, "--steps", str(a.steps), "--warmup", str(a.warmup)]
-    print(f"training throughput, {a.repeats} x (vembed, sentence-transformers), {a.steps} steps each")
-    runs = alternate("bench.train_throughput", {"vembed": ["vembed", *common], "st": ["st", *common]}, a.repeats)
-    v, s = runs["vembed"], runs["st"]
-    rows = []
-    for label, r in (("vembed", v), ("sentence-transformers", s)):
-        rows.append(
-            [
-                label,
-                best_samples_per_s(r),
-                median(r, "samples_per_s"),
-                median(r, "cpu_ms_per_sample"),
-                median(r, "s_per_step"),
-                median(r, "peak_rss_mib"),
-                median(r, "setup_s"),
-                median(r, "loss_first"),
-                median(r, "loss_last5"),
-                r[0]["trainable_params"],
-            ]
-        )
-    speed = best_samples_per_s(v) / best_samples_per_s(s)
-    median_speed = median(v, "samples_per_s") / median(s, "samples_per_s")
-    cpu_speed = median(s, "cpu_ms_per_sample") / median(v, "cpu_ms_per_sample")
-    mem = median(v, "peak_rss_mib") / median(s, "peak_rss_mib")
-    table = md_table(
-        [
-            "tool",
-            "samples/s (each step's best run)",
-            "samples/s (median run)",
-            "CPU ms / sample",
-            "s/step",
-            "peak RSS MiB",
-            f"setup + first {a.warmup} steps s",
-            "loss step 1",
-            f"mean loss steps {a.steps - 4}-{a.steps}",
-            "trainable params",
-        ],
-        rows,
-    )
-    each = md_table(
-        ["run", "vembed samples/s", "ST samples/s", "vembed CPU ms/sample", "ST CPU ms/sample", "vembed RSS MiB",
-         "ST RSS MiB", "load avg"],
-        [
-            [i + 1, x["samples_per_s"], y["samples_per_s"], x["cpu_ms_per_sample"], y["cpu_ms_per_sample"],
-             x["peak_rss_mib"], y["peak_rss_mib"], y["load_avg_1m"]]
-            for i, (x, y) in enumerate(zip(v, s, strict=True))
-        ],
-    )
-    md = "\n\n".join(
-        [
-            f"Medians of {a.repeats} alternating runs, {a.steps} steps each, timing from the end of step {a.warmup}.",
-            table,
-            f"**vembed / sentence-transformers: {speed:.2f}x samples/s (each step's best run; {median_speed:.2f}x "
-            f"between median runs), {cpu_speed:.2f}x by CPU time per sample, {mem:.2f}x peak RSS.**",
-            "Each run:",
-            each,
-            machine_line(info, os.getloadavg()),
-        ]
-    )
-    print(md)
-    save_report(
-        a.name, md, {"machine": info, "runs": runs, "speed_ratio": speed, "median_speed_ratio": median_speed, "cpu_ratio": cpu_speed,
-         "rss_ratio": mem}
-    )
+    a.repeats = a.repeats or (3 if a.compare == "tools" else 2)
+    info, model = machine(), minilm_path()
+    variants = contenders(a, demo_data()["train"], model)
+    print(f"{a.compare}: {a.repeats} x {list(variants)}, {a.steps} steps each")
+    runs = alternate("bench.train_throughput", variants, a.repeats)
+    parts, extra = {"tools": tools, "ablation": ablation, "lora_vs_full": lora_vs_full}[a.compare](a, runs, model)
+    default_name = "train_throughput" if a.compare == "tools" else a.compare
+    report(a.name or default_name, parts, {"runs": runs, **extra}, info)
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--child"]:
-        child(sys.argv[2:])
-    else:
-        main(sys.argv[1:])
+    entry(main, child)

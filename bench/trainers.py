@@ -4,6 +4,7 @@ Both: all-MiniLM-L6-v2, demo data, batch 32, max_seq_length 128, fp32, AdamW lr 
 0.01, linear schedule with 10% warmup, gradient clipping at 1.0, InfoNCE at temperature 0.05 (= scale 20),
 LoRA r=16 alpha=32 dropout=0.05 on query/value (or full fine-tuning).
 
+`on_step` is called at the end of every optimizer step (bench.profile_step drives a profiler with it).
 Throughput is measured the same way for both: the time between the end of step `warmup` and the end of
 the last step (each step includes fetching its batch), so one-off costs (model load, tokenising up
 front, the first slow steps) are reported separately as `setup_s`.
@@ -15,6 +16,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +99,8 @@ def disable(names: list[str], extra: dict) -> None:
 
 
 def train_vembed(
-    data: str, model: str, steps: int, warmup: int, lora: bool, extra: dict | None = None, off: list[str] = ()
+    data: str, model: str, steps: int, warmup: int, lora: bool, extra: dict | None = None, off: list[str] = (),
+    on_step: Callable[[], None] = lambda: None,
 ) -> dict:
     import torch
 
@@ -134,8 +137,12 @@ def train_vembed(
     step_ends: list[tuple[float, float]] = []
     real_get_scheduler = loop.get_scheduler
 
+    def step_end(*_: object) -> None:
+        step_ends.append(mark())
+        on_step()
+
     def timed_scheduler(name, optimizer, *args, **kwargs):
-        optimizer.register_step_post_hook(lambda *_: step_ends.append(mark()))
+        optimizer.register_step_post_hook(step_end)
         return real_get_scheduler(name, optimizer, *args, **kwargs)
 
     loop.get_scheduler = timed_scheduler
@@ -152,7 +159,9 @@ def train_vembed(
     return summary
 
 
-def train_st(data: str, model: str, steps: int, warmup: int, lora: bool) -> dict:
+def train_st(
+    data: str, model: str, steps: int, warmup: int, lora: bool, on_step: Callable[[], None] = lambda: None
+) -> dict:
     import torch
     from datasets import Dataset
     from sentence_transformers import (
@@ -187,6 +196,7 @@ def train_st(data: str, model: str, steps: int, warmup: int, lora: bool) -> dict
     class Timer(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             step_ends.append(mark())
+            on_step()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:

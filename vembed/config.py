@@ -222,11 +222,11 @@ class TrainConfig(BaseModel):
             raise ValueError(f"unknown torch_dtype {v!r}; choose one of {', '.join(TORCH_DTYPES)}")
         return name
 
-    @field_validator("lora_r")
+    @field_validator("lora_r", "learning_rate")
     @classmethod
-    def _rank(cls, v: int) -> int:
+    def _positive(cls, v: float) -> float:
         if v <= 0:
-            raise ValueError("must be a positive integer")
+            raise ValueError("must be > 0")
         return v
 
     @field_validator("lora_dropout")
@@ -234,13 +234,6 @@ class TrainConfig(BaseModel):
     def _dropout(cls, v: float) -> float:
         if not 0 <= v < 1:
             raise ValueError("must be in [0, 1)")
-        return v
-
-    @field_validator("learning_rate")
-    @classmethod
-    def _lr(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError("must be > 0")
         return v
 
     @field_validator("lora_target_modules")

@@ -19,7 +19,6 @@ CONFIG_ENV = "VEMBED_CONFIG"
 OUTPUT_URI_ENV = "VEMBED_OUTPUT_URI"
 JOB_WORKDIR = TrainerOptions.model_fields["work_dir"].default
 JOB_CONFIG_PATH = f"{JOB_WORKDIR}/config.yaml"
-JOB_OUTPUT_DIR = f"{JOB_WORKDIR}/output"
 
 
 def job_config_path(work_dir: str) -> str:
@@ -28,6 +27,7 @@ def job_config_path(work_dir: str) -> str:
 
 def job_output_dir(work_dir: str) -> str:
     return f"{work_dir}/output"
+
 
 # The FSDP settings (sharding, use_orig_params for LoRA, wrapping, state dict) are the Accelerator's
 # plugin in vembed.training.fsdp; the flag only makes accelerate start the processes for FSDP.

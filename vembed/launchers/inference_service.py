@@ -1,33 +1,31 @@
 """A KServe InferenceService (serving.kserve.io/v1beta1) that serves a model with `vembed serve`.
 
 Why a custom predictor and not KServe's Hugging Face runtime (`modelFormat: huggingface`, task
-`text_embedding`): its encoder model always mean-pools the last hidden state and L2-normalises
-(kserve/kserve python/huggingfaceserver/huggingfaceserver/encoder_model.py, `postprocess`:
-`_mean_pooling(outputs, attention_mask)` then `F.normalize`), reads neither modules.json (CLS or
-last-token pooling) nor prompts (query instructions), and ignores `dimensions` (MRL). vembed's
-models use all of those, and VL models are not text encoders at all. So the predictor runs
-vembed's own image (`vembed serve`), which answers the same OpenAI `/v1/embeddings` API.
+`text_embedding`): its encoder model always mean-pools and L2-normalises (huggingfaceserver's
+encoder_model.py, `postprocess`), reads neither modules.json (CLS or last-token pooling) nor prompts
+(query instructions), and ignores `dimensions` (MRL); VL models are not text encoders at all. vembed's
+own image (`vembed serve`) answers the same OpenAI `/v1/embeddings` API.
 
-The model files come from object storage through KServe's storage initializer, with the
-credentials of `service_account`: for a custom predictor KServe takes the storage URI from the
-`STORAGE_URI` env var of the container named `kserve-container` (pkg/apis/serving/v1beta1/
-predictor_custom.go, `CustomPredictor.GetStorageUri`) and downloads it to /mnt/models.
+The model files come through KServe's storage initializer, with the credentials of `service_account`:
+for a custom predictor KServe reads `STORAGE_URI` from the container named `kserve-container`
+(predictor_custom.go, `GetStorageUri`) and downloads it to /mnt/models.
 
-Why the Kubernetes client's CustomObjectsApi and not the `kserve` SDK: `kserve` 0.21 pins
-pandas<3 and psutil<6 and would downgrade both in the shared environment (pip --dry-run), and
-its models add nothing over a plain manifest for one create/patch/get.
+Why CustomObjectsApi and not the `kserve` SDK: `kserve` 0.21 pins pandas<3 and psutil<6 (it would
+downgrade both in the shared environment), and its models add nothing to one create/patch/get.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from vembed.errors import VembedError
+from vembed.launchers.wait import api_error_text
 
 GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -110,12 +108,6 @@ def custom_objects_api(client_configuration: Any = None) -> Any:
     return client.CustomObjectsApi(client.ApiClient(client_configuration))
 
 
-def _api_error(e: BaseException) -> str:
-    from vembed.launchers.wait import api_error_text
-
-    return api_error_text(e)
-
-
 @dataclass
 class Rollout:
     """The outcome of one create/patch, for the deploy step's result."""
@@ -138,22 +130,31 @@ class InferenceServices:
     def where(self, name: str) -> str:
         return f"InferenceService {self.namespace}/{name}"
 
+    @contextlib.contextmanager
+    def _errors(self, name: str, doing: str = "") -> Iterator[None]:
+        """Any API failure (connection refused and friends) as one line naming the service."""
+        try:
+            yield
+        except DeployError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise DeployError(f"{self.where(name)}: {doing}{api_error_text(e)}") from None
+
     def get(self, name: str) -> dict[str, Any] | None:
         from kubernetes.client.exceptions import ApiException
 
-        try:
-            return self.api.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise DeployError(f"{self.where(name)}: {_api_error(e)}") from None
-        except Exception as e:  # noqa: BLE001 - connection refused and friends
-            raise DeployError(f"{self.where(name)}: {_api_error(e)}") from None
+        with self._errors(name):
+            try:
+                return self.api.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+            except ApiException as e:
+                if e.status != 404:
+                    raise
+        return None
 
     def apply(self, name: str, spec: PredictorSpec, canary_traffic_percent: int) -> tuple[str, dict | None]:
         """Create, or merge-patch the predictor. Returns (action, the object as it was before)."""
         before = self.get(name)
-        try:
+        with self._errors(name):
             if before is None:
                 self.api.create_namespaced_custom_object(
                     GROUP, VERSION, self.namespace, PLURAL, manifest(name, self.namespace, spec)
@@ -169,10 +170,6 @@ class InferenceServices:
             }
             self.api.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, patch)
             return "patched", before
-        except DeployError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise DeployError(f"{self.where(name)}: {_api_error(e)}") from None
 
     def restore(self, name: str, before: dict[str, Any]) -> None:
         """Put the previous predictor spec back (replace, so fields the failed spec added go away)."""
@@ -185,10 +182,8 @@ class InferenceServices:
             {k: v for k, v in (before["metadata"].get("annotations") or {}).items() if k == ANNOTATION_MODEL}
         )
         body.pop("status", None)
-        try:
+        with self._errors(name, "restoring the previous spec failed: "):
             self.api.replace_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, body)
-        except Exception as e:  # noqa: BLE001
-            raise DeployError(f"{self.where(name)}: restoring the previous spec failed: {_api_error(e)}") from None
 
     def wait_ready(
         self,
@@ -202,10 +197,9 @@ class InferenceServices:
         obj: dict[str, Any] = {}
         while True:
             obj = self.get(name) or {}
-            status = obj.get("status") or {}
+            status, pred = _status(obj)
             generation = (obj.get("metadata") or {}).get("generation", 0)
             current = status.get("observedGeneration", generation) >= generation
-            pred = (status.get("components") or {}).get("predictor") or {}
             conditions = {c.get("type"): c for c in status.get("conditions") or []}
             if current:
                 for c in conditions.values():
@@ -221,15 +215,19 @@ class InferenceServices:
             sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
 
 
+def _status(obj: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(status, status.components.predictor) of an InferenceService; empty where not reported yet."""
+    status = (obj or {}).get("status") or {}
+    return status, (status.get("components") or {}).get("predictor") or {}
+
+
 def rollout_of(action: str, ready: bool, reason: str, obj: dict[str, Any], before: dict | None) -> Rollout:
-    status = obj.get("status") or {}
-    pred = (status.get("components") or {}).get("predictor") or {}
-    prev_pred = (((before or {}).get("status") or {}).get("components") or {}).get("predictor") or {}
+    status, pred = _status(obj)
     return Rollout(
         action=action,
         ready=ready,
         revision=pred.get("latestReadyRevision") if ready else pred.get("latestCreatedRevision"),
-        previous_revision=prev_pred.get("latestReadyRevision"),
+        previous_revision=_status(before)[1].get("latestReadyRevision"),
         traffic=list(pred.get("traffic") or []),
         reason=reason,
         url=status.get("url"),

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from vembed.config import TrainConfig
+from vembed.errors import ConfigError
 from vembed.launchers.command import CONFIG_ENV, OUTPUT_URI_ENV
 
 LABELS = {"app.kubernetes.io/managed-by": "vembed-factory", "app.kubernetes.io/component": "train"}
@@ -101,14 +102,19 @@ def pod_security_json(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
-def container_security_json() -> dict[str, Any]:
-    """Container-level part of the `restricted` standard (these fields exist only on containers)."""
-    return {
+def container_json(name: str, task: TaskSettings | None = None) -> dict[str, Any]:
+    """The node container's name, volume mounts and the container-level part of the `restricted`
+    Pod Security Standard (these fields exist only on containers)."""
+    security = {
         "allowPrivilegeEscalation": False,
         "capabilities": {"drop": ["ALL"]},
         "runAsNonRoot": True,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
+    container: dict[str, Any] = {"name": name, "securityContext": security}
+    if task and task.volume_mounts:
+        container["volumeMounts"] = list(task.volume_mounts)
+    return container
 
 
 def pod_json(cfg: TrainConfig, task: TaskSettings | None = None) -> dict[str, Any]:
@@ -125,6 +131,20 @@ def pod_json(cfg: TrainConfig, task: TaskSettings | None = None) -> dict[str, An
         "securityContext": pod_security_json(cfg),
     }
     return {k: v for k, v in out.items() if v}
+
+
+def with_namespace(cfg: TrainConfig, namespace: str) -> TrainConfig:
+    """The config with the namespace the client resolved (in-cluster, kubeconfig or the config's own)."""
+    return cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"namespace": namespace})})
+
+
+def checked(data: Any, build: Callable[[Any], Any], dump: Callable[[Any], Any], where: str) -> Any:
+    """`build(data)`, an SDK model from Kubernetes JSON; a key the model would silently drop is an error."""
+    obj = build(data)
+    dropped = dropped_keys(data, dump(obj))
+    if dropped:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(dropped)}")
+    return obj
 
 
 def dropped_keys(given: Any, kept: Any, path: str = "") -> list[str]:

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import json
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, TypeVar
 
 from vembed.errors import VembedError
 
 LogFn = Callable[[str], None]
+T = TypeVar("T")
 
 
 class TrainingJobError(VembedError):
@@ -37,37 +39,37 @@ class JobState:
     reason: str = ""
 
 
-class TrainingJob(Protocol):
-    """What the loop needs from a submitted job; see TrainJobRun and PyTorchJobRun."""
+class JobRun:
+    """A submitted job of one backend (TrainJobRun, PyTorchJobRun), as the wait loop sees it."""
 
-    description: str  # e.g. "TrainJob team-a/vembed-1a2b3c4d"
+    kind = "job"
 
-    def state(self) -> JobState: ...
+    def __init__(self, client: Any, name: str, namespace: str) -> None:
+        self.client, self.name, self.namespace = client, name, namespace
+        self.description = f"{self.kind} {namespace}/{name}"  # e.g. "TrainJob team-a/vembed-1a2b3c4d"
+
+    def state(self) -> JobState:
+        raise NotImplementedError
 
     def stream_logs(self) -> Iterator[str]:
         """Follow the logs of node 0 (the master) until its container ends."""
-        ...
+        raise NotImplementedError
 
-    def delete(self) -> None: ...
+    def delete(self) -> None:
+        raise NotImplementedError
 
 
 def print_line(line: str) -> None:
     print(line, flush=True)
 
 
-class _LogPump(threading.Thread):
-    """Copies the job's node-0 log into ours; a daemon, so a hung stream never blocks the step."""
-
-    def __init__(self, job: TrainingJob, log: LogFn):
-        super().__init__(name=f"logs {job.description}", daemon=True)
-        self.job, self.log = job, log
-
-    def run(self) -> None:
-        try:
-            for line in self.job.stream_logs():
-                self.log(line.rstrip("\n"))
-        except Exception as e:  # noqa: BLE001 - losing the log stream must not fail the training
-            self.log(f"[vembed] log stream of {self.job.description} ended early: {api_error_text(e)}")
+def _pump_logs(job: JobRun, log: LogFn) -> None:
+    """Copy the job's node-0 log into ours (in a daemon thread: a hung stream never blocks the step)."""
+    try:
+        for line in job.stream_logs():
+            log(line.rstrip("\n"))
+    except Exception as e:  # noqa: BLE001 - losing the log stream must not fail the training
+        log(f"[vembed] log stream of {job.description} ended early: {api_error_text(e)}")
 
 
 def api_error_text(exc: BaseException) -> str:
@@ -82,9 +84,24 @@ def api_error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
-def _status_message(body: Any) -> str:
-    import json
+def sdk_call(what: str, call: Callable[[], T]) -> T:
+    """`call()`; any failure (no credentials, HTTP 403, ...) becomes one line: `what: reason`."""
+    try:
+        return call()
+    except Exception as e:  # noqa: BLE001 - an SDK raises many types; the step needs one clear line
+        raise TrainingJobError(f"{what}: {api_error_text(e)}") from None
 
+
+def failure_reason(conditions: list[str], pods: Callable[[], list[Any]], container: str) -> str:
+    """The Failed condition(s) plus which node container died how (when the pods can be read)."""
+    try:
+        conditions = [*conditions, describe_pod_failure(pods(), container)]
+    except Exception as e:  # noqa: BLE001 - report what was found; the job did fail either way
+        conditions.append(f"(details unavailable: {api_error_text(e)})")
+    return "; ".join(p for p in conditions if p)
+
+
+def _status_message(body: Any) -> str:
     try:
         message = json.loads(body).get("message") if body else None
     except (TypeError, ValueError, AttributeError):
@@ -117,7 +134,7 @@ def sigterm_raises(what: str) -> Iterator[None]:
 
 
 def wait_for_job(
-    job: TrainingJob,
+    job: JobRun,
     *,
     timeout: float,
     keep_job: bool = False,
@@ -129,66 +146,50 @@ def wait_for_job(
     """Block until `job` succeeds (return its state) or fails / times out (raise TrainingJobError)."""
     deadline = time.monotonic() + timeout
     log(f"[vembed] waiting for {job.description} (timeout {timeout:g}s)")
-    try:
-        with sigterm_raises(f"waiting for {job.description}"):
-            return _poll(job, deadline, timeout, poll_interval, log, log_grace, max_poll_errors)
-    finally:
-        _clean_up(job, keep_job, log)
-
-
-def _poll(
-    job: TrainingJob,
-    deadline: float,
-    timeout: float,
-    poll_interval: float,
-    log: LogFn,
-    log_grace: float,
-    max_poll_errors: int,
-) -> JobState:
-    pump: _LogPump | None = None
+    pump: threading.Thread | None = None
     state = JobState(Phase.PENDING)
     errors = 0
-    while True:
-        try:
-            state = job.state()
-            errors = 0
-        except Exception as e:  # noqa: BLE001 - one failed poll of a day-long job is not a failure
-            errors += 1
-            if errors >= max_poll_errors:
-                raise TrainingJobError(
-                    f"{job.description}: cannot read its status ({api_error_text(e)}); "
-                    "check the RBAC in pipelines/rbac/"
-                ) from None
-            log(f"[vembed] status of {job.description} unavailable ({api_error_text(e)}); retrying")
-        if state.phase is not Phase.PENDING and pump is None:
-            log(f"[vembed] {job.description} is {state.phase.value}; streaming the node-0 log")
-            pump = _LogPump(job, log)
-            pump.start()
-        if state.phase in (Phase.SUCCEEDED, Phase.FAILED):
-            if pump is not None:
-                pump.join(log_grace)  # let the tail of the log arrive before reporting
-            if state.phase is Phase.FAILED:
-                raise TrainingJobError(f"{job.description} failed: {state.reason or 'no reason reported'}")
-            log(f"[vembed] {job.description} succeeded")
-            return state
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TrainingJobError(
-                f"{job.description} did not finish within trainer.timeout={timeout:g}s "
-                f"(last seen {state.phase.value})"
-            )
-        time.sleep(min(poll_interval, remaining))
-
-
-def _clean_up(job: TrainingJob, keep_job: bool, log: LogFn) -> None:
-    if keep_job:
-        log(f"[vembed] keeping {job.description} (trainer.keep_job); delete it when done")
-        return
     try:
-        job.delete()
-        log(f"[vembed] deleted {job.description}")
-    except Exception as e:  # noqa: BLE001 - never hide the training outcome behind a cleanup error
-        log(f"[vembed] could not delete {job.description}: {api_error_text(e)}")
+        with sigterm_raises(f"waiting for {job.description}"):
+            while True:
+                try:
+                    state = job.state()
+                    errors = 0
+                except Exception as e:  # noqa: BLE001 - one failed poll of a day-long job is not a failure
+                    errors += 1
+                    if errors >= max_poll_errors:
+                        raise TrainingJobError(
+                            f"{job.description}: cannot read its status ({api_error_text(e)}); "
+                            "check the RBAC in pipelines/rbac/"
+                        ) from None
+                    log(f"[vembed] status of {job.description} unavailable ({api_error_text(e)}); retrying")
+                if state.phase is not Phase.PENDING and pump is None:
+                    log(f"[vembed] {job.description} is {state.phase.value}; streaming the node-0 log")
+                    pump = threading.Thread(target=_pump_logs, args=(job, log), name=f"logs {job.description}", daemon=True)
+                    pump.start()
+                if state.phase in (Phase.SUCCEEDED, Phase.FAILED):
+                    if pump is not None:
+                        pump.join(log_grace)  # let the tail of the log arrive before reporting
+                    if state.phase is Phase.FAILED:
+                        raise TrainingJobError(f"{job.description} failed: {state.reason or 'no reason reported'}")
+                    log(f"[vembed] {job.description} succeeded")
+                    return state
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TrainingJobError(
+                        f"{job.description} did not finish within trainer.timeout={timeout:g}s "
+                        f"(last seen {state.phase.value})"
+                    )
+                time.sleep(min(poll_interval, remaining))
+    finally:
+        if keep_job:
+            log(f"[vembed] keeping {job.description} (trainer.keep_job); delete it when done")
+        else:
+            try:
+                job.delete()
+                log(f"[vembed] deleted {job.description}")
+            except Exception as e:  # noqa: BLE001 - never hide the training outcome behind a cleanup error
+                log(f"[vembed] could not delete {job.description}: {api_error_text(e)}")
 
 
 def describe_pod_failure(pods: list[Any], container: str) -> str:

@@ -90,6 +90,11 @@ class Embedder(nn.Module):
         return restored
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The model under a PeftModel wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def load_backbone(model_cls: Any, path: str, dtype: torch.dtype | None = None) -> nn.Module:
     """`model_cls.from_pretrained(path)`, except on the ranks of an FSDP run with RAM-efficient
     loading other than each node's local rank 0: there the model is built from its config on the

@@ -24,11 +24,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import AutoModel, AutoProcessor, PretrainedConfig
+from transformers import AutoProcessor
 
 from vembed.data.images import load_image
-from vembed.models.base import Embedder, EmbedderSpec, Item, load_backbone
-from vembed.models.chat_prompt import chat_features
+from vembed.models.base import EmbedderSpec, base_model
+from vembed.models.chat_prompt import ChatEmbedder
 from vembed.models.pooling import pool
 
 # LLaVA-1.5's conversation format, used when the checkpoint ships no chat template.
@@ -45,44 +45,26 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-class LlavaEmbedder(Embedder):
+class LlavaEmbedder(ChatEmbedder):
     family = "llava"
+    display_name = "LLaVA"
 
     def __init__(self, backbone: torch.nn.Module, processor: Any, spec: EmbedderSpec) -> None:
-        super().__init__(backbone, spec)
-        self.processor = processor
+        super().__init__(backbone, processor, spec)
         if not getattr(processor, "chat_template", None):
             processor.chat_template = DEFAULT_CHAT_TEMPLATE
         tok = processor.tokenizer
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token or tok.unk_token
         tok.padding_side = "right"
-        self._image_token = processor.image_token
-
-    @staticmethod
-    def default_pooling(config: PretrainedConfig) -> str:
-        return "last_token"
+        self.vision_tokens = (processor.image_token,)
 
     @classmethod
-    def from_pretrained(cls, path: str, spec: EmbedderSpec, dtype: torch.dtype | None = None) -> LlavaEmbedder:
-        processor = AutoProcessor.from_pretrained(path)
-        backbone = load_backbone(AutoModel, path, dtype)
-        return cls(backbone, processor, spec)
+    def load_processor(cls, path: str) -> Any:
+        return AutoProcessor.from_pretrained(path)
 
-    @property
-    def tokenizer(self) -> Any:
-        return self.processor.tokenizer
-
-    def featurize(self, item: Item, is_query: bool) -> dict[str, Any]:
-        instruction = item.instruction or (self.spec.query_instruction if is_query else None)
-        return chat_features(item, instruction, self._truncate, self.processor.apply_chat_template, "LLaVA")
-
-    def _truncate(self, text: str) -> str:
-        text = text.replace(self._image_token, "")  # user text must not forge image placeholders
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) <= self.spec.max_seq_length:
-            return text
-        return self.tokenizer.decode(ids[: self.spec.max_seq_length])
+    def apply_chat_template(self, conversation: list[dict[str, Any]], **kwargs: Any) -> str:
+        return self.processor.apply_chat_template(conversation, **kwargs)  # the processor holds the template
 
     def collate(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         image_rows = [i for i, f in enumerate(features) if "image" in f]
@@ -109,15 +91,11 @@ class LlavaEmbedder(Embedder):
         out = self.backbone(**kwargs, use_cache=False)
         return pool(out.last_hidden_state, inputs["attention_mask"], self.spec.pooling)
 
-    @property
-    def dim(self) -> int:
-        return int(self._config().text_config.hidden_size)
-
     def unused_modules(self) -> dict[str, str]:
         config = self._config()
         layer = config.vision_feature_layer
         deepest = max(layer) if isinstance(layer, list) else layer
-        tower = _base(self.backbone).vision_tower
+        tower = base_model(self.backbone).vision_tower
         prefix = "vision_tower."
         if hasattr(tower, "vision_model"):
             prefix, tower = "vision_tower.vision_model.", tower.vision_model
@@ -133,10 +111,3 @@ class LlavaEmbedder(Embedder):
             if hasattr(tower, name):
                 unused[prefix + name] = why
         return unused
-
-    def _config(self) -> PretrainedConfig:
-        return _base(self.backbone).config
-
-
-def _base(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -27,15 +27,18 @@ def resolve_target_modules(model: nn.Module, requested: list[str], model_name: s
     """Keep the requested names that exist; the guide's list mixes several families' names."""
     present = linear_module_names(model)
     matched = [name for name in requested if name in present]
-    if not matched:
-        raise ConfigError(
-            f"lora_target_modules: none of {requested} is a Linear module of {model_name}; "
-            f"its Linear module names are: {', '.join(sorted(present))}"
-        )
-    skipped = [n for n in requested if n not in present]
-    if skipped:
-        log.info("lora_target_modules: %s not in %s, applying %s", skipped, model_name, matched)
+    what = f"Linear module of {model_name}; its Linear module names are: {', '.join(sorted(present))}"
+    _report_matches("lora_target_modules", requested, matched, model_name, what, "applying", logging.INFO)
     return matched
+
+
+def _report_matches(key: str, requested: list[str], matched: list[str], model: str, what: str, verb: str, level: int) -> None:
+    """None of `requested` matched: an error; some did not: a log line naming them."""
+    if not matched:
+        raise ConfigError(f"{key}: none of {requested} is a {what}")
+    skipped = [n for n in requested if n not in matched]
+    if skipped:
+        log.log(level, "%s: %s not in %s, %s %s", key, skipped, model, verb, matched)
 
 
 def _under(name: str, roots: dict[str, str]) -> str | None:
@@ -68,15 +71,9 @@ def resolve_modules_to_save(embedder: Embedder, requested: list[str], model_name
                 )
         matched.append(name)
         resolved.extend(hit for hit in hits if hit not in resolved)
-    if not matched:
-        top = sorted({p.split(".", 1)[0] for p in paths})
-        raise ConfigError(
-            f"modules_to_save: none of {requested} is a module of {model_name}; "
-            f"its top-level modules are: {', '.join(top)} (a dotted path or its last part, e.g. layers.0.mlp)"
-        )
-    skipped = [n for n in requested if n not in matched]
-    if skipped:
-        log.warning("modules_to_save: %s not in %s, saving %s", skipped, model_name, matched)
+    top = ", ".join(sorted({p.split(".", 1)[0] for p in paths}))
+    what = f"module of {model_name}; its top-level modules are: {top} (a dotted path or its last part, e.g. layers.0.mlp)"
+    _report_matches("modules_to_save", requested, matched, model_name, what, "saving", logging.WARNING)
     return resolved
 
 

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, PretrainedConfig
+from transformers import AutoImageProcessor, AutoTokenizer
 
 from vembed.data.images import load_image
-from vembed.models.base import Embedder, EmbedderSpec, Item, load_backbone
-from vembed.models.chat_prompt import chat_features
+from vembed.models.base import EmbedderSpec
+from vembed.models.chat_prompt import ChatEmbedder
 from vembed.models.pooling import pool
 
 IMAGE_PAD = "<|image_pad|>"
@@ -90,41 +90,19 @@ def _processor_chat_template(directory: Path) -> str | None:
     return None
 
 
-class QwenVLEmbedder(Embedder):
+class QwenVLEmbedder(ChatEmbedder):
     family = "qwen3_vl"
+    display_name = "Qwen3-VL"
+    vision_tokens = VISION_TOKENS
 
     def __init__(self, backbone: torch.nn.Module, processor: VLProcessor, spec: EmbedderSpec) -> None:
-        super().__init__(backbone, spec)
-        self.processor = processor
-        tok = processor.tokenizer
-        self._image_token_id = tok.convert_tokens_to_ids(IMAGE_PAD)
+        super().__init__(backbone, processor, spec)
+        self._image_token_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         self._merge = int(processor.image_processor.merge_size)
 
-    @staticmethod
-    def default_pooling(config: PretrainedConfig) -> str:
-        return "last_token"
-
     @classmethod
-    def from_pretrained(cls, path: str, spec: EmbedderSpec, dtype: torch.dtype | None = None) -> QwenVLEmbedder:
-        processor = VLProcessor.from_pretrained(path)
-        backbone = load_backbone(AutoModel, path, dtype)
-        return cls(backbone, processor, spec)
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.processor.tokenizer
-
-    def featurize(self, item: Item, is_query: bool) -> dict[str, Any]:
-        instruction = item.instruction or (self.spec.query_instruction if is_query else None)
-        return chat_features(item, instruction, self._truncate, self.tokenizer.apply_chat_template, "Qwen3-VL")
-
-    def _truncate(self, text: str) -> str:
-        for token in VISION_TOKENS:  # user text must not forge image placeholders
-            text = text.replace(token, "")
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) <= self.spec.max_seq_length:
-            return text
-        return self.tokenizer.decode(ids[: self.spec.max_seq_length])
+    def load_processor(cls, path: str) -> VLProcessor:
+        return VLProcessor.from_pretrained(path)
 
     def collate(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         image_rows = [i for i, f in enumerate(features) if "image" in f]
@@ -167,11 +145,3 @@ class QwenVLEmbedder(Embedder):
                 kwargs["image_grid_thw"] = grids[rows]
         out = self.backbone(**kwargs, use_cache=False)
         return pool(out.last_hidden_state, inputs["attention_mask"], self.spec.pooling)
-
-    @property
-    def dim(self) -> int:
-        return int(self._config().text_config.hidden_size)
-
-    def _config(self) -> PretrainedConfig:
-        model = self.backbone
-        return model.get_base_model().config if hasattr(model, "get_base_model") else model.config

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import AutoModel, AutoTokenizer, PretrainedConfig
 
-from vembed.models.base import Embedder, EmbedderSpec, Item, load_backbone
+from vembed.models.base import Embedder, EmbedderSpec, Item, base_model, load_backbone
 from vembed.models.pooling import pool
 
 # Families whose embedding is the last token's state.
@@ -71,13 +71,9 @@ class TextEmbedder(Embedder):
         # reads last_hidden_state instead, so the pooler is computed and then dropped.
         return {
             name: f"{self.spec.pooling} pooling reads last_hidden_state, not the pooler output"
-            for name, _ in _base(self.backbone).named_children()
+            for name, _ in base_model(self.backbone).named_children()
             if name == "pooler"
         }
 
     def _config(self) -> PretrainedConfig:
-        return _base(self.backbone).config
-
-
-def _base(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+        return base_model(self.backbone).config
