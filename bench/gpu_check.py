@@ -373,8 +373,8 @@ def fsdp_worker(out: str, dry_run: bool) -> None:
 
     from vembed.losses import build_loss
     from vembed.models.lora import apply_lora
+    from vembed.training.fsdp import gather_full_backbone_state, gather_full_optimizer_state
     from vembed.training.loop import build_accelerator
-    from vembed.training.model_state import gather_model_state, gather_optimizer_state
     from vembed.training.step import make_step
 
     p = plan(dry_run)
@@ -407,8 +407,9 @@ def fsdp_worker(out: str, dry_run: bool) -> None:
     if cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    model_state = gather_model_state(accelerator, model)  # collective
-    optim_state = gather_optimizer_state(accelerator, model, optimizer)  # collective
+    sharded = accelerator.distributed_type == "FSDP"
+    model_state = gather_full_backbone_state(accelerator, model) if sharded else None  # collective
+    optim_state = gather_full_optimizer_state(accelerator, model, optimizer) if sharded else None  # collective
     if accelerator.is_main_process:
         full_shapes = {n: tuple(q.shape) for n, q in embedder.named_parameters() if q.requires_grad}
         samples = cfg.batch_size * p["steps"] * accelerator.num_processes

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from vembed.errors import RegistryError
-from vembed.integrity import CHECKSUMS, refuse_pickle, sha256_file, write_checksums
+from vembed.integrity import CHECKSUMS, MANIFEST, refuse_pickle, sha256_file, write_manifest
 
 # Files of a training checkpoint that only matter for resuming, never for inference.
 _RESUME_ONLY = {"optimizer.safetensors", "optimizer.json", "scheduler.json", "rng.safetensors", "rng.json"}
@@ -31,12 +31,12 @@ def check_model_dir(path: str | os.PathLike[str] | None, kind: str) -> Path | No
 
 
 def inference_files(adapter_dir: Path) -> list[Path]:
-    """The files of an adapter checkpoint a Predictor needs; resume state and checksums are left out."""
+    """The files of an adapter checkpoint a Predictor needs; resume state and the manifest are left out."""
     refuse_pickle(adapter_dir, RegistryError)
     return sorted(
         p
         for p in adapter_dir.iterdir()
-        if p.is_file() and p.name not in _RESUME_ONLY and p.name not in (CHECKSUMS, "manifest.json")
+        if p.is_file() and p.name not in _RESUME_ONLY and p.name not in (CHECKSUMS, MANIFEST)
     )
 
 
@@ -64,11 +64,11 @@ def _link_or_copy(src: str, dst: str) -> str:
 
 
 def stage_adapter(adapter_dir: Path, dest: Path) -> Path:
-    """The adapter's inference files under `dest`, with fresh checksums for just those files."""
+    """The adapter's inference files under `dest`, with a fresh manifest of just those files."""
     dest.mkdir(parents=True)
     for src in inference_files(adapter_dir):
         _link_or_copy(str(src), str(dest / src.name))
-    write_checksums(dest)
+    write_manifest(dest)
     return dest
 
 

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from vembed.config import TrainConfig
 from vembed.models.base import Embedder
 from vembed.training.distributed import forwards_in_lockstep, max_over_ranks
-from vembed.training.negatives import FalseNegativeMasker, gather_for_loss
+from vembed.training.negatives import FalseNegativeMasker, batch_loss
 
 StepFn = Callable[[dict[str, Any]], torch.Tensor]
 
@@ -36,9 +36,7 @@ def plain_step(
 
             one_row = splitter_for(accelerator.unwrap_model(embedder))(batch["positive"], 1)[0]
             n = embedder(**one_row)[:0]
-        q, p, n, labels = gather_for_loss(accelerator, q, p, n, cross_device)
-        mask = masker(batch, labels, q.size(0)) if masker is not None else None
-        loss = loss_fn(q, p, n, labels, mask)
+        loss = batch_loss(accelerator, loss_fn, masker, batch, q, p, n, cross_device)
         accelerator.backward(loss)
         return loss
 
