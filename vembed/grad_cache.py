@@ -27,9 +27,10 @@ from vembed.models.base import Embedder
 from vembed.training.compat import get_device_states, set_device_states
 from vembed.training.distributed import forwards_in_lockstep, max_over_ranks
 from vembed.training.negatives import FalseNegativeMasker, batch_loss
-from vembed.training.step import StepFn
 
 log = logging.getLogger(__name__)
+
+StepFn = Callable[[dict[str, Any]], torch.Tensor]
 GROUPS = ("query", "positive", "negatives")
 STAND_IN = "stand-in"  # a chunk run only to keep FSDP ranks in step; it adds nothing to the loss
 
@@ -77,13 +78,9 @@ class Chunk:
 
 
 def grad_cache_step(
-    cfg: TrainConfig,
-    accelerator: Accelerator,
-    embedder: Embedder,
-    loss_fn: torch.nn.Module,
-    replay_rng: bool = True,
-    masker: FalseNegativeMasker | None = None,
-) -> StepFn:
+    cfg: TrainConfig, accelerator: Accelerator, embedder: Embedder, loss_fn: torch.nn.Module,
+    replay_rng: bool = True, masker: FalseNegativeMasker | None = None,
+) -> StepFn:  # fmt: skip
     """A step function that does GradCache's forward/backward; it returns the (detached) loss.
 
     `replay_rng=False` exists only so tests can show that dropout breaks exactness without replay.

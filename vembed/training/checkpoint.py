@@ -55,12 +55,9 @@ class TrainState:
     best: dict[str, Any] | None = None  # BestTracker.to_dict(): best metric and patience so far
 
     def to_json(self) -> dict[str, Any]:
-        state = asdict(self)
-        if not self.eval_history:
-            del state["eval_history"]
-        if not (self.best and self.best.get("metric")):
-            del state["best"]
-        return state
+        """Without an empty eval_history or a best that tracks no metric."""
+        present = {"eval_history": bool(self.eval_history), "best": bool(self.best and self.best.get("metric"))}
+        return {k: v for k, v in asdict(self).items() if present.get(k, True)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TrainState:
@@ -74,10 +71,7 @@ class Checkpointer:
 
     def __init__(self, cfg: TrainConfig, accelerator: Accelerator) -> None:
         self.cfg, self.accelerator, self.out = cfg, accelerator, Path(cfg.output_dir)
-
-    @property
-    def fsdp(self) -> bool:
-        return self.accelerator.distributed_type == DistributedType.FSDP
+        self.fsdp = accelerator.distributed_type == DistributedType.FSDP  # shards to gather and scatter
 
     def resume_dir(self) -> Path | None:
         """The checkpoint `resume_from_checkpoint` names (`latest`: the newest in output_dir)."""
@@ -109,9 +103,7 @@ class Checkpointer:
                 unwrapped: Embedder = acc.unwrap_model(embedder)
                 # peft finds the adapter by module name, which FSDP's wrappers change.
                 with names_without_fsdp_wrappers(unwrapped.backbone) if self.fsdp else contextlib.nullcontext():
-                    _save_weights(unwrapped, tmp, model_state, cfg.use_lora)
-                if not cfg.use_lora:
-                    _save_processor(unwrapped, tmp)
+                    _save_model(unwrapped, tmp, model_state, cfg.use_lora)
                 cfg.save(tmp / "vembed_config.yaml")
                 (tmp / "embedder.json").write_text(json.dumps(unwrapped.spec.to_dict(), indent=1))
                 save_optimizer(optimizer, tmp, optimizer_state)
@@ -161,19 +153,15 @@ class Checkpointer:
         return TrainState.from_json(json.loads((directory / "trainer_state.json").read_text()))
 
 
-def _save_weights(embedder: Embedder, directory: Path, state: dict | None, lora: bool) -> None:
+def _save_model(embedder: Embedder, directory: Path, state: dict | None, lora: bool) -> None:
+    """The adapter, or (full fine-tuning) the model with its tokenizer or processor."""
     kwargs: dict[str, Any] = {"state_dict": state} if state is not None else {}
-    if lora:
-        # "auto" would look the base model up on the hub to decide about embedding layers.
+    if lora:  # "auto" would look the base model up on the hub to decide about embedding layers
         kwargs["save_embedding_layers"] = False
     embedder.backbone.save_pretrained(directory, safe_serialization=True, **kwargs)
-
-
-def _save_processor(embedder: Embedder, directory: Path) -> None:
-    for attr in ("tokenizer", "processor"):
-        obj = getattr(embedder, attr, None)
-        if obj is not None:
-            obj.save_pretrained(directory)
+    for attr in () if lora else ("tokenizer", "processor"):
+        if getattr(embedder, attr, None) is not None:
+            getattr(embedder, attr).save_pretrained(directory)
 
 
 def _load_weights(embedder: Embedder, state: dict[str, torch.Tensor]) -> None:

@@ -20,8 +20,7 @@ from torch import nn
 
 # torch 2.13.0: undocumented helpers of torch.utils.checkpoint that record and restore the RNG state of
 # the devices some tensors live on; GradCache replays each chunk's dropout with them.
-from torch.utils.checkpoint import get_device_states as get_device_states
-from torch.utils.checkpoint import set_device_states as set_device_states
+from torch.utils.checkpoint import get_device_states, set_device_states  # noqa: F401 (re-exported)
 
 # torch 2.13.0: the attribute under which FSDP1 keeps a wrapped unit's module, so it is part of every
 # parameter and module name (torch.distributed.fsdp._common_utils.FSDP_WRAPPED_MODULE).

@@ -8,7 +8,7 @@
   Qwen3-VL text and vision blocks, CLIPEncoderLayer) are the units of sharding.
 - Saving is collective: every rank joins the gathers below; rank 0 writes.
 - RAM-efficient loading: only local rank 0 of each node reads the checkpoint into host RAM; the
-  other ranks build the model on the meta device (transformers does this when accelerate's
+  other ranks build the model on the meta device (vembed.models.base, when accelerate's
   `cpu_ram_efficient_loading` is on). FSDP then materialises one shard unit at a time on those
   ranks (`param_init_fn`: `to_empty`) and `sync_module_states` broadcasts rank 0's weights into it
   before sharding, so a node needs about one full fp32 copy of the model in host RAM, not one

@@ -110,18 +110,19 @@ def refuse_foreign_run_files(out: Path) -> None:
     files that a vembed run did not write (e.g. `output_dir: .` beside the user's own config.yaml).
     Ours: a config.yaml with RUN_CONFIG_HEADER or in a run directory (a vembed log or checkpoints)."""
     cfg_file, log_file = out / "config.yaml", out / "training_log.txt"
-    foreign = None
     first_line = log_file.read_text(errors="replace").split("\n", 1)[0] if log_file.is_file() else ""
     if first_line and " start model=" not in first_line:
         foreign = log_file
     elif cfg_file.is_file() and not cfg_file.read_text(errors="replace").startswith(RUN_CONFIG_HEADER):
-        run_dir = log_file.is_file() or any(list_checkpoints(out))
-        foreign = None if run_dir else cfg_file
-    if foreign is not None:
-        raise ConfigError(
-            f"output_dir: {foreign} exists and was not written by a vembed run; "
-            "training would overwrite it: choose another output_dir"
-        )
+        if log_file.is_file() or any(list_checkpoints(out)):
+            return  # a run directory: ours
+        foreign = cfg_file
+    else:
+        return
+    raise ConfigError(
+        f"output_dir: {foreign} exists and was not written by a vembed run; "
+        "training would overwrite it: choose another output_dir"
+    )
 
 
 class Recipe:
@@ -324,14 +325,13 @@ def build_validator(
     if cfg.eval_split is not None:
         from vembed.data.split import is_eval
 
-        held = [r for r in records if is_eval(r, cfg.eval_split, cfg.seed)]
+        eval_records = [r for r in records if is_eval(r, cfg.eval_split, cfg.seed)]
         records = [r for r in records if not is_eval(r, cfg.eval_split, cfg.seed)]
-        if not held or not records:
+        if not eval_records or not records:
             raise DataError(
                 f"{cfg.data_path}: eval_split {cfg.eval_split} leaves {len(records)} training and "
-                f"{len(held)} eval records; both must be non-empty"
+                f"{len(eval_records)} eval records; both must be non-empty"
             )
-        eval_records = held
     elif cfg.eval_data_path:
         eval_records = read_data(cfg, cfg.eval_data_path)
     else:

@@ -16,15 +16,9 @@ log = logging.getLogger(__name__)
 
 
 def batch_loss(
-    accelerator: Accelerator,
-    loss_fn: torch.nn.Module,
-    masker: FalseNegativeMasker | None,
-    batch: dict[str, Any],
-    q: torch.Tensor,
-    p: torch.Tensor,
-    n: torch.Tensor | None,
-    cross_device: bool,
-) -> torch.Tensor:
+    accelerator: Accelerator, loss_fn: torch.nn.Module, masker: FalseNegativeMasker | None, batch: dict[str, Any],
+    q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None, cross_device: bool,
+) -> torch.Tensor:  # fmt: skip
     """The loss of one batch's embeddings; with cross-device negatives, every rank's positives and
     negatives are candidates (a single process scores only its own)."""
     labels = None

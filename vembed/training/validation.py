@@ -83,8 +83,8 @@ class Validator:
         docs = emb[self.n_queries : self.n_queries + self.n_docs]
         negatives = emb[self.n_queries + self.n_docs :]
         metrics: dict[str, float] = {"loss": self._loss(queries, docs, negatives, loss_fn)}
-        scores = _normalized(queries) @ _normalized(docs).T
-        metrics.update(retrieval_metrics(scores.numpy(), self.qrels))
+        q, d = (torch.nn.functional.normalize(x.double(), dim=-1) for x in (queries, docs))
+        metrics.update(retrieval_metrics((q @ d.T).numpy(), self.qrels))
         return metrics
 
     @torch.no_grad()
@@ -98,10 +98,6 @@ class Validator:
             n = negatives[neg_ids] if neg_ids else None
             total += float(loss_fn(q, p, n, None)) * len(block)
         return total / len(self.rows)
-
-
-def _normalized(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(x.double(), dim=-1)
 
 
 @dataclass
