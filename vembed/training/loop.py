@@ -187,7 +187,7 @@ class Recipe:
         log_path = out / "training_log.txt"
         self.train_log = TrainingLog(log_path, enabled=accelerator.is_main_process, append=resume_dir is not None)
         if resume_dir is None:
-            self.train_log.header(cfg, count_parameters(embedder), len(dataset), self.total_steps, accelerator)
+            self.train_log.header(cfg, count_parameters(self.embedder), len(dataset), self.total_steps, accelerator)
         else:
             self.train_log.resumed(resume_dir, self.state.global_step)
         # The step of the last evaluation and the last save; a resumed run did both at its checkpoint.
