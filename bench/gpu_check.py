@@ -365,8 +365,8 @@ def fsdp_worker(out: str, dry_run: bool) -> None:
     import torch
 
     from vembed.models.lora import apply_lora
+    from vembed.training.fsdp import gather_full_backbone_state, gather_full_optimizer_state
     from vembed.training.loop import build_accelerator
-    from vembed.training.model_state import gather_model_state, gather_optimizer_state
 
     p = plan(dry_run)
     cfg = train_config(
@@ -380,8 +380,9 @@ def fsdp_worker(out: str, dry_run: bool) -> None:
     model, optimizer, step, cuda = prepared(cfg, accelerator, embedder)
     batches = [text_batch(p, cfg.batch_size, accelerator.device, 100 + accelerator.process_index * 7 + s) for s in range(2)]
     elapsed, losses = timed_steps(p, step, optimizer, batches, cuda)
-    model_state = gather_model_state(accelerator, model)  # collective
-    optim_state = gather_optimizer_state(accelerator, model, optimizer)  # collective
+    sharded = accelerator.distributed_type == "FSDP"
+    model_state = gather_full_backbone_state(accelerator, model) if sharded else None  # collective
+    optim_state = gather_full_optimizer_state(accelerator, model, optimizer) if sharded else None  # collective
     if accelerator.is_main_process:
         full_shapes = {n: tuple(q.shape) for n, q in embedder.named_parameters() if q.requires_grad}
         samples = cfg.batch_size * p["steps"] * accelerator.num_processes

@@ -17,7 +17,13 @@ from pathlib import Path
 
 from vembed.cli import main as cli
 from vembed.training import loop
-from vembed.training.fsdp import materialised_bytes
+
+
+def materialised_bytes(module) -> tuple[int, int]:
+    """(bytes of parameters this process holds in memory, bytes of all parameters): a rank that
+    starts on the meta device holds none before sharding."""
+    held = sum(p.numel() * p.element_size() for p in module.parameters() if not p.is_meta)
+    return held, sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def peak_rss_bytes() -> int:

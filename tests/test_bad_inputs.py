@@ -196,12 +196,12 @@ CASES = [
          lambda c: [str(c.work / "gone" / "ckpt"), "does not exist"]),
     Case("encode-model-is-file", lambda c: ["encode", "f.txt", "--text", "a"], lambda c: ["f.txt", "is a file"],
          setup=lambda c: write(c.work / "f.txt", "x")),
-    Case("encode-corrupt-with-checksums", lambda c: ["encode", "ck", "--text", "a"],
-         lambda c: ["ck", "adapter_model.safetensors", "checksum"]),
-    Case("encode-truncated-no-checksums", lambda c: ["encode", "foreign", "--text", "a"],
+    Case("encode-corrupt-with-manifest", lambda c: ["encode", "ck", "--text", "a"],
+         lambda c: ["ck", "adapter_model.safetensors", "does not match manifest"]),
+    Case("encode-truncated-no-manifest", lambda c: ["encode", "foreign", "--text", "a"],
          lambda c: ["adapter_model.safetensors", "truncated"]),
-    Case("encode-checkpoint-without-checksums", lambda c: ["encode", "ck", "--text", "a"],
-         lambda c: ["ck", "checksums.json"]),
+    Case("encode-checkpoint-without-manifest", lambda c: ["encode", "ck", "--text", "a"],
+         lambda c: ["ck", "manifest.json"]),
     Case("encode-pickle-refused", lambda c: ["encode", "ck", "--text", "a"], lambda c: ["ck", "pickle"]),
     Case("encode-output-missing-folder", lambda c: ["encode", str(c.ckpt), "--text", "a", "--output", "no/dir/e.npy"],
          lambda c: ["no/dir/e.npy", "does not exist"]),
@@ -234,9 +234,9 @@ CASES = [
     Case("merge-source-not-checkpoint", lambda c: ["merge", "plain", "m"], lambda c: ["plain", "adapter_config.json"],
          setup=lambda c: write(c.work / "plain" / "x.txt", "x"), after=assert_not_created("m")),
     Case("merge-disk-full", lambda c: ["merge", str(c.ckpt), "m"], lambda c: ["m", NOSPC],
-         patch=fail_write("vembed.export.write_checksums", errno.ENOSPC), after=assert_not_created("m")),
+         patch=fail_write("vembed.export.write_manifest", errno.ENOSPC), after=assert_not_created("m")),
     Case("merge-read-only", lambda c: ["merge", str(c.ckpt), "m"], lambda c: ["m", ROFS],
-         patch=fail_write("vembed.export.write_checksums", errno.EROFS), after=assert_not_created("m")),
+         patch=fail_write("vembed.export.write_manifest", errno.EROFS), after=assert_not_created("m")),
     # evaluate
     Case("evaluate-data-missing", lambda c: ["evaluate", str(c.ckpt), "--data", "ev.jsonl", "--no-base"],
          lambda c: ["ev.jsonl", "not found"]),
@@ -252,7 +252,7 @@ CASES = [
     Case("checkpoint-read-only", lambda c: ["train", str(config(c))], lambda c: ["checkpoint-1", ROFS],
          patch=fail_write("vembed.training.checkpoint.save_rng", errno.EROFS)),
     Case("resume-incomplete-checkpoint", lambda c: ["train", str(config(c, resume_from_checkpoint=str(c.work / "ck")))],
-         lambda c: ["ck", "checksums.json"]),
+         lambda c: ["ck", "manifest.json"]),
     # pipeline (fails before anything runs)
     Case("pipeline-data-missing", lambda c: ["pipeline", "run", "--local", "--data", "missing.jsonl", "--output-dir", "p"],
          lambda c: ["missing.jsonl", "does not exist"], after=assert_not_created("p")),
@@ -276,15 +276,15 @@ CASES = [
 
 def _setup_special(case: Case, ctx: Ctx) -> None:
     """Cases whose setup needs the shared checkpoint copied and then damaged."""
-    if case.id == "encode-corrupt-with-checksums":
+    if case.id == "encode-corrupt-with-manifest":
         truncate(copy_ckpt(ctx) / "adapter_model.safetensors")
-    elif case.id == "encode-truncated-no-checksums":
-        d = copy_ckpt(ctx, "foreign")  # an adapter saved by another tool: no checksums, no trainer state
-        for name in ("checksums.json", "trainer_state.json", "optimizer.safetensors", "rng.safetensors"):
+    elif case.id == "encode-truncated-no-manifest":
+        d = copy_ckpt(ctx, "foreign")  # an adapter saved by another tool: no manifest, no trainer state
+        for name in ("manifest.json", "trainer_state.json", "optimizer.safetensors", "rng.safetensors"):
             (d / name).unlink()
         truncate(d / "adapter_model.safetensors")
-    elif case.id in ("encode-checkpoint-without-checksums", "resume-incomplete-checkpoint"):
-        (copy_ckpt(ctx) / "checksums.json").unlink()
+    elif case.id in ("encode-checkpoint-without-manifest", "resume-incomplete-checkpoint"):
+        (copy_ckpt(ctx) / "manifest.json").unlink()
     elif case.id == "encode-pickle-refused":
         (copy_ckpt(ctx) / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
 
@@ -366,7 +366,7 @@ def test_merge_interrupted_leaves_nothing(trained, tmp_path, monkeypatch, capsys
         (Path(directory) / "half.bin").write_bytes(b"x" * 4096)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("vembed.export.write_checksums", interrupted)
+    monkeypatch.setattr("vembed.export.write_manifest", interrupted)
     assert main(["merge", str(ckpt), "m"]) == 130
     assert "Traceback" not in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # neither the target nor a temporary sibling
@@ -378,7 +378,7 @@ def test_resume_latest_with_nothing_says_it_starts_fresh(trained, tmp_path, capl
 
     model, _ = trained
     data = write_pairs(tmp_path / "d.jsonl", n=8)
-    with caplog.at_level("WARNING", logger="vembed.training.loop"):
+    with caplog.at_level("WARNING", logger="vembed.training.checkpoint"):
         result = train(cfg_for(model, data, tmp_path / "out", max_steps=1, resume_from_checkpoint="latest"))
     assert result.global_step == 1
     assert any("starting fresh" in r.getMessage() and "latest" in r.getMessage() for r in caplog.records)

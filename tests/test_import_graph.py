@@ -76,14 +76,25 @@ def test_graph_counts_imports_inside_functions() -> None:
     graph = import_graph()
     # Predictor imports the model download only inside `materialize` (to keep `import vembed` light).
     assert "vembed.mlflow_store" in graph["vembed.predictor"]
-    # `from vembed.training import checkpoint as ckpt`: the module, not only the package, is the dependency.
-    assert "vembed.training.checkpoint" in graph["vembed.training.loop"]
+    # `from vembed.training import fsdp` (in the Checkpointer's methods): the module, not only the package.
+    assert "vembed.training.fsdp" in graph["vembed.training.checkpoint"]
     assert "vembed.mlflow_model" in graph["vembed.registry"]  # `from vembed.mlflow_model import ...`, in a method
 
 
 def test_no_import_cycle_among_vembed_modules() -> None:
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_evaluation_and_inference_do_not_depend_on_training() -> None:
+    """Dependencies point one way: data -> training, and data -> evaluation / inference; nothing that
+    evaluation, the Predictor or the data package imports, directly or not, leads into vembed.training."""
+    graph = import_graph()
+    for start in ("vembed.evaluation", "vembed.predictor", "vembed.data", "vembed.data.items"):
+        seen, todo = set(), [start]
+        while todo:
+            todo += [d for d in graph[todo.pop()] if d not in seen and not seen.add(d)]
+        assert not {m for m in seen if m.startswith("vembed.training")}, f"{start} leads into vembed.training"
 
 
 def test_registry_imports_no_torch() -> None:

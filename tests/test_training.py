@@ -162,14 +162,29 @@ def test_corrupt_checkpoint_is_not_resumed(tiny_bert, pairs_file, tmp_path):
     result = train(cfg_for(tiny_bert, pairs_file, out, max_steps=3))
     weights = result.checkpoint_dir / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])  # truncated by a crash or a bad copy
-    with pytest.raises(CheckpointError, match="adapter_model.safetensors does not match its checksum"):
+    with pytest.raises(CheckpointError, match=r"adapter_model.safetensors: size \d+ does not match manifest"):
         train(cfg_for(tiny_bert, pairs_file, out, max_steps=6, resume_from_checkpoint="latest"))
+
+
+def test_checkpoint_with_legacy_checksums_is_verified_and_resumes(tiny_bert, pairs_file, tmp_path):
+    """Checkpoints of earlier vembed versions carry checksums.json ({file: sha256}) instead of the
+    manifest: still verified on read, so they resume, and a damaged one is refused."""
+    out = tmp_path / "o"
+    ckpt = train(cfg_for(tiny_bert, pairs_file, out, max_steps=2)).checkpoint_dir
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    (ckpt / "checksums.json").write_text(json.dumps({e["path"]: e["sha256"] for e in manifest["files"]}))
+    (ckpt / "manifest.json").unlink()
+    assert train(cfg_for(tiny_bert, pairs_file, out, max_steps=3, resume_from_checkpoint=str(ckpt))).global_step == 3
+    scheduler = ckpt / "scheduler.json"
+    scheduler.write_text(scheduler.read_text() + " ")
+    with pytest.raises(CheckpointError, match="scheduler.json: sha256 does not match manifest"):
+        train(cfg_for(tiny_bert, pairs_file, out, max_steps=4, resume_from_checkpoint=str(ckpt)))
 
 
 def test_partial_checkpoint_is_detected(tiny_bert, pairs_file, tmp_path):
     out = tmp_path / "o"
     result = train(cfg_for(tiny_bert, pairs_file, out, max_steps=3))
-    (result.checkpoint_dir / "checksums.json").unlink()
+    (result.checkpoint_dir / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="incomplete checkpoint"):
         train(cfg_for(tiny_bert, pairs_file, out, max_steps=6, resume_from_checkpoint=str(result.checkpoint_dir)))
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from vembed.data import Record, read_records
+from vembed.data.items import record_items
 from vembed.errors import ConfigError, DataError, StorageError
 from vembed.models.base import Item
 
@@ -34,12 +35,19 @@ def retrieval_metrics(scores: np.ndarray, qrels: Sequence[set[int]], k: int = 10
     return {m: v / len(qrels) for m, v in sums.items()}
 
 
+def doc_key(item: Item) -> tuple[str | None, str | None]:
+    """Documents with the same text and image are one document."""
+    return (item.text, str(item.image) if item.image is not None else None)
+
+
+def query_key(item: Item) -> tuple[Any, ...]:
+    return (*doc_key(item), item.instruction)
+
+
 def build_retrieval_set(
     records: Sequence[Record], corpus: Sequence[str] = ()
 ) -> tuple[list[Item], list[Item], list[set[int]]]:
     """Queries, documents (eval positives + extra corpus, deduplicated) and qrels."""
-    from vembed.training.data import record_items
-
     doc_index: dict[tuple[str | None, str | None], int] = {}
     docs: list[Item] = []
     query_index: dict[tuple[Any, ...], int] = {}
@@ -47,7 +55,7 @@ def build_retrieval_set(
     qrels: list[set[int]] = []
 
     def doc_id(item: Item) -> int:
-        key = (item.text, str(item.image) if item.image is not None else None)
+        key = doc_key(item)
         if key not in doc_index:
             doc_index[key] = len(docs)
             docs.append(item)
@@ -55,7 +63,7 @@ def build_retrieval_set(
 
     for r in records:
         q, p, _ = record_items(r)
-        qkey = (q.text, str(q.image) if q.image is not None else None, q.instruction)
+        qkey = query_key(q)
         if qkey not in query_index:
             query_index[qkey] = len(queries)
             queries.append(q)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from vembed.atomic_dir import refuse_existing, staged_dir
 from vembed.errors import CheckpointError, StorageError
-from vembed.integrity import write_checksums
+from vembed.integrity import write_manifest
 from vembed.models.base import Embedder
 from vembed.models.pooling import ST_POOLING
 from vembed.models.text import format_query
@@ -91,7 +91,7 @@ def merge_adapter(
                     break
         (tmp / "embedder.json").write_text(json.dumps(embedder.spec.to_dict(), indent=1))
         (tmp / MERGE_MARKER).write_text(json.dumps({"source": str(src.resolve())}, indent=1))
-        write_checksums(tmp)
+        write_manifest(tmp)
     return out
 
 

@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from torch.utils.checkpoint import get_device_states, set_device_states
 
 from vembed.config import TrainConfig
 from vembed.models.base import Embedder
+from vembed.training.compat import get_device_states, set_device_states
 from vembed.training.distributed import forwards_in_lockstep, max_over_ranks
-from vembed.training.negatives import FalseNegativeMasker, gather_for_loss
+from vembed.training.negatives import FalseNegativeMasker, batch_loss
 
 log = logging.getLogger(__name__)
 
@@ -35,25 +35,19 @@ GROUPS = ("query", "positive", "negatives")
 STAND_IN = "stand-in"  # a chunk run only to keep FSDP ranks in step; it adds nothing to the loss
 
 
-class RandContext:
-    """The CPU and CUDA RNG states at construction; `with ctx:` replays them and then puts the
-    surrounding RNG state back, so replaying a chunk does not shift later random draws."""
+def record_rng(*tensors: torch.Tensor) -> Callable[[], contextlib.AbstractContextManager]:
+    """The CPU RNG state and that of the devices `tensors` live on, now. The returned context replays
+    them and then puts the surrounding state back, so replaying a chunk does not shift later draws."""
+    cpu_state, (devices, device_states) = torch.get_rng_state(), get_device_states(*tensors)
 
-    def __init__(self, *tensors: torch.Tensor) -> None:
-        self.cpu_state = torch.get_rng_state()
-        self.devices, self.device_states = get_device_states(*tensors)
-        self._fork: contextlib.AbstractContextManager | None = None
+    @contextlib.contextmanager
+    def replay() -> Iterator[None]:
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(cpu_state)
+            set_device_states(devices, device_states)
+            yield
 
-    def __enter__(self) -> None:
-        self._fork = torch.random.fork_rng(devices=self.devices, enabled=True)
-        self._fork.__enter__()
-        torch.set_rng_state(self.cpu_state)
-        set_device_states(self.devices, self.device_states)
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._fork is not None
-        self._fork.__exit__(*exc)
-        self._fork = None
+    return replay
 
 
 def split_inputs(inputs: dict[str, Any], chunk_size: int) -> list[dict[str, Any]]:
@@ -79,22 +73,14 @@ def splitter_for(embedder: Embedder) -> Callable[[dict[str, Any], int], list[dic
 class Chunk:
     group: str
     inputs: dict[str, Any]
-    rng: RandContext
+    rng: Callable[[], contextlib.AbstractContextManager]  # replays the RNG of the no-graph pass
     embedding: torch.Tensor  # from the no-graph pass
 
 
-def _tensors(inputs: dict[str, Any]) -> list[torch.Tensor]:
-    return [v for v in inputs.values() if isinstance(v, torch.Tensor)]
-
-
 def grad_cache_step(
-    cfg: TrainConfig,
-    accelerator: Accelerator,
-    embedder: Embedder,
-    loss_fn: torch.nn.Module,
-    replay_rng: bool = True,
-    masker: FalseNegativeMasker | None = None,
-) -> StepFn:
+    cfg: TrainConfig, accelerator: Accelerator, embedder: Embedder, loss_fn: torch.nn.Module,
+    replay_rng: bool = True, masker: FalseNegativeMasker | None = None,
+) -> StepFn:  # fmt: skip
     """A step function that does GradCache's forward/backward; it returns the (detached) loss.
 
     `replay_rng=False` exists only so tests can show that dropout breaks exactness without replay.
@@ -102,17 +88,14 @@ def grad_cache_step(
     chunk_size = cfg.gradient_cache_chunk_size
     if chunk_size >= cfg.batch_size:
         log.warning(
-            "use_gradient_cache: gradient_cache_chunk_size %d >= batch_size %d (per process): each batch is one "
-            "chunk, so GradCache saves no memory and only adds a forward pass; set gradient_cache_chunk_size "
-            "below batch_size, or use_gradient_cache: false",
-            chunk_size,
-            cfg.batch_size,
-        )
+            "use_gradient_cache: gradient_cache_chunk_size %d >= batch_size %d (per process): each batch is one chunk, "
+            "so GradCache saves no memory and only adds a forward pass; set gradient_cache_chunk_size below "
+            "batch_size, or use_gradient_cache: false", chunk_size, cfg.batch_size,
+        )  # fmt: skip
     splitter = splitter_for(accelerator.unwrap_model(embedder))
     # FSDP's no_sync keeps whole unsharded gradients on every rank; its per-chunk reduce-scatter
     # is linear, so summing reduced chunk gradients is exact and keeps them sharded.
     use_no_sync = accelerator.distributed_type != DistributedType.FSDP
-
     lockstep = forwards_in_lockstep(accelerator)
 
     def embed_without_graph(batch: dict[str, Any]) -> list[Chunk]:
@@ -123,7 +106,7 @@ def grad_cache_step(
         chunks = []
         with torch.no_grad():
             for group, inputs in planned:
-                rng = RandContext(*_tensors(inputs))
+                rng = record_rng(*[v for v in inputs.values() if isinstance(v, torch.Tensor)])
                 chunks.append(Chunk(group, inputs, rng, embedder(**inputs)))
         return chunks
 
@@ -133,11 +116,8 @@ def grad_cache_step(
             for g in GROUPS
             if any(c.group == g for c in chunks)
         }
-        q, p, n, labels = gather_for_loss(
-            accelerator, reps["query"], reps["positive"], reps.get("negatives"), cfg.cross_device_negatives
-        )
-        mask = masker(batch, labels, q.size(0)) if masker is not None else None
-        loss = loss_fn(q, p, n, labels, mask)
+        q, p, n = reps["query"], reps["positive"], reps.get("negatives")
+        loss = batch_loss(accelerator, loss_fn, masker, batch, q, p, n, cfg.cross_device_negatives)
         grads = torch.autograd.grad(loss, list(reps.values()), allow_unused=True)
         return loss.detach(), {
             g: (grad if grad is not None else torch.zeros_like(reps[g])) for g, grad in zip(reps, grads, strict=True)
@@ -154,7 +134,7 @@ def grad_cache_step(
                 offsets[chunk.group] += rows
             last = i == len(chunks) - 1
             sync = contextlib.nullcontext() if last or not use_no_sync else accelerator.no_sync(embedder)
-            replay = chunk.rng if replay_rng else contextlib.nullcontext()
+            replay = chunk.rng() if replay_rng else contextlib.nullcontext()
             with sync:
                 with replay:
                     embedding = embedder(**chunk.inputs)

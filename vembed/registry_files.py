@@ -12,12 +12,12 @@ import shutil
 from pathlib import Path
 
 from vembed.errors import RegistryError
-from vembed.integrity import CHECKSUMS, refuse_pickle, sha256_file, write_checksums
+from vembed.integrity import CHECKSUMS, MANIFEST, refuse_pickle, sha256_file, write_manifest
 from vembed.mlflow_store import ADAPTER_ARTIFACT, MERGED_ARTIFACT
 
 # Files of a checkpoint that only matter for resuming (or describe the whole checkpoint), never for inference.
 _LEFT_BEHIND = {"optimizer.safetensors", "optimizer.json", "scheduler.json", "rng.safetensors", "rng.json"}
-_LEFT_BEHIND |= {CHECKSUMS, "manifest.json"}
+_LEFT_BEHIND |= {CHECKSUMS, MANIFEST}
 
 
 def check_model_dir(path: str | os.PathLike[str] | None, kind: str) -> Path | None:
@@ -61,7 +61,7 @@ def _link_or_copy(src: str, dst: str) -> str:
 
 def stage(tmp: Path, adapter_dir: Path | None, merged_dir: Path | None) -> dict[str, str]:
     """{merged, adapter: directory} under `tmp`, named so whatever the sources are called; the adapter
-    with only its inference files and fresh checksums for them."""
+    with only its inference files and a fresh manifest of them."""
     artifacts = {}
     if merged_dir is not None:
         refuse_pickle(merged_dir, RegistryError)
@@ -71,6 +71,6 @@ def stage(tmp: Path, adapter_dir: Path | None, merged_dir: Path | None) -> dict[
         dest.mkdir(parents=True)
         for name, src in _files(adapter_dir, None):
             _link_or_copy(str(src), str(dest / name))
-        write_checksums(dest)
+        write_manifest(dest)
         artifacts[ADAPTER_ARTIFACT] = dest
     return {k: str(v) for k, v in artifacts.items()}

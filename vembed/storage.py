@@ -2,7 +2,7 @@
 
 boto3 does the work: managed transfers, paginators, retries, endpoint resolution (botocore reads
 `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` itself) and the AWS credential chain. vembed's own rules
-(vembed.manifest): a directory is complete only once its manifest is written, last; every download
+(vembed.integrity): a directory is complete only once its manifest is written, last; every download
 is verified against it; only an empty or an earlier complete directory is ever replaced.
 """
 
@@ -20,11 +20,11 @@ from typing import Any
 
 from filelock import FileLock
 
-from vembed import manifest as mf
+from vembed import integrity as mf
 from vembed.atomic_dir import staged_dir
 from vembed.endpoints import check_tcp
 from vembed.errors import StorageError
-from vembed.manifest import MANIFEST, build_manifest
+from vembed.integrity import MANIFEST, build_manifest
 from vembed.redaction import redact
 
 S3_SCHEME = "s3://"
@@ -254,7 +254,7 @@ class Storage:
                 if not is_s3(uri):
                     self._call(where, shutil.copyfile, where, target)
                 mf.verify_file(target, entry, where)
-            mf.write_manifest_last(tmp, manifest)
+            mf.write_manifest(tmp, manifest)
         return Path(local_dir)
 
     def materialize(self, uri: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -285,7 +285,7 @@ class Storage:
             return
         with staged_dir(Path(uri), may_replace=mf.check_replaceable) as tmp:
             yield tmp
-            mf.write_manifest_last(tmp, build_manifest(tmp))
+            mf.write_manifest(tmp)
 
     def manifest_sha256(self, uri: str | os.PathLike[str]) -> str:
         """sha256 of a complete directory's manifest: one id for all of its content."""

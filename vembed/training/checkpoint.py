@@ -1,35 +1,177 @@
-"""Checkpoints: atomic, checksummed, pickle-free, rotated.
+"""Checkpoints: the Checkpointer owns saving and resuming; each checkpoint is atomic, has a
+manifest, holds no pickle, and old ones are rotated away.
 
 Layout of `output_dir/checkpoint-N/`:
   adapter_config.json, adapter_model.safetensors   (or a full model for use_lora: false)
   vembed_config.yaml        resolved TrainConfig
   embedder.json             pooling/family spec needed to rebuild the embedder
-  trainer_state.json        step, epoch, position in the epoch, log history
+  trainer_state.json        TrainState: step, epoch, position in the epoch, log and eval history, best
   optimizer.safetensors + optimizer.json, scheduler.json, rng.safetensors + rng.json
-  checksums.json            sha256 of every file above; written last
+  manifest.json             size and sha256 of every file above; written last (vembed.integrity)
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vembed.atomic_dir import staged_dir
+from vembed.config import TrainConfig
 from vembed.errors import CheckpointError
-from vembed.integrity import verify_checkpoint as verify_checkpoint  # re-exported: resume checks it here
-from vembed.integrity import write_checksums
+from vembed.integrity import verify_checkpoint, write_manifest
+from vembed.models.base import Embedder
+from vembed.training.compat import names_without_fsdp_wrappers
+
+log = logging.getLogger(__name__)
+# A resume refuses a checkpoint whose run differs in these: the weights or the batches would not fit.
+RESUME_KEYS = ("model_name", "use_lora", "lora_r", "lora_target_modules", "batch_size", "seed", "group_by_length")
+
+
+@dataclass
+class TrainState:
+    """Where a run is, as trainer_state.json records it; a resume continues from it exactly."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # one entry per logging step
+    eval_history: list[dict[str, Any]] = field(default_factory=list)  # one entry per evaluation
+    best: dict[str, Any] | None = None  # BestTracker.to_dict(): best metric and patience so far
+
+    def to_json(self) -> dict[str, Any]:
+        """Without an empty eval_history or a best that tracks no metric."""
+        present = {"eval_history": bool(self.eval_history), "best": bool(self.best and self.best.get("metric"))}
+        return {k: v for k, v in asdict(self).items() if present.get(k, True)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainState:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if data.get(f.name) is not None})
+
+
+class Checkpointer:
+    """Saves and restores all a run needs to continue exactly: weights (gathered from every rank's
+    shards under FSDP), optimizer, scheduler, RNG streams and the TrainState. Every rank calls
+    `save` and `load` (FSDP's gathers are collective); rank 0 writes."""
+
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator) -> None:
+        self.cfg, self.accelerator, self.out = cfg, accelerator, Path(cfg.output_dir)
+        self.fsdp = accelerator.distributed_type == DistributedType.FSDP  # shards to gather and scatter
+
+    def resume_dir(self) -> Path | None:
+        """The checkpoint `resume_from_checkpoint` names (`latest`: the newest in output_dir)."""
+        want = self.cfg.resume_from_checkpoint
+        if not want:
+            return None
+        if want == "latest":
+            found = latest_checkpoint(self.out)
+            if found is None:  # a warning, so that it shows without any logging setup: the user asked to resume
+                log.warning("resume_from_checkpoint: latest, but %s has no checkpoint; starting fresh", self.out)
+            return found
+        if not Path(want).is_dir():
+            raise CheckpointError(f"resume_from_checkpoint: {want} is not a checkpoint directory")
+        return Path(want)
+
+    def save(self, embedder: Embedder, optimizer: Any, scheduler: Any, state: TrainState, protect: str | None) -> Path:
+        """Write checkpoint-N for `state`. It is written into a temporary sibling and renamed when
+        complete (manifest last); on any failure (ENOSPC, Ctrl-C, an exception) the sibling is removed
+        and the checkpoints already there are untouched. Rotation never deletes `protect` (the best)."""
+        from vembed.training import fsdp
+
+        cfg, acc, final = self.cfg, self.accelerator, self.out / f"checkpoint-{state.global_step}"
+        model_state = fsdp.gather_full_backbone_state(acc, embedder) if self.fsdp else None
+        optimizer_state = fsdp.gather_full_optimizer_state(acc, embedder, optimizer) if self.fsdp else None
+        if acc.is_main_process:
+            tmp_name = f".tmp-checkpoint-{state.global_step}-{os.getpid()}"
+            # An existing checkpoint-N is a retry of the same step (ours): it is replaced whole.
+            with staged_dir(final, may_replace=lambda _: None, tmp_name=tmp_name) as tmp:
+                unwrapped: Embedder = acc.unwrap_model(embedder)
+                # peft finds the adapter by module name, which FSDP's wrappers change.
+                with names_without_fsdp_wrappers(unwrapped.backbone) if self.fsdp else contextlib.nullcontext():
+                    _save_model(unwrapped, tmp, model_state, cfg.use_lora)
+                cfg.save(tmp / "vembed_config.yaml")
+                (tmp / "embedder.json").write_text(json.dumps(unwrapped.spec.to_dict(), indent=1))
+                save_optimizer(optimizer, tmp, optimizer_state)
+                (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+                save_rng(tmp)
+                (tmp / "trainer_state.json").write_text(json.dumps(state.to_json(), indent=1))
+                write_manifest(tmp)
+                _fsync_dir(tmp)
+            _fsync_dir(self.out)
+            self.rotate(keep={final, *([self.out / protect] if protect else [])})
+            for stale in self.out.glob(".tmp-checkpoint-*"):  # leftovers of killed runs
+                shutil.rmtree(stale, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def rotate(self, keep: set[Path]) -> None:
+        """Keep at most save_total_limit checkpoints: `keep` (this one and the best) and the newest
+        others; `keep` is never deleted, even when that leaves limit + 1."""
+        if not (limit := self.cfg.save_total_limit):
+            return
+        others = [c for c in list_checkpoints(self.out) if c not in keep]
+        room = max(0, limit - len([c for c in keep if c.is_dir()]))
+        for old in others[: max(0, len(others) - room)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, directory: Path, embedder: Embedder, optimizer: Any, scheduler: Any) -> TrainState:
+        """Restore a verified checkpoint of the same run (RESUME_KEYS) into the prepared objects."""
+        from vembed.training import fsdp
+
+        verify_checkpoint(directory)
+        saved = yaml.safe_load((directory / "vembed_config.yaml").read_text())
+        for key in RESUME_KEYS:
+            if saved.get(key) != getattr(self.cfg, key):
+                raise CheckpointError(
+                    f"{directory}: cannot resume, {key} was {saved.get(key)!r} there but is {getattr(self.cfg, key)!r} now"
+                )
+        weights = load_file(str(directory / ("adapter_model.safetensors" if self.cfg.use_lora else "model.safetensors")))
+        optimizer_state = read_optimizer_state(directory)
+        if self.fsdp:
+            fsdp.load_full_backbone_state(self.accelerator, embedder, weights)
+            fsdp.load_full_optimizer_state(self.accelerator, embedder, optimizer, optimizer_state)
+        else:
+            _load_weights(self.accelerator.unwrap_model(embedder), weights)
+            optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(json.loads((directory / "scheduler.json").read_text()))
+        load_rng(directory)
+        return TrainState.from_json(json.loads((directory / "trainer_state.json").read_text()))
+
+
+def _save_model(embedder: Embedder, directory: Path, state: dict | None, lora: bool) -> None:
+    """The adapter, or (full fine-tuning) the model with its tokenizer or processor."""
+    kwargs: dict[str, Any] = {"state_dict": state} if state is not None else {}
+    if lora:  # "auto" would look the base model up on the hub to decide about embedding layers
+        kwargs["save_embedding_layers"] = False
+    embedder.backbone.save_pretrained(directory, safe_serialization=True, **kwargs)
+    for attr in () if lora else ("tokenizer", "processor"):
+        if getattr(embedder, attr, None) is not None:
+            getattr(embedder, attr).save_pretrained(directory)
+
+
+def _load_weights(embedder: Embedder, state: dict[str, torch.Tensor]) -> None:
+    from peft import PeftModel, set_peft_model_state_dict
+
+    if not isinstance(embedder.backbone, PeftModel):
+        embedder.backbone.load_state_dict(state)
+    elif unexpected := set_peft_model_state_dict(embedder.backbone, state).unexpected_keys:
+        raise RuntimeError(f"adapter weights do not fit the model: {unexpected[:5]}")
+
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -46,38 +188,6 @@ def list_checkpoints(output_dir: str | os.PathLike[str]) -> list[Path]:
 def latest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
     ckpts = list_checkpoints(output_dir)
     return ckpts[-1] if ckpts else None
-
-
-@contextlib.contextmanager
-def staged_checkpoint(
-    output_dir: Path, step: int, save_total_limit: int | None, protect: Sequence[Path] = ()
-) -> Iterator[Path]:
-    """Yield a temporary directory to write checkpoint `step` into; on success its checksums are
-    written last and it is renamed to `checkpoint-N`. On any failure (ENOSPC, Ctrl-C, an exception)
-    the temporary directory is removed and the checkpoints already there are untouched. Rotation
-    never deletes a `protect`ed checkpoint (the best one)."""
-    final = output_dir / f"checkpoint-{step}"
-    # An existing checkpoint-N is a retry of the same step (ours): it is replaced whole.
-    with staged_dir(final, may_replace=lambda _: None, tmp_name=f".tmp-checkpoint-{step}-{os.getpid()}") as tmp:
-        yield tmp
-        write_checksums(tmp)
-        _fsync_dir(tmp)
-    _fsync_dir(output_dir)
-    rotate_checkpoints(output_dir, save_total_limit, keep=final, protect=protect)
-    for stale in output_dir.glob(".tmp-checkpoint-*"):  # leftovers of killed runs
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def rotate_checkpoints(output_dir: Path, limit: int | None, keep: Path, protect: Sequence[Path] = ()) -> None:
-    """Keep at most `limit` checkpoints: `keep`, the `protect`ed ones (the best checkpoint) and the
-    newest others; a protected checkpoint is never deleted, even when that leaves limit + 1."""
-    if not limit:
-        return
-    kept = {keep, *protect}
-    ckpts = [c for c in list_checkpoints(output_dir) if c not in kept]
-    room = max(0, limit - len([c for c in kept if c.is_dir()]))
-    for old in ckpts[: max(0, len(ckpts) - room)]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -144,7 +254,7 @@ def load_rng(directory: Path) -> None:
     meta = json.loads((directory / "rng.json").read_text())
     torch.set_rng_state(tensors["torch"])
     if torch.cuda.is_available():
-        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+        states = [tensors[f"cuda.{i}"] for i in range(len([k for k in tensors if k.startswith("cuda.")]))]
         if states:
             torch.cuda.set_rng_state_all(states)
     v, state, gauss = meta["python"]

@@ -11,17 +11,9 @@ import torch
 from torch.utils.data import Dataset
 
 from vembed.data import ReadStats, Record, read_records
+from vembed.data.items import record_items
+from vembed.errors import DataError
 from vembed.models.base import Embedder, Item
-
-
-def record_items(record: Record) -> tuple[Item, Item, list[Item]]:
-    """(query, positive, negatives) as model items. Image paths stay as written: they were resolved
-    against the data file's directory when the records were read (vembed.data.images.RecordImages)."""
-    query = Item(text=record.query, image=record.query_image, instruction=record.instruction)
-    positive = Item(text=record.positive, image=record.positive_image)
-    negatives = [Item(text=t) for t in record.negatives]
-    negatives += [Item(image=p) for p in record.negative_images]
-    return query, positive, negatives
 
 
 def content_id(item: Item) -> int:
@@ -45,13 +37,8 @@ class PairDataset(Dataset):
         for r in records:
             q, p, negs = record_items(r)
             self.ids.append((content_id(p), [content_id(n) for n in negs]))
-            self.examples.append(
-                (
-                    embedder.featurize(q, is_query=True),
-                    embedder.featurize(p, is_query=False),
-                    [embedder.featurize(n, is_query=False) for n in negs],
-                )
-            )
+            pair = (embedder.featurize(q, is_query=True), embedder.featurize(p, is_query=False))
+            self.examples.append((*pair, [embedder.featurize(n, is_query=False) for n in negs]))
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -61,10 +48,11 @@ class PairDataset(Dataset):
 
     def lengths(self) -> list[int]:
         """Tokens per example (query + positive + negatives); 0 for items without input_ids (images)."""
-        return [sum(_length(f) for f in (q, p, *negs)) for q, p, negs in self.examples]
+        return [sum(feature_length(f) for f in (q, p, *negs)) for q, p, negs in self.examples]
 
 
-def _length(feature: dict[str, Any]) -> int:
+def feature_length(feature: dict[str, Any]) -> int:
+    """Tokens of a featurized item; 0 without input_ids (images)."""
     ids = feature.get("input_ids")
     return len(ids) if ids is not None else 0
 
@@ -74,12 +62,10 @@ class PairCollator:
         self.embedder = embedder
 
     def __call__(self, rows) -> dict[str, Any]:
-        queries = [r[0] for r in rows]
-        positives = [r[1] for r in rows]
         negatives = [n for r in rows for n in r[2]]
         batch: dict[str, Any] = {
-            "query": self.embedder.collate(queries),
-            "positive": self.embedder.collate(positives),
+            "query": self.embedder.collate([r[0] for r in rows]),
+            "positive": self.embedder.collate([r[1] for r in rows]),
         }
         if negatives:
             batch["negatives"] = self.embedder.collate(negatives)
@@ -139,7 +125,5 @@ def load_records(
     stats = ReadStats()
     records = list(read_records(path, on_bad_record=on_bad_record, stats=stats, transform=transform))  # type: ignore[arg-type]
     if not records:
-        from vembed.errors import DataError
-
         raise DataError(f"{path}: no valid records ({stats.summary()})")
     return records, stats

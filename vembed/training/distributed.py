@@ -28,24 +28,24 @@ def max_over_ranks(accelerator: Accelerator, value: int) -> int:
     return int(t.item())
 
 
-def gather_sizes(n: int, device: torch.device) -> list[int]:
-    """Every rank's row count (last batches of an epoch may be unequal)."""
-    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([n], dtype=torch.long, device=device))
-    return [int(s.item()) for s in sizes]
+def all_gather_rows(x: torch.Tensor, differentiable: bool = True) -> tuple[torch.Tensor, list[int]]:
+    """Concatenate every rank's rows in rank order, keeping the autograd graph to the local rows
+    (`differentiable`; content ids need none).
 
-
-def all_gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """Concatenate every rank's rows in rank order, keeping the autograd graph to the local rows.
-
-    Unequal row counts are padded to the largest for the collective and cut off again.
+    Unequal row counts (last batches of an epoch) are padded to the largest for the collective and cut off again.
     """
-    sizes = gather_sizes(x.size(0), x.device)
+    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([x.size(0)], dtype=torch.long, device=x.device))
+    sizes = [int(c.item()) for c in counts]
     longest = max(sizes)
     if x.size(0) < longest:
         # Padding built from x itself keeps this rank in the backward collective.
         x = torch.cat([x, x.new_zeros(longest - x.size(0), *x.shape[1:])])
-    pieces = dist_fn.all_gather(x)
+    if differentiable:
+        pieces = dist_fn.all_gather(x)
+    else:
+        pieces = [torch.empty_like(x) for _ in sizes]
+        dist.all_gather(pieces, x.contiguous())
     return torch.cat([piece[:n] for piece, n in zip(pieces, sizes, strict=True)]), sizes
 
 
@@ -68,13 +68,3 @@ def gather_candidates(
     local_negatives = n if n is not None else p[:0]
     n_all, _ = all_gather_rows(local_negatives)
     return q, p_all, (n_all if n_all.size(0) else None), labels
-
-
-def all_gather_ids(ids: torch.Tensor) -> torch.Tensor:
-    """Every rank's content ids (no gradient), concatenated in rank order like `all_gather_rows`."""
-    sizes = gather_sizes(ids.size(0), ids.device)
-    longest = max(sizes)
-    padded = torch.cat([ids, ids.new_zeros(longest - ids.size(0))]) if ids.size(0) < longest else ids
-    pieces = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(pieces, padded.contiguous())
-    return torch.cat([piece[:n] for piece, n in zip(pieces, sizes, strict=True)])

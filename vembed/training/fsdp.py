@@ -8,7 +8,7 @@
   Qwen3-VL text and vision blocks, CLIPEncoderLayer) are the units of sharding.
 - Saving is collective: every rank joins the gathers below; rank 0 writes.
 - RAM-efficient loading: only local rank 0 of each node reads the checkpoint into host RAM; the
-  other ranks build the model on the meta device (transformers does this when accelerate's
+  other ranks build the model on the meta device (vembed.models.base, when accelerate's
   `cpu_ram_efficient_loading` is on). FSDP then materialises one shard unit at a time on those
   ranks (`param_init_fn`: `to_empty`) and `sync_module_states` broadcasts rank 0's weights into it
   before sharding, so a node needs about one full fp32 copy of the model in host RAM, not one
@@ -17,16 +17,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from peft import PeftModel
 from torch import nn
@@ -41,11 +38,17 @@ from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
 from vembed.config import TrainConfig
 from vembed.models.base import Embedder
+from vembed.training.compat import (
+    FSDP_WRAPPED,
+    allow_cpu_module_state_sync,
+    fsdp_cpu_offload,
+    fsdp_on_cpu,
+    names_without_fsdp_wrappers,
+)
 
 log = logging.getLogger(__name__)
 
 BACKBONE_PREFIX = "backbone."
-FSDP_WRAPPED = "_fsdp_wrapped_module."
 
 
 def is_transformer_block(module: nn.Module) -> bool:
@@ -99,45 +102,26 @@ def activate_fsdp(accelerator: Accelerator, plugin: FullyShardedDataParallelPlug
 
     accelerate 1.x turns its FSDP plugin on only for GPU-like devices; on CPU processes (gloo) it
     silently falls back to DDP. torch's FSDP1 itself runs on CPU with gloo, so there we switch
-    the accelerator to it (that is what the CPU tests exercise).
+    the accelerator to it (that is what the CPU tests exercise). Rank-0 loading works there too:
+    meta modules are materialised empty on the CPU, one FSDP unit at a time, then filled by FSDP's
+    broadcast from rank 0.
     """
     state = accelerator.state
     if state.distributed_type == DistributedType.MULTI_CPU:
         if accelerator.mixed_precision != "no":
             plugin.set_mixed_precision(accelerator.mixed_precision)
-        state.fsdp_plugin = plugin
-        # AcceleratorState copies PartialState's fields whenever it is constructed again, so both
-        # change. accelerate names the CPU "cpu:0", which FSDP refuses to match with "cpu" parameters.
-        for shared in (PartialState._shared_state, AcceleratorState._shared_state):
-            shared["distributed_type"] = DistributedType.FSDP
-            shared["device"] = torch.device("cpu")
-        _ram_efficient_loading_on_cpu(plugin)
+        fsdp_on_cpu(state, plugin)
+        plugin.sync_module_states = True
+        plugin.param_init_fn = materialize_in_place(lambda: torch.device("cpu"))
+        allow_cpu_module_state_sync()
         log.info("use_fsdp: FSDP (FULL_SHARD) on %d CPU processes over gloo", accelerator.num_processes)
     elif state.distributed_type == DistributedType.NO:
         log.warning("use_fsdp: a single process has nothing to shard with; training without FSDP")
     if accelerator.distributed_type == DistributedType.FSDP:
-        # transformers' from_pretrained puts the weights of every rank but local rank 0 on the meta
-        # device when both are set (accelerate's launcher sets the first only for FSDP configs).
+        # With both set, every rank but local rank 0 builds the model on the meta device
+        # (vembed.models.base; accelerate's launcher sets the first only for FSDP configs).
         os.environ["ACCELERATE_USE_FSDP"] = "true"
         os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "true"
-
-
-def _ram_efficient_loading_on_cpu(plugin: FullyShardedDataParallelPlugin) -> None:
-    """Rank-0 loading on CPU processes: meta modules are materialised empty on the CPU, one FSDP
-    unit at a time, then filled by FSDP's broadcast from rank 0. torch refuses CPU tensors in that
-    broadcast because NCCL cannot send them; this process group is gloo, which can."""
-    import torch.distributed.fsdp._init_utils as fsdp_init
-
-    plugin.sync_module_states = True
-    plugin.param_init_fn = materialize_in_place(lambda: torch.device("cpu"))
-    fsdp_init._check_module_states_for_sync_module_states = lambda states: None
-
-
-def materialised_bytes(module: nn.Module) -> tuple[int, int]:
-    """(bytes of parameters this process holds in memory, bytes of all parameters): a rank that
-    starts on the meta device holds none before sharding."""
-    held = sum(p.numel() * p.element_size() for p in module.parameters() if not p.is_meta)
-    return held, sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def gather_full_backbone_state(accelerator: Accelerator, embedder: Embedder) -> dict[str, torch.Tensor]:
@@ -150,7 +134,8 @@ def gather_full_backbone_state(accelerator: Accelerator, embedder: Embedder) -> 
     """
     unwrapped = accelerator.unwrap_model(embedder)
     lora = any(not p.requires_grad for p in unwrapped.parameters())
-    options = StateDictOptions(full_state_dict=True, cpu_offload=_offload(accelerator), ignore_frozen_params=lora)
+    offload = fsdp_cpu_offload(accelerator.device)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=offload, ignore_frozen_params=lora)
     state = get_model_state_dict(embedder, options=options)
     return {k.removeprefix(BACKBONE_PREFIX): v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
 
@@ -169,24 +154,6 @@ def load_full_backbone_state(accelerator: Accelerator, embedder: Embedder, state
     set_model_state_dict(embedder, full, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
-@contextlib.contextmanager
-def names_without_fsdp_wrappers(module: nn.Module) -> Iterator[None]:
-    """Let peft see the module names it would see without FSDP. peft finds adapter weights by module
-    name and strips only a leading `_fsdp_wrapped_module.`; nested FSDP units (one per transformer
-    block) put it mid-name, so peft would select nothing. Local to this rank; no collective."""
-    original = module.named_modules
-
-    def named_modules(*args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Module]]:
-        for name, child in original(*args, **kwargs):
-            yield name.replace(FSDP_WRAPPED, ""), child
-
-    module.named_modules = named_modules  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        del module.named_modules
-
-
 def adapter_key_names(backbone: PeftModel) -> dict[str, str]:
     """Saved adapter key -> the model's parameter name (peft drops the adapter name when saving).
 
@@ -195,43 +162,27 @@ def adapter_key_names(backbone: PeftModel) -> dict[str, str]:
     """
     from peft import get_peft_model_state_dict
 
-    placeholders = {
-        name.replace(FSDP_WRAPPED, ""): torch.empty(0)
-        for name, p in backbone.named_parameters()
-        if p.requires_grad
-    }
+    placeholders = {n.replace(FSDP_WRAPPED, ""): torch.empty(0) for n, p in backbone.named_parameters() if p.requires_grad}
     with names_without_fsdp_wrappers(backbone):
         saved = get_peft_model_state_dict(backbone, state_dict=placeholders, save_embedding_layers=False)
     by_id = {id(t): name for name, t in placeholders.items()}
     return {key: by_id[id(t)] for key, t in saved.items() if id(t) in by_id}
 
 
-def gather_full_optimizer_state(
-    accelerator: Accelerator, embedder: Embedder, optimizer: torch.optim.Optimizer
-) -> dict:
+def gather_full_optimizer_state(accelerator: Accelerator, embedder: Embedder, optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer state with every parameter's full (unsharded) tensors, keyed by parameter name.
 
     Collective; on GPUs the tensors land on rank 0's CPU.
     """
-    return get_optimizer_state_dict(
-        embedder, _inner(optimizer), options=StateDictOptions(full_state_dict=True, cpu_offload=_offload(accelerator))
-    )
+    options = StateDictOptions(full_state_dict=True, cpu_offload=fsdp_cpu_offload(accelerator.device))
+    return get_optimizer_state_dict(embedder, _inner(optimizer), options=options)
 
 
 def load_full_optimizer_state(
     accelerator: Accelerator, embedder: Embedder, optimizer: torch.optim.Optimizer, state: dict
 ) -> None:
     """Shard a full optimizer state (as gathered above) back onto every rank. Collective."""
-    set_optimizer_state_dict(
-        embedder, _inner(optimizer), state, options=StateDictOptions(full_state_dict=True)
-    )
-
-
-def _offload(accelerator: Accelerator) -> bool:
-    # Offloading gathers to rank 0's CPU; with parameters already on the CPU, FSDP1's offload path
-    # frees memory the state dict still points at (a segfault with torch 2.13), so every rank
-    # keeps its own full copy there instead.
-    return accelerator.device.type != "cpu"
+    set_optimizer_state_dict(embedder, _inner(optimizer), state, options=StateDictOptions(full_state_dict=True))
 
 
 def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

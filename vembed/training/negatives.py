@@ -15,19 +15,19 @@ from vembed.losses import false_negative_mask
 log = logging.getLogger(__name__)
 
 
-def gather_for_loss(
-    accelerator: Accelerator,
-    q: torch.Tensor,
-    p: torch.Tensor,
-    n: torch.Tensor | None,
-    cross_device: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(query, positives, negatives, labels) for the loss. Single process: unchanged."""
-    if accelerator.num_processes == 1 or not cross_device:
-        return q, p, n, None
-    from vembed.training.distributed import gather_candidates
+def batch_loss(
+    accelerator: Accelerator, loss_fn: torch.nn.Module, masker: FalseNegativeMasker | None, batch: dict[str, Any],
+    q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None, cross_device: bool,
+) -> torch.Tensor:  # fmt: skip
+    """The loss of one batch's embeddings; with cross-device negatives, every rank's positives and
+    negatives are candidates (a single process scores only its own)."""
+    labels = None
+    if accelerator.num_processes > 1 and cross_device:
+        from vembed.training.distributed import gather_candidates
 
-    return gather_candidates(accelerator, q, p, n)
+        q, p, n, labels = gather_candidates(accelerator, q, p, n)
+    mask = masker(batch, labels, q.size(0)) if masker is not None else None
+    return loss_fn(q, p, n, labels, mask)
 
 
 @dataclass
@@ -44,7 +44,6 @@ class FalseNegativeMasker:
     enabled: bool = True
     masked_pairs: int = 0
     duplicate_batches: int = 0
-    total_masked: int = 0
 
     def __call__(self, batch: dict[str, Any], labels: torch.Tensor | None, n_queries: int) -> torch.Tensor | None:
         if not self.enabled or "positive_ids" not in batch:
@@ -58,16 +57,15 @@ class FalseNegativeMasker:
                     "those rows have no negatives and teach nothing; deduplicate the data", n_queries
                 )
         if self.accelerator.num_processes > 1 and self.cross_device:
-            from vembed.training.distributed import all_gather_ids
+            from vembed.training.distributed import all_gather_rows
 
-            pos_ids, neg_ids = all_gather_ids(pos_ids), all_gather_ids(neg_ids)
+            pos_ids, neg_ids = all_gather_rows(pos_ids, False)[0], all_gather_rows(neg_ids, False)[0]
         candidate_ids = torch.cat([pos_ids, neg_ids]).to(self.accelerator.device)
         if labels is None:
             labels = torch.arange(n_queries, device=candidate_ids.device)
         mask = false_negative_mask(labels, candidate_ids)
         count = int(mask.sum())
         self.masked_pairs += count
-        self.total_masked += count
         return mask if count else None
 
     def take_window(self) -> int:

@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 
 from vembed.config import TrainConfig
+from vembed.grad_cache import StepFn, grad_cache_step, splitter_for
 from vembed.models.base import Embedder
 from vembed.training.distributed import forwards_in_lockstep, max_over_ranks
-from vembed.training.negatives import FalseNegativeMasker, gather_for_loss
-
-StepFn = Callable[[dict[str, Any]], torch.Tensor]
+from vembed.training.negatives import FalseNegativeMasker, batch_loss
 
 
 def plain_step(
-    accelerator: Accelerator,
-    embedder: Embedder,
-    loss_fn: torch.nn.Module,
-    cross_device: bool,
+    accelerator: Accelerator, embedder: Embedder, loss_fn: torch.nn.Module, cross_device: bool,
     masker: FalseNegativeMasker | None = None,
-) -> StepFn:
+) -> StepFn:  # fmt: skip
     lockstep = forwards_in_lockstep(accelerator)
 
     def step(batch: dict[str, Any]) -> torch.Tensor:
@@ -32,13 +27,9 @@ def plain_step(
         n = embedder(**batch["negatives"]) if "negatives" in batch else None
         # FSDP: every rank runs as many forwards as the others (checked before this step's forwards)
         if stand_in and n is None:
-            from vembed.grad_cache import splitter_for
-
             one_row = splitter_for(accelerator.unwrap_model(embedder))(batch["positive"], 1)[0]
             n = embedder(**one_row)[:0]
-        q, p, n, labels = gather_for_loss(accelerator, q, p, n, cross_device)
-        mask = masker(batch, labels, q.size(0)) if masker is not None else None
-        loss = loss_fn(q, p, n, labels, mask)
+        loss = batch_loss(accelerator, loss_fn, masker, batch, q, p, n, cross_device)
         accelerator.backward(loss)
         return loss
 
@@ -46,14 +37,9 @@ def plain_step(
 
 
 def make_step(
-    cfg: TrainConfig,
-    accelerator: Accelerator,
-    embedder: Embedder,
-    loss_fn: torch.nn.Module,
+    cfg: TrainConfig, accelerator: Accelerator, embedder: Embedder, loss_fn: torch.nn.Module,
     masker: FalseNegativeMasker | None = None,
-) -> StepFn:
+) -> StepFn:  # fmt: skip
     if cfg.use_gradient_cache:
-        from vembed.grad_cache import grad_cache_step
-
         return grad_cache_step(cfg, accelerator, embedder, loss_fn, masker=masker)
     return plain_step(accelerator, embedder, loss_fn, cfg.cross_device_negatives, masker)

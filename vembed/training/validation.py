@@ -12,58 +12,42 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 
 from vembed.data import Record
-from vembed.evaluation import build_retrieval_set, retrieval_metrics
+from vembed.data.items import record_items
+from vembed.evaluation import build_retrieval_set, doc_key, query_key, retrieval_metrics
 from vembed.models.base import Embedder, Item
-from vembed.training.data import record_items
+from vembed.training.data import feature_length
 
 # The metrics written to the log, the history and MLflow (as val/<name>).
 LOGGED = ("loss", "ndcg@10", "recall@10", "mrr@10", "recall@1")
 
 
-def _doc_key(item: Item) -> tuple[str | None, str | None]:
-    return (item.text, str(item.image) if item.image is not None else None)  # as build_retrieval_set keys docs
-
-
-def _query_key(item: Item) -> tuple[Any, ...]:
-    return (item.text, str(item.image) if item.image is not None else None, item.instruction)
-
-
 class Validator:
     """Holds the featurized eval set; `evaluate(model)` returns {"loss": ..., "ndcg@10": ..., ...}."""
 
-    def __init__(
-        self,
-        records: Sequence[Record],
-        embedder: Embedder,
-        batch_size: int,
-        loss_block: int | None = None,
-        corpus: Sequence[str] = (),
-    ) -> None:
-        queries, docs, self.qrels = build_retrieval_set(records, corpus)
-        q_index = {_query_key(q): i for i, q in enumerate(queries)}
-        d_index = {_doc_key(d): i for i, d in enumerate(docs)}
+    def __init__(self, records: Sequence[Record], embedder: Embedder, batch_size: int, loss_block: int | None = None) -> None:
+        queries, docs, self.qrels = build_retrieval_set(records)
+        q_index = {query_key(q): i for i, q in enumerate(queries)}
+        d_index = {doc_key(d): i for i, d in enumerate(docs)}
         negatives: list[Item] = []
         self.rows: list[tuple[int, int, list[int]]] = []  # per record: query, positive doc, negative items
         for r in records:
             q, p, negs = record_items(r)
             first = len(negatives)
             negatives.extend(negs)
-            self.rows.append((q_index[_query_key(q)], d_index[_doc_key(p)], list(range(first, len(negatives)))))
+            self.rows.append((q_index[query_key(q)], d_index[doc_key(p)], list(range(first, len(negatives)))))
         self.n_queries, self.n_docs = len(queries), len(docs)
         self.features = [embedder.featurize(q, is_query=True) for q in queries]
         self.features += [embedder.featurize(d, is_query=False) for d in docs + negatives]
         self.batch_size = batch_size
         self.loss_block = loss_block or batch_size
         self.collate = embedder.collate
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
     @torch.no_grad()
     def embed_all(self, accelerator: Accelerator, model: torch.nn.Module) -> torch.Tensor:
@@ -73,7 +57,7 @@ class Validator:
         mine = list(range(rank * share, (rank + 1) * share))
         # Past the end: repeat item 0 so that every rank runs the same forwards; cut off below.
         feats = [self.features[i] if i < len(self.features) else self.features[0] for i in mine]
-        order = sorted(range(len(feats)), key=lambda i: -_length(feats[i]))  # less padding per batch
+        order = sorted(range(len(feats)), key=lambda i: -feature_length(feats[i]))  # less padding per batch
         out = []
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
@@ -99,8 +83,8 @@ class Validator:
         docs = emb[self.n_queries : self.n_queries + self.n_docs]
         negatives = emb[self.n_queries + self.n_docs :]
         metrics: dict[str, float] = {"loss": self._loss(queries, docs, negatives, loss_fn)}
-        scores = _normalized(queries) @ _normalized(docs).T
-        metrics.update(retrieval_metrics(scores.numpy(), self.qrels))
+        q, d = (torch.nn.functional.normalize(x.double(), dim=-1) for x in (queries, docs))
+        metrics.update(retrieval_metrics((q @ d.T).numpy(), self.qrels))
         return metrics
 
     @torch.no_grad()
@@ -116,61 +100,48 @@ class Validator:
         return total / len(self.rows)
 
 
-def _normalized(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(x.double(), dim=-1)
-
-
-def _length(feature: dict[str, Any]) -> int:
-    ids = feature.get("input_ids")
-    return len(ids) if ids is not None else 0
-
-
+@dataclass
 class BestTracker:
     """Best value of the chosen metric, where it was reached, and evaluations since it improved.
 
-    Its state travels in trainer_state.json (`to_dict`/`from_dict`), so a resumed run continues the
+    Its state travels in trainer_state.json (`to_dict`/`load`), so a resumed run continues the
     same patience count and keeps the same best checkpoint."""
 
-    def __init__(self, metric: str | None, greater_is_better: bool | None, patience: int | None) -> None:
-        self.metric = metric
-        self.greater = greater_is_better if greater_is_better is not None else metric not in (None, "loss")
-        self.patience = patience
-        self.best_value: float | None = None
-        self.best_step: int | None = None
-        self.best_checkpoint: str | None = None
-        self.bad_evals = 0
+    metric: str | None
+    greater_is_better: bool | None  # None: true for every metric but the loss
+    patience: int | None = None
+    best_value: float | None = None
+    best_step: int | None = None
+    best_checkpoint: str | None = None
+    evals_without_improvement: int = 0
+
+    def __post_init__(self) -> None:
+        if self.greater_is_better is None:
+            self.greater_is_better = self.metric not in (None, "loss")
 
     def update(self, step: int, metrics: dict[str, float]) -> bool:
         """Record an evaluation; True when it is a new best."""
         if self.metric is None:
             return False
-        value = metrics[self.metric]
-        better = self.best_value is None or (value > self.best_value if self.greater else value < self.best_value)
+        value, best = metrics[self.metric], self.best_value
+        better = best is None or (value > best if self.greater_is_better else value < best)
         if better:
             self.best_value, self.best_step, self.best_checkpoint = value, step, f"checkpoint-{step}"
-            self.bad_evals = 0
+            self.evals_without_improvement = 0
         else:
-            self.bad_evals += 1
+            self.evals_without_improvement += 1
         return better
 
     @property
     def should_stop(self) -> bool:
-        return self.patience is not None and self.bad_evals >= self.patience
+        return self.patience is not None and self.evals_without_improvement >= self.patience
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "metric": self.metric,
-            "greater_is_better": self.greater,
-            "best_value": self.best_value,
-            "best_step": self.best_step,
-            "best_checkpoint": self.best_checkpoint,
-            "evals_without_improvement": self.bad_evals,
-        }
+        return {k: v for k, v in asdict(self).items() if k != "patience"}
 
     def load(self, state: dict[str, Any] | None) -> None:
         if not state or state.get("metric") != self.metric:
             return  # a different metric than the saved run's: start tracking afresh
-        self.best_value = state.get("best_value")
-        self.best_step = state.get("best_step")
+        self.best_value, self.best_step = state.get("best_value"), state.get("best_step")
         self.best_checkpoint = state.get("best_checkpoint")
-        self.bad_evals = int(state.get("evals_without_improvement") or 0)
+        self.evals_without_improvement = int(state.get("evals_without_improvement") or 0)
