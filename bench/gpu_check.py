@@ -111,12 +111,14 @@ def text_embedder(shape: dict[str, Any], name: str, dtype: Any, device: Any):
     import torch
     from transformers import Qwen3Config, Qwen3Model
 
+    from vembed.models.attention import use_training_attention
     from vembed.models.base import EmbedderSpec
     from vembed.models.text import TextEmbedder
 
     torch.manual_seed(0)
     with torch.device(device):
         backbone = Qwen3Model(Qwen3Config(**shape)).to(dtype)
+    use_training_attention(backbone)  # as the training loop does
     spec = EmbedderSpec(family="text", model_name=name, pooling="last_token", max_seq_length=512)
     return TextEmbedder(backbone, tokenizer=None, spec=spec)
 
@@ -128,6 +130,7 @@ def vl_embedder(shape: dict[str, Any], name: str, dtype: Any, device: Any):
     import torch
     from transformers import Qwen3VLConfig, Qwen3VLModel
 
+    from vembed.models.attention import use_training_attention
     from vembed.models.base import EmbedderSpec
     from vembed.models.qwen_vl import QwenVLEmbedder
 
@@ -135,6 +138,7 @@ def vl_embedder(shape: dict[str, Any], name: str, dtype: Any, device: Any):
     config = Qwen3VLConfig(text_config=shape["text"], vision_config=shape["vision"], **shape.get("tokens", {}))
     with torch.device(device):
         backbone = Qwen3VLModel(config).to(dtype)
+    use_training_attention(backbone)
     spec = EmbedderSpec(family="qwen3_vl", model_name=name, pooling="last_token", max_seq_length=2048)
     # Batches are built here, not by the processor: the embedder only asks it for two numbers.
     processor = SimpleNamespace(

@@ -87,7 +87,7 @@ def disable(names: list[str], extra: dict) -> None:
     if "lean_dropout" in names:
         loop.use_lean_dropout = lambda model: 0
     if "lean_attention" in names:
-        loop.use_lean_attention = lambda model: False
+        loop.use_training_attention = lambda model: False
     if "fused_adamw" in names:
         adamw = torch.optim.AdamW
 

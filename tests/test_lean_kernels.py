@@ -102,3 +102,33 @@ def test_lora_gets_gradients_with_and_without_attention_dropout(tiny_bert, p):
     embedder(**enc).sum().backward()
     grads = [p_.grad for n, p_ in embedder.named_parameters() if "lora_B" in n and "query" in n]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_training_mask_opens_left_padding_rows_and_keeps_real_tokens():
+    """CUDA SDPA gives NaN gradients for a query that attends to nothing (left padding of a decoder
+    embedder; seen on an H200). The training mask opens those rows only, so real tokens' outputs match."""
+    from transformers import Qwen3Config, Qwen3Model
+    from transformers.masking_utils import sdpa_mask
+
+    from vembed.models.attention import training_mask, use_training_attention
+
+    padding = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    plain = sdpa_mask(batch_size=2, q_length=5, kv_length=5, attention_mask=padding.bool())
+    opened = training_mask(batch_size=2, q_length=5, kv_length=5, attention_mask=padding.bool())
+    assert not plain.any(-1).all()  # the rows the fix is for exist
+    assert opened.any(-1).all()
+    real = plain.any(-1, keepdim=True).expand_as(plain)
+    assert torch.equal(opened[real], plain[real])
+
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, attn_implementation="sdpa",
+    )  # fmt: skip
+    model = Qwen3Model(config).eval()
+    ids = torch.randint(1, 64, (2, 5)) * padding
+    before = model(input_ids=ids, attention_mask=padding).last_hidden_state
+    assert use_training_attention(model)
+    after = model(input_ids=ids, attention_mask=padding).last_hidden_state
+    keep = padding.bool()
+    torch.testing.assert_close(after[keep], before[keep])

@@ -7,9 +7,14 @@ guarding fully masked rows. This version keeps the softmax output and a bool mas
 dropped-out probabilities in backward, and draws the mask like vembed.models.dropout (same
 distribution, torch's default generator, so seeded runs and RNG replays stay exact).
 
-It is registered with transformers under NAME and used only in training, on CPU, for models that
-use SDPA; without dropout (eval) and on other devices it hands over to transformers' SDPA
-function, whose CUDA kernels do dropout themselves.
+It is registered with transformers under NAME and used only in training, for models that use
+SDPA; without dropout (eval) and on other devices it hands over to transformers' SDPA function,
+whose CUDA kernels do dropout themselves.
+
+Its mask also lets a query that may attend to nothing (a left-padding position of a decoder
+embedder) attend to its row: torch's CUDA SDPA kernels (checked: torch 2.11, H200) return finite
+outputs for such rows but NaN gradients, which poison every weight after the first step. Real
+tokens never attend to padding, so their outputs and gradients are unchanged.
 """
 
 from __future__ import annotations
@@ -92,21 +97,29 @@ def lean_sdpa_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
+def training_mask(*args, **kwargs) -> torch.Tensor | None:
+    """transformers' SDPA mask (bool, True = attend, or None), with rows that attend to nothing opened."""
+    from transformers.masking_utils import sdpa_mask
+
+    mask = sdpa_mask(*args, **kwargs)
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+    return mask
+
+
 def _register() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(NAME, lean_sdpa_attention_forward)
-    # Same masks as SDPA (bool, True = attend, or None without padding).
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, training_mask)
 
 
-def use_lean_attention(backbone: nn.Module) -> bool:
-    """Switch an SDPA model with attention dropout to NAME; False (unchanged) otherwise."""
+def use_training_attention(backbone: nn.Module) -> bool:
+    """Switch an SDPA model to NAME for training; False (unchanged) for other attention implementations."""
     model = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
     config = getattr(model, "config", None)
-    dropout = getattr(config, "attention_probs_dropout_prob", None) or getattr(config, "attention_dropout", 0.0)
-    if config is None or config._attn_implementation != "sdpa" or not dropout:
+    if config is None or config._attn_implementation != "sdpa":
         return False
     if not hasattr(model, "set_attn_implementation"):
         return False

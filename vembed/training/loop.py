@@ -23,7 +23,7 @@ from vembed.data.images import RecordImages
 from vembed.errors import ConfigError, DataError
 from vembed.losses import build_loss
 from vembed.models import Embedder, load_embedder, resolve_dtype
-from vembed.models.attention import use_lean_attention
+from vembed.models.attention import use_training_attention
 from vembed.models.dropout import use_lean_dropout
 from vembed.models.lora import apply_lora, count_parameters, enable_gradient_checkpointing
 from vembed.training.checkpoint import Checkpointer, TrainState, list_checkpoints
@@ -98,7 +98,7 @@ def build_embedder(cfg: TrainConfig, dtype: torch.dtype) -> Embedder:
     # Leaner dropout masks (and attention, on CPU) for training; after LoRA, so that the adapters'
     # own dropout layers are included. docs/benchmarks.md has the before/after figures.
     use_lean_dropout(embedder.backbone)
-    use_lean_attention(embedder.backbone)
+    use_training_attention(embedder.backbone)
     return embedder
 
 
