@@ -26,6 +26,9 @@ DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "floa
 # exist in the loaded model are applied (see vembed.models.lora).
 DEFAULT_TARGET_MODULES = ["q_proj", "v_proj", "query", "value", "key", "dense"]
 
+# peft init_lora_weights values; "default" is peft's True. PiSSA/OLoRA rewrite the base weights.
+LORA_INITS = ("default", "gaussian", "pissa", "olora")
+
 RESOURCE_KEYS = ("cpu", "memory", "ephemeral-storage")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SECRET_REF = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[-._a-zA-Z0-9]+$")
@@ -133,6 +136,15 @@ class TrainConfig(BaseModel):
     )
     use_rslora: bool = Field(False, description="rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r")
     use_dora: bool = Field(False, description="DoRA: learn a per-column magnitude next to the LoRA direction")
+    lora_init: str = Field(
+        "default",
+        description=(
+            "peft's init_lora_weights: default (B = 0, the adapter starts as a no-op) | gaussian | pissa | "
+            "pissa_niter_N (fast-SVD PiSSA) | olora. PiSSA and OLoRA move the principal part of each weight into "
+            "the adapter; saved adapters are converted to plain LoRA on the original base (rank 2r). "
+            "Not with use_dora, use_fsdp or resume_from_checkpoint"
+        ),
+    )
 
     # Training
     batch_size: int = Field(32, gt=0)
@@ -243,6 +255,13 @@ class TrainConfig(BaseModel):
             raise ValueError("must be > 0")
         return v
 
+    @field_validator("lora_init")
+    @classmethod
+    def _lora_init(cls, v: str) -> str:
+        if v not in LORA_INITS and not re.fullmatch(r"pissa_niter_\d+", v):
+            raise ValueError(f"unknown lora_init {v!r}; choose one of {', '.join(LORA_INITS)} or pissa_niter_N")
+        return v
+
     @field_validator("lora_target_modules")
     @classmethod
     def _targets(cls, v: list[str]) -> list[str]:
@@ -275,6 +294,22 @@ class TrainConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _lora_init_needs(self) -> TrainConfig:
+        if not self.use_lora or not mutates_base(self.lora_init):
+            return self
+        # The saved adapter is converted to plain LoRA (rank 2r) on the original base, which the
+        # rank-r training model cannot load again; DoRA and FSDP shards peft cannot convert.
+        for key, on in (("use_dora", self.use_dora), ("use_fsdp", self.use_fsdp)):
+            if on:
+                raise ValueError(f"lora_init: {self.lora_init} cannot be combined with {key}")
+        if self.resume_from_checkpoint:
+            raise ValueError(
+                f"lora_init: {self.lora_init} cannot resume (its checkpoints hold the adapter converted to plain "
+                "LoRA on the original base); start the run again"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _validation_needs(self) -> TrainConfig:
         has_eval = self.eval_data_path is not None or self.eval_split is not None
         if self.eval_split is not None and self.eval_data_path is not None:
@@ -291,6 +326,11 @@ class TrainConfig(BaseModel):
     def save(self, path: str | os.PathLike[str]) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(self.to_yaml())
+
+
+def mutates_base(lora_init: str) -> bool:
+    """PiSSA and OLoRA take the adapter's start out of the base weights."""
+    return lora_init.startswith("pissa") or lora_init == "olora"
 
 
 def valid_keys() -> list[str]:
