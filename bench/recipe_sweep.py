@@ -69,6 +69,14 @@ RUNS: dict[str, dict[str, Any]] = {
     "LoRA + MRL (weights 1,1,1,1)": {**BASE, "use_mrl": True, "mrl_dims": DIMS, "mrl_weights": [1, 1, 1, 1]},
     "LoRA + MRL (dims 384,192,96)": {**BASE, "use_mrl": True, "mrl_dims": DIMS[:3]},
     "LoRA + MRL (dims 384,96)": {**BASE, "use_mrl": True, "mrl_dims": [384, 96]},
+    "LoRA + MRL (dims 384,192,96, weights 1,1,2)": {
+        **BASE,
+        "use_mrl": True,
+        "mrl_dims": DIMS[:3],
+        "mrl_weights": [1, 1, 2],
+    },
+    "LoRA + MRL (dims 384,96, weights 1,2)": {**BASE, "use_mrl": True, "mrl_dims": [384, 96], "mrl_weights": [1, 2]},
+    "LoRA + MRL (dims 384,96), seed 7": {**BASE, "use_mrl": True, "mrl_dims": [384, 96], "seed": 7},
     "LoRA + MRL (dims 384,192,96, weights 2,1,1)": {
         **BASE,
         "use_mrl": True,
@@ -202,6 +210,7 @@ def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="all", choices=["all", "demo", "manpages"])
     p.add_argument("--only", default="", help="run names separated by | (default: all)")
+    p.add_argument("--queue", default="", help="file of run names, one a line, re-read before each run")
     p.add_argument("--name", default="recipe_sweep")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
@@ -232,16 +241,29 @@ def main(argv: list[str]) -> None:
     for ds in sets:
         if "base" not in results.get(ds, {}):
             results = save(ds, "base", {"ndcg@10": base_score(data[ds], model), "train_s": 0.0})
-    wanted = [n.strip() for n in a.only.split("|") if n.strip()] or list(RUNS)
-    for name in wanted:  # name-major: each factor gets both data sets before the next one starts
-        for ds in sets:
-            if name in results.get(ds, {}):
-                continue
-            print(f"{ds}: {name} ...", flush=True)
-            out = Path(tempfile.mkdtemp(prefix="vembed-sweep-"))
+    def todo() -> list[tuple[str, str]]:
+        # A queue file is re-read before every run, so a long sweep can be reordered while it runs.
+        text = Path(a.queue).read_text() if a.queue else a.only.replace("|", "\n")
+        wanted = [n.strip() for n in text.splitlines() if n.strip()] or list(RUNS)
+        # name-major: each factor gets both data sets before the next one starts
+        unknown = [n for n in wanted if n not in RUNS]
+        if unknown:
+            print(f"unknown runs skipped: {unknown}", flush=True)
+        return [(n, ds) for n in wanted if n in RUNS for ds in sets if n not in results.get(ds, {})]
+
+    failed: set[tuple[str, str]] = set()
+    while pending := [t for t in todo() if t not in failed]:
+        name, ds = pending[0]
+        print(f"{ds}: {name} ...", flush=True)
+        out = Path(tempfile.mkdtemp(prefix="vembed-sweep-"))
+        try:
             r = train_and_eval(RUNS[name], data[ds], model, out)
-            print(f"  nDCG@10 {r['ndcg@10']:.4f} in {r['train_s']:.0f}s", flush=True)
-            results = save(ds, name, r)
+        except Exception as e:  # one broken run must not stop the sweep; it is reported and skipped
+            print(f"  FAILED: {type(e).__name__}: {e}", flush=True)
+            failed.add((name, ds))
+            continue
+        print(f"  nDCG@10 {r['ndcg@10']:.4f} in {r['train_s']:.0f}s", flush=True)
+        results = save(ds, name, r)
     print(write_table(results))
 
 

@@ -172,7 +172,10 @@ class TrainConfig(BaseModel):
         description="rows per GradCache chunk; must be below batch_size to save memory (docs/benchmarks.md)",
     )
     use_mrl: bool = False
-    mrl_dims: list[int] | None = Field(None, description="strictly descending; default: full dim halved down to 32")
+    mrl_dims: list[int] | None = Field(
+        None,
+        description="strictly descending; default: the full dim and a quarter of it (measured best, docs/benchmarks.md)",
+    )
     mrl_weights: list[float] | None = Field(None, description="one weight per mrl_dim; default all 1")
     use_fsdp: bool = False
     cross_device_negatives: bool = Field(True, description="gather embeddings across processes for negatives")
