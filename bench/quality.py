@@ -42,7 +42,7 @@ ROWS: dict[str, dict[str, Any]] = {
     "LoRA (defaults) + mined negatives": {"_mine": True},
     "LoRA (defaults) + MRL": {"use_mrl": True},
 }
-FULL = ["full FT lr 2e-5", "full FT lr 5e-5", "full FT lr 1e-4"]
+FULL = ["full FT lr 2e-5", "full FT lr 5e-5", "full FT lr 1e-4", "full FT lr 2e-4"]
 
 
 def resolved(overrides: dict[str, Any]) -> dict[str, Any]:

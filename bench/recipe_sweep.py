@@ -46,6 +46,7 @@ RUNS: dict[str, dict[str, Any]] = {
     "full FT lr 2e-5": {"use_lora": False, "learning_rate": 2e-5},
     "full FT lr 5e-5": {"use_lora": False, "learning_rate": 5e-5},
     "full FT lr 1e-4": {"use_lora": False, "learning_rate": 1e-4},
+    "full FT lr 2e-4": {"use_lora": False, "learning_rate": 2e-4},
     "targets query/value": {**BASE, "lora_target_modules": ["query", "value"]},
     "targets query/key/value": {**BASE, "lora_target_modules": ["query", "key", "value"]},
     "lr 5e-4": {**BASE, "learning_rate": 5e-4},
@@ -244,7 +245,15 @@ def main(argv: list[str]) -> None:
     def todo() -> list[tuple[str, str]]:
         # A queue file is re-read before every run, so a long sweep can be reordered while it runs.
         text = Path(a.queue).read_text() if a.queue else a.only.replace("|", "\n")
-        wanted = [n.strip() for n in text.splitlines() if n.strip()] or list(RUNS)
+        wanted = []
+        for line in text.splitlines():
+            # "NAME" (a run of RUNS) or "NAME = {json}": a new run, these keys changed from BASE
+            name, _, extra = (x.strip() for x in line.partition(" = "))
+            if name and extra:
+                RUNS.setdefault(name, {**BASE, **json.loads(extra)})
+            if name:
+                wanted.append(name)
+        wanted = wanted or list(RUNS)
         # name-major: each factor gets both data sets before the next one starts
         unknown = [n for n in wanted if n not in RUNS]
         if unknown:
