@@ -137,7 +137,7 @@ def speed_child(argv: list[str]) -> None:
 
     d = TrainConfig()
     keys = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_init", "learning_rate")
-    extra = {k: getattr(d, k) for k in keys} if a.mode == "lora" else {"learning_rate": 5e-5}
+    extra = {k: getattr(d, k) for k in keys} if a.mode == "lora" else {"learning_rate": 1e-4}
     emit(train_vembed(a.data, a.model, a.steps, a.warmup, lora=a.mode == "lora", extra=extra))
 
 

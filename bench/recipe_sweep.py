@@ -47,6 +47,7 @@ RUNS: dict[str, dict[str, Any]] = {
     "full FT lr 5e-5": {"use_lora": False, "learning_rate": 5e-5},
     "full FT lr 1e-4": {"use_lora": False, "learning_rate": 1e-4},
     "full FT lr 2e-4": {"use_lora": False, "learning_rate": 2e-4},
+    "full FT lr 1e-4, seed 7": {"use_lora": False, "learning_rate": 1e-4, "seed": 7},
     "targets query/value": {**BASE, "lora_target_modules": ["query", "value"]},
     "targets query/key/value": {**BASE, "lora_target_modules": ["query", "key", "value"]},
     "lr 5e-4": {**BASE, "learning_rate": 5e-4},
