@@ -78,6 +78,13 @@ RUNS: dict[str, dict[str, Any]] = {
         "mrl_weights": [1, 1, 2],
     },
     "LoRA + MRL (dims 384,96, weights 1,2)": {**BASE, "use_mrl": True, "mrl_dims": [384, 96], "mrl_weights": [1, 2]},
+    "LoRA + MRL (dims 384,96, weights 1,2), seed 7": {
+        **BASE,
+        "use_mrl": True,
+        "mrl_dims": [384, 96],
+        "mrl_weights": [1, 2],
+        "seed": 7,
+    },
     "LoRA + MRL (dims 384,96), seed 7": {**BASE, "use_mrl": True, "mrl_dims": [384, 96], "seed": 7},
     "LoRA + MRL (dims 384,192,96, weights 2,1,1)": {
         **BASE,

@@ -149,7 +149,7 @@ class TrainConfig(BaseModel):
     # Training
     batch_size: int = Field(32, gt=0)
     learning_rate: float = Field(
-        1e-3, description="measured best for LoRA on all-MiniLM-L6-v2 (docs/benchmarks.md); full fine-tuning wants ~3e-5"
+        1e-3, description="measured best for LoRA on all-MiniLM-L6-v2 (docs/benchmarks.md); full fine-tuning wants ~1e-4"
     )
     epochs: int = Field(1, gt=0)
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
