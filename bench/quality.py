@@ -77,16 +77,21 @@ def ensure_runs(threads: int) -> dict[str, Any]:
     from bench import recipe_sweep
 
     path = RESULTS / "recipe_sweep.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
-    for row, overrides in ROWS.items():
-        twin = next((n for n, o in recipe_sweep.RUNS.items() if resolved(o) == resolved(overrides)), None)
+    twins = {
+        row: next((n for n, o in recipe_sweep.RUNS.items() if resolved(o) == resolved(ow)), None)
+        for row, ow in ROWS.items()
+    }
+    # Rows without a twin in the sweep are trained (and saved) under their own names.
+    recipe_sweep.RUNS.update({row: ROWS[row] for row, twin in twins.items() if twin is None})
+    recipe_sweep.main(
+        ["--threads", str(threads), "--only", "|".join([*FULL, *(r for r, t in twins.items() if t is None)])]
+    )
+    results = json.loads(path.read_text())
+    for row, twin in twins.items():
         for ds in SETS:
-            if row not in results.get(ds, {}) and twin in results.get(ds, {}):
+            if twin in results.get(ds, {}):
                 results[ds][row] = {**results[ds][twin], "same_config_as": twin}
-    path.write_text(json.dumps(results, indent=1))
-    recipe_sweep.RUNS.update(ROWS)
-    recipe_sweep.main(["--threads", str(threads), "--only", "|".join([*ROWS, *FULL])])
-    return json.loads(path.read_text())
+    return results
 
 
 def table(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -122,7 +127,9 @@ def table(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     rows.append(row("LoRA (defaults) + 1 mined negative per query", "LoRA (defaults) + mined negatives"))
     for d in DIMS:
         rows.append(row(f"LoRA (defaults) + MRL, dim {d}", "LoRA (defaults) + MRL", d))
-    header = ["model"] + [h for ds in SETS for h in (f"{ds} nDCG@10", f"{ds} gain", f"{ds} share of full-FT gain")]
+    header = ["model"] + [
+        h for ds in SETS for h in (f"{ds} nDCG@10", f"{ds} gain", f"{ds} share of full-FT gain")
+    ]
     note = (
         "nDCG@10 of held-out queries against held-out plus training positives; one epoch, batch 32, fp32. "
         "Share: gain over base / the full fine-tune's gain. MRL rows: the MRL run's embeddings truncated "
@@ -199,7 +206,13 @@ def speed(repeats: int, steps: int) -> str:
     runs = alternate("bench.quality", {"lora": ["lora", *common], "full": ["full", *common]}, repeats)
     lo, fu = runs["lora"], runs["full"]
     rows = [
-        [label, r[0]["trainable_params"], best_samples_per_s(r), median(r, "samples_per_s"), median(r, "peak_rss_mib")]
+        [
+            label,
+            r[0]["trainable_params"],
+            best_samples_per_s(r),
+            median(r, "samples_per_s"),
+            median(r, "peak_rss_mib"),
+        ]
         for label, r in (("LoRA (defaults)", lo), ("full fine-tuning", fu))
     ]
     ratio = best_samples_per_s(lo) / best_samples_per_s(fu)
@@ -209,10 +222,17 @@ def speed(repeats: int, steps: int) -> str:
             f"{repeats} alternating fresh processes per mode, {steps} steps each (timing from the end of step 2), "
             "demo data, batch 32, max_seq_length 128, fp32.",
             md_table(
-                ["mode", "trainable params", "samples/s (each step's best run)", "samples/s (median run)", "peak RSS MiB"],
+                [
+                    "mode",
+                    "trainable params",
+                    "samples/s (each step's best run)",
+                    "samples/s (median run)",
+                    "peak RSS MiB",
+                ],
                 rows,
             ),
-            f"**LoRA / full: {ratio:.2f}x samples/s; LoRA's peak RSS is {100 * saved:.0f}% lower.**",
+            f"**LoRA / full: {ratio:.2f}x samples/s; LoRA's peak RSS is {100 * abs(saved):.0f}% "
+            f"{'lower' if saved >= 0 else 'higher'}.**",
             machine_line(info, os.getloadavg()),
         ]
     )
@@ -226,7 +246,9 @@ def main(argv: list[str]) -> None:
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--speed", action="store_true", help="LoRA (defaults) vs full fine-tuning: samples/s, peak RSS")
+    p.add_argument(
+        "--speed", action="store_true", help="LoRA (defaults) vs full fine-tuning: samples/s, peak RSS"
+    )
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--steps", type=int, default=20)
     a = p.parse_args(argv)
