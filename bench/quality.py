@@ -1,172 +1,268 @@
-"""Retrieval quality on the demo data: base vs LoRA vs full fine-tuning, and MRL per dim.
+"""Retrieval quality on both data sets, one table: base, LoRA with the config defaults, full
+fine-tuning, LoRA + mined negatives, LoRA + MRL per dim; and LoRA vs full fine-tuning speed/memory.
 
-    .venv/bin/python -m bench.quality [--epochs 1] [--skip-random-batches]
+    .venv/bin/python -m bench.quality [--threads 2]          # the table (trains what is missing)
+    .venv/bin/python -m bench.quality --speed [--repeats 2]  # samples/s and peak RSS, LoRA vs full
 
-Trains all-MiniLM-L6-v2 for one epoch on the demo training pairs (Python docstrings) in several ways,
-then ranks the held-out queries against the held-out positives plus every training positive as
-distractors. Also trains LoRA once on random (not length-grouped) batches, to show what grouping
-costs in quality. Writes bench/results/quality.{md,json}, docs/quality_models.png and
-docs/quality_mrl.png.
+all-MiniLM-L6-v2, one epoch, batch 32, max_seq_length 128, fp32, on the demo data (docstrings) and
+the man-page set (`apt-get install manpages manpages-dev`). The runs are bench.recipe_sweep's and
+share its results file (bench/results/recipe_sweep.json): "LoRA (defaults)" sets nothing but the
+data, so it is whatever vembed/config.py says; the full fine-tune row is the best of the sweep's
+full fine-tune learning rates. Writes bench/results/quality.{md,json}.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import shutil
 import sys
-import tempfile
-import time
-from pathlib import Path
+from typing import Any
 
 from bench.common import (
-    REPO,
+    RESULTS,
+    alternate,
+    best_samples_per_s,
     child_setup,
     demo_data,
+    emit,
     machine,
     machine_line,
     md_table,
+    median,
     minilm_path,
     save_report,
 )
 
+SETS = ["demo", "manpages"]
 DIMS = [384, 192, 96, 48]
-COMMON = {"batch_size": 32, "max_seq_length": 128, "torch_dtype": "float32", "logging_steps": 8, "save_steps": 10**9}
-LORA = {"use_lora": True, "lora_target_modules": ["query", "value"], "learning_rate": 5e-4}
-RUNS = {
-    "LoRA": LORA,
-    "LoRA, random batches": {**LORA, "group_by_length": False},
-    "full fine-tune": {"use_lora": False, "learning_rate": 3e-5},
-    "LoRA + MRL": {**LORA, "use_mrl": True, "mrl_dims": DIMS},
+# Only the data and the bench settings: everything else is the config's default.
+ROWS: dict[str, dict[str, Any]] = {
+    "LoRA (defaults)": {},
+    "LoRA (defaults) + mined negatives": {"_mine": True},
+    "LoRA (defaults) + MRL": {"use_mrl": True},
 }
+FULL = ["full FT lr 2e-5", "full FT lr 5e-5", "full FT lr 1e-4", "full FT lr 2e-4"]
+# A second seed of the rows that carry a target (the full fine-tune: its best lr, see second_seed).
+SEED2 = 7
+ROWS.update(
+    {
+        f"LoRA (defaults), seed {SEED2}": {"seed": SEED2},
+        f"LoRA (defaults) + MRL, seed {SEED2}": {"use_mrl": True, "seed": SEED2},
+    }
+)
 
 
-def train_one(name: str, overrides: dict, data: dict, model: str, epochs: int, out: Path) -> tuple[str, float, float]:
+def resolved(overrides: dict[str, Any]) -> dict[str, Any]:
+    """What a run trains with; target names as the set they select on MiniLM (BERT)."""
+    from bench.recipe_sweep import ALL_LINEAR, COMMON
     from vembed.config import load_config
-    from vembed.training import train
 
-    cfg = load_config(
-        None,
-        {
-            **COMMON,
-            **overrides,
-            "model_name": model,
-            "data_path": data["train"],
-            "epochs": epochs,
-            "output_dir": str(out / name.replace(" ", "_").replace(",", "").replace("+", "plus")),
-        },
+    o = {k: v for k, v in overrides.items() if not k.startswith("_")}
+    cfg = load_config(None, {**COMMON, **o}).model_dump()
+    cfg["lora_target_modules"] = sorted(set(cfg["lora_target_modules"]) & set(ALL_LINEAR))
+    if cfg["use_mrl"]:  # the dims and weights the loss resolves them to (MiniLM: 384-dim)
+        from vembed.losses import resolve_mrl_dims
+
+        cfg["mrl_dims"] = resolve_mrl_dims(cfg["mrl_dims"], DIMS[0])
+        cfg["mrl_weights"] = [float(w) for w in cfg["mrl_weights"] or [1] * len(cfg["mrl_dims"])]
+    cfg["_mine"] = bool(overrides.get("_mine"))
+    return cfg
+
+
+def ensure_runs(threads: int) -> dict[str, Any]:
+    """Train and evaluate whatever the table needs that the results file lacks. A row whose config
+    is the same as a sweep run's (training is deterministic: same config, same figures) takes that
+    run's result and names it."""
+    from bench import recipe_sweep
+
+    path = RESULTS / "recipe_sweep.json"
+    twins = {
+        row: next((n for n, o in recipe_sweep.RUNS.items() if resolved(o) == resolved(ow)), None)
+        for row, ow in ROWS.items()
+    }
+    # Rows without a twin in the sweep are trained (and saved) under their own names.
+    recipe_sweep.RUNS.update({row: ROWS[row] for row, twin in twins.items() if twin is None})
+    recipe_sweep.main(
+        ["--threads", str(threads), "--only", "|".join([*FULL, *(r for r, t in twins.items() if t is None)])]
     )
-    start = time.perf_counter()
-    result = train(cfg)
-    return str(result.checkpoint_dir), time.perf_counter() - start, result.history[-1]["loss"]
+    results = json.loads(path.read_text())
+    for row, twin in twins.items():
+        for ds in SETS:
+            if twin in results.get(ds, {}):
+                results[ds][row] = {**results[ds][twin], "same_config_as": twin}
+    return results
 
 
-def plot(results: dict, out_models: Path, out_mrl: Path) -> None:
-    import matplotlib
+def table(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    rows: list[list[Any]] = []
+    picked: dict[str, Any] = {}
+    for ds in SETS:
+        runs = results[ds]
+        full_name = max(FULL, key=lambda n: runs[n]["ndcg@10"])
+        picked[ds] = {"base": runs["base"], "full": {"name": full_name, **runs[full_name]}}
+        picked[ds].update({name: runs[name] for name in ROWS})
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def cells(ds: str, score: float) -> list[str]:
+        base, full = picked[ds]["base"]["ndcg@10"], picked[ds]["full"]["ndcg@10"]
+        return [f"{score:.3f}", f"{score - base:+.3f}", f"{100 * (score - base) / (full - base):.0f}%"]
 
-    names = list(results)
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    width = 0.38
-    for k, metric in enumerate(("ndcg@10", "recall@10")):
-        values = [results[n]["full"][metric] for n in names]
-        bars = ax.bar([i + (k - 0.5) * width for i in range(len(names))], values, width, label=metric)
-        ax.bar_label(bars, fmt="%.3f", fontsize=7)
-    ax.set_xticks(range(len(names)), names, fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_title("all-MiniLM-L6-v2 on the demo data (held-out queries)")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out_models, dpi=120)
+    def row(label: str, key: str | None, dim: int | None = None) -> list[Any]:
+        out: list[Any] = [label]
+        for ds in SETS:
+            r = picked[ds][key] if key else None
+            if r is None:
+                out += [f"{picked[ds]['base']['ndcg@10']:.3f}", "-", "-"]
+                continue
+            score = r["ndcg@10"] if dim in (None, DIMS[0]) else r["per_dim"][str(dim)]
+            out += cells(ds, score)
+            if dim not in (None, DIMS[0]):
+                out[-2:] = ["-", f"{100 * score / r['ndcg@10']:.1f}% of its dim {DIMS[0]}"]
+        return out
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for n in names:
-        ys = [results[n]["full" if d == DIMS[0] else str(d)]["ndcg@10"] for d in DIMS]
-        ax.plot(DIMS, ys, marker="o", label=n)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(DIMS, [str(d) for d in DIMS])
-    ax.set_xlabel("embedding dim (truncated, renormalised)")
-    ax.set_ylabel("nDCG@10")
-    ax.set_title("Matryoshka: quality per truncated dim")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_mrl, dpi=120)
+    full_lrs = ", ".join(f"{ds} {picked[ds]['full']['name'].removeprefix('full FT ')}" for ds in SETS)
+    rows.append(row("base all-MiniLM-L6-v2", None))
+    rows.append(row("LoRA (defaults)", "LoRA (defaults)"))
+    rows.append(row(f"full fine-tune (best lr: {full_lrs})", "full"))
+    rows.append(row("LoRA (defaults) + 1 mined negative per query", "LoRA (defaults) + mined negatives"))
+    for d in DIMS:
+        rows.append(row(f"LoRA (defaults) + MRL, dim {d}", "LoRA (defaults) + MRL", d))
+    header = ["model"] + [
+        h for ds in SETS for h in (f"{ds} nDCG@10", f"{ds} gain", f"{ds} share of full-FT gain")
+    ]
+    note = (
+        "nDCG@10 of held-out queries against held-out plus training positives; one epoch, batch 32, fp32. "
+        "Share: gain over base / the full fine-tune's gain. MRL rows: the MRL run's embeddings truncated "
+        "to the first d dims and renormalised (the last column: share of its own full-dim nDCG@10)."
+    )
+    return note + "\n\n" + md_table(header, rows) + second_seed(results, picked), picked
 
 
-def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--skip-random-batches", action="store_true")
-    p.add_argument("--name", default="quality")
-    a = p.parse_args(argv)
-    for k, v in {"OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}.items():
-        os.environ.setdefault(k, v)
-    child_setup()
-    import logging
-
-    logging.disable(logging.WARNING)
-    from vembed.evaluation import compare_models
-
-    info = machine()
-    data = demo_data()
-    model = minilm_path()
-    out = Path(tempfile.mkdtemp(prefix="vembed-quality-"))
-    runs = {k: v for k, v in RUNS.items() if not (a.skip_random_batches and "random" in k)}
-    models = {"base": model}
-    train_info = {}
-    for name, overrides in runs.items():
-        print(f"training {name} ...", flush=True)
-        models[name], seconds, loss = train_one(name, overrides, data, model, a.epochs, out)
-        train_info[name] = {"train_s": seconds, "final_loss": loss}
-    print("evaluating ...", flush=True)
-    results = compare_models(models, data["eval"], data["corpus"], dims=DIMS[1:])
-    shutil.rmtree(out, ignore_errors=True)
-    docs = REPO / "docs"
-    plot(results, docs / "quality_models.png", docs / "quality_mrl.png")
-
+def second_seed(results: dict[str, Any], picked: dict[str, Any]) -> str:
+    """Seed 42 next to seed 7 for LoRA, the best full fine-tune and MRL; the targets on the mean."""
     rows = []
-    for name in models:
-        m = results[name]["full"]
-        t = train_info.get(name, {})
+    for ds in SETS:
+        runs, base = results[ds], picked[ds]["base"]["ndcg@10"]
+        full7 = runs.get(f"{picked[ds]['full']['name']}, seed {SEED2}")
+        lora7 = runs.get(f"LoRA (defaults), seed {SEED2}")
+        mrl7 = runs.get(f"LoRA (defaults) + MRL, seed {SEED2}")
+        if not (full7 and lora7 and mrl7):
+            continue
+        pairs = {
+            "LoRA": (picked[ds]["LoRA (defaults)"]["ndcg@10"], lora7["ndcg@10"]),
+            "full": (picked[ds]["full"]["ndcg@10"], full7["ndcg@10"]),
+            "MRL": (picked[ds]["LoRA (defaults) + MRL"]["ndcg@10"], mrl7["ndcg@10"]),
+            "MRL@96": (picked[ds]["LoRA (defaults) + MRL"]["per_dim"]["96"], mrl7["per_dim"]["96"]),
+        }
+        mean = {k: sum(v) / 2 for k, v in pairs.items()}
         rows.append(
             [
-                name,
-                m["ndcg@10"],
-                m["recall@10"],
-                m["mrr@10"],
-                f"{t['train_s']:.0f}" if t else "-",
-                f"{t['final_loss']:.3f}" if t else "-",
+                ds,
+                *(f"{a:.3f} / {b:.3f}" for a, b in pairs.values()),
+                f"{100 * (mean['LoRA'] - base) / (mean['full'] - base):.0f}%",
+                f"{mean['MRL'] - mean['LoRA']:+.3f}",
+                f"{100 * mean['MRL@96'] / mean['MRL']:.1f}%",
             ]
         )
-    mrl_rows = [
-        [name, *(results[name]["full" if d == DIMS[0] else str(d)]["ndcg@10"] for d in DIMS)]
-        for name in models
+    if not rows:
+        return ""
+    header = [
+        "data set",
+        "LoRA (defaults)",
+        "full fine-tune",
+        "LoRA + MRL, dim 384",
+        "LoRA + MRL, dim 96",
+        "LoRA share of full-FT gain (mean)",
+        "MRL full dim vs LoRA (mean)",
+        "MRL dim 96 / its dim 384 (mean)",
     ]
-    full_mrl = results["LoRA + MRL"]["full"]["ndcg@10"]
-    share = [results["LoRA + MRL"][str(d)]["ndcg@10"] / full_mrl for d in DIMS[1:]]
-    n_queries = sum(1 for _ in open(data["eval"], encoding="utf-8"))
+    return (
+        f"\n\nSeed 42 / seed {SEED2} (the full fine-tune at its best lr), and the targets on the mean of the two:\n\n"
+        + md_table(header, rows)
+    )
+
+
+def speed_child(argv: list[str]) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["lora", "full"])
+    p.add_argument("--data", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--warmup", type=int, default=2)
+    a = p.parse_args(argv)
+    child_setup()
+    from bench.trainers import train_vembed
+    from vembed.config import TrainConfig
+
+    d = TrainConfig()
+    keys = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_init", "learning_rate")
+    extra = {k: getattr(d, k) for k in keys} if a.mode == "lora" else {"learning_rate": 1e-4}
+    emit(train_vembed(a.data, a.model, a.steps, a.warmup, lora=a.mode == "lora", extra=extra))
+
+
+def speed(repeats: int, steps: int) -> str:
+    info = machine()
+    common = ["--data", demo_data()["train"], "--model", minilm_path(), "--steps", str(steps)]
+    runs = alternate("bench.quality", {"lora": ["lora", *common], "full": ["full", *common]}, repeats)
+    lo, fu = runs["lora"], runs["full"]
+    rows = [
+        [
+            label,
+            r[0]["trainable_params"],
+            best_samples_per_s(r),
+            median(r, "samples_per_s"),
+            median(r, "peak_rss_mib"),
+        ]
+        for label, r in (("LoRA (defaults)", lo), ("full fine-tuning", fu))
+    ]
+    ratio = best_samples_per_s(lo) / best_samples_per_s(fu)
+    saved = 1 - median(lo, "peak_rss_mib") / median(fu, "peak_rss_mib")
     md = "\n\n".join(
         [
-            f"{n_queries} held-out queries ranked against {n_queries} held-out positives plus "
-            f"{data['n_train']} training positives as distractors; training: {data['n_train']} pairs, "
-            f"{a.epochs} epoch(s), batch 32, max_seq_length 128, fp32 (LoRA r=16 on query/value at lr 5e-4; "
-            f"full fine-tune at lr 3e-5). The base model is evaluated as published (max_seq_length 256).",
-            md_table(["model", "nDCG@10", "Recall@10", "MRR@10", "train s", "final loss"], rows),
-            "nDCG@10 per embedding dim (first d dims, renormalised):",
-            md_table(["model", *(str(d) for d in DIMS)], mrl_rows),
-            "**LoRA + MRL keeps "
-            + ", ".join(f"{100 * s:.1f}% at {d}" for s, d in zip(share, DIMS[1:], strict=True))
-            + " of its full-dim nDCG@10.**",
-            "![base vs LoRA vs full](quality_models.png)",
-            "![nDCG@10 per dim](quality_mrl.png)",
+            f"{repeats} alternating fresh processes per mode, {steps} steps each (timing from the end of step 2), "
+            "demo data, batch 32, max_seq_length 128, fp32.",
+            md_table(
+                [
+                    "mode",
+                    "trainable params",
+                    "samples/s (each step's best run)",
+                    "samples/s (median run)",
+                    "peak RSS MiB",
+                ],
+                rows,
+            ),
+            f"**LoRA / full: {ratio:.2f}x samples/s; LoRA's peak RSS is {100 * abs(saved):.0f}% "
+            f"{'lower' if saved >= 0 else 'higher'}.**",
             machine_line(info, os.getloadavg()),
         ]
     )
+    save_report("quality_speed", md, {"machine": info, "runs": runs, "speed_ratio": ratio})
+    return md
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--child"]:
+        speed_child(argv[1:])
+        return
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--speed", action="store_true", help="LoRA (defaults) vs full fine-tuning: samples/s, peak RSS"
+    )
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--steps", type=int, default=20)
+    a = p.parse_args(argv)
+    if a.speed:
+        print(speed(a.repeats, a.steps))
+        return
+    info = machine()
+    results = ensure_runs(a.threads)
+    md, picked = table(results)
+    md += "\n\n" + machine_line(info, os.getloadavg())
     print(md)
-    save_report(a.name, md, {"machine": info, "results": results, "train": train_info})
+    save_report("quality", md, {"machine": info, "results": picked})
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     main(sys.argv[1:])

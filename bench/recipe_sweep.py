@@ -1,8 +1,8 @@
 """LoRA recipe sweep: one factor at a time from a baseline, on the demo data and the man-page set.
 
-    nice -n 15 .venv/bin/python -m bench.recipe_sweep --threads 1 [--dataset demo|manpages] [--only "NAME|NAME"]
+    .venv/bin/python -m bench.recipe_sweep --threads 2 [--dataset all|demo|manpages] [--only "NAME|NAME"]
 
-all-MiniLM-L6-v2, one epoch, batch 32, fp32, --threads torch threads (1 on a crowded machine). Each run trains in this process and
+all-MiniLM-L6-v2, one epoch, batch 32, fp32, --threads torch threads. Each run trains in this process and
 ranks the held-out queries against held-out plus training positives (nDCG@10). Results are appended
 to bench/results/recipe_sweep.json run by run (a run already there is skipped), and the table is
 rewritten to bench/results/recipe_sweep.md. The man-page set needs `apt-get install manpages manpages-dev`.
@@ -32,29 +32,66 @@ COMMON: dict[str, Any] = {
     "save_steps": 10**9,
     "epochs": 1,
 }
-BASE = {"use_lora": True, "lora_target_modules": ALL_LINEAR, "lora_r": 16, "lora_alpha": 32, "learning_rate": 1e-3}
-# One factor at a time from BASE; the name says what changed.
+BASE = {
+    "use_lora": True,
+    "lora_target_modules": ALL_LINEAR,
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "learning_rate": 1e-3,
+}
+# One factor at a time from BASE; the name says what changed. Names starting with "full FT" are
+# full fine-tunes ("share" divides by the best of them).
 RUNS: dict[str, dict[str, Any]] = {
     "baseline (all linear, r16 a32, lr 1e-3)": BASE,
+    "full FT lr 2e-5": {"use_lora": False, "learning_rate": 2e-5},
+    "full FT lr 5e-5": {"use_lora": False, "learning_rate": 5e-5},
+    "full FT lr 1e-4": {"use_lora": False, "learning_rate": 1e-4},
+    "full FT lr 2e-4": {"use_lora": False, "learning_rate": 2e-4},
+    "full FT lr 1e-4, seed 7": {"use_lora": False, "learning_rate": 1e-4, "seed": 7},
     "targets query/value": {**BASE, "lora_target_modules": ["query", "value"]},
     "targets query/key/value": {**BASE, "lora_target_modules": ["query", "key", "value"]},
-    "lr 1e-4": {**BASE, "learning_rate": 1e-4},
     "lr 5e-4": {**BASE, "learning_rate": 5e-4},
     "lr 2e-3": {**BASE, "learning_rate": 2e-3},
     "warmup 0": {**BASE, "warmup_ratio": 0.0},
     "warmup 0.3": {**BASE, "warmup_ratio": 0.3},
     "r8 a16": {**BASE, "lora_r": 8, "lora_alpha": 16},
+    "r32 a64": {**BASE, "lora_r": 32, "lora_alpha": 64},
     "r64 a128": {**BASE, "lora_r": 64, "lora_alpha": 128},
+    "r16 a16": {**BASE, "lora_alpha": 16},
     "rsLoRA r16 a32": {**BASE, "use_rslora": True},
-    "rsLoRA r64 a16": {**BASE, "use_rslora": True, "lora_r": 64, "lora_alpha": 16},
     "DoRA": {**BASE, "use_dora": True},
     "temperature 0.02": {**BASE, "temperature": 0.02},
     "temperature 0.1": {**BASE, "temperature": 0.1},
+    "baseline, seed 7": {**BASE, "seed": 7},
+    "PiSSA": {**BASE, "lora_init": "pissa"},
+    "OLoRA": {**BASE, "lora_init": "olora"},
     "LoRA + mined negatives": {**BASE, "_mine": True},
-    "LoRA + MRL (weights 1,1,1,1)": {**BASE, "use_mrl": True, "mrl_dims": DIMS, "mrl_weights": [1, 1, 1, 1]},
     "LoRA + MRL (weights 1,1,2,2)": {**BASE, "use_mrl": True, "mrl_dims": DIMS, "mrl_weights": [1, 1, 2, 2]},
-    "full FT lr 3e-5": {"use_lora": False, "learning_rate": 3e-5},
-    "full FT lr 1e-4": {"use_lora": False, "learning_rate": 1e-4},
+    "LoRA + MRL (weights 2,1,1,1)": {**BASE, "use_mrl": True, "mrl_dims": DIMS, "mrl_weights": [2, 1, 1, 1]},
+    "LoRA + MRL (weights 1,1,1,1)": {**BASE, "use_mrl": True, "mrl_dims": DIMS, "mrl_weights": [1, 1, 1, 1]},
+    "LoRA + MRL (dims 384,192,96)": {**BASE, "use_mrl": True, "mrl_dims": DIMS[:3]},
+    "LoRA + MRL (dims 384,96)": {**BASE, "use_mrl": True, "mrl_dims": [384, 96]},
+    "LoRA + MRL (dims 384,192,96, weights 1,1,2)": {
+        **BASE,
+        "use_mrl": True,
+        "mrl_dims": DIMS[:3],
+        "mrl_weights": [1, 1, 2],
+    },
+    "LoRA + MRL (dims 384,96, weights 1,2)": {**BASE, "use_mrl": True, "mrl_dims": [384, 96], "mrl_weights": [1, 2]},
+    "LoRA + MRL (dims 384,96, weights 1,2), seed 7": {
+        **BASE,
+        "use_mrl": True,
+        "mrl_dims": [384, 96],
+        "mrl_weights": [1, 2],
+        "seed": 7,
+    },
+    "LoRA + MRL (dims 384,96), seed 7": {**BASE, "use_mrl": True, "mrl_dims": [384, 96], "seed": 7},
+    "LoRA + MRL (dims 384,192,96, weights 2,1,1)": {
+        **BASE,
+        "use_mrl": True,
+        "mrl_dims": DIMS[:3],
+        "mrl_weights": [2, 1, 1],
+    },
 }
 
 
@@ -96,16 +133,27 @@ def train_and_eval(overrides: dict[str, Any], data: dict[str, Any], model: str, 
     train_path = data["train"]
     if overrides.pop("_mine", False):
         train_path, extra["mining"] = mined_train(data, model)
-    cfg = load_config(None, {**COMMON, **overrides, "model_name": model, "data_path": train_path, "output_dir": str(out)})
+    cfg = load_config(
+        None, {**COMMON, **overrides, "model_name": model, "data_path": train_path, "output_dir": str(out)}
+    )
     start = time.perf_counter()
     result = train(cfg)
     seconds = time.perf_counter() - start
-    dims = DIMS[1:] if cfg.use_mrl else None
+    dims = DIMS[1:]  # every run: how plain LoRA holds up when truncated is the MRL runs' reference
     metrics = compare_models({"m": str(result.checkpoint_dir)}, data["eval"], data["corpus"], dims=dims)["m"]
     shutil.rmtree(out, ignore_errors=True)
     full = metrics["full"]
     per_dim = {str(d): metrics[str(d)]["ndcg@10"] for d in dims or []}
-    return {"ndcg@10": full["ndcg@10"], "recall@10": full["recall@10"], "train_s": seconds, "per_dim": per_dim, **extra}
+    load = [round(x, 2) for x in os.getloadavg()]
+    return {
+        "ndcg@10": full["ndcg@10"],
+        "recall@10": full["recall@10"],
+        "train_s": seconds,
+        "per_dim": per_dim,
+        "load_avg_end": load,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        **extra,
+    }
 
 
 def base_score(data: dict[str, Any], model: str) -> float:
@@ -115,38 +163,64 @@ def base_score(data: dict[str, Any], model: str) -> float:
 
 
 def write_table(results: dict[str, Any]) -> str:
-    parts = []
-    for ds, runs in results.items():
-        base = runs.get("base", {}).get("ndcg@10")
-        full = max((r["ndcg@10"] for n, r in runs.items() if n.startswith("full FT")), default=None)
-        rows = []
-        for name, r in runs.items():
-            if name == "base":
+    """Both data sets side by side: one row per run, nDCG@10 and share of the best full fine-tune gain."""
+    sets = list(results)
+    names = list(dict.fromkeys(n for runs in results.values() for n in runs if n != "base"))
+    names = [n for n in RUNS if n in names] + [n for n in names if n not in RUNS]
+    base = {ds: results[ds].get("base", {}).get("ndcg@10") for ds in sets}
+    full = {
+        ds: max((r["ndcg@10"] for n, r in results[ds].items() if n.startswith("full FT")), default=None)
+        for ds in sets
+    }
+    rows = [
+        ["base all-MiniLM-L6-v2", *(f"{base[ds]:.3f}" if base[ds] else "-" for ds in sets for _ in (0, 1))]
+    ]
+    for name in names:
+        row: list[Any] = [name]
+        for ds in sets:
+            r = results[ds].get(name)
+            if r is None:
+                row += ["-", "-"]
                 continue
-            gain = r["ndcg@10"] - base if base is not None else float("nan")
-            share = f"{100 * gain / (full - base):.0f}%" if base is not None and full and full > base else "-"
-            rows.append([name, r["ndcg@10"], f"{gain:+.3f}", share, f"{r['train_s']:.0f}"])
-        mrl = [[n, r["ndcg@10"], *(r["per_dim"][str(d)] for d in DIMS[1:])] for n, r in runs.items() if r.get("per_dim")]
-        mrl_md = ""
-        if mrl:
-            mrl_md = "\n\nnDCG@10 per truncated dim (share of full dim):\n\n" + md_table(
-                ["run", *(str(d) for d in DIMS)],
-                [[n, f"{f:.3f}", *(f"{v:.3f} ({100 * v / f:.1f}%)" for v in vs)] for n, f, *vs in mrl],
-            )
-        parts.append(
-            f"**{ds}** (base nDCG@10 {base:.3f}; share = gain / best full fine-tune gain)\n\n"
-            + md_table(["run", "nDCG@10", "gain vs base", "share of full-FT gain", "train s"], rows)
-            + mrl_md
-        )
-    return "\n\n".join(parts)
+            gain = r["ndcg@10"] - base[ds]
+            share = f"{100 * gain / (full[ds] - base[ds]):.0f}%" if full[ds] and full[ds] > base[ds] else "-"
+            row += [f"{r['ndcg@10']:.3f} ({gain:+.3f})", share]
+        rows.append(row)
+    rows[0] = ["base all-MiniLM-L6-v2", *(x for ds in sets for x in (f"{base[ds]:.3f}", "-"))]
+    header = ["run"] + [h for ds in sets for h in (f"{ds} nDCG@10 (gain)", f"{ds} share of full-FT gain")]
+    out = "nDCG@10, one epoch; share = gain over base / best full fine-tune's gain.\n\n" + md_table(
+        header, rows
+    )
+    mrl = [n for n in names if "MRL" in n or n.startswith("baseline")]
+    if mrl:
+        mrows = []
+        for name in mrl:
+            for ds in sets:
+                r = results[ds].get(name)
+                if r and r.get("per_dim"):
+                    f = r["ndcg@10"]
+                    mrows.append(
+                        [
+                            ds,
+                            name,
+                            f"{f:.3f}",
+                            *(
+                                f"{r['per_dim'][str(d)]:.3f} ({100 * r['per_dim'][str(d)] / f:.1f}%)"
+                                for d in DIMS[1:]
+                            ),
+                        ]
+                    )
+        out += "\n\nnDCG@10 per truncated dim (share of the run's own full dim):\n\n"
+        out += md_table(["data set", "run", *(str(d) for d in DIMS)], mrows)
+    return out
 
 
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="demo", choices=["demo", "manpages"])
+    p.add_argument("--dataset", default="all", choices=["all", "demo", "manpages"])
     p.add_argument("--only", default="", help="run names separated by | (default: all)")
+    p.add_argument("--queue", default="", help="file of run names, one a line, re-read before each run")
     p.add_argument("--name", default="recipe_sweep")
-    # On a crowded machine one thread is faster: OpenMP threads wait for each other at every op.
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     env = {"OMP_NUM_THREADS": str(a.threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
@@ -158,28 +232,55 @@ def main(argv: list[str]) -> None:
     import logging
 
     logging.disable(logging.WARNING)
-    data, model = dataset(a.dataset), minilm_path()
+    model = minilm_path()
+    sets = ["demo", "manpages"] if a.dataset == "all" else [a.dataset]
+    data = {ds: dataset(ds) for ds in sets}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{a.name}.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
-    runs = results.setdefault(a.dataset, {})
-    if "base" not in runs:
-        runs["base"] = {"ndcg@10": base_score(data, model), "train_s": 0.0}
-    wanted = [n.strip() for n in a.only.split("|") if n.strip()] or list(RUNS)
-    for name in wanted:
-        if name in runs:
-            continue
-        print(f"{a.dataset}: {name} ...", flush=True)
-        out = Path(tempfile.mkdtemp(prefix="vembed-sweep-"))
-        runs[name] = train_and_eval(RUNS[name], data, model, out)
-        print(f"  nDCG@10 {runs[name]['ndcg@10']:.4f} in {runs[name]['train_s']:.0f}s", flush=True)
+
+    def save(ds: str, name: str, result: dict[str, Any]) -> dict[str, Any]:
         # Re-read before writing: another sweep process may have added runs meanwhile.
         latest = json.loads(path.read_text()) if path.is_file() else {}
-        latest.setdefault(a.dataset, {}).update({k: v for k, v in runs.items() if k not in latest.get(a.dataset, {})})
-        latest[a.dataset][name] = runs[name]
-        results = latest
-        path.write_text(json.dumps(results, indent=1))
-        (RESULTS / f"{a.name}.md").write_text(write_table(results) + "\n")
+        latest.setdefault(ds, {})[name] = result
+        path.write_text(json.dumps(latest, indent=1))
+        (RESULTS / f"{a.name}.md").write_text(write_table(latest) + "\n")
+        return latest
+
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    for ds in sets:
+        if "base" not in results.get(ds, {}):
+            results = save(ds, "base", {"ndcg@10": base_score(data[ds], model), "train_s": 0.0})
+    def todo() -> list[tuple[str, str]]:
+        # A queue file is re-read before every run, so a long sweep can be reordered while it runs.
+        text = Path(a.queue).read_text() if a.queue else a.only.replace("|", "\n")
+        wanted = []
+        for line in text.splitlines():
+            # "NAME" (a run of RUNS) or "NAME = {json}": a new run, these keys changed from BASE
+            name, _, extra = (x.strip() for x in line.partition(" = "))
+            if name and extra:
+                RUNS.setdefault(name, {**BASE, **json.loads(extra)})
+            if name:
+                wanted.append(name)
+        wanted = wanted or list(RUNS)
+        # name-major: each factor gets both data sets before the next one starts
+        unknown = [n for n in wanted if n not in RUNS]
+        if unknown:
+            print(f"unknown runs skipped: {unknown}", flush=True)
+        return [(n, ds) for n in wanted if n in RUNS for ds in sets if n not in results.get(ds, {})]
+
+    failed: set[tuple[str, str]] = set()
+    while pending := [t for t in todo() if t not in failed]:
+        name, ds = pending[0]
+        print(f"{ds}: {name} ...", flush=True)
+        out = Path(tempfile.mkdtemp(prefix="vembed-sweep-"))
+        try:
+            r = train_and_eval(RUNS[name], data[ds], model, out)
+        except Exception as e:  # one broken run must not stop the sweep; it is reported and skipped
+            print(f"  FAILED: {type(e).__name__}: {e}", flush=True)
+            failed.add((name, ds))
+            continue
+        print(f"  nDCG@10 {r['ndcg@10']:.4f} in {r['train_s']:.0f}s", flush=True)
+        results = save(ds, name, r)
     print(write_table(results))
 
 

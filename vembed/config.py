@@ -26,6 +26,9 @@ DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "floa
 # exist in the loaded model are applied (see vembed.models.lora).
 DEFAULT_TARGET_MODULES = ["q_proj", "v_proj", "query", "value", "key", "dense"]
 
+# peft init_lora_weights values; "default" is peft's True. PiSSA/OLoRA rewrite the base weights.
+LORA_INITS = ("default", "gaussian", "pissa", "olora")
+
 RESOURCE_KEYS = ("cpu", "memory", "ephemeral-storage")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SECRET_REF = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[-._a-zA-Z0-9]+$")
@@ -133,11 +136,20 @@ class TrainConfig(BaseModel):
     )
     use_rslora: bool = Field(False, description="rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r")
     use_dora: bool = Field(False, description="DoRA: learn a per-column magnitude next to the LoRA direction")
+    lora_init: str = Field(
+        "default",
+        description=(
+            "peft's init_lora_weights: default (B = 0, the adapter starts as a no-op) | gaussian | pissa | "
+            "pissa_niter_N (fast-SVD PiSSA) | olora. PiSSA and OLoRA move the principal part of each weight into "
+            "the adapter; saved adapters are converted to plain LoRA on the original base (rank 2r). "
+            "Not with use_dora, use_fsdp or resume_from_checkpoint"
+        ),
+    )
 
     # Training
     batch_size: int = Field(32, gt=0)
     learning_rate: float = Field(
-        1e-3, description="measured best for LoRA on all-MiniLM-L6-v2 (docs/benchmarks.md); full fine-tuning wants ~3e-5"
+        1e-3, description="measured best for LoRA on all-MiniLM-L6-v2 (docs/benchmarks.md); full fine-tuning wants ~1e-4"
     )
     epochs: int = Field(1, gt=0)
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
@@ -160,7 +172,10 @@ class TrainConfig(BaseModel):
         description="rows per GradCache chunk; must be below batch_size to save memory (docs/benchmarks.md)",
     )
     use_mrl: bool = False
-    mrl_dims: list[int] | None = Field(None, description="strictly descending; default: full dim halved down to 32")
+    mrl_dims: list[int] | None = Field(
+        None,
+        description="strictly descending; default: the full dim and a quarter of it (measured best, docs/benchmarks.md)",
+    )
     mrl_weights: list[float] | None = Field(None, description="one weight per mrl_dim; default all 1")
     use_fsdp: bool = False
     cross_device_negatives: bool = Field(True, description="gather embeddings across processes for negatives")
@@ -236,6 +251,13 @@ class TrainConfig(BaseModel):
             raise ValueError("must be in [0, 1)")
         return v
 
+    @field_validator("lora_init")
+    @classmethod
+    def _lora_init(cls, v: str) -> str:
+        if v not in LORA_INITS and not re.fullmatch(r"pissa_niter_\d+", v):
+            raise ValueError(f"unknown lora_init {v!r}; choose one of {', '.join(LORA_INITS)} or pissa_niter_N")
+        return v
+
     @field_validator("lora_target_modules")
     @classmethod
     def _targets(cls, v: list[str]) -> list[str]:
@@ -268,6 +290,22 @@ class TrainConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _lora_init_needs(self) -> TrainConfig:
+        if not self.use_lora or not mutates_base(self.lora_init):
+            return self
+        # The saved adapter is converted to plain LoRA (rank 2r) on the original base, which the
+        # rank-r training model cannot load again; DoRA and FSDP shards peft cannot convert.
+        for key, on in (("use_dora", self.use_dora), ("use_fsdp", self.use_fsdp)):
+            if on:
+                raise ValueError(f"lora_init: {self.lora_init} cannot be combined with {key}")
+        if self.resume_from_checkpoint:
+            raise ValueError(
+                f"lora_init: {self.lora_init} cannot resume (its checkpoints hold the adapter converted to plain "
+                "LoRA on the original base); start the run again"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _validation_needs(self) -> TrainConfig:
         has_eval = self.eval_data_path is not None or self.eval_split is not None
         if self.eval_split is not None and self.eval_data_path is not None:
@@ -284,6 +322,11 @@ class TrainConfig(BaseModel):
     def save(self, path: str | os.PathLike[str]) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(self.to_yaml())
+
+
+def mutates_base(lora_init: str) -> bool:
+    """PiSSA and OLoRA take the adapter's start out of the base weights."""
+    return lora_init.startswith("pissa") or lora_init == "olora"
 
 
 def valid_keys() -> list[str]:

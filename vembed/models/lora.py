@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import shutil
+import tempfile
+import warnings
+import weakref
+from pathlib import Path
+from typing import Any
 
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from vembed.config import TrainConfig
+from vembed.config import TrainConfig, mutates_base
 from vembed.errors import ConfigError
 from vembed.models.base import Embedder
 
@@ -99,9 +106,12 @@ def apply_lora(embedder: Embedder, cfg: TrainConfig) -> Embedder:
         modules_to_save=modules_to_save,
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
+        init_lora_weights=True if cfg.lora_init == "default" else cfg.lora_init,
         bias="none",
     )
     embedder.backbone = get_peft_model(backbone, lora_config)
+    if mutates_base(cfg.lora_init):
+        save_as_plain_lora(embedder.backbone)
     if modules_to_save:
         _keep_only(embedder.backbone, modules_to_save)
     # Record the configured name, not a machine-specific resolved path.
@@ -109,6 +119,34 @@ def apply_lora(embedder: Embedder, cfg: TrainConfig) -> Embedder:
     trainable, total = count_parameters(embedder)
     log.info("LoRA on %s: %d trainable of %d parameters (%.3f%%)", targets, trainable, total, 100 * trainable / total)
     return embedder
+
+
+def save_as_plain_lora(peft_model: PeftModel) -> None:
+    """PiSSA/OLoRA subtract the adapter's start B0·A0 from the base weights, so the trained adapter is
+    only right on that residual base. Make every later `save_pretrained` of this model write peft's
+    conversion instead: rank 2r, [B, -B0]·[A; A0], right on the original base model, so checkpoints,
+    `vembed merge` and Predictor load it as any LoRA adapter. The start is kept in a temp directory
+    for as long as the model lives (peft's conversion reads it from disk)."""
+    tmp = Path(tempfile.mkdtemp(prefix="vembed-lora-init-"))
+    weakref.finalize(peft_model, shutil.rmtree, tmp, ignore_errors=True)
+    initial = tmp / "initial"
+    config = peft_model.peft_config["default"]
+    mode = config.init_lora_weights
+    # Saved as plain LoRA: loading it must not decompose the (residual) weights a second time.
+    config.init_lora_weights = True
+    try:
+        PeftModel.save_pretrained(peft_model, str(initial), save_embedding_layers=False)
+    finally:
+        config.init_lora_weights = mode
+    peft_model.save_pretrained = functools.partial(_save_converted, peft_model, str(initial))
+
+
+def _save_converted(peft_model: PeftModel, initial: str, directory: Any, **kwargs: Any) -> None:
+    kwargs.setdefault("save_embedding_layers", False)
+    with warnings.catch_warnings():
+        # peft loads the start as a second adapter to convert, and warns that the base was changed: it was, on purpose.
+        warnings.filterwarnings("ignore", message=".*changes the base weights", category=UserWarning)
+        PeftModel.save_pretrained(peft_model, directory, path_initial_model_for_weight_conversion=initial, **kwargs)
 
 
 def _keep_only(peft_model: nn.Module, paths: list[str]) -> None:
