@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	# torch first and exact: this resolves to the CPU wheel on disk, never a CUDA download.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
-	# kserve's InferenceService schema models only (tests/test_manifest_schemas.py). --no-deps: its runtime
+	# kserve's InferenceService schema models only (tests/pipeline/test_manifest_schemas.py). --no-deps: its runtime
 	# pins (pandas<3, psutil<6) would downgrade this environment; the models need only six and kubernetes.
 	$(PY) -m pip install -q --no-deps kserve==0.21.0
 	touch $(STAMP)

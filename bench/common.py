@@ -44,7 +44,7 @@ def minilm_path() -> str:
 
 def demo_data(root: str | Path | None = None) -> dict[str, Any]:
     """The demo retrieval set (docstring pairs), written once per machine."""
-    from vembed.demo_data import build_demo_dataset
+    from vembed.data.demo_data import build_demo_dataset
 
     out = Path(root or Path(tempfile.gettempdir()) / "vembed-bench" / "demo")
     info_file = out / "info.json"

@@ -34,7 +34,7 @@ def mixed_texts(n: int) -> list[str]:
     """Queries (short), documents (long) and their pieces, in a fixed shuffled order."""
     import random
 
-    from vembed.demo_data import docstring_pairs
+    from vembed.data.demo_data import docstring_pairs
 
     pool: list[str] = []
     for r in docstring_pairs():
@@ -70,7 +70,7 @@ def child(argv: list[str]) -> None:
     model = minilm_path()
     start = time.perf_counter()
     if a.tool == "vembed":
-        from vembed.predictor import Predictor
+        from vembed.inference.predictor import Predictor
 
         predictor = Predictor(model, device="cpu")
         loaded = time.perf_counter()

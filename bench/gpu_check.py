@@ -235,7 +235,7 @@ def prepared(cfg: Any, accelerator: Any, embedder: Any) -> tuple[Any, Any, Any, 
     """vembed's own step function and AdamW over the prepared model: (model, optimizer, step, on CUDA)."""
     import torch
 
-    from vembed.losses import build_loss
+    from vembed.training.losses import build_loss
     from vembed.training.step import make_step
 
     optimizer = torch.optim.AdamW([q for q in embedder.parameters() if q.requires_grad], lr=1e-5)

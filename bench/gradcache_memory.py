@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.gradcache_memory --chunk-sweep [--repeats 1]   # chunk sizes at batch 32
 
 Every configuration runs one training step (after one warm-up step for the small batches) in a fresh
-child process through vembed's own step functions (vembed.training.step / vembed.grad_cache). Memory
+child process through vembed's own step functions (vembed.training.step / vembed.training.grad_cache). Memory
 is the child's peak RSS (getrusage ru_maxrss: it sees torch's CPU allocations, which tracemalloc
 does not) and the growth of that peak over the RSS once the model and the batches are ready, which
 is what training itself needed. Timings on a shared 2-core machine are noisy; memory is the point.
@@ -56,9 +56,9 @@ def child(argv: list[str]) -> None:
 
     from bench.common import peak_rss_mib
     from vembed.config import TrainConfig
-    from vembed.losses import build_loss
     from vembed.training.data import PairCollator, PairDataset, load_records
     from vembed.training.loop import build_accelerator, build_embedder
+    from vembed.training.losses import build_loss
     from vembed.training.step import make_step
 
     cfg = TrainConfig(

@@ -62,7 +62,7 @@ def resolved(overrides: dict[str, Any]) -> dict[str, Any]:
     cfg = load_config(None, {**COMMON, **o}).model_dump()
     cfg["lora_target_modules"] = sorted(set(cfg["lora_target_modules"]) & set(ALL_LINEAR))
     if cfg["use_mrl"]:  # the dims and weights the loss resolves them to (MiniLM: 384-dim)
-        from vembed.losses import resolve_mrl_dims
+        from vembed.training.losses import resolve_mrl_dims
 
         cfg["mrl_dims"] = resolve_mrl_dims(cfg["mrl_dims"], DIMS[0])
         cfg["mrl_weights"] = [float(w) for w in cfg["mrl_weights"] or [1] * len(cfg["mrl_dims"])]

@@ -98,7 +98,7 @@ RUNS: dict[str, dict[str, Any]] = {
 def dataset(name: str) -> dict[str, Any]:
     if name == "demo":
         return demo_data()
-    from vembed.manpage_data import build_manpage_dataset
+    from vembed.data.manpage_data import build_manpage_dataset
 
     out = Path(tempfile.gettempdir()) / "vembed-bench" / "manpages"
     info_file = out / "info.json"
@@ -125,7 +125,7 @@ def mined_train(data: dict[str, Any], model: str) -> tuple[str, dict[str, Any]]:
 
 def train_and_eval(overrides: dict[str, Any], data: dict[str, Any], model: str, out: Path) -> dict[str, Any]:
     from vembed.config import load_config
-    from vembed.evaluation import compare_models
+    from vembed.inference.evaluation import compare_models
     from vembed.training import train
 
     overrides = dict(overrides)
@@ -157,7 +157,7 @@ def train_and_eval(overrides: dict[str, Any], data: dict[str, Any], model: str, 
 
 
 def base_score(data: dict[str, Any], model: str) -> float:
-    from vembed.evaluation import compare_models
+    from vembed.inference.evaluation import compare_models
 
     return compare_models({"base": model}, data["eval"], data["corpus"])["base"]["full"]["ndcg@10"]
 

@@ -33,7 +33,7 @@ BATCH = 32
 def texts_pool(n: int) -> list[str]:
     import random
 
-    from vembed.demo_data import docstring_pairs
+    from vembed.data.demo_data import docstring_pairs
 
     pool = [t for r in docstring_pairs() for t in (r.query, r.positive)]
     random.Random(0).shuffle(pool)
@@ -112,7 +112,7 @@ def main(argv: list[str]) -> None:
     from openai import OpenAI
     from sentence_transformers import SentenceTransformer
 
-    from vembed.predictor import Predictor
+    from vembed.inference.predictor import Predictor
 
     torch.set_num_threads(THREADS)
     info = machine()

@@ -1,6 +1,6 @@
 """Fixtures of the components' own tests: each runs its component's Python function (`.python_func`) with
 real KFP artifact objects on a temporary folder, KFP's runner out of the way. The whole pipeline under
-kfp.local is tests/test_pipeline_local.py."""
+kfp.local is tests/pipeline/test_pipeline_local.py."""
 
 from __future__ import annotations
 

@@ -50,7 +50,7 @@ class LocalRunResult:
 
 def build_demo_raw_data(out_dir: Path) -> Path:
     """The demo data set as one raw JSONL file, for prepare to validate and split."""
-    from vembed.demo_data import build_demo_dataset
+    from vembed.data.demo_data import build_demo_dataset
 
     paths = build_demo_dataset(out_dir / "demo-data")
     raw = out_dir / "demo-data" / "raw.jsonl"
@@ -228,7 +228,7 @@ def print_result(result: LocalRunResult, stream=None) -> None:
     env = f"MLFLOW_TRACKING_URI={shlex.quote(str(reg.get('tracking_uri')))}"
     console.print(f"try it:    {env} vembed encode {shlex.quote(uri)} --text 'sort a list'", markup=False)
     if "champion" in (reg.get("aliases") or []):
-        from vembed.serve import serve_command
+        from vembed.inference.serve import serve_command
 
         # The same OpenAI-compatible API the cluster's InferenceService serves.
         console.print(f"serve it:  {env} {serve_command(uri)}", markup=False)

@@ -74,7 +74,7 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
 @pytest.fixture(scope="session")
 def mlflow_server(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory):
     """A real `mlflow server` on loopback (sqlite backend, artifacts proxied to `s3_server`), started once."""
-    from tests.mlflow_server import MlflowServer
+    from tests.support.mlflow_server import MlflowServer
 
     bucket = "mlflow-artifacts"
     s3_server.client().create_bucket(Bucket=bucket)
@@ -90,14 +90,14 @@ def mlflow_server(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from vembed.tiny_models import make_tiny_bert
+    from tests.support.tiny_models import make_tiny_bert
 
     return str(make_tiny_bert(tmp_path_factory.mktemp("tiny") / "bert"))
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen3(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from vembed.tiny_models import make_tiny_qwen3
+    from tests.support.tiny_models import make_tiny_qwen3
 
     return str(make_tiny_qwen3(tmp_path_factory.mktemp("tiny") / "qwen3"))
 
@@ -133,7 +133,7 @@ def pairs_file(tmp_path) -> str:
 
 
 def put_object(uri: str, data: bytes | str) -> None:
-    """Write one s3:// object with plain boto3 (test setup; vembed.storage only writes directories)."""
+    """Write one s3:// object with plain boto3 (test setup; vembed.artifacts.storage only writes directories)."""
     import boto3
 
     bucket, _, key = uri.removeprefix("s3://").partition("/")
@@ -144,6 +144,6 @@ def assert_manifest_covers(local_dir: str | Path) -> None:
     """The directory's manifest.json lists exactly its files, with their sizes and sha256."""
     import json
 
-    from vembed.storage import MANIFEST, build_manifest
+    from vembed.artifacts.storage import MANIFEST, build_manifest
 
     assert json.loads((Path(local_dir) / MANIFEST).read_text()) == build_manifest(local_dir)

@@ -75,10 +75,10 @@ def test_find_cycle_sees_a_cycle_and_its_absence() -> None:
 def test_graph_counts_imports_inside_functions() -> None:
     graph = import_graph()
     # Predictor imports the model download only inside `materialize` (to keep `import vembed` light).
-    assert "vembed.mlflow_store" in graph["vembed.predictor"]
+    assert "vembed.artifacts.mlflow_store" in graph["vembed.inference.predictor"]
     # `from vembed.training import fsdp` (in the Checkpointer's methods): the module, not only the package.
     assert "vembed.training.fsdp" in graph["vembed.training.checkpoint"]
-    assert "vembed.mlflow_model" in graph["vembed.registry"]  # `from vembed.mlflow_model import ...`, in a method
+    assert "vembed.artifacts.mlflow_model" in graph["vembed.artifacts.registry"]  # `from vembed.artifacts.mlflow_model import ...`, in a method
 
 
 def test_no_import_cycle_among_vembed_modules() -> None:
@@ -90,7 +90,7 @@ def test_evaluation_and_inference_do_not_depend_on_training() -> None:
     """Dependencies point one way: data -> training, and data -> evaluation / inference; nothing that
     evaluation, the Predictor or the data package imports, directly or not, leads into vembed.training."""
     graph = import_graph()
-    for start in ("vembed.evaluation", "vembed.predictor", "vembed.data", "vembed.data.items"):
+    for start in ("vembed.inference.evaluation", "vembed.inference.predictor", "vembed.data", "vembed.data.items"):
         seen, todo = set(), [start]
         while todo:
             todo += [d for d in graph[todo.pop()] if d not in seen and not seen.add(d)]
@@ -100,9 +100,9 @@ def test_evaluation_and_inference_do_not_depend_on_training() -> None:
 def test_registry_imports_no_torch() -> None:
     # A fresh interpreter: this test process has imported torch long ago.
     code = (
-        "import sys, vembed.registry, vembed.registry_cli\n"
-        "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'vembed.predictor') if m in sys.modules)\n"
+        "import sys, vembed.artifacts.registry, vembed.registry_cli\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'vembed.inference.predictor') if m in sys.modules)\n"
         "print(','.join(heavy))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "", f"import vembed.registry pulled in: {out.strip()}"
+    assert out.strip() == "", f"import vembed.artifacts.registry pulled in: {out.strip()}"

@@ -50,7 +50,7 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from vembed.evaluation import evaluate_cli
+    from vembed.inference.evaluation import evaluate_cli
 
     return evaluate_cli(args)
 
@@ -58,7 +58,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_encode(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from vembed.predictor import Predictor
+    from vembed.inference.predictor import Predictor
 
     if not args.text and not args.image:
         raise VembedError("encode: give --text and/or --image")
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint_dir", metavar="checkpoint", help="adapter checkpoint directory")
     p.add_argument("output_dir", help="a new or empty directory")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier merge output in output_dir")
-    p.set_defaults(func=_calling("vembed.export:merge_adapter", lambda out: f"merged model written to {out}"))
+    p.set_defaults(func=_calling("vembed.inference.export:merge_adapter", lambda out: f"merged model written to {out}"))
 
     p = sub.add_parser("encode", help="embed texts or images")
     p.add_argument("model")
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.set_defaults(func=_calling("vembed.serve:serve"))
+    p.set_defaults(func=_calling("vembed.inference.serve:serve"))
 
     p = sub.add_parser("deploy", help="serve models:/NAME@alias as a KServe InferenceService (vembed serve)")
     p.add_argument("model_name", help="registered model name")
@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-artifacts-destination", default="",
                    help="the MLflow server's --artifacts-destination, when it proxies artifacts")
     p.add_argument("--output-dir", default="output", help="where the embedded MLflow store lives")
-    p.set_defaults(func=_calling("vembed.steps.deploy:deploy", _as_json))
+    p.set_defaults(func=_calling("vembed.pipeline.steps.deploy:deploy", _as_json))
 
     p = sub.add_parser("prepare", help="validate, dedup and split raw JSONL into a dataset directory")
     p.add_argument("raw_uri", metavar="raw", help="JSONL file, directory, or s3:// URI/prefix")
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--on-bad-record", choices=["error", "skip"], default="error")
     p.add_argument("--mine-negatives", metavar="MODEL", help="mine hard negatives into the train split with MODEL")
-    p.set_defaults(func=_calling("vembed.steps.prepare:prepare", _as_json))
+    p.set_defaults(func=_calling("vembed.pipeline.steps.prepare:prepare", _as_json))
 
     p = sub.add_parser("mine", help="mine hard negatives into a JSONL dataset with a given model")
     p.add_argument("data_path", metavar="data", help="JSONL records (query, positive, ...)")

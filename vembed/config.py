@@ -225,7 +225,7 @@ class TrainConfig(BaseModel):
     )
     resume_from_checkpoint: str | None = Field(None, description="latest | path to checkpoint-N")
 
-    # Where training runs (vembed.launchers); set nested keys with `trainer.num_nodes=2`
+    # Where training runs (vembed.pipeline.launchers); set nested keys with `trainer.num_nodes=2`
     trainer: TrainerOptions = Field(default_factory=TrainerOptions)
 
     @field_validator("torch_dtype", mode="before")

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from vembed.config import load_config
-from vembed.demo_data import build_demo_dataset
-from vembed.evaluation import compare_models, format_table
+from vembed.data.demo_data import build_demo_dataset
+from vembed.inference.evaluation import compare_models, format_table
 from vembed.training import train
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "minilm_demo.yaml"

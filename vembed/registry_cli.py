@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(argv) if argv is not None else None)
 
     def run() -> int:
-        from vembed.registry import Registry, require_existing_store, resolve_tracking_uri
+        from vembed.artifacts.registry import Registry, require_existing_store, resolve_tracking_uri
 
         # Every command here needs a model that is already registered: never create a store.
         uri = resolve_tracking_uri(args.output_dir, create=False)
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _rollback_serving(registry, args: argparse.Namespace) -> int:
     """Point the InferenceService the last deploy recorded back at the (rolled back) champion.
     When the cluster cannot be reached, print the exact command that does it."""
-    from vembed.steps.deploy import deploy, deploy_command, last_deployment
+    from vembed.pipeline.steps.deploy import deploy, deploy_command, last_deployment
 
     if (where := last_deployment(registry, args.name)) is None:
         return 0  # never deployed: only the alias to move

@@ -3,7 +3,7 @@
 KFP's task retry (`set_retry`) cannot tell a network blip from a missing data file: it reruns the
 pod on any failure, with backoff (minutes for an error that cannot change). So the steps retry here,
 inside the pod: a `VembedError` whose `transient` is set (network error, HTTP 5xx, throttling; see
-vembed.storage, vembed.registry, vembed.endpoints) is retried with backoff; anything else (bad
+vembed.artifacts.storage, vembed.artifacts.registry, vembed.endpoints) is retried with backoff; anything else (bad
 config, bad data, missing inputs) ends the step with `error: <what and where>` and a non-zero exit.
 """
 

@@ -26,9 +26,9 @@ def deploy(
     endpoint, revision, traffic."""
     import json
 
+    from vembed.pipeline.steps import use_endpoints
+    from vembed.pipeline.steps.deploy import deploy as run_deploy
     from vembed.retry import run_step
-    from vembed.steps import use_endpoints
-    from vembed.steps.deploy import deploy as run_deploy
 
     reg = json.loads(registration or "{}")
     if not reg.get("promoted"):

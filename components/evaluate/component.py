@@ -27,10 +27,10 @@ def evaluate(
     from collections import namedtuple
     from pathlib import Path
 
+    from vembed.pipeline.steps import use_endpoints
+    from vembed.pipeline.steps.evaluate import champion_uri, flat_metrics
+    from vembed.pipeline.steps.evaluate import evaluate as run_evaluate
     from vembed.retry import run_step
-    from vembed.steps import use_endpoints
-    from vembed.steps.evaluate import champion_uri, flat_metrics
-    from vembed.steps.evaluate import evaluate as run_evaluate
 
     def attempt() -> dict:
         use_endpoints(mlflow_tracking_uri, s3_endpoint_url, "find the champion in" if registered_model_name else "")

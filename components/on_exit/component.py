@@ -20,8 +20,8 @@ def on_exit(
     run itself: problems are printed. Returns JSON: state, deleted, mlflow_run_id, problems."""
     import json
 
-    from vembed.steps import use_endpoints
-    from vembed.steps.finalize import FinalStatus, finalize
+    from vembed.pipeline.steps import use_endpoints
+    from vembed.pipeline.steps.finalize import FinalStatus, finalize
 
     use_endpoints(mlflow_tracking_uri, s3_endpoint_url)
     final = FinalStatus(

@@ -21,9 +21,9 @@ def prepare(
     that mines hard negatives into the train split ("" = off). Returns the summary JSON."""
     import json
 
+    from vembed.pipeline.steps import use_endpoints
+    from vembed.pipeline.steps.prepare import prepare as run_prepare
     from vembed.retry import run_step
-    from vembed.steps import use_endpoints
-    from vembed.steps.prepare import prepare as run_prepare
 
     use_endpoints(s3_endpoint_url=s3_endpoint_url)
     # Transient failures (network, 5xx, throttling) are retried; bad data fails at once, in one line.

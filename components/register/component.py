@@ -28,10 +28,10 @@ def register(
     import json
     import tempfile
 
+    from vembed.pipeline.steps import use_endpoints
+    from vembed.pipeline.steps.evaluate import eval_set_sha256, unflatten_metrics
+    from vembed.pipeline.steps.register import register as run_register
     from vembed.retry import run_step
-    from vembed.steps import use_endpoints
-    from vembed.steps.evaluate import eval_set_sha256, unflatten_metrics
-    from vembed.steps.register import register as run_register
 
     evaluation = {"results": unflatten_metrics(metrics.metadata), "decision": {"passed": bool(promote)}}
     run_info = {

@@ -44,6 +44,6 @@ def train(
     inputs = dict(locals())  # the parameters above, before any import adds a name
     from collections import namedtuple
 
-    from vembed.steps.train import train_component
+    from vembed.pipeline.steps.train import train_component
 
     return namedtuple("TrainOutputs", ["final_loss", "global_step"])(*train_component(**inputs))

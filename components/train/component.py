@@ -1,6 +1,6 @@
 """KFP component: LoRA fine-tuning on a prepared Dataset, producing an adapter Model and an HTML report.
 
-Two components, one body (`vembed.steps.train.train_to_artifacts`):
+Two components, one body (`vembed.pipeline.steps.train.train_to_artifacts`):
 - `train`: the pod trains itself (trainer.backend local), with the task's resources and GPUs. It has
   no `dsl.TaskConfig` input, so the default compile runs on KFP backends older than 2.15.
 - `train_on_cluster`: the pod only launches a Kubeflow TrainJob / PyTorchJob and waits for it
@@ -43,7 +43,7 @@ def train(
     inputs = dict(locals())  # the parameters above, before any import adds a name
     from collections import namedtuple
 
-    from vembed.steps.train import train_component
+    from vembed.pipeline.steps.train import train_component
 
     return namedtuple("TrainOutputs", ["final_loss", "global_step"])(*train_component(**inputs))
 

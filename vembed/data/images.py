@@ -87,7 +87,7 @@ def _outside(path: str, root: str) -> ImageError:
 
 def read_image_bytes(ref: str | os.PathLike[str]) -> bytes:
     if is_s3(ref):
-        from vembed import storage
+        from vembed.artifacts import storage
 
         return storage.read_bytes(str(ref))
     try:

@@ -136,7 +136,7 @@ def mine_negatives(
 
 def predictor_encoder(model_path: str, batch_size: int = 64) -> Encode:
     """Encode with a trained checkpoint, merged model, HF id or directory (`vembed.Predictor`)."""
-    from vembed.predictor import Predictor
+    from vembed.inference.predictor import Predictor
 
     predictor = Predictor(model_path)
 
@@ -159,7 +159,7 @@ def mine_file(
 
     from vembed.data import read_records, write_records
     from vembed.errors import DataError
-    from vembed.evaluation import read_corpus
+    from vembed.inference.evaluation import read_corpus
 
     out = Path(output_path)
     if out.exists():  # never overwrite what this command did not create

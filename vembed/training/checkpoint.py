@@ -7,7 +7,7 @@ Layout of `output_dir/checkpoint-N/`:
   embedder.json             pooling/family spec needed to rebuild the embedder
   trainer_state.json        TrainState: step, epoch, position in the epoch, log and eval history, best
   optimizer.safetensors + optimizer.json, scheduler.json, rng.safetensors + rng.json
-  manifest.json             size and sha256 of every file above; written last (vembed.integrity)
+  manifest.json             size and sha256 of every file above; written last (vembed.artifacts.integrity)
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from accelerate.utils import DistributedType
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from vembed.atomic_dir import staged_dir
+from vembed.artifacts.atomic_dir import staged_dir
+from vembed.artifacts.integrity import verify_checkpoint, write_manifest
 from vembed.config import TrainConfig
 from vembed.errors import CheckpointError
-from vembed.integrity import verify_checkpoint, write_manifest
 from vembed.models.base import Embedder
 from vembed.training.compat import names_without_fsdp_wrappers
 

@@ -2,7 +2,7 @@
 
 Each entry names the version it was checked against (accelerate 1.15.0, torch 2.13.0, peft 0.21.2;
 training uses no private transformers API as of 5.24.0). After an upgrade these break first:
-tests/test_fsdp.py, tests/test_distributed.py and tests/test_grad_cache.py exercise every entry.
+tests/training/test_fsdp.py, tests/training/test_distributed.py and tests/training/test_grad_cache.py exercise every entry.
 The attention kernel in vembed/models/attention.py has its own two (`torch._softmax_backward_data`,
 `config._attn_implementation`); it stays there, since models must not import training.
 """

@@ -18,7 +18,7 @@ from vembed.models.base import Embedder, Item
 
 def content_id(item: Item) -> int:
     """A stable 63-bit id of a document's content (text and image), equal on every process and run:
-    two rows whose positives have the same id are not each other's negatives (vembed.losses)."""
+    two rows whose positives have the same id are not each other's negatives (vembed.training.losses)."""
     h = hashlib.blake2b(digest_size=8)
     h.update((item.text or "").encode("utf-8") + b"\x00")
     image = item.image

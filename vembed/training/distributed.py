@@ -4,7 +4,7 @@ The gather is differentiable (torch.distributed.nn.functional.all_gather): its b
 over ranks, each rank's gradient for this rank's slice. Each rank's parameter gradient is then
 d(sum_r loss_r)/d(theta through the local embeddings), and DDP's mean over ranks turns that into
 d(mean_r loss_r)/d(theta): exactly the gradient of one process holding the whole batch, with no
-extra loss scaling (tests/test_distributed.py proves it against a single process).
+extra loss scaling (tests/training/test_distributed.py proves it against a single process).
 """
 
 from __future__ import annotations

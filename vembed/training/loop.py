@@ -21,7 +21,6 @@ from vembed.config import TrainConfig
 from vembed.data import Record
 from vembed.data.images import RecordImages
 from vembed.errors import ConfigError, DataError
-from vembed.losses import build_loss
 from vembed.models import Embedder, load_embedder, resolve_dtype
 from vembed.models.attention import use_training_attention
 from vembed.models.dropout import use_lean_dropout
@@ -30,6 +29,7 @@ from vembed.training.checkpoint import Checkpointer, TrainState, list_checkpoint
 from vembed.training.compat import reset_accelerate_state
 from vembed.training.data import EpochBatchSampler, PairCollator, PairDataset, load_records
 from vembed.training.log import TrainingLog
+from vembed.training.losses import build_loss
 from vembed.training.negatives import FalseNegativeMasker
 from vembed.training.step import make_step
 from vembed.training.validation import LOGGED, BestTracker, Validator

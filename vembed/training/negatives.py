@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from vembed.losses import false_negative_mask
+from vembed.training.losses import false_negative_mask
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ import torch
 from accelerate import Accelerator
 
 from vembed.config import TrainConfig
-from vembed.grad_cache import StepFn, grad_cache_step, splitter_for
 from vembed.models.base import Embedder
 from vembed.training.distributed import forwards_in_lockstep, max_over_ranks
+from vembed.training.grad_cache import StepFn, grad_cache_step, splitter_for
 from vembed.training.negatives import FalseNegativeMasker, batch_loss
 
 

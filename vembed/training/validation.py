@@ -5,7 +5,7 @@ FSDP needs), the embeddings are gathered, and every rank computes the same metri
 tensors, so decisions taken from them (best checkpoint, early stop) agree across ranks.
 The loss is InfoNCE over consecutive blocks of `loss_block` records (in-batch plus hard negatives):
 the training objective without dropout, over as many records as one training step's loss sees (the
-global batch with cross-device negatives); the retrieval metrics are vembed.evaluation's.
+global batch with cross-device negatives); the retrieval metrics are vembed.inference.evaluation's.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from accelerate import Accelerator
 
 from vembed.data import Record
 from vembed.data.items import record_items
-from vembed.evaluation import build_retrieval_set, doc_key, query_key, retrieval_metrics
+from vembed.inference.evaluation import build_retrieval_set, doc_key, query_key, retrieval_metrics
 from vembed.models.base import Embedder, Item
 from vembed.training.data import feature_length
 

@@ -1,0 +1,1 @@
+"""Tests of vembed.artifacts: storage, registry, promotion."""

@@ -1,0 +1,1 @@
+"""The command surface and the top-level modules (cli, config, errors)."""

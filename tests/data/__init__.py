@@ -1,0 +1,1 @@
+"""Tests of vembed.data: records, splits, images, mining, data-set builders."""

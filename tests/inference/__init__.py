@@ -1,0 +1,1 @@
+"""Tests of vembed.inference: Predictor, export, evaluation, serving."""

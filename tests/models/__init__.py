@@ -1,0 +1,1 @@
+"""Tests of vembed.models: encoder families, pooling, LoRA wiring, lean kernels."""

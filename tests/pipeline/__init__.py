@@ -1,0 +1,1 @@
+"""Tests of vembed.pipeline, components/ and pipelines/: steps, launchers, compiled and local pipelines."""

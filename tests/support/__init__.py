@@ -1,0 +1,1 @@
+"""Test support: fixtures, tiny-model and synthetic-data builders, stand-in servers, workers."""

@@ -1,0 +1,1 @@
+"""Tests of vembed.training: the loop, GradCache, losses, distributed and FSDP runs, resume."""

@@ -1,0 +1,155 @@
+"""Connecting to MLflow and reading a registered model back; no torch and no vembed model code.
+
+The registry (which also registers models) and the Predictor (which loads `models:/NAME@alias`) both
+build on this module, so neither needs the other to download.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+from vembed.errors import RegistryError
+from vembed.redaction import redact
+
+MERGED_ARTIFACT, ADAPTER_ARTIFACT = "merged", "adapter"  # directories inside a registered model
+ST_DATA_PATH = "model.sentence_transformer"  # where the sentence_transformers flavor keeps the model
+_TRANSIENT = ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "RESOURCE_EXHAUSTED", "REQUEST_LIMIT_EXCEEDED")
+_MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+
+
+def resolve_tracking_uri(output_dir: str | os.PathLike[str], create: bool = True) -> str:
+    """`MLFLOW_TRACKING_URI`, else the embedded sqlite store `<output_dir>/mlflow.db`.
+    `create=False` (read commands) leaves the file system alone."""
+    if uri := os.environ.get("MLFLOW_TRACKING_URI", "").strip():
+        return uri
+    if str(output_dir).startswith("s3://"):
+        raise RegistryError(f"{output_dir}: the embedded MLflow store needs a local output dir; set MLFLOW_TRACKING_URI")
+    out = Path(output_dir).resolve()
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{out / 'mlflow.db'}"
+
+
+def require_existing_store(tracking_uri: str) -> None:
+    """For read commands: a sqlite store that does not exist is an error, not a new empty database."""
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    if tracking_uri.startswith("sqlite:///") and not db.parent.is_dir():
+        raise RegistryError(f"{tracking_uri}: folder {db.parent} does not exist, so there is no MLflow store there")
+    if tracking_uri.startswith("sqlite:///") and not db.is_file():
+        raise RegistryError(f"{tracking_uri}: no MLflow store there ({db} does not exist)")
+
+
+def local_artifact_root(tracking_uri: str) -> str | None:
+    """For a sqlite store, artifacts live next to the db file instead of MLflow's `./mlruns` default."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+@contextlib.contextmanager
+def registry_errors(what: str) -> Iterator[None]:
+    """MLflow and network failures become one-line RegistryErrors; network errors, 5xx and throttling
+    are marked transient (a pipeline step retries those, vembed.retry)."""
+    try:
+        yield
+    except (MlflowException, OSError) as e:
+        first = redact(str(getattr(e, "message", e))).strip().splitlines()
+        err = RegistryError(f"{what}: {first[0][:300] if first else type(e).__name__}")
+        code = getattr(e, "error_code", "")
+        err.transient = isinstance(e, OSError) or code in _TRANSIENT or "Max retries exceeded" in str(e)
+        raise err from None
+
+
+@contextlib.contextmanager
+def quiet_mlflow() -> Iterator[None]:
+    """No progress bars, warnings or info lines from MLflow while fetching a model (errors still raise)."""
+    logger, env = logging.getLogger("mlflow"), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    level, old = logger.level, os.environ.get(env)
+    os.environ[env] = "false"
+    logger.setLevel(logging.ERROR)  # mlflow.* loggers inherit it
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+        os.environ.pop(env) if old is None else os.environ.update({env: old})
+
+
+def connect(tracking_uri: str | None = None) -> tuple[str, MlflowClient]:
+    """The tracking URI (default: MLflow's) and a client for it; an http(s) server must answer within
+    seconds (MLflow itself would retry for minutes)."""
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    if uri.split(":", 1)[0] in ("http", "https"):
+        from vembed.endpoints import check_http
+
+        check_http(uri, "/health", "MLflow", RegistryError)
+    return uri, MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """The version `name@alias` points at, None when there is no such alias or model."""
+    with registry_errors(f"{redact(client.tracking_uri)}: {name}@{alias}"):
+        try:
+            return client.get_model_version_by_alias(name, alias)
+        except MlflowException as e:
+            if e.error_code in _MISSING:
+                return None
+            raise
+
+
+def resolve_version(client: MlflowClient, models_uri: str) -> ModelVersion:
+    """The version `models:/NAME@alias` or `models:/NAME/VERSION` names, resolved with this client
+    (MLflow's own `models:/` download would resolve it through the process-wide registry URI)."""
+    with registry_errors(f"{models_uri} at {redact(client.tracking_uri)}"):
+        found = get_model_name_and_version(client, models_uri)
+        if len(found) != 2:  # `models:/<logged model id>`: not a registered version
+            raise RegistryError(f"{models_uri}: expected models:/NAME@alias or models:/NAME/VERSION")
+        return client.get_model_version(*found)
+
+
+def download_model(
+    models_uri: str, tracking_uri: str | None = None, cache_dir: str | os.PathLike[str] | None = None
+) -> Path:
+    """`models:/NAME@alias` or `models:/NAME/3` as a local directory Predictor loads (merged model, else
+    adapter), cached per version under `cache_dir` ($VEMBED_CACHE_DIR, ~/.cache/vembed)."""
+    tracking_uri, client = connect(tracking_uri)
+    require_existing_store(tracking_uri)  # reading: never create an empty store
+    mv = resolve_version(client, models_uri)
+    cache = Path(cache_dir or os.environ.get("VEMBED_CACHE_DIR") or Path.home() / ".cache" / "vembed")
+    ident = hashlib.sha256(f"{tracking_uri}|{mv.name}|{mv.version}|{mv.source}".encode()).hexdigest()[:16]
+    dest = cache / "models" / re.sub(r"[^\w.-]", "_", mv.name) / f"v{mv.version}-{ident}"
+    if not dest.is_dir():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with (
+            tempfile.TemporaryDirectory(prefix=f".{dest.name}-", dir=dest.parent) as tmp,
+            registry_errors(f"{models_uri}: download from {redact(tracking_uri)}"),
+            quiet_mlflow(),
+        ):
+            got = mlflow.artifacts.download_artifacts(
+                artifact_uri=client.get_model_version_download_uri(mv.name, mv.version),
+                dst_path=tmp,
+                tracking_uri=tracking_uri,
+                registry_uri=tracking_uri,
+            )
+            with contextlib.suppress(OSError):  # a concurrent download that finished first wins
+                os.replace(got, dest)
+    # The sentence_transformers flavor's model, else the pyfunc's artifacts (vembed.artifacts.mlflow_model).
+    for sub in (ST_DATA_PATH, f"artifacts/{MERGED_ARTIFACT}", f"artifacts/{ADAPTER_ARTIFACT}"):
+        if (dest / sub).is_dir():
+            return dest / sub
+    raise RegistryError(f"{models_uri}: version {mv.version} holds neither a merged model nor an adapter")

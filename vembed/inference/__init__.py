@@ -1,0 +1,1 @@
+"""Using a trained model: Predictor (encode), retrieval evaluation, merge/export, local serving."""

@@ -1,0 +1,207 @@
+"""Retrieval evaluation: Recall@1/5/10, MRR@10 and nDCG@10, per MRL dim, base vs tuned."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vembed.data import Record, read_records
+from vembed.data.items import record_items
+from vembed.errors import ConfigError, DataError, StorageError
+from vembed.models.base import Item
+
+METRICS = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")
+
+
+def retrieval_metrics(scores: np.ndarray, qrels: Sequence[set[int]], k: int = 10) -> dict[str, float]:
+    """Mean metrics over queries. `scores` [Q, D]; `qrels[i]` = relevant doc indices of query i."""
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    sums = dict.fromkeys(METRICS, 0.0)
+    for ranked, relevant in zip(top, qrels, strict=True):
+        hits = [int(d) in relevant for d in ranked]
+        for cutoff in (1, 5, 10):
+            sums[f"recall@{cutoff}"] += sum(hits[:cutoff]) / len(relevant)
+        first = next((i for i, h in enumerate(hits) if h), None)
+        sums["mrr@10"] += 0.0 if first is None else 1.0 / (first + 1)
+        dcg = sum(1.0 / math.log2(i + 2) for i, h in enumerate(hits) if h)
+        idcg = sum(1.0 / math.log2(i + 2) for i in range(min(len(relevant), k)))
+        sums["ndcg@10"] += dcg / idcg
+    return {m: v / len(qrels) for m, v in sums.items()}
+
+
+def doc_key(item: Item) -> tuple[str | None, str | None]:
+    """Documents with the same text and image are one document."""
+    return (item.text, str(item.image) if item.image is not None else None)
+
+
+def query_key(item: Item) -> tuple[Any, ...]:
+    return (*doc_key(item), item.instruction)
+
+
+def build_retrieval_set(
+    records: Sequence[Record], corpus: Sequence[str] = ()
+) -> tuple[list[Item], list[Item], list[set[int]]]:
+    """Queries, documents (eval positives + extra corpus, deduplicated) and qrels."""
+    doc_index: dict[tuple[str | None, str | None], int] = {}
+    docs: list[Item] = []
+    query_index: dict[tuple[Any, ...], int] = {}
+    queries: list[Item] = []
+    qrels: list[set[int]] = []
+
+    def doc_id(item: Item) -> int:
+        key = doc_key(item)
+        if key not in doc_index:
+            doc_index[key] = len(docs)
+            docs.append(item)
+        return doc_index[key]
+
+    for r in records:
+        q, p, _ = record_items(r)
+        qkey = query_key(q)
+        if qkey not in query_index:
+            query_index[qkey] = len(queries)
+            queries.append(q)
+            qrels.append(set())
+        qrels[query_index[qkey]].add(doc_id(p))
+    for text in corpus:
+        doc_id(Item(text=text))
+    return queries, docs, qrels
+
+
+def evaluate_retrieval(
+    predictor: Any,
+    records: Sequence[Record],
+    corpus: Sequence[str] | None = None,
+    dims: Sequence[int] | None = None,
+    batch_size: int = 64,
+) -> dict[str, dict[str, float]]:
+    """{"full": metrics, "<dim>": metrics, ...} for one model."""
+    queries, docs, qrels = build_retrieval_set(records, corpus or ())
+    q = predictor.encode_items(queries, batch_size=batch_size, is_query=True)
+    d = predictor.encode_items(docs, batch_size=batch_size)
+    results = {"full": retrieval_metrics(_normalized(q) @ _normalized(d).T, qrels)}
+    for dim in dims or ():
+        if dim < q.shape[1]:
+            results[str(dim)] = retrieval_metrics(_normalized(q[:, :dim]) @ _normalized(d[:, :dim]).T, qrels)
+    return results
+
+
+def _normalized(x: np.ndarray) -> np.ndarray:
+    return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+
+
+def read_corpus(path: str | Path) -> list[str]:
+    texts = []
+    if not Path(path).exists():
+        raise DataError(f"{path}: corpus file does not exist")
+    if Path(path).is_dir():
+        raise DataError(f"{path}: is a directory, expected a JSONL file")
+    with open(path, encoding="utf-8-sig") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"].strip():
+                raise DataError(f'{path}:{lineno}: expected {{"text": "..."}} with a non-empty string')
+            texts.append(obj["text"])
+    return texts
+
+
+def compare_models(
+    models: dict[str, str],
+    eval_path: str | Path,
+    corpus_path: str | Path | None = None,
+    dims: Sequence[int] | None = None,
+    batch_size: int = 64,
+    retrieval_mode: str = "auto",
+    allow_images_outside_data_root: bool = False,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Evaluate several models on one eval set: {"base": {...}, "tuned": {...}}.
+
+    `retrieval_mode` (t2t, t2i, i2t, i2i; auto: every field present) picks query and document fields."""
+    from vembed.data.images import RecordImages
+    from vembed.inference.predictor import Predictor
+
+    # Image paths are resolved against the eval file's directory and checked up front (path:line errors).
+    images = RecordImages(Path(eval_path).parent, retrieval_mode, allow_images_outside_data_root)
+    records = list(read_records(eval_path, transform=images))
+    corpus = read_corpus(corpus_path) if corpus_path else []
+    return {
+        name: evaluate_retrieval(Predictor(path), records, corpus, dims, batch_size)
+        for name, path in models.items()
+    }
+
+
+def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Models side by side, one row per (dim, metric), plus the change vs the first model."""
+    from rich.console import Console
+    from rich.table import Table
+
+    names = list(results)
+    table = Table(title="retrieval metrics")
+    table.add_column("dim")
+    table.add_column("metric")
+    for n in names:
+        table.add_column(n, justify="right")
+    if len(names) > 1:
+        table.add_column(f"{names[-1]} - {names[0]}", justify="right")
+    first = results[names[0]]
+    for dim in first:
+        for metric in METRICS:
+            values = [results[n].get(dim, {}).get(metric) for n in names]
+            cells = [f"{v:.4f}" if v is not None else "-" for v in values]
+            if len(names) > 1 and None not in (values[0], values[-1]):
+                cells.append(f"{values[-1] - values[0]:+.4f}")
+            table.add_row(dim, metric, *cells)
+    console = Console(width=120, file=io.StringIO())
+    console.print(table)
+    return console.file.getvalue()
+
+
+def base_model_of(model_path: str) -> str | None:
+    """The base model an adapter checkpoint was trained from, if it is one."""
+    d = Path(model_path)
+    spec = d / "embedder.json"
+    if (d / "adapter_config.json").is_file():
+        if spec.is_file():
+            return json.loads(spec.read_text())["model_name"]
+        return json.loads((d / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    return None
+
+
+def parse_dims(text: str) -> list[int]:
+    """`--dims 384,256` -> [384, 256]; anything else is a one-line error naming the flag."""
+    try:
+        dims = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--dims: expected comma-separated positive integers such as 384,256, got {text!r}") from None
+    if any(d <= 0 for d in dims):
+        raise ConfigError(f"--dims: dims must be positive, got {text!r}")
+    return dims
+
+
+def evaluate_cli(args: Any) -> int:
+    models: dict[str, str] = {}
+    base = args.base or base_model_of(args.model)
+    if base and not args.no_base:
+        models["base"] = base
+    models["tuned"] = args.model
+    dims = parse_dims(args.dims) if args.dims else None
+    if args.output and Path(args.output).is_dir():  # checked before the slow part
+        raise StorageError(f"{args.output}: is a directory; give a file name for the metrics JSON")
+    mode = getattr(args, "retrieval_mode", "auto")
+    results = compare_models(models, args.data, args.corpus, dims, args.batch_size, retrieval_mode=mode)
+    print(format_table(results))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(results, indent=2))
+    return 0

@@ -1,0 +1,120 @@
+"""Merge an adapter into its base model and export a standalone, sentence-transformers
+compatible directory (text models) that `transformers.AutoModel` also loads.
+
+Nothing already on disk is lost: the model is written into a temporary sibling of the output
+directory (removed on any failure) and renamed into place. An existing output directory is
+refused unless it is empty, or `overwrite=True` and it is an earlier merge output (recognised by
+its MERGE_MARKER file), never a checkpoint, a run directory, the source or a folder above it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from vembed.artifacts.atomic_dir import refuse_existing, staged_dir
+from vembed.artifacts.integrity import write_manifest
+from vembed.errors import CheckpointError, StorageError
+from vembed.inference.predictor import load_trained_embedder
+from vembed.models.base import Embedder
+from vembed.models.pooling import ST_POOLING
+from vembed.models.text import format_query
+
+MERGE_MARKER = "vembed_merged.json"  # written by merge_adapter only: "this directory is a merge output"
+# Files that make a directory something merge must never replace.
+_PROTECTED_FILES = ("trainer_state.json", "adapter_config.json", "training_log.txt", "vembed_config.yaml")
+
+
+def _is_within(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def check_merge_target(src: Path, out: Path, overwrite: bool) -> None:
+    """Raise unless writing the merged model to `out` loses nothing merge did not create."""
+    src_r, out_r = src.resolve(), out.resolve()
+    if _is_within(src_r, out_r):
+        what = "the source checkpoint" if src_r == out_r else f"a folder that contains the source checkpoint {src}"
+        raise StorageError(f"{out}: is {what}; choose a new output directory")
+    if _is_within(out_r, src_r):
+        raise StorageError(f"{out}: is inside the source checkpoint {src}; choose a directory outside it")
+    if out_r == Path.cwd().resolve() or _is_within(Path.cwd().resolve(), out_r):
+        raise StorageError(f"{out}: is the current directory (or above it); choose a new output directory")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
+        if out.is_dir() and not out.is_symlink() and any(out.iterdir()):
+            raise StorageError(
+                f"{out}: directory is not empty; refusing to replace it "
+                "(--overwrite replaces only an earlier merge output)"
+            )
+        refuse_existing(out)
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise StorageError(f"{out}: exists and is not a directory; refusing to replace it")
+    if not any(out.iterdir()):
+        return
+    protected = [n for n in _PROTECTED_FILES if (out / n).exists()]
+    runs = [p.name for p in out.iterdir() if p.name.startswith("checkpoint-")]
+    if protected or runs:
+        raise StorageError(f"{out}: holds a checkpoint or training run ({(protected + runs)[0]}); refusing to replace it")
+    if not (out / MERGE_MARKER).is_file():
+        raise StorageError(f"{out}: not an earlier merge output (no {MERGE_MARKER}); refusing to replace it")
+
+
+def merge_adapter(
+    checkpoint_dir: str | os.PathLike[str], output_dir: str | os.PathLike[str], overwrite: bool = False
+) -> Path:
+    """merge_and_unload, then save safetensors; written to a temp sibling and renamed when complete."""
+    from peft import PeftModel
+
+    src = Path(checkpoint_dir)
+    if not src.exists():
+        raise CheckpointError(f"{src}: does not exist")
+    if not (src / "adapter_config.json").is_file() and not (src / "embedder.json").is_file():
+        raise CheckpointError(f"{src}: not an adapter checkpoint (adapter_config.json missing)")
+    out = Path(output_dir)
+    check_merge_target(src, out, overwrite)  # before the (slow) load, so a refusal is instant
+    embedder = load_trained_embedder(src, device="cpu")
+    if isinstance(embedder.backbone, PeftModel):
+        embedder.backbone = embedder.backbone.merge_and_unload()
+    # `may_replace` ran above already; the target was approved.
+    with staged_dir(out, may_replace=lambda _: None) as tmp:
+        if embedder.family == "text":
+            _save_sentence_transformer(embedder, tmp)
+        else:
+            embedder.backbone.save_pretrained(tmp, safe_serialization=True)
+            for attr in ("processor", "tokenizer"):
+                if getattr(embedder, attr, None) is not None:
+                    getattr(embedder, attr).save_pretrained(tmp)
+                    break
+        (tmp / "embedder.json").write_text(json.dumps(embedder.spec.to_dict(), indent=1))
+        (tmp / MERGE_MARKER).write_text(json.dumps({"source": str(src.resolve())}, indent=1))
+        write_manifest(tmp)
+    return out
+
+
+def _save_sentence_transformer(embedder: Embedder, directory: Path) -> None:
+    """Save through SentenceTransformer so modules.json keeps Pooling and Normalize
+    (a plain transformers save would drop both)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Normalize, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    weights = directory / "_weights"
+    embedder.backbone.save_pretrained(weights, safe_serialization=True)
+    embedder.tokenizer.save_pretrained(weights)
+    spec = embedder.spec
+    modules = [
+        Transformer(str(weights), max_seq_length=spec.max_seq_length),
+        Pooling(embedder.dim, pooling_mode=ST_POOLING[spec.pooling]),
+    ]
+    if spec.normalize:
+        modules.append(Normalize())
+    prompts = {}
+    if spec.query_instruction:
+        prompts["query"] = format_query("", spec.query_instruction, spec.pooling == "last_token")
+    model = SentenceTransformer(modules=modules, prompts=prompts or None, device="cpu")
+    model.save(str(directory))
+    shutil.rmtree(weights)

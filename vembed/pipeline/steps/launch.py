@@ -1,0 +1,177 @@
+"""Train where `cfg.trainer` says, from a pipeline step: this pod or a Kubeflow job (docs/multinode.md).
+
+- backend local: `accelerate launch`, one process per GPU of this pod, writing to a local output_dir.
+- backend trainjob / pytorchjob: a cluster job whose nodes read the inputs from and publish the final
+  checkpoint to `output_uri` (s3://, or a path on a PVC that this pod and the job both mount); this step
+  then downloads it. Local input files are first copied next to `output_uri` so the job can read them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from vembed.artifacts import storage
+from vembed.config import TrainConfig
+from vembed.errors import CheckpointError, ConfigError
+from vembed.pipeline.launchers.jobspec import TaskSettings
+from vembed.pipeline.launchers.wait import LogFn, print_line, wait_for_job
+
+DATA_KEYS = ("data_path", "eval_data_path", "corpus_path")
+LAUNCH_CONFIG = "launch-config.yaml"
+
+
+def needs_launcher(cfg: TrainConfig) -> bool:
+    """True when training cannot simply run inside this process (more GPUs, or a cluster job)."""
+    return cfg.trainer.backend != "local" or cfg.trainer.gpus_per_node > 1
+
+
+def _final_checkpoint(output_dir: str | os.PathLike[str]) -> Path:
+    from vembed.training.checkpoint import latest_checkpoint
+
+    final = latest_checkpoint(output_dir)
+    if final is None:
+        raise CheckpointError(f"{output_dir}: the training finished but left no checkpoint-N directory")
+    return final
+
+
+def job_output_uri(artifact_uri: str) -> str:
+    """Where a cluster job writes for a step whose output artifact lives at `artifact_uri`: a sibling
+    `<artifact_uri>-job`. KFP's default pipeline root `minio://bucket/...` is the same object over the
+    S3 API, so it becomes `s3://bucket/...` (the endpoint comes from AWS_ENDPOINT_URL). Other schemes
+    pass through unchanged; the launcher refuses what is neither s3:// nor an absolute path."""
+    uri = str(artifact_uri).rstrip("/")
+    if uri.startswith("minio://"):
+        uri = "s3://" + uri.removeprefix("minio://")
+    return f"{uri}-job"
+
+
+def inputs_uri(output_uri: str) -> str:
+    """Where local input files are copied for a job: a sibling of the output, never inside it."""
+    return f"{str(output_uri).rstrip('/')}-inputs"
+
+
+def publish_inputs(cfg: TrainConfig, output_uri: str) -> TrainConfig:
+    """Copy the directories of local data files to `inputs_uri(output_uri)` and point the config there."""
+    updates: dict[str, str] = {}
+    published: dict[Path, str] = {}
+    for key in DATA_KEYS:
+        value = getattr(cfg, key)
+        if not value or storage.is_s3(value):
+            continue
+        path = Path(value)
+        if not path.is_file():
+            raise ConfigError(f"{key}: {value} not found")
+        parent = path.parent.resolve()
+        if parent not in published:
+            published[parent] = storage.join(inputs_uri(output_uri), str(len(published)))
+            storage.upload_dir(parent, published[parent])
+        updates[key] = storage.join(published[parent], path.name)
+    return cfg.model_copy(update=updates)
+
+
+def launch_training(
+    cfg: TrainConfig,
+    config_path: str | os.PathLike[str],
+    output_uri: str,
+    *,
+    download_to: str | os.PathLike[str] | None = None,
+    task_config: Mapping[str, Any] | None = None,
+    client_configuration: Any = None,
+    poll_interval: float = 10.0,
+    log: LogFn = print_line,
+) -> Path:
+    """Run the training `cfg.trainer` describes and return the local directory of the final checkpoint.
+
+    `config_path`: where the resolved config (output_dir = `output_uri`) is written for the launch.
+    `download_to`: local directory for a job's s3:// output (default: next to `config_path`).
+    `task_config`: the KFP task's settings (`dataclasses.asdict(dsl.TaskConfig)`) passed on to the job.
+    `client_configuration`: a kubernetes.client.Configuration; default: in-cluster or kube-config.
+    """
+    t = cfg.trainer
+    config_path = Path(config_path)
+    if t.backend == "local":
+        if storage.is_s3(output_uri):
+            raise ConfigError("trainer.backend local: output_dir must be a local directory, not an s3:// URI")
+        from vembed.pipeline.launchers.local import run_local
+
+        local_cfg = cfg.model_copy(update={"output_dir": str(output_uri)})
+        local_cfg.save(config_path)
+        run_local(local_cfg, config_path)
+        return _final_checkpoint(output_uri)
+
+    if not (storage.is_s3(output_uri) or Path(output_uri).is_absolute()):
+        raise ConfigError(
+            f"trainer.backend {t.backend}: the output {output_uri!r} must be an s3:// URI or an absolute path "
+            "on a volume the job also mounts (in the pipeline: the train component's job_output_uri)"
+        )
+    job_cfg = publish_inputs(cfg, output_uri).model_copy(update={"output_dir": str(output_uri)})
+    job_cfg.save(config_path)
+    submit_args = {
+        "config_yaml": config_path.read_text(encoding="utf-8"),
+        "output_uri": str(output_uri),
+        "task": TaskSettings.from_mapping(task_config),
+        "client_configuration": client_configuration,
+    }
+    if t.backend == "trainjob":
+        from vembed.pipeline.launchers.trainjob import submit_trainjob
+
+        run = submit_trainjob(job_cfg, **submit_args)
+    else:
+        from vembed.pipeline.launchers.pytorchjob import submit_pytorchjob
+
+        run = submit_pytorchjob(job_cfg, **submit_args)
+    wait_for_job(run, timeout=t.timeout, keep_job=t.keep_job, poll_interval=poll_interval, log=log)
+    if not storage.is_s3(output_uri):
+        return _final_checkpoint(output_uri)
+    local = storage.download_dir(output_uri, download_to or config_path.parent / "job-output")
+    return _final_checkpoint(local)
+
+
+def train_via_launcher(
+    cfg: TrainConfig,
+    output_dir: str | os.PathLike[str],
+    output_uri: str | None = None,
+    task_config: Mapping[str, Any] | None = None,
+    **launch_kwargs: Any,
+) -> dict[str, Any]:
+    """The train step's path when `needs_launcher(cfg)`; returns the step's summary dict.
+
+    `output_dir`: local directory that receives the outputs (the checkpoint and training_log.txt).
+    `output_uri`: for trainjob / pytorchjob, where the job writes (s3:// or a shared-PVC path).
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.trainer.backend == "local":
+        target = str(out)
+    elif output_uri:
+        target = output_uri
+    else:
+        raise ConfigError(
+            f"trainer.backend {cfg.trainer.backend}: the train step needs an output_uri (s3:// or a shared-PVC "
+            "path) that the job can write to"
+        )
+    # A job's output is downloaded into a fresh subdirectory: storage only replaces complete directories.
+    final = launch_training(
+        cfg,
+        out / LAUNCH_CONFIG,
+        target,
+        download_to=out / "job-output",
+        task_config=task_config,
+        **launch_kwargs,
+    )
+    state = json.loads((final / "trainer_state.json").read_text(encoding="utf-8"))
+    history = list(state.get("history") or [])
+    losses = [h["loss"] for h in history if h.get("loss") is not None]
+    return {
+        "checkpoint_dir": str(final),
+        "final_loss": float(losses[-1]) if losses else math.nan,
+        "global_step": int(state.get("global_step", 0)),
+        "history": history,
+        "config": cfg.model_dump(),
+        "log_path": str(final.parent / "training_log.txt"),
+    }

@@ -1,0 +1,261 @@
+"""Pipeline step: raw JSONL (local or s3://) -> a validated, deduplicated train/eval dataset directory.
+
+The dataset directory holds `train.jsonl`, `eval.jsonl`, `stats.json` and a `manifest.json`
+written last (see vembed.artifacts.storage), so a crashed prepare never leaves a readable dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from vembed.artifacts import storage
+from vembed.data import ReadStats, Record, read_records, split_to_files
+from vembed.errors import ConfigError, DataError
+
+LATEST = "latest"
+SNAPSHOT_RE = re.compile(r"^dt=\d{4}-\d{2}-\d{2}")  # dt=YYYY-MM-DD, optionally with a time suffix
+MAX_EXAMPLES = 5
+
+
+def latest_snapshot(prefix_uri: str) -> str:
+    """The lexically newest `dt=YYYY-MM-DD/` sub-directory of a local dir or s3:// prefix."""
+    names = [n for n in storage.list_dirs(prefix_uri) if SNAPSHOT_RE.match(n)]
+    if not names:
+        raise DataError(f"{prefix_uri}: no dt=YYYY-MM-DD/ snapshot found under this prefix")
+    newest = storage.join(prefix_uri, max(names))
+    return newest + "/" if storage.is_s3(newest) else newest
+
+
+def resolve_raw_uri(raw_uri: str, latest: bool = False) -> str:
+    """`<prefix>/latest` (or latest=True) -> the newest dt= snapshot under the prefix."""
+    stripped = raw_uri.rstrip("/")
+    if stripped.endswith("/" + LATEST):
+        return latest_snapshot(stripped[: -len(LATEST) - 1])
+    if latest:
+        return latest_snapshot(raw_uri)
+    return raw_uri
+
+
+def source_files(raw_uri: str) -> list[str]:
+    """The JSONL files to read, in a fixed order: one file/object, or every *.jsonl under a dir/prefix."""
+    if storage.is_s3(raw_uri):
+        uris = storage.list(raw_uri)
+        if uris != [raw_uri]:  # a prefix, not one named object
+            uris = [u for u in uris if u.endswith(".jsonl")]
+    else:
+        path = Path(raw_uri)
+        if path.is_file():
+            uris = [str(path)]
+        elif path.is_dir():
+            uris = sorted(
+                str(p)
+                for p in path.rglob("*.jsonl")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+        else:
+            raise DataError(f"{raw_uri}: raw data not found")
+    if not uris:
+        raise DataError(f"{raw_uri}: no *.jsonl files found")
+    return uris
+
+
+def _resolve_image(source_uri: str, image: str) -> str:
+    """An image path relative to its data file, made absolute (local path or s3:// URI).
+    Paths that escape the data file's directory (or bucket) are refused."""
+    from vembed.data.images import resolve_image_path
+
+    if storage.is_s3(source_uri):
+        bucket, key = storage.split_s3(source_uri)
+        resolved = posixpath.normpath(posixpath.join(posixpath.dirname(key), image))
+        if resolved.startswith("../") or resolved == "..":
+            raise DataError(f"{source_uri}: image path {image!r} points outside the bucket")
+        return f"s3://{bucket}/{resolved}"
+    return resolve_image_path(image, os.path.dirname(os.path.abspath(source_uri)))
+
+
+class _ImageCopier:
+    """Copies local images into the dataset (content-addressed under images/), so the
+    dataset directory is self-contained when it moves through object storage.
+    s3:// images stay where they are."""
+
+    def __init__(self, dataset_dir: Path) -> None:
+        self.dataset_dir = dataset_dir
+        self.copied: dict[str, str] = {}
+
+    def __call__(self, source_uri: str, image: str) -> str:
+        resolved = _resolve_image(source_uri, image)
+        if storage.is_s3(resolved):
+            return resolved
+        if resolved not in self.copied:
+            src = Path(resolved)
+            if not src.is_file():
+                raise DataError(f"image {image!r} not found (looked for {src})")
+            digest = hashlib.sha256(src.read_bytes()).hexdigest()[:24]
+            rel = f"images/{digest}{src.suffix.lower()}"
+            dest = self.dataset_dir / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if not dest.exists():
+                shutil.copyfile(src, dest)
+            self.copied[resolved] = rel
+        return self.copied[resolved]
+
+
+def _rebase_images(record: Record, source_uri: str, place: Any) -> tuple[Record, bool]:
+    """Image paths become dataset-relative copies (local) or absolute s3:// URIs."""
+    changes: dict[str, Any] = {}
+    for name in ("query_image", "positive_image"):
+        value = getattr(record, name)
+        if value:
+            changes[name] = place(source_uri, value)
+    if record.negative_images:
+        changes["negative_images"] = tuple(place(source_uri, p) for p in record.negative_images)
+    return (dataclasses.replace(record, **changes), True) if changes else (record, False)
+
+
+class _Reader:
+    """Streams records from every source file in order; one downloaded file on disk at a time."""
+
+    def __init__(self, uris: list[str], on_bad_record: str, workdir: Path, dataset_dir: Path) -> None:
+        self.uris = uris
+        self.place_image = _ImageCopier(dataset_dir)
+        self.on_bad_record = on_bad_record
+        self.workdir = workdir
+        self.records = 0
+        self.skipped: Counter[str] = Counter()
+        self.examples: list[str] = []
+        self.images_rebased = 0
+        self.files: list[dict[str, Any]] = []
+        self.source_hash = hashlib.sha256()  # sha256 of all source bytes, concatenated in order
+
+    def _hash(self, path: Path) -> tuple[str, int]:
+        digest = hashlib.sha256()
+        size = 0
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+                self.source_hash.update(chunk)
+                size += len(chunk)
+        return digest.hexdigest(), size
+
+    def __iter__(self) -> Iterator[Record]:
+        for uri in self.uris:
+            local = storage.download_file(uri, self.workdir / "part.jsonl") if storage.is_s3(uri) else Path(uri)
+            try:
+                yield from self._read_file(uri, local)
+            finally:
+                if local.parent == self.workdir:
+                    local.unlink(missing_ok=True)
+
+    def _read_file(self, uri: str, local: Path) -> Iterator[Record]:
+        sha, size = self._hash(local)
+        stats = ReadStats()
+        original = str(local)
+
+        def named(message: str) -> str:
+            # Errors name the original file (s3:// URI), not our temp copy; line numbers are unchanged.
+            return uri + message[len(original) :] if message.startswith(original) else message
+
+        def rebase(record: Record) -> Record:
+            # Runs inside read_records, so a missing or escaping image is reported as path:line.
+            record, rebased = _rebase_images(record, uri, self.place_image)
+            self.images_rebased += rebased
+            return record
+
+        try:
+            yield from read_records(local, on_bad_record=self.on_bad_record, stats=stats, transform=rebase)  # type: ignore[arg-type]
+        except DataError as e:
+            if self.on_bad_record != "skip":
+                raise DataError(named(str(e))) from None
+            # In skip mode read_records raises only for a file with no content at all.
+            stats.skipped["empty file"] += 1
+            stats.examples.append(named(str(e)))
+        self.records += stats.records
+        self.skipped.update(stats.skipped)
+        self.examples.extend(named(m) for m in stats.examples[: MAX_EXAMPLES - len(self.examples)])
+        self.files.append(
+            {"uri": uri, "sha256": sha, "size": size, "records": stats.records, "skipped": stats.skipped_total}
+        )
+
+
+def _mine(train_path: Path, model: str, settings: Any) -> dict[str, Any]:
+    """Rewrite the train split with mined negatives; returns what was mined, for stats.json."""
+    from vembed.data import write_records
+    from vembed.data.mining import MiningSettings, mine_negatives, predictor_encoder
+
+    settings = settings or MiningSettings()
+    records = list(read_records(str(train_path)))
+    mined, stats = mine_negatives(records, predictor_encoder(model), settings)
+    write_records(mined, train_path)
+    return {"model": model, **dataclasses.asdict(settings), **dataclasses.asdict(stats)}
+
+
+def prepare(
+    raw_uri: str,
+    output_uri: str,
+    eval_fraction: float = 0.1,
+    seed: int = 0,
+    on_bad_record: str = "error",
+    latest: bool = False,
+    mine_negatives: str | None = None,
+    mining: Any = None,
+) -> dict[str, Any]:
+    """Validate, deduplicate and split raw JSONL into a dataset directory at `output_uri`.
+
+    `raw_uri`: a JSONL file, a directory of *.jsonl, an s3:// object or prefix (files read in
+    sorted order), or `<prefix>/latest` (or latest=True) for the newest dt=YYYY-MM-DD/ snapshot.
+    The split is deterministic: same data and seed -> same split. Local images are copied into
+    the dataset (`images/`, content-addressed) and s3:// images are referenced by absolute URI,
+    so the dataset directory is self-contained wherever it is stored.
+    `mine_negatives`: a model (HF id, directory or checkpoint) that mines hard negatives into the
+    train split (vembed.data.mining; `mining`: its MiningSettings); the eval split is left alone.
+    Returns the stats written to `stats.json`, plus `output` and `dataset_sha256` (sha256 of the
+    dataset's manifest).
+    """
+    if not 0 <= eval_fraction < 1:
+        raise ConfigError(f"eval_fraction: must be in [0, 1), got {eval_fraction}")
+    if on_bad_record not in ("error", "skip"):
+        raise ConfigError(f"on_bad_record: must be 'error' or 'skip', got {on_bad_record!r}")
+    source = resolve_raw_uri(raw_uri, latest)
+    uris = source_files(source)
+
+    with tempfile.TemporaryDirectory(prefix="vembed-prepare-") as workdir, storage.staging_dir(output_uri) as out:
+        reader = _Reader(uris, on_bad_record, Path(workdir), out)
+        counts = split_to_files(reader, out / "train.jsonl", out / "eval.jsonl", eval_fraction=eval_fraction, seed=seed)
+        if counts.train == 0:
+            skipped = sum(reader.skipped.values())
+            raise DataError(f"{source}: no valid records to train on ({reader.records} read, {skipped} skipped)")
+        warnings = []
+        if eval_fraction > 0 and counts.eval == 0:
+            warnings.append(f"eval split is empty: {counts.train} records are too few for eval_fraction={eval_fraction}")
+        mined = _mine(out / "train.jsonl", mine_negatives, mining) if mine_negatives else None
+        stats: dict[str, Any] = {
+            "source": source,
+            "source_sha256": reader.source_hash.hexdigest(),
+            "source_files": reader.files,
+            "records": reader.records,
+            "train": counts.train,
+            "eval": counts.eval,
+            "duplicates": counts.duplicates,
+            "skipped": dict(reader.skipped.most_common()),
+            "skipped_total": sum(reader.skipped.values()),
+            "skipped_examples": reader.examples,
+            "images_rebased": reader.images_rebased,
+            "eval_fraction": eval_fraction,
+            "seed": seed,
+            "on_bad_record": on_bad_record,
+            "warnings": warnings,
+            **({"mining": mined} if mined else {}),
+        }
+        (out / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return {**stats, "output": output_uri, "dataset_sha256": storage.manifest_sha256(output_uri)}

@@ -1,0 +1,266 @@
+"""Pipeline step: fine-tune on a prepared dataset directory.
+
+The dataset directory is what `vembed.pipeline.steps.prepare` writes: `train.jsonl`, `eval.jsonl` and a manifest.
+The step resolves the config (defaults < optional YAML < overrides < the paths this step owns), trains,
+and returns a JSON-friendly summary; `render_report` turns that summary into an HTML page for the KFP UI.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vembed.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from vembed.config import TrainConfig
+
+# Keys the step sets itself; an override of one of them would be silently replaced, so it is refused.
+STEP_OWNED_KEYS = ("data_path", "eval_data_path", "output_dir")
+# Where the images install the project (images/Dockerfile.*: WORKDIR /opt/vembed, COPY examples examples).
+IMAGE_HOME_ENV = "VEMBED_HOME"
+IMAGE_HOME = "/opt/vembed"
+
+
+def resolve_config_path(config_path: str | os.PathLike[str] | None, home: str | None = None) -> str | None:
+    """The config file a pipeline step should read for `config_path`.
+
+    In a step's pod the working directory is not the project, so a relative `examples/x.yaml` (or a
+    bare `x.yaml`) is looked up, in order: as given, under the image's project directory
+    (`$VEMBED_HOME`, default /opt/vembed), then under its `examples/`. Missing everywhere is a
+    one-line error listing where it looked and which example configs the image has.
+    """
+    if not config_path:
+        return None
+    given = Path(config_path)
+    if given.is_file():
+        return str(given)
+    root = Path(home or os.environ.get(IMAGE_HOME_ENV) or IMAGE_HOME)
+    tried = [given]
+    if not given.is_absolute():
+        for candidate in (root / given, root / "examples" / given):
+            tried.append(candidate)
+            if candidate.is_file():
+                return str(candidate)
+    examples = sorted(p.name for p in (root / "examples").glob("*.yaml")) if (root / "examples").is_dir() else []
+    known = f"; the image's examples: {', '.join(examples)}" if examples else f"; {root / 'examples'} has no configs"
+    raise ConfigError(f"config_path {config_path}: not found (looked at {', '.join(map(str, tried))}){known}")
+
+
+def _overrides_as_dict(config_overrides: Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
+    from vembed.config import parse_overrides
+
+    if not config_overrides:
+        return {}
+    if isinstance(config_overrides, Mapping):
+        return dict(config_overrides)
+    if isinstance(config_overrides, str):
+        raise ConfigError(f"config_overrides: expected a list of key=value strings, got the string {config_overrides!r}")
+    return parse_overrides(config_overrides)
+
+
+def dataset_files(dataset_dir: str | os.PathLike[str]) -> tuple[Path, Path | None]:
+    """(train.jsonl, eval.jsonl or None) inside a prepared dataset directory."""
+    root = Path(dataset_dir)
+    train_path = root / "train.jsonl"
+    if not train_path.is_file():
+        raise DataError(f"{root}: no train.jsonl in the dataset directory (was it written by `vembed prepare`?)")
+    eval_path = root / "eval.jsonl"
+    return train_path, (eval_path if eval_path.is_file() else None)
+
+
+def resolve_config(
+    config_path: str | os.PathLike[str] | None,
+    overrides: Mapping[str, Any],
+    backend: str | None = None,
+    job_image: str | None = None,
+) -> TrainConfig:
+    """`load_config`, with the trainer settings a pipeline was compiled for where the config leaves them unset.
+
+    `backend`: the pipeline's train pod was shaped for it (with trainjob / pytorchjob it has no GPU),
+    so a config that explicitly asks for another backend is an error rather than a silent CPU run.
+    `job_image`: the image a cluster job runs when `trainer.image` is unset (the pipeline's train image).
+    """
+    from vembed.config import load_config
+
+    cfg = load_config(config_path or None, overrides, trainer_defaults={"backend": backend, "image": job_image})
+    if backend and cfg.trainer.backend != backend:  # the defaults fill only unset keys: the config set it
+        raise ConfigError(
+            f"trainer.backend is {cfg.trainer.backend!r} but this pipeline was compiled with --train-backend {backend} "
+            "(its train pod is shaped for that); remove the setting or recompile the pipeline"
+        )
+    return cfg
+
+
+def train(
+    dataset_dir: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    base_model: str | None = None,
+    config_overrides: Sequence[str] | Mapping[str, Any] | None = None,
+    config_path: str | os.PathLike[str] | None = None,
+    output_uri: str | None = None,
+    task_config: Mapping[str, Any] | None = None,
+    backend: str | None = None,
+    job_image: str | None = None,
+) -> dict[str, Any]:
+    """Train on `dataset_dir`, writing checkpoints under `output_dir`.
+
+    With `trainer.backend` trainjob / pytorchjob (or several local GPUs) training runs through
+    vembed.pipeline.steps.launch: `output_uri` (s3:// or a shared-PVC path) is where the cluster job writes, and
+    `task_config` (the KFP task's `dsl.TaskConfig` as a dict) is passed on to the job.
+    `backend` and `job_image` are the pipeline's defaults for `trainer.backend` and `trainer.image`
+    (see `resolve_config`).
+    Returns {"checkpoint_dir", "final_loss", "global_step", "history", "config", "log_path"}.
+    """
+    from vembed.training import train as run_training
+
+    overrides = _overrides_as_dict(config_overrides)
+    for key in STEP_OWNED_KEYS:
+        if key in overrides:
+            raise ConfigError(f"config_overrides: {key!r} is set by the train step from its inputs; remove it")
+    train_path, eval_path = dataset_files(dataset_dir)
+    if base_model:
+        overrides["model_name"] = base_model
+    overrides.update(
+        data_path=str(train_path),
+        eval_data_path=str(eval_path) if eval_path else None,
+        output_dir=str(output_dir),
+    )
+    cfg = resolve_config(resolve_config_path(config_path), overrides, backend, job_image)
+    from vembed.pipeline.steps.launch import needs_launcher, train_via_launcher
+
+    if needs_launcher(cfg):  # more than this process: accelerate launch or a cluster job (docs/multinode.md)
+        return train_via_launcher(cfg, output_dir, output_uri=output_uri, task_config=task_config)
+    result = run_training(cfg)
+    return {
+        "checkpoint_dir": str(result.checkpoint_dir),
+        "final_loss": float(result.final_loss),
+        "global_step": int(result.global_step),
+        "history": list(result.history),
+        "config": cfg.model_dump(),
+        "log_path": str(result.log_path),
+    }
+
+
+def _loss_curve_png(history: Sequence[Mapping[str, Any]]) -> bytes | None:
+    points = [(h["step"], h["loss"]) for h in history if h.get("loss") is not None and "step" in h]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display in a pipeline pod
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+REPORT_CONFIG_KEYS = (
+    "model_name", "use_lora", "lora_r", "lora_alpha", "lora_target_modules", "batch_size",
+    "learning_rate", "epochs", "max_steps", "use_mrl", "mrl_dims", "use_gradient_cache", "torch_dtype",
+)  # fmt: skip
+
+
+def render_report(summary: Mapping[str, Any]) -> str:
+    """A self-contained HTML page (inline PNG) with the loss curve and the key settings."""
+    esc = html.escape
+    rows = [("final loss", f"{summary['final_loss']:.4f}"), ("optimizer steps", str(summary["global_step"]))]
+    config = summary.get("config") or {}
+    rows += [(k, str(config[k])) for k in REPORT_CONFIG_KEYS if k in config]
+    table = "\n".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows)
+    png = _loss_curve_png(summary.get("history") or [])
+    curve = (
+        f'<img alt="training loss" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+        if png
+        else "<p>No loss was logged (fewer steps than logging_steps).</p>"
+    )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>vembed training</title>"
+        "<style>body{font-family:sans-serif}th{text-align:left;padding-right:1em}</style></head><body>"
+        f"<h2>Training</h2>{curve}<table>{table}</table></body></html>\n"
+    )
+
+
+def train_to_artifacts(
+    dataset_path: str,
+    model_path: str,
+    model_uri: str,
+    report_path: str,
+    *,
+    base_model: str = "",
+    config_overrides: Sequence[str] = (),
+    config_path: str = "",
+    s3_endpoint_url: str = "",
+    train_backend: str = "",
+    job_image: str = "",
+    job_output_uri: str = "",
+    task_config: Mapping[str, Any] | None = None,
+    job_settings: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The body of both train components: train next to `model_path` (same filesystem), move the final
+    checkpoint and training_log.txt there, write the HTML report; returns the summary.
+
+    `job_settings` (cluster variant): what the pipeline fixed at compile time for the job's pods
+    ({"resources": {"requests": ..., "limits": ...}, "image_pull_secrets": [...]}); it overlays `task_config`.
+    Transient failures are retried; a permanent one becomes `SystemExit("error: ...")`: one line in the pod log.
+    """
+    import shutil
+    import tempfile
+
+    from vembed.pipeline.steps.launch import job_output_uri as default_job_output_uri
+    from vembed.retry import run_step
+
+    if s3_endpoint_url:
+        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint_url
+    task = {k: v for k, v in dict(task_config or {}).items() if v is not None}
+    task.update({k: v for k, v in dict(job_settings or {}).items() if v})
+    out = Path(model_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".train-") as work:
+        def attempt() -> dict[str, Any]:
+            return train(
+                dataset_path,
+                work,
+                base_model or None,
+                list(config_overrides),
+                config_path or None,
+                output_uri=job_output_uri or default_job_output_uri(model_uri),
+                task_config=task or None,
+                backend=train_backend or None,
+                job_image=job_image or None,
+            )
+
+        # Bad config or data fails at once with one line; a transient storage error is retried.
+        summary = run_step(attempt)
+        if out.exists():  # a retried attempt in the same place
+            shutil.rmtree(out)
+        shutil.move(summary["checkpoint_dir"], out)
+        shutil.copy2(summary["log_path"], out / "training_log.txt")
+    Path(report_path).write_text(render_report(summary), encoding="utf-8")
+    return summary
+
+
+def train_component(dataset: Any, model: Any, report: Any, task_config: Any = None, **params: Any) -> tuple[float, int]:
+    """The body of both train components, given their KFP artifacts (`.path`, `.uri`, `.metadata`) and
+    their other inputs by name: `train_to_artifacts`, then the model's metadata. Returns (final_loss, global_step)."""
+    import dataclasses
+
+    task = dataclasses.asdict(task_config) if task_config else None  # a dsl.TaskConfig (cluster variant)
+    summary = train_to_artifacts(dataset.path, model.path, model.uri, report.path, task_config=task, **params)
+    model.metadata.update(
+        base_model=summary["config"]["model_name"], final_loss=summary["final_loss"], global_step=summary["global_step"]
+    )
+    return summary["final_loss"], summary["global_step"]
