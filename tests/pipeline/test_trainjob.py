@@ -471,10 +471,11 @@ def test_pipeline_compiled_for_trainjob_or_pytorchjob(backend, tmp_path, monkeyp
     assert images["exec-evaluate"] == images["exec-merge"] == "{{$.inputs.parameters['pipelinechannel--train_image']}}"
     assert "accelerator" not in text
 
-    # The pod's code hands the job an output next to the model artifact and the task config.
+    # The pod's code hands every input, the task config and job settings included, to the one train body
+    # (vembed.pipeline.steps.train.train_component), which gives the job an output next to the model artifact.
     source = " ".join(container["command"])
-    assert "train_to_artifacts(" in source and "model.uri" in source
-    assert "task_config=dataclasses.asdict(task_config)" in source and "job_settings=job_settings" in source
+    assert "task_config: dsl.TaskConfig" in source and "job_settings: dict" in source
+    assert "inputs = dict(locals())" in source and "train_component(**inputs)" in source
 
     # Secrets by name only (run parameters), mounted on the launcher pod and passed on as references.
     (secret,) = k8s["exec-train"]["secretAsEnv"]
