@@ -43,14 +43,15 @@ ROWS: dict[str, dict[str, Any]] = {
     "LoRA (defaults) + MRL": {"use_mrl": True},
 }
 FULL = ["full FT lr 2e-5", "full FT lr 5e-5", "full FT lr 1e-4", "full FT lr 2e-4"]
-# A second seed of the rows that carry a target (the full fine-tune: its best lr, see second_seed).
-SEED2 = 7
-ROWS.update(
-    {
-        f"LoRA (defaults), seed {SEED2}": {"seed": SEED2},
-        f"LoRA (defaults) + MRL, seed {SEED2}": {"use_mrl": True, "seed": SEED2},
-    }
-)
+# More seeds of the rows that carry a target (the full fine-tune: its best lr, see more_seeds).
+SEEDS = [7, 123]
+for _seed in SEEDS:
+    ROWS[f"LoRA (defaults), seed {_seed}"] = {"seed": _seed}
+    ROWS[f"LoRA (defaults) + MRL, seed {_seed}"] = {"use_mrl": True, "seed": _seed}
+
+
+# The best full fine-tune lr on both data sets (FULL, seed 42) at the other seeds.
+FULL_SEEDS = [f"full FT lr 1e-4, seed {s}" for s in SEEDS]
 
 
 def resolved(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -84,7 +85,7 @@ def ensure_runs(threads: int) -> dict[str, Any]:
     # Rows without a twin in the sweep are trained (and saved) under their own names.
     recipe_sweep.RUNS.update({row: ROWS[row] for row, twin in twins.items() if twin is None})
     recipe_sweep.main(
-        ["--threads", str(threads), "--only", "|".join([*FULL, *(r for r, t in twins.items() if t is None)])]
+        ["--threads", str(threads), "--only", "|".join([*FULL, *FULL_SEEDS, *(r for r, t in twins.items() if t is None)])]
     )
     results = json.loads(path.read_text())
     for row, twin in twins.items():
@@ -135,30 +136,34 @@ def table(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         "Share: gain over base / the full fine-tune's gain. MRL rows: the MRL run's embeddings truncated "
         "to the first d dims and renormalised (the last column: share of its own full-dim nDCG@10)."
     )
-    return note + "\n\n" + md_table(header, rows) + second_seed(results, picked), picked
+    return note + "\n\n" + md_table(header, rows) + more_seeds(results, picked), picked
 
 
-def second_seed(results: dict[str, Any], picked: dict[str, Any]) -> str:
-    """Seed 42 next to seed 7 for LoRA, the best full fine-tune and MRL; the targets on the mean."""
+def more_seeds(results: dict[str, Any], picked: dict[str, Any]) -> str:
+    """Seeds 42, 7 and 123 for LoRA, the best full fine-tune and MRL; the targets on the means."""
     rows = []
     for ds in SETS:
         runs, base = results[ds], picked[ds]["base"]["ndcg@10"]
-        full7 = runs.get(f"{picked[ds]['full']['name']}, seed {SEED2}")
-        lora7 = runs.get(f"LoRA (defaults), seed {SEED2}")
-        mrl7 = runs.get(f"LoRA (defaults) + MRL, seed {SEED2}")
-        if not (full7 and lora7 and mrl7):
+        full_name = picked[ds]["full"]["name"]
+        per_seed = [(picked[ds]["full"], picked[ds]["LoRA (defaults)"], picked[ds]["LoRA (defaults) + MRL"])]
+        per_seed += [
+            (runs.get(f"{full_name}, seed {s}"), runs.get(f"LoRA (defaults), seed {s}"),
+             runs.get(f"LoRA (defaults) + MRL, seed {s}"))
+            for s in SEEDS
+        ]  # fmt: skip
+        if not all(all(r) for r in per_seed):
             continue
-        pairs = {
-            "LoRA": (picked[ds]["LoRA (defaults)"]["ndcg@10"], lora7["ndcg@10"]),
-            "full": (picked[ds]["full"]["ndcg@10"], full7["ndcg@10"]),
-            "MRL": (picked[ds]["LoRA (defaults) + MRL"]["ndcg@10"], mrl7["ndcg@10"]),
-            "MRL@96": (picked[ds]["LoRA (defaults) + MRL"]["per_dim"]["96"], mrl7["per_dim"]["96"]),
+        series = {
+            "LoRA": [lo["ndcg@10"] for _, lo, _ in per_seed],
+            "full": [fu["ndcg@10"] for fu, _, _ in per_seed],
+            "MRL": [m["ndcg@10"] for _, _, m in per_seed],
+            "MRL@96": [m["per_dim"]["96"] for _, _, m in per_seed],
         }
-        mean = {k: sum(v) / 2 for k, v in pairs.items()}
+        mean = {k: sum(v) / len(v) for k, v in series.items()}
         rows.append(
             [
                 ds,
-                *(f"{a:.3f} / {b:.3f}" for a, b in pairs.values()),
+                *(" / ".join(f"{x:.3f}" for x in v) for v in series.values()),
                 f"{100 * (mean['LoRA'] - base) / (mean['full'] - base):.0f}%",
                 f"{mean['MRL'] - mean['LoRA']:+.3f}",
                 f"{100 * mean['MRL@96'] / mean['MRL']:.1f}%",
@@ -176,8 +181,9 @@ def second_seed(results: dict[str, Any], picked: dict[str, Any]) -> str:
         "MRL full dim vs LoRA (mean)",
         "MRL dim 96 / its dim 384 (mean)",
     ]
+    seeds = " / ".join(str(s) for s in [42, *SEEDS])
     return (
-        f"\n\nSeed 42 / seed {SEED2} (the full fine-tune at its best lr), and the targets on the mean of the two:\n\n"
+        f"\n\nSeeds {seeds} (the full fine-tune at its best lr), and the targets on the means:\n\n"
         + md_table(header, rows)
     )
 

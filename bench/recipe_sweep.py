@@ -37,6 +37,7 @@ BASE = {
     "lora_target_modules": ALL_LINEAR,
     "lora_r": 16,
     "lora_alpha": 32,
+    "lora_dropout": 0.05,  # the defaults before the three-seed round (now r32, alpha 48, dropout 0)
     "learning_rate": 1e-3,
 }
 # One factor at a time from BASE; the name says what changed. Names starting with "full FT" are
@@ -93,6 +94,88 @@ RUNS: dict[str, dict[str, Any]] = {
         "mrl_weights": [2, 1, 1],
     },
 }
+
+
+SEEDS = [42, 7, 123]
+# Runs repeated at every seed of SEEDS: label -> (the seed-42 run's name, the other seeds' name prefix).
+# The differences between one-seed runs are of the size of the seed noise; these means decide the defaults.
+SEEDED: dict[str, tuple[str, str]] = {
+    "full FT lr 1e-4": ("full FT lr 1e-4", "full FT lr 1e-4"),
+    "LoRA r16 a32, dropout 0.05 (the old defaults)": ("baseline (all linear, r16 a32, lr 1e-3)", "baseline"),
+    "LoRA r16 a32, dropout 0": ("lora_dropout 0", "dropout 0"),
+    "LoRA r16 a32, dropout 0, + LayerNorm": ("dropout 0, + LayerNorm", "dropout 0, + LayerNorm"),
+    "LoRA r24 a48, dropout 0": ("dropout 0, r24 a48", "dropout 0, r24 a48"),
+    "LoRA r32 a48, dropout 0": ("dropout 0, r32 a48", "dropout 0, r32 a48"),
+    "LoRA r32 a64, dropout 0": ("dropout 0, r32 a64", "dropout 0, r32 a64"),
+    "LoRA r32 a48, dropout 0, + MRL": ("dropout 0, r32 a48, + MRL", "dropout 0, r32 a48, + MRL"),
+    "LoRA r32 a48, dropout 0, + MRL (weights 1,2)": (
+        "dropout 0, r32 a48, + MRL (weights 1,2)",
+        "dropout 0, r32 a48, + MRL (weights 1,2)",
+    ),
+}
+
+D0 = {**BASE, "lora_dropout": 0.0}
+RUNS.update(
+    {
+        "baseline, seed 123": {**BASE, "seed": 123},
+        "full FT lr 1e-4, seed 123": {"use_lora": False, "learning_rate": 1e-4, "seed": 123},
+        "dropout 0, warmup 0": {**D0, "warmup_ratio": 0.0},
+        "dropout 0, LoRA+ 4": {**D0, "loraplus_lr_ratio": 4},
+        "dropout 0, LoRA+ 8, lr 5e-4": {**D0, "loraplus_lr_ratio": 8, "learning_rate": 5e-4},
+        "dropout 0, LoRA+ 16, lr 5e-4": {**D0, "loraplus_lr_ratio": 16, "learning_rate": 5e-4},
+        "dropout 0, r32 a64, + LayerNorm": {**D0, "lora_r": 32, "lora_alpha": 64, "modules_to_save": ["LayerNorm"]},
+        "dropout 0, r32 a48, + mined negatives": {**D0, "lora_r": 32, "lora_alpha": 48, "_mine": True},
+    }
+)
+for _label, (_first, _prefix) in SEEDED.items():
+    _extra = {
+        "LoRA r16 a32, dropout 0": {},
+        "LoRA r16 a32, dropout 0, + LayerNorm": {"modules_to_save": ["LayerNorm"]},
+        "LoRA r24 a48, dropout 0": {"lora_r": 24, "lora_alpha": 48},
+        "LoRA r32 a48, dropout 0": {"lora_r": 32, "lora_alpha": 48},
+        "LoRA r32 a64, dropout 0": {"lora_r": 32, "lora_alpha": 64},
+        "LoRA r32 a48, dropout 0, + MRL": {"lora_r": 32, "lora_alpha": 48, "use_mrl": True},
+        "LoRA r32 a48, dropout 0, + MRL (weights 1,2)": {
+            "lora_r": 32, "lora_alpha": 48, "use_mrl": True, "mrl_dims": [384, 96], "mrl_weights": [1, 2],
+        },
+    }.get(_label)
+    if _extra is not None:  # the others are in RUNS already
+        RUNS[_first] = {**D0, **_extra}
+        RUNS.update({f"{_prefix}, seed {s}": {**D0, **_extra, "seed": s} for s in SEEDS[1:]})
+
+
+def seed_table(results: dict[str, Any]) -> str:
+    """One row per SEEDED label with every seed run: each seed's nDCG@10, the mean, and the mean's
+    share of the mean full fine-tune gain."""
+
+    def series(ds: str, label: str) -> list[float] | None:
+        first, prefix = SEEDED[label]
+        names = [first, *(f"{prefix}, seed {s}" for s in SEEDS[1:])]
+        runs = results.get(ds, {})
+        return [runs[n]["ndcg@10"] for n in names] if all(n in runs for n in names) else None
+
+    sets = list(results)
+    full = {ds: series(ds, "full FT lr 1e-4") for ds in sets}
+    rows = []
+    for label in SEEDED:
+        values = {ds: series(ds, label) for ds in sets}
+        if not all(values.values()):
+            continue
+        row: list[Any] = [label]
+        for ds in sets:
+            mean, base = sum(values[ds]) / len(SEEDS), results[ds]["base"]["ndcg@10"]
+            share = "-"
+            if full[ds]:
+                share = f"{100 * (mean - base) / (sum(full[ds]) / len(SEEDS) - base):.0f}%"
+            row += [" / ".join(f"{v:.3f}" for v in values[ds]), f"{mean:.3f}", share]
+        rows.append(row)
+    if not rows:
+        return ""
+    seeds = " / ".join(map(str, SEEDS))
+    header = ["run"] + [h for ds in sets for h in (f"{ds} seeds {seeds}", f"{ds} mean", f"{ds} share (means)")]
+    return f"\n\nSeeds {seeds}: nDCG@10 per seed, mean, and the mean's share of the mean full fine-tune gain:\n\n" + (
+        md_table(header, rows)
+    )
 
 
 def dataset(name: str) -> dict[str, Any]:
@@ -212,7 +295,7 @@ def write_table(results: dict[str, Any]) -> str:
                     )
         out += "\n\nnDCG@10 per truncated dim (share of the run's own full dim):\n\n"
         out += md_table(["data set", "run", *(str(d) for d in DIMS)], mrows)
-    return out
+    return out + seed_table(results)
 
 
 def main(argv: list[str]) -> None:

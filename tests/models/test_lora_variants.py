@@ -122,3 +122,31 @@ def test_lora_init_refuses_what_cannot_work(tiny_bert):
     with pytest.raises(ConfigError, match="olora cannot resume"):
         load_config(None, {"lora_init": "olora", "resume_from_checkpoint": "latest"})
     assert load_config(None, {"lora_init": "pissa_niter_4"}).lora_init == "pissa_niter_4"
+
+
+def test_loraplus_trains_b_matrices_at_ratio_times_the_learning_rate(tiny_bert, pairs_file, tmp_path):
+    import pytest
+
+    from vembed.errors import ConfigError
+    from vembed.training import train
+    from vembed.training.loop import build_optimizer
+
+    cfg = load_config(None, {"model_name": tiny_bert, "learning_rate": 1e-3, "loraplus_lr_ratio": 8})
+    embedder = apply_lora(load_embedder(tiny_bert, "auto", 32, None, torch.float32), cfg)
+    lr_of = {id(p): g["lr"] for g in build_optimizer(cfg, embedder).param_groups for p in g["params"]}
+    trainable = {n: p for n, p in embedder.named_parameters() if p.requires_grad}
+    assert len(lr_of) == len(trainable)  # every trainable parameter exactly once
+    for name, p in trainable.items():
+        assert lr_of[id(p)] == pytest.approx(8e-3 if "lora_B" in name else 1e-3), name
+    assert any("lora_B" in n for n in trainable) and any("lora_A" in n for n in trainable)
+
+    run = load_config(
+        None,
+        {"model_name": tiny_bert, "data_path": pairs_file, "output_dir": str(tmp_path / "o"), "loraplus_lr_ratio": 8,
+         "batch_size": 16, "max_steps": 2, "max_seq_length": 32},
+    )  # fmt: skip
+    assert train(run).checkpoint_dir.is_dir()
+    with pytest.raises(ConfigError, match="loraplus_lr_ratio: needs use_lora"):
+        load_config(None, {"loraplus_lr_ratio": 4, "use_lora": False})
+    with pytest.raises(ConfigError, match="loraplus_lr_ratio: cannot be combined with use_fsdp"):
+        load_config(None, {"loraplus_lr_ratio": 4, "use_fsdp": True})

@@ -102,6 +102,22 @@ def build_embedder(cfg: TrainConfig, dtype: torch.dtype) -> Embedder:
     return embedder
 
 
+def build_optimizer(cfg: TrainConfig, embedder: Embedder) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; with loraplus_lr_ratio, peft's LoRA+ groups (B matrices
+    at ratio x learning_rate)."""
+    # The fused kernel does one pass over all parameters (CPU and CUDA); FSDP keeps the default.
+    fused = None if cfg.use_fsdp else True
+    if cfg.loraplus_lr_ratio is not None:
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(
+            embedder, torch.optim.AdamW, lr=cfg.learning_rate, loraplus_lr_ratio=cfg.loraplus_lr_ratio,
+            loraplus_weight_decay=cfg.weight_decay, weight_decay=cfg.weight_decay, fused=fused,
+        )  # fmt: skip
+    params = [p for p in embedder.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
+
+
 RUN_CONFIG_HEADER = "# vembed: the resolved config of this training run\n"
 
 
@@ -163,10 +179,7 @@ class Recipe:
         )  # fmt: skip
 
         self.loss_fn = build_loss(cfg, embedder.dim)
-        params = [p for p in embedder.parameters() if p.requires_grad]
-        # The fused kernel does one pass over all parameters (CPU and CUDA); FSDP keeps the default.
-        fused = None if cfg.use_fsdp else True
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
+        optimizer = build_optimizer(cfg, embedder)
         self.steps_per_epoch = math.ceil(len(self.sampler) / accelerator.num_processes)
         self.total_steps = min(cfg.epochs * self.steps_per_epoch, cfg.max_steps or math.inf)
         scheduler = get_scheduler(
