@@ -54,7 +54,6 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 MODEL_ARTIFACT_NAME = "embedding_model"
 TAG_SOURCE_KEY = "vembed.source_key"  # on logged models and versions: what was registered
 TAG_RUN_COMPLETE = "vembed.run_logged"
-TAG_CHALLENGER_SET = "vembed.challenger_set"
 TAG_CHAMPION_HISTORY = "vembed.champion_history"  # on the registered model
 _MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
@@ -273,7 +272,8 @@ class Registry:
         score = pick_metric(eval_metrics, promotion_metric)
         with registry_errors(f"{self.where}: registered model {model_name!r}"):
             _get_or_create(lambda: self.client.create_registered_model(model_name), lambda: None)
-        mv = next((v for v in self.versions(model_name) if (v.tags or {}).get(TAG_SOURCE_KEY) == key), None)
+        versions = self.versions(model_name)
+        mv = next((v for v in versions if (v.tags or {}).get(TAG_SOURCE_KEY) == key), None)
         created = mv is None
         if mv is None:
             run_id = run_id or self.find_run(key)  # a retry finds the LoggedModel made with the first run id
@@ -293,12 +293,10 @@ class Registry:
                     model_id=logged.model_id if remote or logged.source_run_id else None,
                 )
         cand, version = VersionInfo.of(mv), str(mv.version)
-        # Once per version: the tag marks "challenger was set", so retrying an older registration
-        # never pulls the alias back from a newer version.
-        if cand.tags.get(TAG_CHALLENGER_SET) != "true":
+        # The newest version is the challenger: retrying an older registration never pulls the alias back.
+        if all(int(v.version) <= int(version) for v in versions):
             with registry_errors(f"{self.where}: alias {model_name}@{CHALLENGER}"):
                 self.client.set_registered_model_alias(model_name, CHALLENGER, version)
-                self.client.set_model_version_tag(model_name, version, TAG_CHALLENGER_SET, "true")
         champion = self.alias_version(model_name, CHAMPION)
         champ = VersionInfo.of(champion) if champion else None
         promoted, reason = decide_version(cand, champ, min_delta, champion_score, eval_gate_passed)
