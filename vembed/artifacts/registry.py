@@ -276,7 +276,7 @@ class Registry:
         mv = next((v for v in versions if (v.tags or {}).get(TAG_SOURCE_KEY) == key), None)
         created = mv is None
         if mv is None:
-            run_id = run_id or self.find_run(key)  # a retry finds the LoggedModel made with the first run id
+            run_id = run_id or self.find_run(key)  # the training run logged under the same key, if any
             logged = self.log_embedding_model(source_key=key, adapter_dir=adapter, merged_dir=merged, run_id=run_id)
             flat = {mlflow_key(k): v for k, v in flat_metrics(results_of(eval_metrics)).items()}
             tags = {TAG_SOURCE_KEY: key, "vembed.metric_name": promotion_metric, "vembed.metric_value": repr(score)}
