@@ -32,44 +32,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _format_show(info: dict) -> str:
-    rows = [("version", "aliases", "metric", "score", "eval set", "run")]
+    lines = [f"model {info['name']}"]
     for v in info["versions"]:
         score = f"{v['score']:.4f}" if v["score"] is not None else "-"
-        row = (v["version"], ",".join(v["aliases"]), v["metric"], score, v["eval_set_sha256"], v["run_id"])
-        rows.append(tuple(str(c or "-")[:12] if i > 3 else str(c or "-") for i, c in enumerate(row)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [f"model {info['name']}"]
-    lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        ids = f"eval set {(v['eval_set_sha256'] or '-')[:12]}  run {(v['run_id'] or '-')[:12]}"
+        lines.append(f"  v{v['version']:<4} {','.join(v['aliases']) or '-':<21} {v['metric'] or '-'} {score:<7} {ids}")
     return "\n".join([*lines, f"champion history: {' -> '.join(f'v{v}' for v in info['champion_history']) or 'none'}"])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(list(argv) if argv is not None else None)
+def _run(args: argparse.Namespace) -> int:
+    from vembed.artifacts.mlflow_store import require_existing_store, resolve_tracking_uri
+    from vembed.artifacts.registry import Registry
 
-    def run() -> int:
-        from vembed.artifacts.registry import Registry, require_existing_store, resolve_tracking_uri
-
-        # Every command here needs a model that is already registered: never create a store.
-        uri = resolve_tracking_uri(args.output_dir, create=False)
-        require_existing_store(uri)
-        registry = Registry(uri)
-        if args.command == "show":
-            info = registry.show(args.name)
-            print(json.dumps(info, indent=2) if args.json else _format_show(info))
-            return 0
-        if args.command == "promote":
-            decision = registry.promote(args.name, args.version)
-        else:
-            decision = registry.rollback(args.name)
-        if args.json:
-            print(json.dumps(decision.to_dict(), indent=2))
-        else:
-            print(f"{decision.model_name}: champion is now v{decision.version} ({decision.reason})")
-        if args.command == "rollback" and not args.no_serving:
-            return _rollback_serving(registry, args)
+    # Every command here needs a model that is already registered: never create a store.
+    uri = resolve_tracking_uri(args.output_dir, create=False)
+    require_existing_store(uri)
+    registry = Registry(uri)
+    if args.command == "show":
+        info = registry.show(args.name)
+        print(json.dumps(info, indent=2) if args.json else _format_show(info))
         return 0
-
-    return run_command(run)
+    decision = registry.promote(args.name, args.version) if args.command == "promote" else registry.rollback(args.name)
+    if args.json:
+        print(json.dumps(decision.to_dict(), indent=2))
+    else:
+        print(f"{decision.model_name}: champion is now v{decision.version} ({decision.reason})")
+    if args.command == "rollback" and not args.no_serving:
+        return _rollback_serving(registry, args)
+    return 0
 
 
 def _rollback_serving(registry, args: argparse.Namespace) -> int:
@@ -89,6 +79,11 @@ def _rollback_serving(registry, args: argparse.Namespace) -> int:
         return 2
     print(f"InferenceService {result['namespace']}/{result['service']} serves v{result['version']} ({result['revision']})")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    return run_command(lambda: _run(args))
 
 
 if __name__ == "__main__":

@@ -46,8 +46,8 @@ def pinned(packages: tuple[str, ...]) -> list[str]:
 def build_model(tmp: Path, artifacts: dict[str, str], mlflow_model: Any, example: list[str]) -> Path:
     """The MLflow model directory `tmp/model` for staged `artifacts` ({merged, adapter: directory});
     an adapter-only text model is merged here first (standard servers need merged weights)."""
-    from mlflow.models import ModelSignature, infer_signature
-    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+    from mlflow.models import infer_signature
+    from mlflow.types.schema import ParamSchema, ParamSpec
 
     from vembed.inference.predictor import Predictor
 
@@ -72,21 +72,17 @@ def build_model(tmp: Path, artifacts: dict[str, str], mlflow_model: Any, example
         artifacts[MERGED_ARTIFACT] = str(merge_adapter(artifacts[ADAPTER_ARTIFACT], tmp / MERGED_ARTIFACT))
     merged, normalize = Path(artifacts[MERGED_ARTIFACT]), predictor.spec.normalize
     model = SentenceTransformer(str(merged), device="cpu")
-    dim = int(model.encode(example, normalize_embeddings=normalize).shape[1])
-    params = [("prompt_name", "string", None), ("truncate_dim", "long", None)]
-    params += [("normalize_embeddings", "boolean", normalize), ("batch_size", "long", 32)]
-    signature = ModelSignature(
-        inputs=Schema([ColSpec("string")]),
-        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, dim))]),
-        params=ParamSchema([ParamSpec(*p) for p in params]),
-    )
+    embeddings = model.encode(example, normalize_embeddings=normalize)
+    signature = infer_signature(example, embeddings, params={"normalize_embeddings": normalize, "batch_size": 32})
+    # Without a default (the model's own behaviour unless asked), so `infer_signature` cannot type them.
+    signature.params = ParamSchema([ParamSpec("prompt_name", "string", None), ParamSpec("truncate_dim", "long", None), *signature.params.params])
     mlflow.sentence_transformers.save_model(
         model,
         str(local),
         signature=signature,
         pip_requirements=pinned(_ST_PACKAGES),
         mlflow_model=mlflow_model,
-        metadata={"vembed.prompts": sorted(model.prompts), "vembed.dim": dim},
+        metadata={"vembed.prompts": sorted(model.prompts), "vembed.dim": int(embeddings.shape[1])},
     )
     # Predictor reads the pooling/instruction spec from embedder.json; the adapter travels alongside.
     if (merged / "embedder.json").is_file():
@@ -94,19 +90,6 @@ def build_model(tmp: Path, artifacts: dict[str, str], mlflow_model: Any, example
     if ADAPTER_ARTIFACT in artifacts:
         shutil.copytree(artifacts[ADAPTER_ARTIFACT], local / ADAPTER_ARTIFACT)
     return local
-
-
-def texts_from_input(model_input: Any) -> list[str]:
-    """What pyfunc hands over: strings, a Series/array, or a DataFrame (its `text` or only column)."""
-    import pandas as pd
-
-    if isinstance(model_input, pd.DataFrame):
-        if "text" not in model_input.columns and model_input.shape[1] != 1:
-            raise ValueError(f"expected one text column or a 'text' column, got {list(model_input.columns)}")
-        model_input = model_input["text"] if "text" in model_input.columns else model_input.iloc[:, 0]
-    if not isinstance(model_input, str | list | tuple | pd.Series | np.ndarray):
-        raise ValueError(f"expected a list of strings or a DataFrame, got {type(model_input).__name__}")
-    return [str(t) for t in np.asarray(model_input, dtype=object).reshape(-1).tolist()]
 
 
 class EmbeddingModel(mlflow.pyfunc.PythonModel):
@@ -118,12 +101,12 @@ class EmbeddingModel(mlflow.pyfunc.PythonModel):
         self._predictor = Predictor(context.artifacts.get(MERGED_ARTIFACT) or context.artifacts[ADAPTER_ARTIFACT])
 
     # No type hints on model_input/params: MLflow would derive its own input schema from them and
-    # fight the explicit signature.
+    # fight the explicit signature. MLflow has checked both against the signature: `model_input` is a
+    # one-column DataFrame of strings, and `params` holds every param (defaults filled in).
     def predict(self, context, model_input, params=None) -> np.ndarray:
-        opts = {**DEFAULT_PARAMS, **(params or {})}
         return self._predictor.encode_text(
-            texts_from_input(model_input),
-            batch_size=int(opts["batch_size"]),
-            dim=int(opts["dim"]) or None,
-            is_query=bool(opts["is_query"]),
+            [str(t) for t in model_input.iloc[:, 0]],
+            batch_size=int(params["batch_size"]),
+            dim=int(params["dim"]) or None,
+            is_query=bool(params["is_query"]),
         )

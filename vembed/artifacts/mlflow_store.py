@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import re
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.utils.models import get_model_name_and_version
 
@@ -28,7 +28,6 @@ from vembed.redaction import redact
 MERGED_ARTIFACT, ADAPTER_ARTIFACT = "merged", "adapter"  # directories inside a registered model
 ST_DATA_PATH = "model.sentence_transformer"  # where the sentence_transformers flavor keeps the model
 _TRANSIENT = ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "RESOURCE_EXHAUSTED", "REQUEST_LIMIT_EXCEEDED")
-_MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
 
 def resolve_tracking_uri(output_dir: str | os.PathLike[str], create: bool = True) -> str:
@@ -47,17 +46,8 @@ def resolve_tracking_uri(output_dir: str | os.PathLike[str], create: bool = True
 def require_existing_store(tracking_uri: str) -> None:
     """For read commands: a sqlite store that does not exist is an error, not a new empty database."""
     db = Path(tracking_uri.removeprefix("sqlite:///"))
-    if tracking_uri.startswith("sqlite:///") and not db.parent.is_dir():
-        raise RegistryError(f"{tracking_uri}: folder {db.parent} does not exist, so there is no MLflow store there")
     if tracking_uri.startswith("sqlite:///") and not db.is_file():
         raise RegistryError(f"{tracking_uri}: no MLflow store there ({db} does not exist)")
-
-
-def local_artifact_root(tracking_uri: str) -> str | None:
-    """For a sqlite store, artifacts live next to the db file instead of MLflow's `./mlruns` default."""
-    if tracking_uri.startswith("sqlite:///"):
-        return (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-    return None
 
 
 @contextlib.contextmanager
@@ -77,17 +67,16 @@ def registry_errors(what: str) -> Iterator[None]:
 @contextlib.contextmanager
 def quiet_mlflow() -> Iterator[None]:
     """No progress bars, warnings or info lines from MLflow while fetching a model (errors still raise)."""
-    logger, env = logging.getLogger("mlflow"), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    level, old = logger.level, os.environ.get(env)
-    os.environ[env] = "false"
+    logger, bar = logging.getLogger("mlflow"), MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+    level, old = logger.level, bar.get_raw()
+    bar.set("false")
     logger.setLevel(logging.ERROR)  # mlflow.* loggers inherit it
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(action="ignore"):
             yield
     finally:
         logger.setLevel(level)
-        os.environ.pop(env) if old is None else os.environ.update({env: old})
+        bar.unset() if old is None else bar.set(old)
 
 
 def connect(tracking_uri: str | None = None) -> tuple[str, MlflowClient]:
@@ -101,17 +90,6 @@ def connect(tracking_uri: str | None = None) -> tuple[str, MlflowClient]:
     return uri, MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
-    """The version `name@alias` points at, None when there is no such alias or model."""
-    with registry_errors(f"{redact(client.tracking_uri)}: {name}@{alias}"):
-        try:
-            return client.get_model_version_by_alias(name, alias)
-        except MlflowException as e:
-            if e.error_code in _MISSING:
-                return None
-            raise
-
-
 def resolve_version(client: MlflowClient, models_uri: str) -> ModelVersion:
     """The version `models:/NAME@alias` or `models:/NAME/VERSION` names, resolved with this client
     (MLflow's own `models:/` download would resolve it through the process-wide registry URI)."""
@@ -122,21 +100,20 @@ def resolve_version(client: MlflowClient, models_uri: str) -> ModelVersion:
         return client.get_model_version(*found)
 
 
-def download_model(
-    models_uri: str, tracking_uri: str | None = None, cache_dir: str | os.PathLike[str] | None = None
-) -> Path:
+def download_model(models_uri: str, tracking_uri: str | None = None) -> Path:
     """`models:/NAME@alias` or `models:/NAME/3` as a local directory Predictor loads (merged model, else
-    adapter), cached per version under `cache_dir` ($VEMBED_CACHE_DIR, ~/.cache/vembed)."""
+    adapter), cached per version under $VEMBED_CACHE_DIR (default ~/.cache/vembed)."""
     tracking_uri, client = connect(tracking_uri)
     require_existing_store(tracking_uri)  # reading: never create an empty store
     mv = resolve_version(client, models_uri)
-    cache = Path(cache_dir or os.environ.get("VEMBED_CACHE_DIR") or Path.home() / ".cache" / "vembed")
+    cache = Path(os.environ.get("VEMBED_CACHE_DIR") or Path.home() / ".cache" / "vembed") / "models"
     ident = hashlib.sha256(f"{tracking_uri}|{mv.name}|{mv.version}|{mv.source}".encode()).hexdigest()[:16]
-    dest = cache / "models" / re.sub(r"[^\w.-]", "_", mv.name) / f"v{mv.version}-{ident}"
+    dest = cache / f"v{mv.version}-{ident}"
     if not dest.is_dir():
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        cache.mkdir(parents=True, exist_ok=True)
+        # Downloaded next to `dest` and renamed into place whole: a crash never leaves a partial model.
         with (
-            tempfile.TemporaryDirectory(prefix=f".{dest.name}-", dir=dest.parent) as tmp,
+            tempfile.TemporaryDirectory(prefix=f".{dest.name}-", dir=cache) as tmp,
             registry_errors(f"{models_uri}: download from {redact(tracking_uri)}"),
             quiet_mlflow(),
         ):

@@ -29,14 +29,11 @@ from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus, M
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from vembed.artifacts.mlflow_store import (  # noqa: F401 - download_model, quiet_mlflow...: re-exported, the public API
-    alias_version,
+from vembed.artifacts.mlflow_store import (  # noqa: F401 - download_model, quiet_mlflow...: re-exported
     connect,
     download_model,
-    local_artifact_root,
     quiet_mlflow,
     registry_errors,
-    require_existing_store,
     resolve_tracking_uri,
     resolve_version,
 )
@@ -57,8 +54,8 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 MODEL_ARTIFACT_NAME = "embedding_model"
 TAG_SOURCE_KEY = "vembed.source_key"  # on logged models and versions: what was registered
 TAG_RUN_COMPLETE = "vembed.run_logged"
-TAG_CHALLENGER_SET = "vembed.challenger_set"
 TAG_CHAMPION_HISTORY = "vembed.champion_history"  # on the registered model
+_MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
 
 def mlflow_key(name: str) -> str:
@@ -138,12 +135,13 @@ class Registry:
         self._experiment_id: str | None = None
 
     def experiment_id(self) -> str:
-        """The experiment's id; created when missing (with a sqlite store's artifact root)."""
+        """The experiment's id; created when missing (a sqlite store's artifacts next to its db file,
+        instead of MLflow's `./mlruns` default)."""
         if self._experiment_id is None:
-            name, root = self.experiment_name, local_artifact_root(self.tracking_uri)
+            name, db = self.experiment_name, Path(self.tracking_uri.removeprefix("sqlite:///"))
+            root = (db.parent / "mlartifacts").resolve().as_uri() if self.tracking_uri.startswith("sqlite:") else None
             with registry_errors(f"{self.where}: experiment {name!r}"):
-                exp = self.client.get_experiment_by_name(name)
-                self._experiment_id = exp.experiment_id if exp else _get_or_create(
+                self._experiment_id = _get_or_create(
                     lambda: self.client.create_experiment(name, artifact_location=root),
                     lambda: self.client.get_experiment_by_name(name).experiment_id,
                 )
@@ -210,7 +208,14 @@ class Registry:
             return sorted(self.client.search_model_versions(f"name = '{name}'"), key=lambda mv: int(mv.version))
 
     def alias_version(self, name: str, alias: str) -> ModelVersion | None:
-        return alias_version(self.client, name, alias)
+        """The version `name@alias` points at, None when there is no such alias or model."""
+        with registry_errors(f"{self.where}: {name}@{alias}"):
+            try:
+                return self.client.get_model_version_by_alias(name, alias)
+            except MlflowException as e:
+                if e.error_code not in _MISSING:
+                    raise
+        return None
 
     def log_embedding_model(
         self, *, source_key: str, adapter_dir: Path | None, merged_dir: Path | None, run_id: str | None
@@ -267,10 +272,11 @@ class Registry:
         score = pick_metric(eval_metrics, promotion_metric)
         with registry_errors(f"{self.where}: registered model {model_name!r}"):
             _get_or_create(lambda: self.client.create_registered_model(model_name), lambda: None)
-        mv = next((v for v in self.versions(model_name) if (v.tags or {}).get(TAG_SOURCE_KEY) == key), None)
+        versions = self.versions(model_name)
+        mv = next((v for v in versions if (v.tags or {}).get(TAG_SOURCE_KEY) == key), None)
         created = mv is None
         if mv is None:
-            run_id = run_id or self.find_run(key)
+            run_id = run_id or self.find_run(key)  # the training run logged under the same key, if any
             logged = self.log_embedding_model(source_key=key, adapter_dir=adapter, merged_dir=merged, run_id=run_id)
             flat = {mlflow_key(k): v for k, v in flat_metrics(results_of(eval_metrics)).items()}
             tags = {TAG_SOURCE_KEY: key, "vembed.metric_name": promotion_metric, "vembed.metric_value": repr(score)}
@@ -278,22 +284,19 @@ class Registry:
             # A server resolves `models:/<id>` itself. A direct (sqlite) store would resolve it through
             # mlflow's *global* tracking URI (an MLflow TODO), so give it the artifact location instead.
             remote = self.tracking_uri.split(":", 1)[0] in ("http", "https", "databricks")
-            source_run = logged.source_run_id or run_id
             with registry_errors(f"{self.where}: create version of {model_name!r}"):
                 mv = self.client.create_model_version(
                     model_name,
                     source=f"models:/{logged.model_id}" if remote else logged.artifact_location,
-                    run_id=source_run,
+                    run_id=logged.source_run_id,
                     tags=scrub(tags),
-                    model_id=logged.model_id if remote or source_run else None,
+                    model_id=logged.model_id if remote or logged.source_run_id else None,
                 )
         cand, version = VersionInfo.of(mv), str(mv.version)
-        # Once per version: the tag marks "challenger was set", so retrying an older registration
-        # never pulls the alias back from a newer version.
-        if cand.tags.get(TAG_CHALLENGER_SET) != "true":
+        # The newest version is the challenger: retrying an older registration never pulls the alias back.
+        if all(int(v.version) <= int(version) for v in versions):
             with registry_errors(f"{self.where}: alias {model_name}@{CHALLENGER}"):
                 self.client.set_registered_model_alias(model_name, CHALLENGER, version)
-                self.client.set_model_version_tag(model_name, version, TAG_CHALLENGER_SET, "true")
         champion = self.alias_version(model_name, CHAMPION)
         champ = VersionInfo.of(champion) if champion else None
         promoted, reason = decide_version(cand, champ, min_delta, champion_score, eval_gate_passed)
@@ -312,43 +315,44 @@ class Registry:
     def champion_history(self, name: str) -> list[str]:
         """Versions that were champion, oldest first, trimmed to end at the current champion.
         Trimming repairs the history after a crash between writing it and moving the alias."""
+        if (current := self.alias_version(name, CHAMPION)) is None:
+            return []
         with registry_errors(f"{self.where}: model {name!r}"):
             tags = self.client.get_registered_model(name).tags or {}
         try:
             history = [str(v) for v in json.loads(tags.get(TAG_CHAMPION_HISTORY, "[]"))]
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, TypeError):
             history = []
-        if (current := self.alias_version(name, CHAMPION)) is None:
-            return []
         cur = str(current.version)
         return history[: len(history) - history[::-1].index(cur)] if cur in history else [*history, cur]
 
-    def _move_champion(self, name: str, version: str, history: list[str]) -> None:
-        """History first, then the alias: a crash in between leaves a history that reads as trimmed."""
+    def _move_champion(self, name: str, history: list[str]) -> None:
+        """Make the last of `history` champion. History first, then the alias: a crash in between
+        leaves a history that reads as trimmed."""
         with registry_errors(f"{self.where}: alias {name}@{CHAMPION}"):
             self.client.set_registered_model_tag(name, TAG_CHAMPION_HISTORY, json.dumps(history[-50:]))
-            self.client.set_registered_model_alias(name, CHAMPION, version)
+            self.client.set_registered_model_alias(name, CHAMPION, history[-1])
 
     def set_champion(self, name: str, version: str) -> None:
         """Move `champion` to `version` and record it."""
-        history, version = self.champion_history(name), str(version)
-        self._move_champion(name, version, history if history[-1:] == [version] else [*history, version])
+        history = self.champion_history(name)
+        self._move_champion(name, history if history[-1:] == [version] else [*history, version])
 
     def promote(self, name: str, version: str | int) -> PromotionDecision:
         """Make `version` champion by hand (no gate)."""
         with registry_errors(f"{self.where}: {name} version {version}"):
-            mv = self.client.get_model_version(name, str(version))
+            version = str(self.client.get_model_version(name, str(version)).version)
         before = self.alias_version(name, CHAMPION)
-        self.set_champion(name, str(mv.version))
+        self.set_champion(name, version)
         reason = f"promoted by hand (was v{before.version})" if before else "promoted by hand (no champion before)"
-        return self._decision(name, str(mv.version), True, reason, str(before.version) if before else None)
+        return self._decision(name, version, True, reason, str(before.version) if before else None)
 
     def rollback(self, name: str) -> PromotionDecision:
         """Move `champion` back to the previous champion in the history."""
         history = self.champion_history(name)
         if len(history) < 2:
             raise RegistryError(f"{name}: no previous {CHAMPION} to roll back to (history: {history or 'empty'})")
-        self._move_champion(name, history[-2], history[:-1])
+        self._move_champion(name, history[:-1])
         reason = f"rolled back {CHAMPION} from v{history[-1]} to v{history[-2]}"
         return self._decision(name, history[-2], True, reason, history[-1])
 
@@ -364,10 +368,8 @@ class Registry:
         return resolve_version(self.client, models_uri)
 
     def storage_uri(self, models_uri: str) -> str:
-        """Where the version's MLflow model directory lives in storage (e.g. `s3://bucket/.../artifacts`)."""
+        """Where the version's MLflow model directory lives in storage (e.g. `s3://bucket/.../artifacts`);
+        for a version of a LoggedModel, MLflow records the LoggedModel's artifact location."""
         mv = self.resolve(models_uri)
         with registry_errors(f"{models_uri}: storage location at {self.where}"):
-            uri = self.client.get_model_version_download_uri(mv.name, mv.version)
-            if uri.startswith("models:/"):  # a LoggedModel reference: its artifact location
-                uri = self.client.get_logged_model(uri.removeprefix("models:/").strip("/")).artifact_location
-        return uri
+            return self.client.get_model_version_download_uri(mv.name, mv.version)

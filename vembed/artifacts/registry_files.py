@@ -32,22 +32,15 @@ def check_model_dir(path: str | os.PathLike[str] | None, kind: str) -> Path | No
     return d
 
 
-def _files(adapter_dir: Path | None, merged_dir: Path | None) -> list[tuple[str, Path]]:
-    """(name, file) of what is registered from the adapter (inference files only), else the merged model."""
-    root = adapter_dir or merged_dir
-    if root is None:
-        raise RegistryError("register: give an adapter directory, a merged model directory, or both")
-    refuse_pickle(root, RegistryError)
-    if adapter_dir:
-        return [(p.name, p) for p in sorted(root.iterdir()) if p.is_file() and p.name not in _LEFT_BEHIND]
-    return [(str(p.relative_to(root)), p) for p in sorted(root.rglob("*")) if p.is_file()]
-
-
 def content_key(adapter_dir: str | os.PathLike[str] | None, merged_dir: str | os.PathLike[str] | None) -> str:
     """A stable id of what gets registered: sha256 over the adapter's inference files (else the merged model)."""
-    h = hashlib.sha256()
-    for rel, path in _files(Path(adapter_dir) if adapter_dir else None, Path(merged_dir) if merged_dir else None):
-        h.update(f"{rel}\0{sha256_file(path)}\n".encode())
+    if not (root := adapter_dir or merged_dir):
+        raise RegistryError("register: give an adapter directory, a merged model directory, or both")
+    root, h = Path(root), hashlib.sha256()
+    refuse_pickle(root, RegistryError)
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not (adapter_dir and path.name in _LEFT_BEHIND):
+            h.update(f"{path.relative_to(root)}\0{sha256_file(path)}\n".encode())
     return h.hexdigest()
 
 
@@ -63,14 +56,11 @@ def stage(tmp: Path, adapter_dir: Path | None, merged_dir: Path | None) -> dict[
     """{merged, adapter: directory} under `tmp`, named so whatever the sources are called; the adapter
     with only its inference files and a fresh manifest of them."""
     artifacts = {}
-    if merged_dir is not None:
-        refuse_pickle(merged_dir, RegistryError)
-        artifacts[MERGED_ARTIFACT] = shutil.copytree(merged_dir, tmp / MERGED_ARTIFACT, copy_function=_link_or_copy)
+    for name, src in ((MERGED_ARTIFACT, merged_dir), (ADAPTER_ARTIFACT, adapter_dir)):
+        if src is not None:
+            refuse_pickle(src, RegistryError)
+            skip = shutil.ignore_patterns(*_LEFT_BEHIND) if name == ADAPTER_ARTIFACT else None
+            artifacts[name] = str(shutil.copytree(src, tmp / name, ignore=skip, copy_function=_link_or_copy))
     if adapter_dir is not None:
-        dest = tmp / ADAPTER_ARTIFACT
-        dest.mkdir(parents=True)
-        for name, src in _files(adapter_dir, None):
-            _link_or_copy(str(src), str(dest / name))
-        write_manifest(dest)
-        artifacts[ADAPTER_ARTIFACT] = dest
-    return {k: str(v) for k, v in artifacts.items()}
+        write_manifest(tmp / ADAPTER_ARTIFACT)
+    return artifacts

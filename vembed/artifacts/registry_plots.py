@@ -30,14 +30,12 @@ def plot_loss_curve(history: Sequence[Mapping[str, Any]]) -> Any:
 def plot_mrl_dims(results: Mapping[str, Mapping[str, Mapping[str, float]]], metric: str) -> Any:
     """One line per model over its embedding dims (full first, then largest to smallest); None without dims."""
     per_model = {m: {d: s[metric] for d, s in dims.items() if metric in s} for m, dims in results.items()}
-    per_model = {m: scores for m, scores in per_model.items() if scores}
     labels = sorted({d for s in per_model.values() for d in s}, key=lambda d: (d != "full", -int(d) if d.isdigit() else 0))
     if not labels:
         return None
     ax = _axes(f"{metric} by embedding dim", "embedding dim (MRL truncation)", metric)
-    for model, scores in per_model.items():
-        xs = [i for i, d in enumerate(labels) if d in scores]
-        ax.plot(xs, [scores[labels[i]] for i in xs], marker="o", label=model)
-    ax.set_xticks(range(len(labels)), labels)
+    ax.xaxis.update_units(labels)  # the dims as categories in this order, whichever model has which
+    for model, scores in ((m, s) for m, s in per_model.items() if s):
+        ax.plot(*zip(*((d, scores[d]) for d in labels if d in scores), strict=True), marker="o", label=model)
     ax.legend()
     return ax.figure
