@@ -112,6 +112,10 @@ SEEDED: dict[str, tuple[str, str]] = {
         "dropout 0, r32 a48, + MRL (weights 1,2)",
         "dropout 0, r32 a48, + MRL (weights 1,2)",
     ),
+    "LoRA r32 a48, dropout 0, + MRL (dims 384,192,96)": (
+        "dropout 0, r32 a48, + MRL (dims 384,192,96)",
+        "dropout 0, r32 a48, + MRL (dims 384,192,96)",
+    ),
 }
 
 D0 = {**BASE, "lora_dropout": 0.0}
@@ -137,6 +141,9 @@ for _label, (_first, _prefix) in SEEDED.items():
         "LoRA r32 a48, dropout 0, + MRL": {"lora_r": 32, "lora_alpha": 48, "use_mrl": True},
         "LoRA r32 a48, dropout 0, + MRL (weights 1,2)": {
             "lora_r": 32, "lora_alpha": 48, "use_mrl": True, "mrl_dims": [384, 96], "mrl_weights": [1, 2],
+        },
+        "LoRA r32 a48, dropout 0, + MRL (dims 384,192,96)": {
+            "lora_r": 32, "lora_alpha": 48, "use_mrl": True, "mrl_dims": [384, 192, 96],
         },
     }.get(_label)
     if _extra is not None:  # the others are in RUNS already
