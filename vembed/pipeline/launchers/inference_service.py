@@ -20,7 +20,7 @@ import contextlib
 import copy
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,13 +185,7 @@ class InferenceServices:
         with self._errors(name, "restoring the previous spec failed: "):
             self.api.replace_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, body)
 
-    def wait_ready(
-        self,
-        name: str,
-        timeout_s: float,
-        poll_s: float = 5.0,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> tuple[bool, str, dict[str, Any]]:
+    def wait_ready(self, name: str, timeout_s: float, poll_s: float = 5.0) -> tuple[bool, str, dict[str, Any]]:
         """Until the latest revision is Ready, it failed, or `timeout_s` passed: (ready, reason, object)."""
         deadline = time.monotonic() + timeout_s
         obj: dict[str, Any] = {}
@@ -212,7 +206,7 @@ class InferenceServices:
             if time.monotonic() >= deadline:
                 waiting = (conditions.get("Ready") or {}).get("message") or "no Ready condition yet"
                 return False, f"not Ready after {timeout_s:g}s ({waiting})", obj
-            sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
+            time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
 
 
 def _status(obj: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:

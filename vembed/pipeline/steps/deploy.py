@@ -23,7 +23,6 @@ from urllib.parse import urlparse
 
 from vembed.errors import RegistryError
 from vembed.pipeline.launchers.inference_service import (
-    ANNOTATION_MODEL,
     DeployError,
     InferenceServices,
     PredictorSpec,
@@ -222,6 +221,3 @@ def last_deployment(registry: Any, model_name: str) -> dict[str, Any] | None:
         return json.loads(tags[TAG_DEPLOYMENT]) if TAG_DEPLOYMENT in tags else None
     except (KeyError, ValueError):
         return None
-
-
-__all__ = ["ANNOTATION_MODEL", "DeployError", "deploy", "deploy_command", "last_deployment", "merged_location"]

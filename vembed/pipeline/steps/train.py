@@ -55,13 +55,11 @@ def resolve_config_path(config_path: str | os.PathLike[str] | None, home: str | 
 def _overrides_as_dict(config_overrides: Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
     from vembed.config import parse_overrides
 
-    if not config_overrides:
-        return {}
-    if isinstance(config_overrides, Mapping):
-        return dict(config_overrides)
     if isinstance(config_overrides, str):
         raise ConfigError(f"config_overrides: expected a list of key=value strings, got the string {config_overrides!r}")
-    return parse_overrides(config_overrides)
+    if isinstance(config_overrides, Mapping):
+        return dict(config_overrides)
+    return parse_overrides(config_overrides or [])
 
 
 def dataset_files(dataset_dir: str | os.PathLike[str]) -> tuple[Path, Path | None]:
@@ -194,11 +192,11 @@ def render_report(summary: Mapping[str, Any]) -> str:
     )
 
 
-def train_to_artifacts(
-    dataset_path: str,
-    model_path: str,
-    model_uri: str,
-    report_path: str,
+def train_component(
+    dataset: Any,
+    model: Any,
+    report: Any,
+    task_config: Any = None,
     *,
     base_model: str = "",
     config_overrides: Sequence[str] = (),
@@ -207,16 +205,18 @@ def train_to_artifacts(
     train_backend: str = "",
     job_image: str = "",
     job_output_uri: str = "",
-    task_config: Mapping[str, Any] | None = None,
     job_settings: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The body of both train components: train next to `model_path` (same filesystem), move the final
-    checkpoint and training_log.txt there, write the HTML report; returns the summary.
+) -> tuple[float, int]:
+    """The body of both train components, given their KFP artifacts (`.path`, `.uri`, `.metadata`) and
+    their other inputs by name: train next to `model.path` (same filesystem), move the final checkpoint
+    and training_log.txt there, write the HTML report and the model's metadata. Returns (final_loss, global_step).
 
-    `job_settings` (cluster variant): what the pipeline fixed at compile time for the job's pods
-    ({"resources": {"requests": ..., "limits": ...}, "image_pull_secrets": [...]}); it overlays `task_config`.
+    `task_config` (cluster variant): the task's `dsl.TaskConfig`. `job_settings`: what the pipeline fixed
+    at compile time for the job's pods ({"resources": {"requests": ..., "limits": ...}, "image_pull_secrets":
+    [...]}); it overlays `task_config`.
     Transient failures are retried; a permanent one becomes `SystemExit("error: ...")`: one line in the pod log.
     """
+    import dataclasses
     import shutil
     import tempfile
 
@@ -225,19 +225,19 @@ def train_to_artifacts(
 
     if s3_endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = s3_endpoint_url
-    task = {k: v for k, v in dict(task_config or {}).items() if v is not None}
+    task = {k: v for k, v in (dataclasses.asdict(task_config) if task_config else {}).items() if v is not None}
     task.update({k: v for k, v in dict(job_settings or {}).items() if v})
-    out = Path(model_path)
+    out = Path(model.path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".train-") as work:
         def attempt() -> dict[str, Any]:
             return train(
-                dataset_path,
+                dataset.path,
                 work,
                 base_model or None,
                 list(config_overrides),
                 config_path or None,
-                output_uri=job_output_uri or default_job_output_uri(model_uri),
+                output_uri=job_output_uri or default_job_output_uri(model.uri),
                 task_config=task or None,
                 backend=train_backend or None,
                 job_image=job_image or None,
@@ -249,17 +249,7 @@ def train_to_artifacts(
             shutil.rmtree(out)
         shutil.move(summary["checkpoint_dir"], out)
         shutil.copy2(summary["log_path"], out / "training_log.txt")
-    Path(report_path).write_text(render_report(summary), encoding="utf-8")
-    return summary
-
-
-def train_component(dataset: Any, model: Any, report: Any, task_config: Any = None, **params: Any) -> tuple[float, int]:
-    """The body of both train components, given their KFP artifacts (`.path`, `.uri`, `.metadata`) and
-    their other inputs by name: `train_to_artifacts`, then the model's metadata. Returns (final_loss, global_step)."""
-    import dataclasses
-
-    task = dataclasses.asdict(task_config) if task_config else None  # a dsl.TaskConfig (cluster variant)
-    summary = train_to_artifacts(dataset.path, model.path, model.uri, report.path, task_config=task, **params)
+    Path(report.path).write_text(render_report(summary), encoding="utf-8")
     model.metadata.update(
         base_model=summary["config"]["model_name"], final_loss=summary["final_loss"], global_step=summary["global_step"]
     )
