@@ -111,12 +111,13 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 def _cmd_submit(args: argparse.Namespace) -> int:
     from pipelines.remote import Kfp
 
+    ref = None
     if args.pipeline_version_id:
         kfp = Kfp(args.host, args.namespace)
         ref = kfp.resolve_version(args.pipeline, args.pipeline_version_id)
         arguments = _run_arguments(args, kfp.version_parameters(ref))
     else:
-        arguments, ref = _run_arguments(args), None  # checked before any request
+        arguments = _run_arguments(args)  # checked before any request
         kfp = Kfp(args.host, args.namespace)
     sub = kfp.submit(ref or args.package, arguments, args.experiment, args.run_name, args.service_account)
     what = f"of {ref.pipeline_name} version {ref.version_id}" if ref else f"in experiment {sub.experiment_id}"
@@ -166,9 +167,9 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def _cmd_rbac(args: argparse.Namespace) -> int:
-    from pipelines.rbac_render import render_rbac_yaml
+    from pipelines.rbac_render import BACKEND_GROUPS, render_rbac_yaml
 
-    text = render_rbac_yaml(args.namespace, args.service_account, args.backend or ("trainjob", "pytorchjob"))
+    text = render_rbac_yaml(args.namespace, args.service_account, args.backend or tuple(BACKEND_GROUPS))
     if args.output:
         from pathlib import Path
 
@@ -182,6 +183,7 @@ def _cmd_rbac(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from pipelines.compile import COMPILED_PATH
     from pipelines.lora_finetune import DEFAULT_BASE_MODEL, DEFAULT_MODEL_NAME, PIPELINE_NAME, TRAIN_BACKENDS
+    from pipelines.rbac_render import BACKEND_GROUPS
 
     server = argparse.ArgumentParser(add_help=False)  # the arguments of upload, submit and schedule
     server.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
@@ -271,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", required=True, help="where the pipeline runs")
     p.add_argument("--service-account", default="pipeline-runner",
                    help="the pipeline pods' service account (multi-user Kubeflow profiles: default-editor)")
-    p.add_argument("--backend", action="append", choices=("trainjob", "pytorchjob"),
+    p.add_argument("--backend", action="append", choices=tuple(BACKEND_GROUPS),
                    help="only this backend's rights (repeatable; default both)")
     p.add_argument("--output", help="write to this file instead of stdout (then `kubectl apply -f FILE`)")
     p.set_defaults(func=_cmd_rbac)

@@ -108,19 +108,6 @@ def custom_objects_api(client_configuration: Any = None) -> Any:
     return client.CustomObjectsApi(client.ApiClient(client_configuration))
 
 
-@dataclass
-class Rollout:
-    """The outcome of one create/patch, for the deploy step's result."""
-
-    action: str  # created | patched | unchanged
-    ready: bool
-    revision: str | None
-    previous_revision: str | None
-    traffic: list[dict[str, Any]]
-    reason: str = ""
-    url: str | None = None
-
-
 class InferenceServices:
     """Create, patch, wait for and restore one InferenceService."""
 
@@ -215,14 +202,15 @@ def _status(obj: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]
     return status, (status.get("components") or {}).get("predictor") or {}
 
 
-def rollout_of(action: str, ready: bool, reason: str, obj: dict[str, Any], before: dict | None) -> Rollout:
+def rollout_of(action: str, ready: bool, reason: str, obj: dict[str, Any], before: dict | None) -> dict[str, Any]:
+    """The outcome of one create/patch (action: created | patched), for the deploy step's result."""
     status, pred = _status(obj)
-    return Rollout(
-        action=action,
-        ready=ready,
-        revision=pred.get("latestReadyRevision") if ready else pred.get("latestCreatedRevision"),
-        previous_revision=_status(before)[1].get("latestReadyRevision"),
-        traffic=list(pred.get("traffic") or []),
-        reason=reason,
-        url=status.get("url"),
-    )
+    return {
+        "action": action,
+        "ready": ready,
+        "revision": pred.get("latestReadyRevision") if ready else pred.get("latestCreatedRevision"),
+        "previous_revision": _status(before)[1].get("latestReadyRevision"),
+        "traffic": list(pred.get("traffic") or []),
+        "reason": reason,
+        "url": status.get("url"),
+    }

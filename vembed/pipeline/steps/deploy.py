@@ -16,7 +16,6 @@ import os
 import re
 import shlex
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -165,7 +164,7 @@ def deploy(
     where = f"InferenceService {namespace}/{name}"
     if not ready:
         serving = (
-            f"the previous revision {rollout.previous_revision} keeps serving"
+            f"the previous revision {rollout['previous_revision']} keeps serving"
             if before is not None
             else "nothing served before"
         )
@@ -184,13 +183,10 @@ def deploy(
     _tag(registry, model_name, str(mv.version), ok=True, deployment=deployment)
     return {
         "model_uri": version_uri,
-        "version": str(mv.version),
-        "service": name,
-        "namespace": namespace,
-        "storage_uri": spec.storage_uri,
+        **deployment,
         "canary_traffic_percent": int(canary_traffic_percent),
-        "endpoint": f"{rollout.url}/v1/embeddings" if rollout.url else None,
-        **{k: v for k, v in asdict(rollout).items() if k not in ("url",)},
+        "endpoint": f"{rollout['url']}/v1/embeddings" if rollout["url"] else None,
+        **{k: v for k, v in rollout.items() if k != "url"},
     }
 
 

@@ -52,16 +52,6 @@ def resolve_config_path(config_path: str | os.PathLike[str] | None, home: str | 
     raise ConfigError(f"config_path {config_path}: not found (looked at {', '.join(map(str, tried))}){known}")
 
 
-def _overrides_as_dict(config_overrides: Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
-    from vembed.config import parse_overrides
-
-    if isinstance(config_overrides, str):
-        raise ConfigError(f"config_overrides: expected a list of key=value strings, got the string {config_overrides!r}")
-    if isinstance(config_overrides, Mapping):
-        return dict(config_overrides)
-    return parse_overrides(config_overrides or [])
-
-
 def dataset_files(dataset_dir: str | os.PathLike[str]) -> tuple[Path, Path | None]:
     """(train.jsonl, eval.jsonl or None) inside a prepared dataset directory."""
     root = Path(dataset_dir)
@@ -115,9 +105,12 @@ def train(
     (see `resolve_config`).
     Returns {"checkpoint_dir", "final_loss", "global_step", "history", "config", "log_path"}.
     """
+    from vembed.config import parse_overrides
     from vembed.training import train as run_training
 
-    overrides = _overrides_as_dict(config_overrides)
+    if isinstance(config_overrides, str):
+        raise ConfigError(f"config_overrides: expected a list of key=value strings, got the string {config_overrides!r}")
+    overrides = dict(config_overrides) if isinstance(config_overrides, Mapping) else parse_overrides(config_overrides or [])
     for key in STEP_OWNED_KEYS:
         if key in overrides:
             raise ConfigError(f"config_overrides: {key!r} is set by the train step from its inputs; remove it")
@@ -146,23 +139,14 @@ def train(
 
 
 def _loss_curve_png(history: Sequence[Mapping[str, Any]]) -> bytes | None:
-    points = [(h["step"], h["loss"]) for h in history if h.get("loss") is not None and "step" in h]
-    if not points:
+    """The loss curve the registry logs to MLflow, as PNG bytes (None when no loss was logged)."""
+    from vembed.artifacts.registry_plots import plot_loss_curve
+
+    fig = plot_loss_curve(history)
+    if fig is None:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display in a pipeline pod
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     return buf.getvalue()
 
 
@@ -220,11 +204,11 @@ def train_component(
     import shutil
     import tempfile
 
+    from vembed.pipeline.steps import use_endpoints
     from vembed.pipeline.steps.launch import job_output_uri as default_job_output_uri
     from vembed.retry import run_step
 
-    if s3_endpoint_url:
-        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint_url
+    use_endpoints(s3_endpoint_url=s3_endpoint_url)
     task = {k: v for k, v in (dataclasses.asdict(task_config) if task_config else {}).items() if v is not None}
     task.update({k: v for k, v in dict(job_settings or {}).items() if v})
     out = Path(model.path)
