@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shlex
-import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -64,15 +63,9 @@ def merged_location(registry: Any, models_uri: str, artifacts_destination: str =
     from vembed.artifacts.registry import quiet_mlflow
 
     root = registry.storage_uri(models_uri).rstrip("/")
-    with tempfile.TemporaryDirectory(prefix="vembed-mlmodel-") as tmp, quiet_mlflow():
+    with quiet_mlflow():
         try:
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{root}/MLmodel",
-                dst_path=tmp,
-                tracking_uri=registry.tracking_uri,
-                registry_uri=registry.tracking_uri,
-            )
-            flavors = yaml.safe_load(Path(local).read_text()).get("flavors") or {}
+            flavors = yaml.safe_load(mlflow.artifacts.load_text(f"{root}/MLmodel")).get("flavors") or {}
         except Exception as e:  # noqa: BLE001 - one line naming the location
             raise RegistryError(f"{models_uri}: cannot read {root}/MLmodel: {str(e).splitlines()[0]}") from None
     if "sentence_transformers" in flavors:
