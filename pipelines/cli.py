@@ -24,8 +24,9 @@ def _add_param_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def _run_arguments(args: argparse.Namespace, spec: dict | None = None) -> dict:
-    """--param and --config-override as typed run arguments of `spec` (default: --package's parameters)."""
+def _run_arguments(args: argparse.Namespace, spec: dict | None = None, required: bool = True) -> dict:
+    """--param and --config-override as typed run arguments of `spec` (default: --package's parameters);
+    `required`: every parameter without a default must be given."""
     from pipelines.params import check_required, parse_params, read_pipeline_parameters
 
     spec = spec or read_pipeline_parameters(args.package)
@@ -34,7 +35,8 @@ def _run_arguments(args: argparse.Namespace, spec: dict | None = None) -> dict:
         if "config_overrides" in arguments:
             raise ConfigError("give training overrides either with --config-override or --param config_overrides")
         arguments["config_overrides"] = list(args.config_override)
-    check_required(arguments, spec)
+    if required:
+        check_required(arguments, spec)
     return arguments
 
 
@@ -84,14 +86,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = run_local(
         output_dir=args.output_dir,
         data_uri=args.data,
+        config_path=args.config,
+        params=args.param,
+        verbose=args.verbose,
         base_model=args.base_model,
         config_overrides=args.config_override,
-        config_path=args.config,
         registered_model_name=args.model_name,
         promotion_metric=args.promotion_metric,
         min_delta=args.min_delta,
-        params=args.param,
-        verbose=args.verbose,
     )
     print_result(result)
     return 0
@@ -109,49 +111,33 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 def _cmd_submit(args: argparse.Namespace) -> int:
     from pipelines.remote import Kfp
 
+    ref = None
     if args.pipeline_version_id:
         kfp = Kfp(args.host, args.namespace)
         ref = kfp.resolve_version(args.pipeline, args.pipeline_version_id)
         arguments = _run_arguments(args, kfp.version_parameters(ref))
-        sub = kfp.submit_version(ref, arguments, args.experiment, args.run_name, args.service_account)
-        print(f"submitted run {sub.id} ({sub.name}) of {ref.pipeline_name} version {ref.version_id}: {sub.url}")
-        return 0
-    arguments = _run_arguments(args)  # checked before any request
-    sub = Kfp(args.host, args.namespace).submit(
-        args.package, arguments, args.experiment, args.run_name, args.service_account
-    )
-    print(f"submitted run {sub.id} ({sub.name}) in experiment {sub.experiment_id}: {sub.url}")
+    else:
+        arguments = _run_arguments(args)  # checked before any request
+        kfp = Kfp(args.host, args.namespace)
+    sub = kfp.submit(ref or args.package, arguments, args.experiment, args.run_name, args.service_account)
+    what = f"of {ref.pipeline_name} version {ref.version_id}" if ref else f"in experiment {sub.experiment_id}"
+    print(f"submitted run {sub.id} ({sub.name}) {what}: {sub.url}")
     return 0
 
 
 def _cmd_schedule(args: argparse.Namespace) -> int:
     from pipelines.cron import validate_cron
-    from pipelines.params import parse_params, read_pipeline_parameters
     from pipelines.remote import Kfp, VersionRef
 
     if args.cron:
         validate_cron(args.cron)  # before any request
-    versioned = args.pipeline_version_id or args.follow_latest or args.update
     if args.follow_latest and args.pipeline_version_id:
         raise ConfigError("--follow-latest and --pipeline-version-id exclude each other")
-    if not versioned:
-        if not args.cron:
-            raise ConfigError("--cron is required")
-        arguments = _run_arguments(args)
-    else:
-        kfp = Kfp(args.host, args.namespace)
-        if args.pipeline_version_id:
-            ref = kfp.resolve_version(args.pipeline, args.pipeline_version_id)
-        else:  # upload --package (a no-op when this exact package is there already)
-            up = kfp.upload(args.package, args.pipeline)
-            print(f"pipeline {up.pipeline_name} version {up.version_name} ({up.version_id})"
-                  f"{' was already uploaded' if up.reused else ' uploaded'}")  # fmt: skip
-            ref = VersionRef(up.pipeline_id, None if args.follow_latest else up.version_id, up.pipeline_name)
-        spec = read_pipeline_parameters(args.package)
-        # With --update, parameters left out keep the existing recurring run's values.
-        arguments = parse_params(args.param, spec) if args.update else _run_arguments(args, spec)
-        if args.update and args.config_override:
-            arguments["config_overrides"] = list(args.config_override)
+    versioned = args.pipeline_version_id or args.follow_latest or args.update
+    if not versioned and not args.cron:
+        raise ConfigError("--cron is required")
+    # With --update, parameters left out keep the existing recurring run's values.
+    arguments = _run_arguments(args, required=not args.update)
     data_uri = str(arguments.get("data_uri", ""))
     if "dt=" in data_uri and not data_uri.rstrip("/").endswith("latest"):
         print(
@@ -159,25 +145,31 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
             "point it at the prefix's /latest to pick up new snapshots",
             file=sys.stderr,
         )
-    if versioned:
-        sub = kfp.schedule_version(
-            ref, arguments, args.cron, args.experiment, args.name, args.service_account, update=args.update
-        )
-        target = "the newest version at each run" if ref.version_id is None else f"version {ref.version_id}"
-        verb = "re-pointed" if args.update else "scheduled"
-        print(f"{verb} recurring run {sub.id} ({sub.name}) on {ref.pipeline_name} {target}: {sub.url}")
+    kfp = Kfp(args.host, args.namespace)
+    if not versioned:
+        sub = kfp.schedule(args.package, arguments, args.cron, args.experiment, args.name, args.service_account)
+        print(f"scheduled recurring run {sub.id} ({sub.name}, cron '{args.cron}'): {sub.url}")
         return 0
-    sub = Kfp(args.host, args.namespace).schedule(
-        args.package, arguments, args.cron, args.experiment, args.name, args.service_account
+    if args.pipeline_version_id:
+        ref = kfp.resolve_version(args.pipeline, args.pipeline_version_id)
+    else:  # upload --package (a no-op when this exact package is there already)
+        up = kfp.upload(args.package, args.pipeline)
+        print(f"pipeline {up.pipeline_name} version {up.version_name} ({up.version_id})"
+              f"{' was already uploaded' if up.reused else ' uploaded'}")  # fmt: skip
+        ref = VersionRef(up.pipeline_id, None if args.follow_latest else up.version_id, up.pipeline_name)
+    sub = kfp.schedule_version(
+        ref, arguments, args.cron, args.experiment, args.name, args.service_account, update=args.update
     )
-    print(f"scheduled recurring run {sub.id} ({sub.name}, cron '{args.cron}'): {sub.url}")
+    target = "the newest version at each run" if ref.version_id is None else f"version {ref.version_id}"
+    verb = "re-pointed" if args.update else "scheduled"
+    print(f"{verb} recurring run {sub.id} ({sub.name}) on {ref.pipeline_name} {target}: {sub.url}")
     return 0
 
 
 def _cmd_rbac(args: argparse.Namespace) -> int:
-    from pipelines.rbac_render import render_rbac_yaml
+    from pipelines.rbac_render import BACKEND_GROUPS, render_rbac_yaml
 
-    text = render_rbac_yaml(args.namespace, args.service_account, args.backend or ("trainjob", "pytorchjob"))
+    text = render_rbac_yaml(args.namespace, args.service_account, args.backend or tuple(BACKEND_GROUPS))
     if args.output:
         from pathlib import Path
 
@@ -191,15 +183,17 @@ def _cmd_rbac(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from pipelines.compile import COMPILED_PATH
     from pipelines.lora_finetune import DEFAULT_BASE_MODEL, DEFAULT_MODEL_NAME, PIPELINE_NAME, TRAIN_BACKENDS
+    from pipelines.rbac_render import BACKEND_GROUPS
 
-    remote = argparse.ArgumentParser(add_help=False)  # the arguments of submit and schedule
-    remote.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
+    server = argparse.ArgumentParser(add_help=False)  # the arguments of upload, submit and schedule
+    server.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
+    server.add_argument("--namespace", help="Kubernetes namespace (multi-user KFP)")
+    server.add_argument("--package", default=str(COMPILED_PATH), help="compiled pipeline YAML (default: committed)")
+    server.add_argument("--pipeline", default=PIPELINE_NAME, help="the uploaded pipeline's name")
+    remote = argparse.ArgumentParser(add_help=False, parents=[server])  # the arguments of submit and schedule
     remote.add_argument("--experiment", default="vembed", help="experiment name (created if missing)")
-    remote.add_argument("--namespace", help="Kubernetes namespace (multi-user KFP)")
     remote.add_argument("--service-account", help="Kubernetes service account for the run's pods")
-    remote.add_argument("--package", default=str(COMPILED_PATH), help="compiled pipeline YAML (default: committed)")
     _add_param_args(remote)
-    remote.add_argument("--pipeline", default=PIPELINE_NAME, help="uploaded pipeline's name (with --pipeline-version-id)")
     remote.add_argument(
         "--pipeline-version-id", metavar="ID",
         help="run an uploaded pipeline version (`vembed pipeline upload`) instead of sending --package; "
@@ -251,11 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_param_args(p)
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("upload", help="create the pipeline on a KFP cluster, or add --package as a new version")
-    p.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
-    p.add_argument("--namespace", help="Kubernetes namespace (multi-user KFP)")
-    p.add_argument("--package", default=str(COMPILED_PATH), help="compiled pipeline YAML (default: committed)")
-    p.add_argument("--pipeline", default=PIPELINE_NAME, help="pipeline name")
+    p = sub.add_parser("upload", parents=[server], help="create the pipeline on a KFP cluster, or add --package as a new version")
     p.add_argument("--version-name", help="default: <vembed version>-<sha256 of the package, 12 hex>")
     p.add_argument("--description")
     p.set_defaults(func=_cmd_upload)
@@ -283,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", required=True, help="where the pipeline runs")
     p.add_argument("--service-account", default="pipeline-runner",
                    help="the pipeline pods' service account (multi-user Kubeflow profiles: default-editor)")
-    p.add_argument("--backend", action="append", choices=("trainjob", "pytorchjob"),
+    p.add_argument("--backend", action="append", choices=tuple(BACKEND_GROUPS),
                    help="only this backend's rights (repeatable; default both)")
     p.add_argument("--output", help="write to this file instead of stdout (then `kubectl apply -f FILE`)")
     p.set_defaults(func=_cmd_rbac)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from pipelines.lora_finetune import DEFAULT_BASE_MODEL, DEFAULT_MODEL_NAME, PipelineOptions
+from pipelines.lora_finetune import DEFAULT_BASE_MODEL, PipelineOptions
 from vembed.errors import VembedError
 
 LOCAL_YAML_NAME = "lora_finetune.local.yaml"
@@ -137,17 +137,14 @@ class _StepLog(io.TextIOBase):
 def run_local(
     output_dir: str | os.PathLike[str] = "output/pipeline",
     data_uri: str | None = None,
-    base_model: str = DEFAULT_BASE_MODEL,
-    config_overrides: list[str] | None = None,
     config_path: str | None = None,
-    registered_model_name: str = DEFAULT_MODEL_NAME,
-    promotion_metric: str = "ndcg@10",
-    min_delta: float = 0.0,
     params: Sequence[str] = (),
     verbose: bool = False,
+    **arguments: Any,
 ) -> LocalRunResult:
-    """Compile, then execute the whole pipeline through kfp.local. `params` are extra `name=value` run
-    parameters. Step output goes to `<out>/pipeline.log` unless `verbose`."""
+    """Compile, then execute the whole pipeline through kfp.local. `arguments` are run parameters by name
+    (base_model, config_overrides, registered_model_name, promotion_metric, min_delta, ...); `params`
+    more of them as `name=value` strings. Step output goes to `<out>/pipeline.log` unless `verbose`."""
     from kfp import components, local
 
     from pipelines.compile import compile_pipeline
@@ -159,23 +156,17 @@ def run_local(
     out.mkdir(parents=True, exist_ok=True)
     # No accelerator request (kfp.local ignores it and would only warn); pipeline outputs need no exit handler.
     package = compile_pipeline(out / LOCAL_YAML_NAME, PipelineOptions(accelerator_limit=0, exit_handler=False))
-    data = _absolute_if_local(data_uri) if data_uri else str(build_demo_raw_data(out))
-    base_model = _absolute_if_local(base_model)
     if config_path is None and data_uri is None and DEMO_CONFIG.is_file():
         config_path = str(DEMO_CONFIG)
-    arguments: dict[str, Any] = {
-        "data_uri": data,
-        "base_model": base_model,
-        "config_overrides": list(config_overrides or []),
-        "config_path": str(Path(config_path).resolve()) if config_path else "",
-        "registered_model_name": registered_model_name,
-        "promotion_metric": promotion_metric,
-        "min_delta": float(min_delta),
-        "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}",
-        "s3_endpoint_url": os.environ.get("AWS_ENDPOINT_URL", ""),
+    arguments.update(
+        data_uri=_absolute_if_local(data_uri) if data_uri else str(build_demo_raw_data(out)),
+        base_model=_absolute_if_local(arguments.get("base_model") or DEFAULT_BASE_MODEL),
+        config_path=str(Path(config_path).resolve()) if config_path else "",
+        mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}",
+        s3_endpoint_url=os.environ.get("AWS_ENDPOINT_URL", ""),
         # No cluster to deploy to: the run ends by printing the `vembed serve` command instead.
-        "deploy": False,
-    }
+        deploy=False,
+    )
     if params:  # any other run parameter, typed and checked against the compiled pipeline
         from pipelines.params import parse_params, read_pipeline_parameters
 

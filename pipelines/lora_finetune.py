@@ -193,12 +193,6 @@ def harden_tasks(opts: PipelineOptions) -> None:
             _requests(task, opts.resources["default"])
 
 
-def _model_cache(task: dsl.PipelineTask, opts: PipelineOptions) -> None:
-    if opts.model_cache_pvc:
-        kubernetes.mount_pvc(task, pvc_name=opts.model_cache_pvc, mount_path=MODEL_CACHE_MOUNT)
-        task.set_env_variable("HF_HOME", f"{MODEL_CACHE_MOUNT}/huggingface")
-
-
 def _job_resources(res: Resources) -> dict[str, dict[str, str]]:
     cpu_limit, memory_limit = res.limits
     return {"requests": {"cpu": res.cpu, "memory": res.memory}, "limits": {"cpu": cpu_limit, "memory": memory_limit}}
@@ -357,8 +351,9 @@ def build_pipeline(opts: PipelineOptions | None = None):
         # Data loaders share tensors through /dev/shm, which is 64 MiB in a default pod.
         for task in (train_task, evaluate_task):
             kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
-        for task in (train_task, evaluate_task, merge_task):
-            _model_cache(task, opts)
+        for task in (train_task, evaluate_task, merge_task) if opts.model_cache_pvc else ():
+            kubernetes.mount_pvc(task, pvc_name=opts.model_cache_pvc, mount_path=MODEL_CACHE_MOUNT)
+            task.set_env_variable("HF_HOME", f"{MODEL_CACHE_MOUNT}/huggingface")
 
         for task in (prepare_task, train_task, evaluate_task, promoted, held, *exit_tasks):
             kubernetes.use_secret_as_env(task, secret_name=s3_secret_name, secret_key_to_env=S3_SECRET_KEYS)

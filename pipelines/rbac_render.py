@@ -36,9 +36,6 @@ def render_rbac(
     for what, value in (("--namespace", namespace), ("--service-account", service_account)):
         if not _DNS_LABEL.match(value or ""):
             raise ConfigError(f"{what} {value!r}: not a valid Kubernetes name (lowercase letters, digits, '-')")
-    unknown = sorted(set(backends) - set(BACKEND_GROUPS))
-    if unknown:
-        raise ConfigError(f"--backend {', '.join(unknown)}: expected {' or '.join(BACKEND_GROUPS)}")
     dropped = {g for b, g in BACKEND_GROUPS.items() if b not in backends}
     out: list[dict[str, Any]] = []
     for doc in map(copy.deepcopy, source_documents()):

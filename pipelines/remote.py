@@ -33,7 +33,6 @@ class SubmitError(VembedError):
 
 @dataclass
 class Submitted:
-    kind: str  # "run" or "recurring run"
     id: str
     name: str
     experiment_id: str
@@ -119,24 +118,23 @@ class Kfp:
     def _experiment(self, name: str) -> str:
         return self.call("creating the experiment", "create_experiment", name=name, namespace=self.namespace).experiment_id
 
-    def _run(self, run_id: str, name: str, experiment_id: str) -> Submitted:
-        return Submitted("run", run_id, name, experiment_id, f"{self.host}/#/runs/details/{run_id}")
-
     def _recurring(self, job: Any, name: str, experiment_id: str) -> Submitted:
         rid = job.recurring_run_id
-        return Submitted("recurring run", rid, name, experiment_id, f"{self.host}/#/recurringrun/details/{rid}")
+        return Submitted(rid, name, experiment_id, f"{self.host}/#/recurringrun/details/{rid}")
 
-    # --- one package, sent whole --------------------------------------------------------------------------
-
-    def submit(self, package: str | os.PathLike[str], arguments: dict[str, Any], experiment: str = "vembed",
+    def submit(self, target: str | os.PathLike[str] | VersionRef, arguments: dict[str, Any], experiment: str = "vembed",
                run_name: str | None = None, service_account: str | None = None) -> Submitted:  # fmt: skip
-        """One run of `package` via `kfp.Client.create_run_from_pipeline_package`."""
-        name = run_name or _default_name()
+        """One run of a compiled package (sent whole) or of an uploaded pipeline version."""
+        exp_id, name = self._experiment(experiment), run_name or _default_name()
+        source = (
+            {"pipeline_id": target.pipeline_id, "version_id": target.version_id}
+            if isinstance(target, VersionRef)
+            else {"pipeline_package_path": str(target)}
+        )
         run = self.call(
-            "creating the run", "create_run_from_pipeline_package", str(package), arguments=arguments,
-            run_name=name, experiment_name=experiment, namespace=self.namespace, service_account=service_account,
-        ).run_info  # fmt: skip
-        return self._run(run.run_id, name, run.experiment_id)
+            "creating the run", "run_pipeline", exp_id, name, params=arguments, service_account=service_account, **source
+        )
+        return Submitted(run.run_id, name, exp_id, f"{self.host}/#/runs/details/{run.run_id}")
 
     def schedule(self, package: str | os.PathLike[str], arguments: dict[str, Any], cron: str, experiment: str = "vembed",
                  name: str | None = None, service_account: str | None = None) -> Submitted:  # fmt: skip
@@ -209,16 +207,6 @@ class Kfp:
         what = f"pipeline version {ref.version_id}"
         spec = self.call(f"reading {what}", "get_pipeline_version", ref.pipeline_id, ref.version_id).pipeline_spec or {}
         return parameters_from_spec(spec.get("pipeline_spec", spec), f"{what} on {self.host}")  # may be wrapped
-
-    def submit_version(self, ref: VersionRef, arguments: dict[str, Any], experiment: str = "vembed",
-                       run_name: str | None = None, service_account: str | None = None) -> Submitted:  # fmt: skip
-        """One run of an uploaded pipeline version."""
-        exp_id, name = self._experiment(experiment), run_name or _default_name()
-        run = self.call(
-            "creating the run", "run_pipeline", exp_id, name, params=arguments, pipeline_id=ref.pipeline_id,
-            version_id=ref.version_id, service_account=service_account,
-        )  # fmt: skip
-        return self._run(run.run_id, name, exp_id)
 
     def schedule_version(self, ref: VersionRef, arguments: dict[str, Any], cron: str | None, experiment: str = "vembed",
                          name: str | None = None, service_account: str | None = None, update: bool = False) -> Submitted:  # fmt: skip

@@ -27,8 +27,9 @@ def evaluate(
     from collections import namedtuple
     from pathlib import Path
 
+    from vembed.artifacts.promotion import flat_metrics
     from vembed.pipeline.steps import use_endpoints
-    from vembed.pipeline.steps.evaluate import champion_uri, flat_metrics
+    from vembed.pipeline.steps.evaluate import champion_uri
     from vembed.pipeline.steps.evaluate import evaluate as run_evaluate
     from vembed.retry import run_step
 

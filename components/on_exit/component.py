@@ -18,19 +18,15 @@ def on_exit(
     """Delete this run's `<artifact>-job` / `-job-inputs` S3 copies; when the run did not succeed, tag
     its MLflow run (vembed.pipeline_status, vembed.failed_task, vembed.failure_reason). Never fails the
     run itself: problems are printed. Returns JSON: state, deleted, mlflow_run_id, problems."""
+    import dataclasses
     import json
 
     from vembed.pipeline.steps import use_endpoints
     from vembed.pipeline.steps.finalize import FinalStatus, finalize
 
     use_endpoints(mlflow_tracking_uri, s3_endpoint_url)
-    final = FinalStatus(
-        state=str(status.state),
-        task_name=str(status.pipeline_task_name or ""),
-        error_message=str(status.error_message or ""),
-    )
     result = finalize(
-        final,
+        FinalStatus.from_mapping(dataclasses.asdict(status)),
         pipeline_root=pipeline_root,
         pipeline_name=pipeline_name,
         pipeline_run_id=pipeline_run_id,

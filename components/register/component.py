@@ -28,12 +28,13 @@ def register(
     import json
     import tempfile
 
+    from vembed.artifacts.promotion import results_of
     from vembed.pipeline.steps import use_endpoints
-    from vembed.pipeline.steps.evaluate import eval_set_sha256, unflatten_metrics
+    from vembed.pipeline.steps.evaluate import eval_set_sha256
     from vembed.pipeline.steps.register import register as run_register
     from vembed.retry import run_step
 
-    evaluation = {"results": unflatten_metrics(metrics.metadata), "decision": {"passed": bool(promote)}}
+    evaluation = {"results": results_of(metrics.metadata), "decision": {"passed": bool(promote)}}
     run_info = {
         "base_model": adapter.metadata.get("base_model"),
         "dataset_sha256": dataset.metadata.get("dataset_sha256"),

@@ -1,6 +1,6 @@
 """KFP component: LoRA fine-tuning on a prepared Dataset, producing an adapter Model and an HTML report.
 
-Two components, one body (`vembed.pipeline.steps.train.train_to_artifacts`):
+Two components, one body (`vembed.pipeline.steps.train.train_component`):
 - `train`: the pod trains itself (trainer.backend local), with the task's resources and GPUs. It has
   no `dsl.TaskConfig` input, so the default compile runs on KFP backends older than 2.15.
 - `train_on_cluster`: the pod only launches a Kubeflow TrainJob / PyTorchJob and waits for it
@@ -48,7 +48,6 @@ def train(
     return namedtuple("TrainOutputs", ["final_loss", "global_step"])(*train_component(**inputs))
 
 
-from components.train.cluster import CLUSTER_PASSTHROUGHS  # noqa: E402 - re-exported next to `train`
-from components.train.cluster import train as train_on_cluster  # noqa: E402
+from components.train.cluster import train as train_on_cluster  # noqa: E402 - re-exported next to `train`
 
-__all__ = ["CLUSTER_PASSTHROUGHS", "train", "train_on_cluster"]
+__all__ = ["train", "train_on_cluster"]

@@ -9,15 +9,10 @@ from pathlib import Path
 import pytest
 
 from pipelines.cron import validate_cron
+from vembed.artifacts.promotion import flat_metrics
+from vembed.artifacts.promotion import results_of as unflatten_metrics
 from vembed.errors import ConfigError, DataError
-from vembed.pipeline.steps.evaluate import (
-    eval_set_sha256,
-    flat_metrics,
-    gate,
-    mrl_dims_of,
-    render_markdown,
-    unflatten_metrics,
-)
+from vembed.pipeline.steps.evaluate import eval_set_sha256, gate, mrl_dims_of, render_markdown
 from vembed.pipeline.steps.train import render_report
 from vembed.pipeline.steps.train import train as train_step
 

@@ -551,10 +551,10 @@ def test_trainjob_output_uri_sits_next_to_the_model_artifact(artifact, expected)
 
 
 def test_trainjob_gcs_pipeline_root_is_refused_with_a_pointer(tmp_path):
-    from vembed.pipeline.steps.launch import job_output_uri, launch_training
+    from vembed.pipeline.steps.launch import job_output_uri, train_via_launcher
 
     with pytest.raises(ConfigError, match=r"'gs://b/train/model-job' must be an s3:// URI .*job_output_uri"):
-        launch_training(trainjob_cfg(), tmp_path / "c.yaml", job_output_uri("gs://b/train/model"))
+        train_via_launcher(trainjob_cfg(), tmp_path, job_output_uri("gs://b/train/model"))
 
 
 @pytest.mark.filterwarnings("ignore:You may be attemping to run a task that uses custom")

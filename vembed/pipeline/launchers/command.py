@@ -99,21 +99,16 @@ def _shell_word(arg: str) -> str:
     return shlex.quote(arg)
 
 
-def job_script(cfg: TrainConfig, rendezvous: Rendezvous) -> str:
-    """The bash script each job node runs: stage inputs in, train, then node 0 publishes the output."""
+def job_command(cfg: TrainConfig, rendezvous: Rendezvous) -> list[str]:
+    """`bash -c` with the script each job node runs: stage inputs in, train, then node 0 publishes the output."""
     launch = " ".join(
         _shell_word(a)
         for a in ["accelerate", "launch", *accelerate_args(cfg, job_config_path(cfg.trainer.work_dir), rendezvous)]
     )
-    return "\n".join(
-        [
-            "set -euo pipefail",
-            "python -m vembed.pipeline.launchers.stage in",
-            launch,
-            f'if [ "${{{rendezvous.node_rank}:-0}}" = "0" ]; then python -m vembed.pipeline.launchers.stage out; fi',
-        ]
-    )
-
-
-def job_command(cfg: TrainConfig, rendezvous: Rendezvous) -> list[str]:
-    return ["bash", "-c", job_script(cfg, rendezvous)]
+    script = [
+        "set -euo pipefail",
+        "python -m vembed.pipeline.launchers.stage in",
+        launch,
+        f'if [ "${{{rendezvous.node_rank}:-0}}" = "0" ]; then python -m vembed.pipeline.launchers.stage out; fi',
+    ]
+    return ["bash", "-c", "\n".join(script)]

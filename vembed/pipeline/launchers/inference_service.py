@@ -20,7 +20,7 @@ import contextlib
 import copy
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,19 +108,6 @@ def custom_objects_api(client_configuration: Any = None) -> Any:
     return client.CustomObjectsApi(client.ApiClient(client_configuration))
 
 
-@dataclass
-class Rollout:
-    """The outcome of one create/patch, for the deploy step's result."""
-
-    action: str  # created | patched | unchanged
-    ready: bool
-    revision: str | None
-    previous_revision: str | None
-    traffic: list[dict[str, Any]]
-    reason: str = ""
-    url: str | None = None
-
-
 class InferenceServices:
     """Create, patch, wait for and restore one InferenceService."""
 
@@ -185,13 +172,7 @@ class InferenceServices:
         with self._errors(name, "restoring the previous spec failed: "):
             self.api.replace_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, body)
 
-    def wait_ready(
-        self,
-        name: str,
-        timeout_s: float,
-        poll_s: float = 5.0,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> tuple[bool, str, dict[str, Any]]:
+    def wait_ready(self, name: str, timeout_s: float, poll_s: float = 5.0) -> tuple[bool, str, dict[str, Any]]:
         """Until the latest revision is Ready, it failed, or `timeout_s` passed: (ready, reason, object)."""
         deadline = time.monotonic() + timeout_s
         obj: dict[str, Any] = {}
@@ -212,7 +193,7 @@ class InferenceServices:
             if time.monotonic() >= deadline:
                 waiting = (conditions.get("Ready") or {}).get("message") or "no Ready condition yet"
                 return False, f"not Ready after {timeout_s:g}s ({waiting})", obj
-            sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
+            time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
 
 
 def _status(obj: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -221,14 +202,15 @@ def _status(obj: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]
     return status, (status.get("components") or {}).get("predictor") or {}
 
 
-def rollout_of(action: str, ready: bool, reason: str, obj: dict[str, Any], before: dict | None) -> Rollout:
+def rollout_of(action: str, ready: bool, reason: str, obj: dict[str, Any], before: dict | None) -> dict[str, Any]:
+    """The outcome of one create/patch (action: created | patched), for the deploy step's result."""
     status, pred = _status(obj)
-    return Rollout(
-        action=action,
-        ready=ready,
-        revision=pred.get("latestReadyRevision") if ready else pred.get("latestCreatedRevision"),
-        previous_revision=_status(before)[1].get("latestReadyRevision"),
-        traffic=list(pred.get("traffic") or []),
-        reason=reason,
-        url=status.get("url"),
-    )
+    return {
+        "action": action,
+        "ready": ready,
+        "revision": pred.get("latestReadyRevision") if ready else pred.get("latestCreatedRevision"),
+        "previous_revision": _status(before)[1].get("latestReadyRevision"),
+        "traffic": list(pred.get("traffic") or []),
+        "reason": reason,
+        "url": status.get("url"),
+    }

@@ -93,15 +93,6 @@ def resources_json(cfg: TrainConfig, task: TaskSettings | None = None) -> dict[s
     return out or None
 
 
-def pod_security_json(cfg: TrainConfig) -> dict[str, Any]:
-    """Pod-level securityContext that the `restricted` Pod Security Standard admits."""
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": cfg.trainer.run_as_user,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-
-
 def container_json(name: str, task: TaskSettings | None = None) -> dict[str, Any]:
     """The node container's name, volume mounts and the container-level part of the `restricted`
     Pod Security Standard (these fields exist only on containers)."""
@@ -128,7 +119,8 @@ def pod_json(cfg: TrainConfig, task: TaskSettings | None = None) -> dict[str, An
         "affinity": task.affinity,
         "volumes": list(task.volumes),
         "imagePullSecrets": [{"name": n} for n in pull],
-        "securityContext": pod_security_json(cfg),
+        # What the `restricted` Pod Security Standard admits at pod level.
+        "securityContext": {"runAsNonRoot": True, "runAsUser": t.run_as_user, "seccompProfile": {"type": "RuntimeDefault"}},
     }
     return {k: v for k, v in out.items() if v}
 

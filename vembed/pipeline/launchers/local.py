@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Mapping
 from pathlib import Path
 
 from vembed.config import TrainConfig
@@ -11,14 +10,14 @@ from vembed.pipeline.launchers.command import local_command
 from vembed.pipeline.launchers.wait import TrainingJobError, sigterm_raises
 
 
-def run_local(cfg: TrainConfig, config_path: str | Path, env: Mapping[str, str] | None = None) -> None:
+def run_local(cfg: TrainConfig, config_path: str | Path) -> None:
     """Run the training entrypoint under `accelerate launch`; its output goes to this process's log."""
     cmd = local_command(cfg, config_path)
     print(f"[vembed] {' '.join(cmd)}", flush=True)
     try:
         # On SIGTERM subprocess.run kills the launcher before the error propagates.
         with sigterm_raises("training with accelerate launch"):
-            rc = subprocess.run(cmd, env=dict(env) if env is not None else None, check=False).returncode
+            rc = subprocess.run(cmd, check=False).returncode
     except OSError as e:
         raise TrainingJobError(f"cannot start {cmd[0]}: {e.strerror}") from None
     if rc != 0:

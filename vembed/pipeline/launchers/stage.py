@@ -19,7 +19,7 @@ import yaml
 
 from vembed.artifacts import storage
 from vembed.config import TrainConfig
-from vembed.errors import ConfigError, VembedError
+from vembed.errors import ConfigError, VembedError, run_command
 from vembed.pipeline.launchers.command import CONFIG_ENV, OUTPUT_URI_ENV, job_config_path, job_output_dir
 
 DATA_KEYS = ("data_path", "eval_data_path", "corpus_path")
@@ -96,15 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     if args not in (["in"], ["out"]):
         print("usage: python -m vembed.pipeline.launchers.stage in|out", file=sys.stderr)
         return 2
-    try:
-        if args == ["in"]:
-            stage_in(os.environ)
-        else:
-            stage_out(os.environ)
-    except VembedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    stage = stage_in if args == ["in"] else stage_out
+    return run_command(lambda: stage(os.environ) and None)  # a failure: one `error: ...` line, exit 2
 
 
 if __name__ == "__main__":

@@ -93,9 +93,16 @@ def sdk_call(what: str, call: Callable[[], T]) -> T:
 
 
 def failure_reason(conditions: list[str], pods: Callable[[], list[Any]], container: str) -> str:
-    """The Failed condition(s) plus which node container died how (when the pods can be read)."""
+    """The Failed condition(s) plus which node container died how (when the pods can be read):
+    'pod p container c: OOMKilled (exit code 137)' for the first terminated-with-error container."""
     try:
-        conditions = [*conditions, describe_pod_failure(pods(), container)]
+        died = (
+            f"pod {pod.metadata.name} container {container}: {term.reason or 'Error'} (exit code {term.exit_code})"
+            for pod in pods()
+            for cs in getattr(getattr(pod, "status", None), "container_statuses", None) or []
+            if cs.name == container and (term := getattr(getattr(cs, "state", None), "terminated", None)) and term.exit_code
+        )
+        conditions = [*conditions, next(died, "")]
     except Exception as e:  # noqa: BLE001 - report what was found; the job did fail either way
         conditions.append(f"(details unavailable: {api_error_text(e)})")
     return "; ".join(p for p in conditions if p)
@@ -190,13 +197,3 @@ def wait_for_job(
                 log(f"[vembed] deleted {job.description}")
             except Exception as e:  # noqa: BLE001 - never hide the training outcome behind a cleanup error
                 log(f"[vembed] could not delete {job.description}: {api_error_text(e)}")
-
-
-def describe_pod_failure(pods: list[Any], container: str) -> str:
-    """'pod p container c: OOMKilled (exit code 137)' for the first terminated-with-error container."""
-    for pod in pods:
-        for cs in getattr(getattr(pod, "status", None), "container_statuses", None) or []:
-            term = getattr(getattr(cs, "state", None), "terminated", None)
-            if cs.name == container and term is not None and term.exit_code:
-                return f"pod {pod.metadata.name} container {container}: {term.reason or 'Error'} (exit code {term.exit_code})"
-    return ""

@@ -15,15 +15,12 @@ import json
 import os
 import re
 import shlex
-import tempfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from vembed.errors import RegistryError
 from vembed.pipeline.launchers.inference_service import (
-    ANNOTATION_MODEL,
     DeployError,
     InferenceServices,
     PredictorSpec,
@@ -66,15 +63,9 @@ def merged_location(registry: Any, models_uri: str, artifacts_destination: str =
     from vembed.artifacts.registry import quiet_mlflow
 
     root = registry.storage_uri(models_uri).rstrip("/")
-    with tempfile.TemporaryDirectory(prefix="vembed-mlmodel-") as tmp, quiet_mlflow():
+    with quiet_mlflow():
         try:
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{root}/MLmodel",
-                dst_path=tmp,
-                tracking_uri=registry.tracking_uri,
-                registry_uri=registry.tracking_uri,
-            )
-            flavors = yaml.safe_load(Path(local).read_text()).get("flavors") or {}
+            flavors = yaml.safe_load(mlflow.artifacts.load_text(f"{root}/MLmodel")).get("flavors") or {}
         except Exception as e:  # noqa: BLE001 - one line naming the location
             raise RegistryError(f"{models_uri}: cannot read {root}/MLmodel: {str(e).splitlines()[0]}") from None
     if "sentence_transformers" in flavors:
@@ -166,7 +157,7 @@ def deploy(
     where = f"InferenceService {namespace}/{name}"
     if not ready:
         serving = (
-            f"the previous revision {rollout.previous_revision} keeps serving"
+            f"the previous revision {rollout['previous_revision']} keeps serving"
             if before is not None
             else "nothing served before"
         )
@@ -185,13 +176,10 @@ def deploy(
     _tag(registry, model_name, str(mv.version), ok=True, deployment=deployment)
     return {
         "model_uri": version_uri,
-        "version": str(mv.version),
-        "service": name,
-        "namespace": namespace,
-        "storage_uri": spec.storage_uri,
+        **deployment,
         "canary_traffic_percent": int(canary_traffic_percent),
-        "endpoint": f"{rollout.url}/v1/embeddings" if rollout.url else None,
-        **{k: v for k, v in asdict(rollout).items() if k not in ("url",)},
+        "endpoint": f"{rollout['url']}/v1/embeddings" if rollout["url"] else None,
+        **{k: v for k, v in rollout.items() if k != "url"},
     }
 
 
@@ -222,6 +210,3 @@ def last_deployment(registry: Any, model_name: str) -> dict[str, Any] | None:
         return json.loads(tags[TAG_DEPLOYMENT]) if TAG_DEPLOYMENT in tags else None
     except (KeyError, ValueError):
         return None
-
-
-__all__ = ["ANNOTATION_MODEL", "DeployError", "deploy", "deploy_command", "last_deployment", "merged_location"]

@@ -11,27 +11,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from vembed.artifacts.promotion import (
-    METRIC_KEYS,
-    check_metric,
-    decide,
-    flat_metrics,  # noqa: F401 - the KFP Metrics artifact's names (components/)
-    results_of,
-)
+from vembed.artifacts.promotion import METRIC_KEYS, check_metric, decide
 from vembed.artifacts.promotion import ROLES as ROLE_ORDER
 from vembed.errors import ConfigError
-
-unflatten_metrics = results_of  # those names back to results (components/register)
-
-
-def base_model_of(adapter_dir: str | os.PathLike[str]) -> str:
-    """The model an adapter checkpoint was trained from."""
-    from vembed.inference.evaluation import base_model_of as read_base
-
-    name = read_base(str(adapter_dir))
-    if not name:
-        raise ConfigError(f"{adapter_dir}: not an adapter checkpoint with a known base model; pass base_model")
-    return name
 
 
 def mrl_dims_of(adapter_dir: str | os.PathLike[str]) -> list[int] | None:
@@ -106,10 +88,12 @@ def evaluate(
 
     Returns {"results": {role: {dim: {metric: value}}}, "decision": {...}, "report": markdown}.
     """
-    from vembed.inference.evaluation import compare_models
+    from vembed.inference.evaluation import base_model_of, compare_models
 
     check_metric(promotion_metric)  # fail before spending minutes on encoding
-    models = {"tuned": str(adapter_dir), "base": base_model or base_model_of(adapter_dir)}
+    models = {"tuned": str(adapter_dir), "base": base_model or base_model_of(str(adapter_dir))}
+    if not models["base"]:
+        raise ConfigError(f"{adapter_dir}: not an adapter checkpoint with a known base model; pass base_model")
     if champion:
         models["champion"] = champion
     dims = list(dims) if dims else mrl_dims_of(adapter_dir)

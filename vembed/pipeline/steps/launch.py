@@ -19,9 +19,9 @@ from vembed.artifacts import storage
 from vembed.config import TrainConfig
 from vembed.errors import CheckpointError, ConfigError
 from vembed.pipeline.launchers.jobspec import TaskSettings
+from vembed.pipeline.launchers.stage import DATA_KEYS
 from vembed.pipeline.launchers.wait import LogFn, print_line, wait_for_job
 
-DATA_KEYS = ("data_path", "eval_data_path", "corpus_path")
 LAUNCH_CONFIG = "launch-config.yaml"
 
 
@@ -74,96 +74,64 @@ def publish_inputs(cfg: TrainConfig, output_uri: str) -> TrainConfig:
     return cfg.model_copy(update=updates)
 
 
-def launch_training(
-    cfg: TrainConfig,
-    config_path: str | os.PathLike[str],
-    output_uri: str,
-    *,
-    download_to: str | os.PathLike[str] | None = None,
-    task_config: Mapping[str, Any] | None = None,
-    client_configuration: Any = None,
-    poll_interval: float = 10.0,
-    log: LogFn = print_line,
-) -> Path:
-    """Run the training `cfg.trainer` describes and return the local directory of the final checkpoint.
-
-    `config_path`: where the resolved config (output_dir = `output_uri`) is written for the launch.
-    `download_to`: local directory for a job's s3:// output (default: next to `config_path`).
-    `task_config`: the KFP task's settings (`dataclasses.asdict(dsl.TaskConfig)`) passed on to the job.
-    `client_configuration`: a kubernetes.client.Configuration; default: in-cluster or kube-config.
-    """
-    t = cfg.trainer
-    config_path = Path(config_path)
-    if t.backend == "local":
-        if storage.is_s3(output_uri):
-            raise ConfigError("trainer.backend local: output_dir must be a local directory, not an s3:// URI")
-        from vembed.pipeline.launchers.local import run_local
-
-        local_cfg = cfg.model_copy(update={"output_dir": str(output_uri)})
-        local_cfg.save(config_path)
-        run_local(local_cfg, config_path)
-        return _final_checkpoint(output_uri)
-
-    if not (storage.is_s3(output_uri) or Path(output_uri).is_absolute()):
-        raise ConfigError(
-            f"trainer.backend {t.backend}: the output {output_uri!r} must be an s3:// URI or an absolute path "
-            "on a volume the job also mounts (in the pipeline: the train component's job_output_uri)"
-        )
-    job_cfg = publish_inputs(cfg, output_uri).model_copy(update={"output_dir": str(output_uri)})
-    job_cfg.save(config_path)
-    submit_args = {
-        "config_yaml": config_path.read_text(encoding="utf-8"),
-        "output_uri": str(output_uri),
-        "task": TaskSettings.from_mapping(task_config),
-        "client_configuration": client_configuration,
-    }
-    if t.backend == "trainjob":
-        from vembed.pipeline.launchers.trainjob import submit_trainjob
-
-        run = submit_trainjob(job_cfg, **submit_args)
-    else:
-        from vembed.pipeline.launchers.pytorchjob import submit_pytorchjob
-
-        run = submit_pytorchjob(job_cfg, **submit_args)
-    wait_for_job(run, timeout=t.timeout, keep_job=t.keep_job, poll_interval=poll_interval, log=log)
-    if not storage.is_s3(output_uri):
-        return _final_checkpoint(output_uri)
-    local = storage.download_dir(output_uri, download_to or config_path.parent / "job-output")
-    return _final_checkpoint(local)
-
-
 def train_via_launcher(
     cfg: TrainConfig,
     output_dir: str | os.PathLike[str],
     output_uri: str | None = None,
     task_config: Mapping[str, Any] | None = None,
-    **launch_kwargs: Any,
+    *,
+    client_configuration: Any = None,
+    poll_interval: float = 10.0,
+    log: LogFn = print_line,
 ) -> dict[str, Any]:
-    """The train step's path when `needs_launcher(cfg)`; returns the step's summary dict.
+    """The train step's path when `needs_launcher(cfg)`: run the training `cfg.trainer` describes and
+    return the step's summary dict.
 
-    `output_dir`: local directory that receives the outputs (the checkpoint and training_log.txt).
+    `output_dir`: local directory that receives the outputs (the checkpoint and training_log.txt) and
+    the resolved config of the launch.
     `output_uri`: for trainjob / pytorchjob, where the job writes (s3:// or a shared-PVC path).
+    `task_config`: the KFP task's settings (`dataclasses.asdict(dsl.TaskConfig)`) passed on to the job.
+    `client_configuration`: a kubernetes.client.Configuration; default: in-cluster or kube-config.
     """
+    t = cfg.trainer
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.trainer.backend == "local":
-        target = str(out)
-    elif output_uri:
-        target = output_uri
+    config_path = out / LAUNCH_CONFIG
+    if t.backend == "local":
+        from vembed.pipeline.launchers.local import run_local
+
+        local_cfg = cfg.model_copy(update={"output_dir": str(out)})
+        local_cfg.save(config_path)
+        run_local(local_cfg, config_path)
+        final = _final_checkpoint(out)
     else:
-        raise ConfigError(
-            f"trainer.backend {cfg.trainer.backend}: the train step needs an output_uri (s3:// or a shared-PVC "
-            "path) that the job can write to"
+        if not output_uri:
+            raise ConfigError(
+                f"trainer.backend {t.backend}: the train step needs an output_uri (s3:// or a shared-PVC "
+                "path) that the job can write to"
+            )
+        if not (storage.is_s3(output_uri) or Path(output_uri).is_absolute()):
+            raise ConfigError(
+                f"trainer.backend {t.backend}: the output {output_uri!r} must be an s3:// URI or an absolute path "
+                "on a volume the job also mounts (in the pipeline: the train component's job_output_uri)"
+            )
+        job_cfg = publish_inputs(cfg, output_uri).model_copy(update={"output_dir": str(output_uri)})
+        job_cfg.save(config_path)
+        if t.backend == "trainjob":
+            from vembed.pipeline.launchers.trainjob import submit_trainjob as submit
+        else:
+            from vembed.pipeline.launchers.pytorchjob import submit_pytorchjob as submit
+        run = submit(
+            job_cfg,
+            config_yaml=config_path.read_text(encoding="utf-8"),
+            output_uri=str(output_uri),
+            task=TaskSettings.from_mapping(task_config),
+            client_configuration=client_configuration,
         )
-    # A job's output is downloaded into a fresh subdirectory: storage only replaces complete directories.
-    final = launch_training(
-        cfg,
-        out / LAUNCH_CONFIG,
-        target,
-        download_to=out / "job-output",
-        task_config=task_config,
-        **launch_kwargs,
-    )
+        wait_for_job(run, timeout=t.timeout, keep_job=t.keep_job, poll_interval=poll_interval, log=log)
+        # A job's s3:// output is downloaded into a fresh subdirectory: storage only replaces complete directories.
+        local = storage.download_dir(output_uri, out / "job-output") if storage.is_s3(output_uri) else output_uri
+        final = _final_checkpoint(local)
     state = json.loads((final / "trainer_state.json").read_text(encoding="utf-8"))
     history = list(state.get("history") or [])
     losses = [h["loss"] for h in history if h.get("loss") is not None]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vembed.artifacts import storage
+from vembed.artifacts.integrity import sha256_file
 from vembed.data import ReadStats, Record, read_records, split_to_files
 from vembed.errors import ConfigError, DataError
 
@@ -101,8 +102,7 @@ class _ImageCopier:
             src = Path(resolved)
             if not src.is_file():
                 raise DataError(f"image {image!r} not found (looked for {src})")
-            digest = hashlib.sha256(src.read_bytes()).hexdigest()[:24]
-            rel = f"images/{digest}{src.suffix.lower()}"
+            rel = f"images/{sha256_file(src)[:24]}{src.suffix.lower()}"
             dest = self.dataset_dir / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             if not dest.exists():
@@ -188,12 +188,12 @@ class _Reader:
         )
 
 
-def _mine(train_path: Path, model: str, settings: Any) -> dict[str, Any]:
-    """Rewrite the train split with mined negatives; returns what was mined, for stats.json."""
+def _mine(train_path: Path, model: str) -> dict[str, Any]:
+    """Rewrite the train split with mined negatives (default MiningSettings); returns what was mined, for stats.json."""
     from vembed.data import write_records
     from vembed.data.mining import MiningSettings, mine_negatives, predictor_encoder
 
-    settings = settings or MiningSettings()
+    settings = MiningSettings()
     records = list(read_records(str(train_path)))
     mined, stats = mine_negatives(records, predictor_encoder(model), settings)
     write_records(mined, train_path)
@@ -208,7 +208,6 @@ def prepare(
     on_bad_record: str = "error",
     latest: bool = False,
     mine_negatives: str | None = None,
-    mining: Any = None,
 ) -> dict[str, Any]:
     """Validate, deduplicate and split raw JSONL into a dataset directory at `output_uri`.
 
@@ -218,7 +217,7 @@ def prepare(
     the dataset (`images/`, content-addressed) and s3:// images are referenced by absolute URI,
     so the dataset directory is self-contained wherever it is stored.
     `mine_negatives`: a model (HF id, directory or checkpoint) that mines hard negatives into the
-    train split (vembed.data.mining; `mining`: its MiningSettings); the eval split is left alone.
+    train split (vembed.data.mining); the eval split is left alone.
     Returns the stats written to `stats.json`, plus `output` and `dataset_sha256` (sha256 of the
     dataset's manifest).
     """
@@ -238,7 +237,7 @@ def prepare(
         warnings = []
         if eval_fraction > 0 and counts.eval == 0:
             warnings.append(f"eval split is empty: {counts.train} records are too few for eval_fraction={eval_fraction}")
-        mined = _mine(out / "train.jsonl", mine_negatives, mining) if mine_negatives else None
+        mined = _mine(out / "train.jsonl", mine_negatives) if mine_negatives else None
         stats: dict[str, Any] = {
             "source": source,
             "source_sha256": reader.source_hash.hexdigest(),

@@ -52,18 +52,6 @@ def resolve_config_path(config_path: str | os.PathLike[str] | None, home: str | 
     raise ConfigError(f"config_path {config_path}: not found (looked at {', '.join(map(str, tried))}){known}")
 
 
-def _overrides_as_dict(config_overrides: Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
-    from vembed.config import parse_overrides
-
-    if not config_overrides:
-        return {}
-    if isinstance(config_overrides, Mapping):
-        return dict(config_overrides)
-    if isinstance(config_overrides, str):
-        raise ConfigError(f"config_overrides: expected a list of key=value strings, got the string {config_overrides!r}")
-    return parse_overrides(config_overrides)
-
-
 def dataset_files(dataset_dir: str | os.PathLike[str]) -> tuple[Path, Path | None]:
     """(train.jsonl, eval.jsonl or None) inside a prepared dataset directory."""
     root = Path(dataset_dir)
@@ -117,9 +105,12 @@ def train(
     (see `resolve_config`).
     Returns {"checkpoint_dir", "final_loss", "global_step", "history", "config", "log_path"}.
     """
+    from vembed.config import parse_overrides
     from vembed.training import train as run_training
 
-    overrides = _overrides_as_dict(config_overrides)
+    if isinstance(config_overrides, str):
+        raise ConfigError(f"config_overrides: expected a list of key=value strings, got the string {config_overrides!r}")
+    overrides = dict(config_overrides) if isinstance(config_overrides, Mapping) else parse_overrides(config_overrides or [])
     for key in STEP_OWNED_KEYS:
         if key in overrides:
             raise ConfigError(f"config_overrides: {key!r} is set by the train step from its inputs; remove it")
@@ -148,23 +139,14 @@ def train(
 
 
 def _loss_curve_png(history: Sequence[Mapping[str, Any]]) -> bytes | None:
-    points = [(h["step"], h["loss"]) for h in history if h.get("loss") is not None and "step" in h]
-    if not points:
+    """The loss curve the registry logs to MLflow, as PNG bytes (None when no loss was logged)."""
+    from vembed.artifacts.registry_plots import plot_loss_curve
+
+    fig = plot_loss_curve(history)
+    if fig is None:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display in a pipeline pod
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     return buf.getvalue()
 
 
@@ -194,11 +176,11 @@ def render_report(summary: Mapping[str, Any]) -> str:
     )
 
 
-def train_to_artifacts(
-    dataset_path: str,
-    model_path: str,
-    model_uri: str,
-    report_path: str,
+def train_component(
+    dataset: Any,
+    model: Any,
+    report: Any,
+    task_config: Any = None,
     *,
     base_model: str = "",
     config_overrides: Sequence[str] = (),
@@ -207,37 +189,39 @@ def train_to_artifacts(
     train_backend: str = "",
     job_image: str = "",
     job_output_uri: str = "",
-    task_config: Mapping[str, Any] | None = None,
     job_settings: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The body of both train components: train next to `model_path` (same filesystem), move the final
-    checkpoint and training_log.txt there, write the HTML report; returns the summary.
+) -> tuple[float, int]:
+    """The body of both train components, given their KFP artifacts (`.path`, `.uri`, `.metadata`) and
+    their other inputs by name: train next to `model.path` (same filesystem), move the final checkpoint
+    and training_log.txt there, write the HTML report and the model's metadata. Returns (final_loss, global_step).
 
-    `job_settings` (cluster variant): what the pipeline fixed at compile time for the job's pods
-    ({"resources": {"requests": ..., "limits": ...}, "image_pull_secrets": [...]}); it overlays `task_config`.
+    `task_config` (cluster variant): the task's `dsl.TaskConfig`. `job_settings`: what the pipeline fixed
+    at compile time for the job's pods ({"resources": {"requests": ..., "limits": ...}, "image_pull_secrets":
+    [...]}); it overlays `task_config`.
     Transient failures are retried; a permanent one becomes `SystemExit("error: ...")`: one line in the pod log.
     """
+    import dataclasses
     import shutil
     import tempfile
 
+    from vembed.pipeline.steps import use_endpoints
     from vembed.pipeline.steps.launch import job_output_uri as default_job_output_uri
     from vembed.retry import run_step
 
-    if s3_endpoint_url:
-        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint_url
-    task = {k: v for k, v in dict(task_config or {}).items() if v is not None}
+    use_endpoints(s3_endpoint_url=s3_endpoint_url)
+    task = {k: v for k, v in (dataclasses.asdict(task_config) if task_config else {}).items() if v is not None}
     task.update({k: v for k, v in dict(job_settings or {}).items() if v})
-    out = Path(model_path)
+    out = Path(model.path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".train-") as work:
         def attempt() -> dict[str, Any]:
             return train(
-                dataset_path,
+                dataset.path,
                 work,
                 base_model or None,
                 list(config_overrides),
                 config_path or None,
-                output_uri=job_output_uri or default_job_output_uri(model_uri),
+                output_uri=job_output_uri or default_job_output_uri(model.uri),
                 task_config=task or None,
                 backend=train_backend or None,
                 job_image=job_image or None,
@@ -249,17 +233,7 @@ def train_to_artifacts(
             shutil.rmtree(out)
         shutil.move(summary["checkpoint_dir"], out)
         shutil.copy2(summary["log_path"], out / "training_log.txt")
-    Path(report_path).write_text(render_report(summary), encoding="utf-8")
-    return summary
-
-
-def train_component(dataset: Any, model: Any, report: Any, task_config: Any = None, **params: Any) -> tuple[float, int]:
-    """The body of both train components, given their KFP artifacts (`.path`, `.uri`, `.metadata`) and
-    their other inputs by name: `train_to_artifacts`, then the model's metadata. Returns (final_loss, global_step)."""
-    import dataclasses
-
-    task = dataclasses.asdict(task_config) if task_config else None  # a dsl.TaskConfig (cluster variant)
-    summary = train_to_artifacts(dataset.path, model.path, model.uri, report.path, task_config=task, **params)
+    Path(report.path).write_text(render_report(summary), encoding="utf-8")
     model.metadata.update(
         base_model=summary["config"]["model_name"], final_loss=summary["final_loss"], global_step=summary["global_step"]
     )
