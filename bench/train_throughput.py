@@ -15,14 +15,13 @@ Writes bench/results/NAME.{md,json} (NAME: train_throughput, ablation or lora_vs
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from typing import Any
 
 from bench.common import (
     alternate,
     best_samples_per_s,
-    child_setup,
     demo_data,
-    emit,
     entry,
     machine,
     md_table,
@@ -30,7 +29,7 @@ from bench.common import (
     minilm_path,
     report,
 )
-from bench.trainers import OPTIMISATIONS
+from bench.trainers import LORA, OPTIMISATIONS
 
 MIB = 2**20
 BEST, MEDIAN = "samples/s (each step's best run)", "samples/s (median run)"
@@ -42,27 +41,16 @@ ABLATION_LABELS = {
 }
 
 
-def child(argv: list[str]) -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("tool", choices=["vembed", "st"])
-    p.add_argument("--data", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    p.add_argument("--disable", default="", help="vembed only: comma-separated optimisations to turn off")
-    a = p.parse_args(argv)
-    child_setup()
+def child(tool: str, full: bool = False, off: Sequence[str] = (), **run: Any) -> dict[str, Any]:
+    """One training run (`run`: data, model, steps, warmup); `off`: vembed's optimisations to turn off."""
     from bench.trainers import train_st, train_vembed
 
-    if a.tool == "vembed":
-        off = [x for x in a.disable.split(",") if x]
-        emit(train_vembed(a.data, a.model, a.steps, a.warmup, lora=not a.full, off=off))
-    else:
-        emit(train_st(a.data, a.model, a.steps, a.warmup, lora=not a.full))
+    if tool == "vembed":
+        return train_vembed(**run, lora=not full, off=off)
+    return train_st(**run, lora=not full)
 
 
-def tools(a: argparse.Namespace, runs: dict[str, list[dict]], model: str) -> tuple[list[str], dict[str, Any]]:
+def tools(a: argparse.Namespace, runs: dict[str, list[dict]]) -> tuple[list[str], dict[str, Any]]:
     v, s = runs["vembed"], runs["st"]
     keys = ("samples_per_s", "cpu_ms_per_sample", "s_per_step", "peak_rss_mib", "setup_s", "loss_first", "loss_last5")
     rows = [
@@ -91,7 +79,7 @@ def tools(a: argparse.Namespace, runs: dict[str, list[dict]], model: str) -> tup
     ], ratios
 
 
-def ablation(a: argparse.Namespace, runs: dict[str, list[dict]], model: str) -> tuple[list[str], dict[str, Any]]:
+def ablation(a: argparse.Namespace, runs: dict[str, list[dict]]) -> tuple[list[str], dict[str, Any]]:
     rows, prev = [], None
     for label, r in runs.items():
         sps, cpu, rss = best_samples_per_s(r), median(r, "cpu_ms_per_sample"), median(r, "peak_rss_mib")
@@ -112,18 +100,11 @@ def ablation(a: argparse.Namespace, runs: dict[str, list[dict]], model: str) -> 
     ], {}
 
 
-def state_sizes(model: str) -> dict[str, float]:
+def state_sizes() -> dict[str, float]:
     """MiB of weights, and of gradients + AdamW moments for each mode (fp32 everywhere)."""
-    from transformers import AutoModel
+    from bench.lora_memory import MODELS, lora_parameters
 
-    backbone = AutoModel.from_pretrained(model)
-    total = sum(p.numel() for p in backbone.parameters())
-    # LoRA r=16 on query and value: A [r, d_in] + B [d_out, r] per adapted Linear.
-    lora = sum(
-        16 * (m.in_features + m.out_features)
-        for name, m in backbone.named_modules()
-        if name.rsplit(".", 1)[-1] in ("query", "value")
-    )
+    lora, total = lora_parameters(MODELS["all-MiniLM-L6-v2"][0], LORA["lora_target_modules"], LORA["lora_r"])
     return {
         "params_total": total,
         "params_lora": lora,
@@ -133,8 +114,8 @@ def state_sizes(model: str) -> dict[str, float]:
     }
 
 
-def lora_vs_full(a: argparse.Namespace, runs: dict[str, list[dict]], model: str) -> tuple[list[str], dict[str, Any]]:
-    sizes = state_sizes(model)
+def lora_vs_full(a: argparse.Namespace, runs: dict[str, list[dict]]) -> tuple[list[str], dict[str, Any]]:
+    sizes = state_sizes()
     lo, fu = runs["lora"], runs["full"]
     keys = ("samples_per_s", "cpu_ms_per_sample", "peak_rss_mib", "loss_last5")
     rows = [
@@ -162,18 +143,16 @@ def lora_vs_full(a: argparse.Namespace, runs: dict[str, list[dict]], model: str)
     ], {"sizes": sizes, "speed_ratio": speed}
 
 
-def contenders(a: argparse.Namespace, data: str, model: str) -> dict[str, list[str]]:
-    common = ["--data", data, "--model", model, "--steps", str(a.steps), "--warmup", str(a.warmup)]
+def contenders(a: argparse.Namespace, data: str, model: str) -> dict[str, dict[str, Any]]:
+    common = {"tool": "vembed", "data": data, "model": model, "steps": a.steps, "warmup": a.warmup}
     if a.compare == "tools":
-        return {"vembed": ["vembed", *common], "st": ["st", *common]}
-    common = ["vembed", *common]
+        return {"vembed": common, "st": {**common, "tool": "st"}}
     if a.compare == "lora_vs_full":
-        return {"lora": common, "full": [*common, "--full"]}
-    common += ["--full"] if a.full else []
-    variants = {"none (before)": [*common, "--disable", ",".join(OPTIMISATIONS)]}
+        return {"lora": common, "full": {**common, "full": True}}
+    common["full"] = a.full
+    variants = {"none (before)": {**common, "off": OPTIMISATIONS}}
     for i, name in enumerate(OPTIMISATIONS):
-        off = OPTIMISATIONS[i + 1 :]
-        variants[ABLATION_LABELS[name]] = [*common, "--disable", ",".join(off)] if off else common
+        variants[ABLATION_LABELS[name]] = {**common, "off": OPTIMISATIONS[i + 1 :]}
     return dict(list(variants.items())[-a.last :]) if a.last else variants
 
 
@@ -188,13 +167,13 @@ def main(argv: list[str]) -> None:
     p.add_argument("--name", help="report name (default: train_throughput, ablation or lora_vs_full)")
     a = p.parse_args(argv)
     a.repeats = a.repeats or (3 if a.compare == "tools" else 2)
-    info, model = machine(), minilm_path()
-    variants = contenders(a, demo_data()["train"], model)
+    info = machine()
+    variants = contenders(a, demo_data()["train"], minilm_path())
     print(f"{a.compare}: {a.repeats} x {list(variants)}, {a.steps} steps each")
     runs = alternate("bench.train_throughput", variants, a.repeats)
-    parts, extra = {"tools": tools, "ablation": ablation, "lora_vs_full": lora_vs_full}[a.compare](a, runs, model)
-    default_name = "train_throughput" if a.compare == "tools" else a.compare
-    report(a.name or default_name, parts, {"runs": runs, **extra}, info)
+    parts, extra = {"tools": tools, "ablation": ablation, "lora_vs_full": lora_vs_full}[a.compare](a, runs)
+    name = a.name or ("train_throughput" if a.compare == "tools" else a.compare)
+    report(name, parts, {"runs": runs, **extra}, info)
 
 
 if __name__ == "__main__":
