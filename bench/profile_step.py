@@ -11,11 +11,10 @@ grouped into what they do. Writes bench/results/profile_<tool>[_<name>].md.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections import defaultdict
 
-from bench.common import CHILD_ENV, child_setup, demo_data, md_table, minilm_path, save_report
+from bench.common import child_setup, demo_data, md_table, minilm_path, save_report
 
 # Operator -> what it is doing in a BERT training step.
 GROUPS = {
@@ -43,7 +42,6 @@ def main(argv: list[str]) -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--name", default="")
     a = p.parse_args(argv)
-    os.environ.update(CHILD_ENV)
     child_setup()
     from torch.profiler import ProfilerActivity, profile, schedule
 
