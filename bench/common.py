@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +57,14 @@ def demo_data(root: str | Path | None = None) -> dict[str, Any]:
     return info
 
 
-def child_setup() -> None:
-    """Call first thing in a child: pins torch to the thread budget."""
+def child_setup(threads: int = THREADS) -> None:
+    """Call first thing in a child, or in a benchmark measured in its own process: the thread budget,
+    with CHILD_ENV set before torch is imported."""
+    for key, value in CHILD_ENV.items():
+        os.environ.setdefault(key, value)
     import torch
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(threads)
 
 
 def emit(result: dict[str, Any]) -> None:
@@ -67,54 +72,49 @@ def emit(result: dict[str, Any]) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-def run_child(module: str, args: Sequence[str], timeout: float = 900) -> dict[str, Any]:
-    """Run `python -m module --child args...` fresh; its result plus wall time and peak RSS (MiB)."""
-    cmd = [sys.executable, "-m", module, "--child", *args]
-    env = {**os.environ, **CHILD_ENV}
+def run_child(module: str, args: Sequence[str] | dict[str, Any], timeout: float = 900) -> dict[str, Any]:
+    """Run `python -m module --child args...` fresh; its result plus wall time. A dict of arguments
+    goes as one JSON argument, which `entry` hands to the child function as keywords."""
+    cmd = [sys.executable, "-m", module, "--child", *([json.dumps(args)] if isinstance(args, dict) else args)]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        out, err = proc.communicate(timeout=timeout)
+        proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **CHILD_ENV}, capture_output=True, text=True,
+                              timeout=timeout)  # fmt: skip
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
         raise RuntimeError(f"{' '.join(cmd)} timed out after {timeout}s") from None
-    wall = time.perf_counter() - start
-    lines = [ln for ln in out.splitlines() if ln.startswith(RESULT_PREFIX)]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-4000:]}")
-    result = json.loads(lines[-1][len(RESULT_PREFIX) :])
-    result["process_wall_s"] = wall
-    return result
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return {**json.loads(lines[-1][len(RESULT_PREFIX) :]), "process_wall_s": time.perf_counter() - start}
 
 
 def peak_rss_mib() -> float:
     """This process's peak resident set size (Linux reports KiB)."""
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def proc_rss_mib(field: str = "VmRSS") -> float:
+    """This process's current (VmRSS) or peak (VmHWM) resident set size from /proc, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def alternate(
-    module: str, contenders: dict[str, Sequence[str]], repeats: int, log=print
+    module: str, contenders: dict[str, Sequence[str] | dict[str, Any]], repeats: int, timeout: float = 900
 ) -> dict[str, list[dict[str, Any]]]:
     """Run each contender `repeats` times, interleaved A B A B ..."""
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in contenders}
     for i in range(repeats):
         for name, args in contenders.items():
-            r = run_child(module, args)
+            r = run_child(module, args, timeout)
             r["load_avg_1m"] = os.getloadavg()[0]
             runs[name].append(r)
-            log(f"  [{i + 1}/{repeats}] {name}: " + ", ".join(f"{k}={_short(v)}" for k, v in r.items() if _scalar(v)))
+            # Lists (per-step times) and long strings stay out of the progress line.
+            shown = {k: v for k, v in r.items() if isinstance(v, int | float) or (isinstance(v, str) and len(v) <= 40)}
+            print(f"  [{i + 1}/{repeats}] {name}: " + ", ".join(f"{k}={cell(v, '.4g')}" for k, v in shown.items()))
     return runs
-
-
-def _scalar(v: Any) -> bool:  # lists (per-step times) stay out of the progress line
-    return isinstance(v, int | float | str) and not (isinstance(v, str) and len(v) > 40)
-
-
-def _short(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def median(runs: list[dict[str, Any]], key: str) -> float:
@@ -130,39 +130,28 @@ def best_samples_per_s(runs: list[dict[str, Any]]) -> float:
     return len(runs[0]["step_s"]) * runs[0]["batch"] / best
 
 
-def machine() -> dict[str, Any]:
-    import torch
-
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import sentence_transformers
-    import transformers
-
+def machine(threads: int = THREADS) -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
     return {
-        "cpu": cpu,
+        "cpu": names[0] if names else platform.processor(),
         "cores": os.cpu_count(),
-        "threads": THREADS,
+        "threads": threads,
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "sentence_transformers": sentence_transformers.__version__,
+        **{pkg: version(pkg.replace("_", "-")) for pkg in ("torch", "transformers", "sentence_transformers")},
         "load_avg": [round(x, 2) for x in os.getloadavg()],
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
     }
 
 
-def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
-        return str(v)
+def cell(v: Any, float_format: str = "") -> str:
+    """A table cell: floats to 3 decimals below 10 and 1 above, unless `float_format` says otherwise."""
+    if isinstance(v, float):
+        return format(v, float_format or (".3f" if abs(v) < 10 else ".1f"))
+    return str(v)
 
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -179,35 +168,27 @@ def save_report(name: str, markdown: str, data: dict[str, Any]) -> Path:
 
 def machine_line(info: dict[str, Any], load_end: Sequence[float] | None = None) -> str:
     end = f", load average at the end {[round(x, 2) for x in load_end]}" if load_end else ""
+    threads = f"{info['threads']} torch thread" + ("s" if info["threads"] != 1 else "")
     return (
-        f"Machine: {info['cpu']}, {info['cores']} cores, {info['threads']} torch threads per run; "
+        f"Machine: {info['cpu']}, {info['cores']} cores, {threads} per run; "
         f"Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, "
         f"sentence-transformers {info['sentence_transformers']}; {info['date']}; "
         f"load average (1, 5, 15 min) at the start {info['load_avg']}{end}."
     )
 
 
-def report(name: str, parts: Sequence[str], data: dict[str, Any], info: dict[str, Any] | None = None,
-           sep: str = "\n\n") -> Path:
-    """Join the markdown parts (plus the machine line when `info` is given), print and save them."""
-    if info is not None:
-        parts, data = [*parts, machine_line(info, os.getloadavg())], {"machine": info, **data}
-    md = sep.join(parts)
+def report(name: str, parts: Sequence[str], data: dict[str, Any], info: dict[str, Any]) -> Path:
+    """Join the markdown parts and the machine line, print and save them (the machine facts go into the JSON)."""
+    md = "\n\n".join([*parts, machine_line(info, os.getloadavg())])
     print(md)
-    return save_report(name, md, data)
+    return save_report(name, md, {"machine": info, **data})
 
 
-def proc_rss_mib(field: str = "VmRSS") -> float:
-    """This process's current (VmRSS) or peak (VmHWM) resident set size from /proc, in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def entry(main: Any, child: Any = None) -> None:
-    """`python -m bench.X --child ...` runs one measurement (child); anything else the parent (main)."""
+def entry(main: Callable[[list[str]], Any], child: Callable[..., dict[str, Any]] | None = None) -> None:
+    """`python -m bench.X --child JSON` runs one measurement in this fresh process: child(**JSON), whose
+    returned dict goes back to the parent (see `run_child`); anything else runs the parent, main(argv)."""
     if child is not None and sys.argv[1:2] == ["--child"]:
-        child(sys.argv[2:])
+        child_setup()
+        emit(child(**json.loads(sys.argv[2])))
     else:
         main(sys.argv[1:])

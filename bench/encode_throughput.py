@@ -14,12 +14,12 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench.common import (
     alternate,
-    child_setup,
-    emit,
     entry,
     machine,
     md_table,
@@ -47,55 +47,47 @@ def mixed_texts(n: int) -> list[str]:
     return pool[:n]
 
 
-def padded_tokens(token_counts: list[int], order: list[int], batch_size: int) -> int:
-    """Tokens the model computes, padding included, when batches follow `order`."""
+def padded_tokens(token_counts: list[int], key: Callable[[int], float], batch_size: int) -> int:
+    """Tokens the model computes, padding included, when batches follow the texts sorted by `key`."""
+    order = sorted(range(len(token_counts)), key=key)
     return sum(
         max(token_counts[i] for i in order[k : k + batch_size]) * len(order[k : k + batch_size])
         for k in range(0, len(order), batch_size)
     )
 
 
-def child(argv: list[str]) -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("tool", choices=["vembed", "st"])
-    p.add_argument("--texts-file", required=True, help="JSON list of texts, written by the parent")
-    p.add_argument("--batch-size", type=int, required=True)
-    p.add_argument("--save", help="write the embeddings here (.npy)")
-    a = p.parse_args(argv)
-    child_setup()
+def child(tool: str, texts_file: str, batch_size: int, save: str) -> dict[str, Any]:
+    """Encode the texts in `texts_file` (a JSON list) with `tool`; the embeddings go to `save` (.npy)."""
     import numpy as np
 
     # One list for both contenders: some signatures show object addresses, which differ per process.
-    texts = json.loads(Path(a.texts_file).read_text())
+    texts = json.loads(Path(texts_file).read_text())
     model = minilm_path()
     start = time.perf_counter()
-    if a.tool == "vembed":
+    if tool == "vembed":
         from vembed.inference.predictor import Predictor
 
         predictor = Predictor(model, device="cpu")
         loaded = time.perf_counter()
-        emb = predictor.encode_text(texts, batch_size=a.batch_size)
+        emb = predictor.encode_text(texts, batch_size=batch_size)
         max_len = predictor.spec.max_seq_length
     else:
         from sentence_transformers import SentenceTransformer
 
         st = SentenceTransformer(model, device="cpu")
         loaded = time.perf_counter()
-        emb = st.encode(texts, batch_size=a.batch_size, convert_to_numpy=True)
+        emb = st.encode(texts, batch_size=batch_size, convert_to_numpy=True)
         max_len = st.max_seq_length
     done = time.perf_counter()
-    if a.save:
-        np.save(a.save, emb)
-    emit(
-        {
-            "texts_per_s": len(texts) / (done - loaded),
-            "encode_s": done - loaded,
-            "load_s": loaded - start,
-            "peak_rss_mib": peak_rss_mib(),
-            "max_seq_length": max_len,
-            "dim": int(emb.shape[1]),
-        }
-    )
+    np.save(save, emb)
+    return {
+        "texts_per_s": len(texts) / (done - loaded),
+        "encode_s": done - loaded,
+        "load_s": loaded - start,
+        "peak_rss_mib": peak_rss_mib(),
+        "max_seq_length": max_len,
+        "dim": int(emb.shape[1]),
+    }
 
 
 def main(argv: list[str]) -> None:
@@ -113,19 +105,12 @@ def main(argv: list[str]) -> None:
     tok = AutoTokenizer.from_pretrained(minilm_path())
     token_counts = [len(ids) for ids in tok(texts, truncation=True, max_length=256)["input_ids"]]
     lengths = sorted(token_counts)
-    padded = {
-        "by tokens (vembed)": padded_tokens(token_counts, sorted(range(a.texts), key=lambda i: -token_counts[i]), a.batch_size),
-        "by characters (sentence-transformers)": padded_tokens(
-            token_counts, sorted(range(a.texts), key=lambda i: -len(texts[i])), a.batch_size
-        ),
-    }
+    orders = {"by tokens (vembed)": lambda i: -token_counts[i], "by characters (sentence-transformers)": lambda i: -len(texts[i])}
+    padded = {label: padded_tokens(token_counts, key, a.batch_size) for label, key in orders.items()}
     out = Path(tempfile.mkdtemp(prefix="encode-bench-"))
     (out / "texts.json").write_text(json.dumps(texts))
-    common = ["--texts-file", str(out / "texts.json"), "--batch-size", str(a.batch_size)]
-    contenders = {
-        "vembed": ["vembed", *common, "--save", str(out / "vembed.npy")],
-        "st": ["st", *common, "--save", str(out / "st.npy")],
-    }
+    common = {"texts_file": str(out / "texts.json"), "batch_size": a.batch_size}
+    contenders = {tool: {"tool": tool, **common, "save": str(out / f"{tool}.npy")} for tool in ("vembed", "st")}
     print(f"encoding throughput, {a.repeats} x (vembed, sentence-transformers), {a.texts} texts")
     runs = alternate("bench.encode_throughput", contenders, a.repeats)
     diff = float(np.abs(np.load(out / "vembed.npy") - np.load(out / "st.npy")).max())

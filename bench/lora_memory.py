@@ -20,6 +20,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from bench.common import md_table
 from vembed.models.lora import resolve_target_modules
 
 RANKS = (4, 8, 16, 32, 64)
@@ -113,18 +114,11 @@ def _gib(x: float) -> str:
 
 
 def markdown(table: list[dict]) -> str:
-    lines = [
-        "| model | LoRA targets | rank | base params | LoRA params | % of base | adapter file (fp32) "
-        "| LoRA training state | frozen base in bf16 | full fine-tuning state |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in table:
-        lines.append(
-            f"| {r['model']} | {', '.join(r['targets'])} | {r['rank']} | {_n(r['base'])} | {_n(r['lora'])} "
-            f"| {100 * r['lora'] / r['base']:.3f}% | {_gib(4 * r['lora'])} | {_gib(16 * r['lora'])} "
-            f"| {_gib(2 * r['base'])} | {_gib(16 * r['base'])} |"
-        )
-    return "\n".join(lines) + "\n"
+    header = ["model", "LoRA targets", "rank", "base params", "LoRA params", "% of base", "adapter file (fp32)",
+              "LoRA training state", "frozen base in bf16", "full fine-tuning state"]  # fmt: skip
+    rows = [[r["model"], ", ".join(r["targets"]), r["rank"], _n(r["base"]), _n(r["lora"]), f"{100 * r['lora'] / r['base']:.3f}%",
+             _gib(4 * r["lora"]), _gib(16 * r["lora"]), _gib(2 * r["base"]), _gib(16 * r["base"])] for r in table]  # fmt: skip
+    return md_table(header, rows) + "\n"
 
 
 HEADER = """# LoRA memory: parameters and adapter size per model and rank

@@ -12,11 +12,10 @@ encoding throughput (the encoding section above). Writes bench/results/mining_sc
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
+from typing import Any
 
-from bench.common import emit, machine, machine_line, md_table, proc_rss_mib, report, run_child
+from bench.common import alternate, entry, machine, md_table, proc_rss_mib, report
 
 DIM = 384
 
@@ -27,7 +26,7 @@ def _reset_peak() -> None:
         fh.write("5")
 
 
-def child(passages: int, queries: int) -> None:
+def child(passages: int, queries: int) -> dict[str, Any]:
     import torch
 
     from vembed.data.mining import MiningSettings, chunked_topk
@@ -49,35 +48,30 @@ def child(passages: int, queries: int) -> None:
         chunks = (corpus[i : i + s.chunk_size] for i in range(0, passages, s.chunk_size))
         chunked_topk(q[b : b + s.query_block], chunks, s.rank_end + 1)
     seconds = time.perf_counter() - start
-    emit({"passages": passages, "queries": queries, "search_s": seconds, "peak_rss_mib": proc_rss_mib("VmHWM"),
-          "rss_before_search_mib": base_rss, "rss_before_corpus_mib": start_rss, "corpus_mib": passages * DIM * 4 / 2**20})
+    return {"passages": passages, "queries": queries, "search_s": seconds, "peak_rss_mib": proc_rss_mib("VmHWM"),
+            "rss_before_search_mib": base_rss, "rss_before_corpus_mib": start_rss, "corpus_mib": passages * DIM * 4 / 2**20}  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--child", action="store_true")
     p.add_argument("--passages", default="100000,300000")
     p.add_argument("--queries", type=int, default=2000)
     a = p.parse_args(argv)
-    if a.child:
-        child(int(a.passages), a.queries)
-        return
-    info = machine()
-    rows, runs = [], []
-    for n in (int(x) for x in a.passages.split(",")):
-        r = run_child("bench.mining_scale", ["--passages", str(n), "--queries", str(a.queries)], timeout=3600)
-        runs.append(r)
+    info = machine(threads=1)
+    sizes = {n: {"passages": n, "queries": a.queries} for n in map(int, a.passages.split(","))}
+    runs = [r[0] for r in alternate("bench.mining_scale", sizes, 1, timeout=3600).values()]
+    rows = []
+    for r in runs:
+        n = r["passages"]
         per = r["search_s"] / (n / 1e5) / (a.queries / 1e3)
         corpus_rss = r["rss_before_search_mib"] - r["rss_before_corpus_mib"]
         search_rss = r["peak_rss_mib"] - r["rss_before_search_mib"]
         rows.append([n, a.queries, r["search_s"], per, r["corpus_mib"], corpus_rss, search_rss, r["peak_rss_mib"]])
-        print(rows[-1], flush=True)
     report("mining_scale", [
         md_table(["passages", "queries", "search s", "s per 100k passages per 1k queries", "corpus embeddings MiB",
                   "RSS growth for the corpus MiB", "peak RSS growth during search MiB", "peak RSS MiB"], rows),
-        machine_line(info, os.getloadavg()).replace("2 torch threads per run", "1 torch thread"),
-    ], {"machine": info, "runs": runs})  # fmt: skip
+    ], {"runs": runs}, info)  # fmt: skip
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    entry(main, child)

@@ -11,11 +11,10 @@ grouped into what they do. Writes bench/results/profile_<tool>[_<name>].md.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from collections import defaultdict
+from collections import Counter
 
-from bench.common import CHILD_ENV, child_setup, demo_data, md_table, minilm_path, save_report
+from bench.common import child_setup, demo_data, machine, md_table, minilm_path, report
 
 # Operator -> what it is doing in a BERT training step.
 GROUPS = {
@@ -43,44 +42,35 @@ def main(argv: list[str]) -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--name", default="")
     a = p.parse_args(argv)
-    os.environ.update(CHILD_ENV)
     child_setup()
     from torch.profiler import ProfilerActivity, profile, schedule
 
     from bench.trainers import train_st, train_vembed
 
-    data, model = demo_data()["train"], minilm_path()
+    info, data, model = machine(), demo_data()["train"], minilm_path()
     off = [x for x in a.disable.split(",") if x]
+    train, kw = (train_vembed, {"off": off}) if a.tool == "vembed" else (train_st, {})
     # The real training run of bench.train_throughput; the profiler skips the first (warm-up) step.
     with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=1, warmup=0, active=a.steps, repeat=1)) as prof:
-        if a.tool == "vembed":
-            result = train_vembed(data, model, 1 + a.steps, 1, lora=True, off=off, on_step=prof.step)
-        else:
-            result = train_st(data, model, 1 + a.steps, 1, lora=True, on_step=prof.step)
+        result = train(data, model, 1 + a.steps, 1, lora=True, on_step=prof.step, **kw)
     wall = sum(result["step_s"])
     events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
     total = sum(e.self_cpu_time_total for e in events)
-    grouped: dict[str, float] = defaultdict(float)
+    grouped: Counter[str] = Counter()
     for e in events:
         group = next((g for g, ops in GROUPS.items() if e.key in ops), "other")
         grouped[group] += e.self_cpu_time_total
-    rows = [[g, t / 1e6 / a.steps, f"{100 * t / total:.1f}%"] for g, t in sorted(grouped.items(), key=lambda x: -x[1])]
+    rows = [[g, t / 1e6 / a.steps, f"{100 * t / total:.1f}%"] for g, t in grouped.most_common()]
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]
     label = a.tool + (f" ({a.disable} off)" if a.disable else "")
-    md = "\n\n".join(
-        [
-            f"{label}: {a.steps} profiled steps, {wall / a.steps:.2f} s wall per step under the profiler, "
-            f"{total / 1e6 / a.steps:.2f} s of operator time per step.",
-            md_table(["what", "s / step", "share"], rows),
-            md_table(
-                ["operator", "s / step", "calls / step"],
-                [[e.key, e.self_cpu_time_total / 1e6 / a.steps, e.count // a.steps] for e in top],
-            ),
-        ]
-    )
-    print(md)
     name = "profile_" + a.tool + (f"_{a.name}" if a.name else "")
-    save_report(name, md, {"groups": dict(grouped), "steps": a.steps, "wall_s": wall})
+    report(name, [
+        f"{label}: {a.steps} profiled steps, {wall / a.steps:.2f} s wall per step under the profiler, "
+        f"{total / 1e6 / a.steps:.2f} s of operator time per step.",
+        md_table(["what", "s / step", "share"], rows),
+        md_table(["operator", "s / step", "calls / step"],
+                 [[e.key, e.self_cpu_time_total / 1e6 / a.steps, e.count // a.steps] for e in top]),
+    ], {"groups": dict(grouped), "steps": a.steps, "wall_s": wall}, info)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -22,10 +22,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from bench.common import CHILD_ENV, REPO, THREADS, machine, machine_line, md_table, minilm_path, report
+from bench.common import CHILD_ENV, REPO, THREADS, child_setup, machine, md_table, minilm_path, report
 
 BATCH = 32
 
@@ -38,11 +38,6 @@ def texts_pool(n: int) -> list[str]:
     pool = [t for r in docstring_pairs() for t in (r.query, r.positive)]
     random.Random(0).shuffle(pool)
     return (pool * (n // len(pool) + 1))[:n]
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def measure(encode: Callable[[list[str]], object], texts: list[str], singles: int, batches: int, clients: int) -> dict:
@@ -66,7 +61,7 @@ def measure(encode: Callable[[list[str]], object], texts: list[str], singles: in
     elapsed = time.perf_counter() - start
     return {
         "p50_ms": statistics.median(lat),
-        "p99_ms": percentile(lat, 0.99),
+        "p99_ms": statistics.quantiles(lat, n=100, method="inclusive")[98],
         "mean_ms": statistics.fmean(lat),
         "batch_texts_per_s": len(work) * BATCH / elapsed,
         "batch_s": elapsed,
@@ -105,16 +100,13 @@ def main(argv: list[str]) -> None:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--name", default="serve_latency")
     a = p.parse_args(argv)
-    for k, v in CHILD_ENV.items():
-        os.environ.setdefault(k, v)
+    child_setup()
     import numpy as np
-    import torch
     from openai import OpenAI
     from sentence_transformers import SentenceTransformer
 
     from vembed.inference.predictor import Predictor
 
-    torch.set_num_threads(THREADS)
     info = machine()
     model = minilm_path()
     texts = texts_pool(max(a.singles + 10, a.batches * a.clients * BATCH))
@@ -146,9 +138,6 @@ def main(argv: list[str]) -> None:
         lambda b: st.encode(b, batch_size=BATCH, convert_to_numpy=True), texts, a.singles, a.batches, a.clients
     )
 
-    rows = [
-        [name, r["p50_ms"], r["p99_ms"], r["batch_texts_per_s"]] for name, r in results.items()
-    ]
     text = (f"all-MiniLM-L6-v2 on CPU, {THREADS} torch threads each. Single texts: {a.singles} sequential calls "
             f"(after 10 warm-up calls). Batches: {a.clients} concurrent clients x {a.batches} batches of {BATCH} "
             "texts each. The server runs in its own process on loopback, and the client is the official `openai` "
@@ -156,12 +145,11 @@ def main(argv: list[str]) -> None:
     header = ["contender", "single text p50 (ms)", "single text p99 (ms)", f"batches of {BATCH}, {a.clients} clients (texts/s)"]
     rows = [[name, r["p50_ms"], r["p99_ms"], r["batch_texts_per_s"]] for name, r in results.items()]
     path = report(a.name, [
-        "## Serving: `vembed serve` vs in-process Predictor vs SentenceTransformer.encode", "", text, "",
-        md_table(header, rows), "", f"Served embeddings vs Predictor: max abs diff {diff:.2e}.", "",
-        machine_line(info, os.getloadavg()), "",
+        "## Serving: `vembed serve` vs in-process Predictor vs SentenceTransformer.encode", text,
+        md_table(header, rows), f"Served embeddings vs Predictor: max abs diff {diff:.2e}.",
         f"Reproduce: `nice -n 15 .venv/bin/python -m bench.serve_latency --singles {a.singles} "
         f"--batches {a.batches} --clients {a.clients}`",
-    ], {"machine": info, "args": vars(a), "results": results, "max_abs_diff": diff}, sep="\n")  # fmt: skip
+    ], {"args": vars(a), "results": results, "max_abs_diff": diff}, info)  # fmt: skip
     print(f"\nwritten to {path}")
 
 

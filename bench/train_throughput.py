@@ -15,14 +15,14 @@ Writes bench/results/NAME.{md,json} (NAME: train_throughput, ablation or lora_vs
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+from itertools import pairwise
 from typing import Any
 
 from bench.common import (
     alternate,
     best_samples_per_s,
-    child_setup,
     demo_data,
-    emit,
     entry,
     machine,
     md_table,
@@ -30,7 +30,7 @@ from bench.common import (
     minilm_path,
     report,
 )
-from bench.trainers import OPTIMISATIONS
+from bench.trainers import LORA, OPTIMISATIONS
 
 MIB = 2**20
 BEST, MEDIAN = "samples/s (each step's best run)", "samples/s (median run)"
@@ -42,88 +42,75 @@ ABLATION_LABELS = {
 }
 
 
-def child(argv: list[str]) -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("tool", choices=["vembed", "st"])
-    p.add_argument("--data", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    p.add_argument("--disable", default="", help="vembed only: comma-separated optimisations to turn off")
-    a = p.parse_args(argv)
-    child_setup()
+def child(tool: str, full: bool = False, off: Sequence[str] = (), **run: Any) -> dict[str, Any]:
+    """One training run (`run`: data, model, steps, warmup); `off`: vembed's optimisations to turn off."""
     from bench.trainers import train_st, train_vembed
 
-    if a.tool == "vembed":
-        off = [x for x in a.disable.split(",") if x]
-        emit(train_vembed(a.data, a.model, a.steps, a.warmup, lora=not a.full, off=off))
-    else:
-        emit(train_st(a.data, a.model, a.steps, a.warmup, lora=not a.full))
+    if tool == "vembed":
+        return train_vembed(**run, lora=not full, off=off)
+    return train_st(**run, lora=not full)
 
 
-def tools(a: argparse.Namespace, runs: dict[str, list[dict]], model: str) -> tuple[list[str], dict[str, Any]]:
-    v, s = runs["vembed"], runs["st"]
+def table(a: argparse.Namespace, runs: dict[str, list[dict]], first: str, labels: dict[str, str],
+          extra: dict[str, list] | None = None) -> str:  # fmt: skip
+    """One row per contender: samples/s from each step's best run, then the median run's figures;
+    `extra` adds columns (header: one value per contender)."""
+    extra = extra or {}
+    header = [first, "trainable params", BEST, MEDIAN, "CPU ms / sample", "s/step", "peak RSS MiB",
+              f"setup + first {a.warmup} steps s", "loss step 1", "mean loss last 5 steps", *extra]  # fmt: skip
     keys = ("samples_per_s", "cpu_ms_per_sample", "s_per_step", "peak_rss_mib", "setup_s", "loss_first", "loss_last5")
-    rows = [
-        [label, best_samples_per_s(r), *(median(r, k) for k in keys), r[0]["trainable_params"]]
-        for label, r in (("vembed", v), ("sentence-transformers", s))
-    ]
-    ratios = {
-        "speed_ratio": best_samples_per_s(v) / best_samples_per_s(s),
-        "median_speed_ratio": median(v, "samples_per_s") / median(s, "samples_per_s"),
-        "cpu_ratio": median(s, "cpu_ms_per_sample") / median(v, "cpu_ms_per_sample"),
-        "rss_ratio": median(v, "peak_rss_mib") / median(s, "peak_rss_mib"),
+    rows = [[labels.get(name, name), r[0]["trainable_params"], best_samples_per_s(r), *(median(r, k) for k in keys),
+             *(column[i] for column in extra.values())] for i, (name, r) in enumerate(runs.items())]  # fmt: skip
+    return md_table(header, rows)
+
+
+def ratios(x: list[dict], y: list[dict]) -> dict[str, float]:
+    """Runs x against runs y: samples/s (each step's best run, and median runs), CPU time, peak RSS."""
+    return {
+        "speed_ratio": best_samples_per_s(x) / best_samples_per_s(y),
+        "median_speed_ratio": median(x, "samples_per_s") / median(y, "samples_per_s"),
+        "cpu_ratio": median(y, "cpu_ms_per_sample") / median(x, "cpu_ms_per_sample"),
+        "rss_ratio": median(x, "peak_rss_mib") / median(y, "peak_rss_mib"),
+        "rss_change_mib": median(x, "peak_rss_mib") - median(y, "peak_rss_mib"),
     }
-    header = ["tool", BEST, MEDIAN, "CPU ms / sample", "s/step", "peak RSS MiB", f"setup + first {a.warmup} steps s",
-              "loss step 1", f"mean loss steps {a.steps - 4}-{a.steps}", "trainable params"]  # fmt: skip
+
+
+def tools(a: argparse.Namespace, runs: dict[str, list[dict]]) -> tuple[list[str], dict[str, Any]]:
+    v, s = runs["vembed"], runs["st"]
+    q = ratios(v, s)
     each = [[i + 1, x["samples_per_s"], y["samples_per_s"], x["cpu_ms_per_sample"], y["cpu_ms_per_sample"],
              x["peak_rss_mib"], y["peak_rss_mib"], y["load_avg_1m"]] for i, (x, y) in enumerate(zip(v, s, strict=True))]  # fmt: skip
     return [
         f"Medians of {a.repeats} alternating runs, {a.steps} steps each, timing from the end of step {a.warmup}.",
-        md_table(header, rows),
-        f"**vembed / sentence-transformers: {ratios['speed_ratio']:.2f}x samples/s (each step's best run; "
-        f"{ratios['median_speed_ratio']:.2f}x between median runs), {ratios['cpu_ratio']:.2f}x by CPU time per "
-        f"sample, {ratios['rss_ratio']:.2f}x peak RSS.**",
+        table(a, runs, "tool", {"st": "sentence-transformers"}),
+        f"**vembed / sentence-transformers: {q['speed_ratio']:.2f}x samples/s (each step's best run; "
+        f"{q['median_speed_ratio']:.2f}x between median runs), {q['cpu_ratio']:.2f}x by CPU time per "
+        f"sample, {q['rss_ratio']:.2f}x peak RSS.**",
         "Each run:",
         md_table(["run", "vembed samples/s", "ST samples/s", "vembed CPU ms/sample", "ST CPU ms/sample",
                   "vembed RSS MiB", "ST RSS MiB", "load avg"], each),  # fmt: skip
-    ], ratios
+    ], q
 
 
-def ablation(a: argparse.Namespace, runs: dict[str, list[dict]], model: str) -> tuple[list[str], dict[str, Any]]:
-    rows, prev = [], None
-    for label, r in runs.items():
-        sps, cpu, rss = best_samples_per_s(r), median(r, "cpu_ms_per_sample"), median(r, "peak_rss_mib")
-        step = "-" if prev is None else f"{sps / prev[0]:.2f}x, {prev[1] / cpu:.2f}x, {rss - prev[2]:+.0f} MiB"
-        rows.append([label, sps, median(r, "samples_per_s"), cpu, rss, step])
-        prev = (sps, cpu, rss)
-    first, last = runs[list(runs)[0]], runs[list(runs)[-1]]
-    total = median(first, "cpu_ms_per_sample") / median(last, "cpu_ms_per_sample")
-    wall = best_samples_per_s(last) / best_samples_per_s(first)
-    header = ["variant", BEST, MEDIAN, "CPU ms / sample", "peak RSS MiB", "vs row above (samples/s, CPU time, RSS)"]
+def ablation(a: argparse.Namespace, runs: dict[str, list[dict]]) -> tuple[list[str], dict[str, Any]]:
+    steps = [ratios(cur, prev) for prev, cur in pairwise(runs.values())]
+    column = ["-", *(f"{q['speed_ratio']:.2f}x, {q['cpu_ratio']:.2f}x, {q['rss_change_mib']:+.0f} MiB" for q in steps)]
+    total = ratios(runs[list(runs)[-1]], runs[list(runs)[0]])
     return [
         f"vembed alone, {'full fine-tuning' if a.full else 'LoRA r=16'}, batch 32, max_seq_length 128, fp32, "
         f"2 threads; medians of {a.repeats} alternating runs of {a.steps} steps (timing from the end of step "
         f"{a.warmup}). Each row adds one optimisation to the row above; the last row is vembed as shipped.",
-        md_table(header, rows),
-        f"**First row to last: {wall:.2f}x samples/s (each step's best run), {total:.2f}x less CPU time per sample, "
-        f"{median(last, 'peak_rss_mib') - median(first, 'peak_rss_mib'):+.0f} MiB peak RSS.**",
+        table(a, runs, "variant", {}, {"vs row above (samples/s, CPU time, RSS)": column}),
+        f"**First row to last: {total['speed_ratio']:.2f}x samples/s (each step's best run), {total['cpu_ratio']:.2f}x "
+        f"less CPU time per sample, {total['rss_change_mib']:+.0f} MiB peak RSS.**",
     ], {}
 
 
-def state_sizes(model: str) -> dict[str, float]:
+def state_sizes() -> dict[str, float]:
     """MiB of weights, and of gradients + AdamW moments for each mode (fp32 everywhere)."""
-    from transformers import AutoModel
+    from bench.lora_memory import MODELS, lora_parameters
 
-    backbone = AutoModel.from_pretrained(model)
-    total = sum(p.numel() for p in backbone.parameters())
-    # LoRA r=16 on query and value: A [r, d_in] + B [d_out, r] per adapted Linear.
-    lora = sum(
-        16 * (m.in_features + m.out_features)
-        for name, m in backbone.named_modules()
-        if name.rsplit(".", 1)[-1] in ("query", "value")
-    )
+    lora, total = lora_parameters(MODELS["all-MiniLM-L6-v2"][0], LORA["lora_target_modules"], LORA["lora_r"])
     return {
         "params_total": total,
         "params_lora": lora,
@@ -133,19 +120,10 @@ def state_sizes(model: str) -> dict[str, float]:
     }
 
 
-def lora_vs_full(a: argparse.Namespace, runs: dict[str, list[dict]], model: str) -> tuple[list[str], dict[str, Any]]:
-    sizes = state_sizes(model)
-    lo, fu = runs["lora"], runs["full"]
-    keys = ("samples_per_s", "cpu_ms_per_sample", "peak_rss_mib", "loss_last5")
-    rows = [
-        [label, r[0]["trainable_params"], best_samples_per_s(r), *(median(r, k) for k in keys)]
-        for label, r in (("LoRA r=16 (query, value)", lo), ("full fine-tuning", fu))
-    ]
-    speed = best_samples_per_s(lo) / best_samples_per_s(fu)
-    cpu_speed = median(fu, "cpu_ms_per_sample") / median(lo, "cpu_ms_per_sample")
-    saved = 1 - median(lo, "peak_rss_mib") / median(fu, "peak_rss_mib")
-    state_share = sizes["full_grads_adam_mib"] / median(fu, "peak_rss_mib")
-    header = ["mode", "trainable params", BEST, MEDIAN, "CPU ms / sample", "peak RSS MiB", "mean loss last 5 steps"]
+def lora_vs_full(a: argparse.Namespace, runs: dict[str, list[dict]]) -> tuple[list[str], dict[str, Any]]:
+    sizes = state_sizes()
+    q = ratios(runs["lora"], runs["full"])
+    state_share = sizes["full_grads_adam_mib"] / median(runs["full"], "peak_rss_mib")
     memory = [
         ["model weights (both modes)", sizes["weights_mib"]],
         ["full fine-tuning: gradients + AdamW moments (3x weights)", sizes["full_grads_adam_mib"]],
@@ -155,25 +133,23 @@ def lora_vs_full(a: argparse.Namespace, runs: dict[str, list[dict]], model: str)
     return [
         f"Medians of {a.repeats} alternating runs, {a.steps} steps each (timing from the end of step "
         f"{a.warmup}); same data, batch 32, max_seq_length 128, fp32, 2 threads.",
-        md_table(header, rows),
-        f"**LoRA / full: {speed:.2f}x samples/s (each step's best run), {cpu_speed:.2f}x by CPU time; "
-        f"LoRA's peak RSS is {100 * saved:.0f}% lower.**",
+        table(a, runs, "mode", {"lora": "LoRA r=16 (query, value)", "full": "full fine-tuning"}),
+        f"**LoRA / full: {q['speed_ratio']:.2f}x samples/s (each step's best run), {q['cpu_ratio']:.2f}x by CPU time; "
+        f"LoRA's peak RSS is {100 * (1 - q['rss_ratio']):.0f}% lower.**",
         md_table(["memory item (fp32)", "MiB"], memory),
-    ], {"sizes": sizes, "speed_ratio": speed}
+    ], {"sizes": sizes, **q}
 
 
-def contenders(a: argparse.Namespace, data: str, model: str) -> dict[str, list[str]]:
-    common = ["--data", data, "--model", model, "--steps", str(a.steps), "--warmup", str(a.warmup)]
+def contenders(a: argparse.Namespace, data: str, model: str) -> dict[str, dict[str, Any]]:
+    common = {"tool": "vembed", "data": data, "model": model, "steps": a.steps, "warmup": a.warmup}
     if a.compare == "tools":
-        return {"vembed": ["vembed", *common], "st": ["st", *common]}
-    common = ["vembed", *common]
+        return {"vembed": common, "st": {**common, "tool": "st"}}
     if a.compare == "lora_vs_full":
-        return {"lora": common, "full": [*common, "--full"]}
-    common += ["--full"] if a.full else []
-    variants = {"none (before)": [*common, "--disable", ",".join(OPTIMISATIONS)]}
+        return {"lora": common, "full": {**common, "full": True}}
+    common["full"] = a.full
+    variants = {"none (before)": {**common, "off": OPTIMISATIONS}}
     for i, name in enumerate(OPTIMISATIONS):
-        off = OPTIMISATIONS[i + 1 :]
-        variants[ABLATION_LABELS[name]] = [*common, "--disable", ",".join(off)] if off else common
+        variants[ABLATION_LABELS[name]] = {**common, "off": OPTIMISATIONS[i + 1 :]}
     return dict(list(variants.items())[-a.last :]) if a.last else variants
 
 
@@ -188,13 +164,13 @@ def main(argv: list[str]) -> None:
     p.add_argument("--name", help="report name (default: train_throughput, ablation or lora_vs_full)")
     a = p.parse_args(argv)
     a.repeats = a.repeats or (3 if a.compare == "tools" else 2)
-    info, model = machine(), minilm_path()
-    variants = contenders(a, demo_data()["train"], model)
+    info = machine()
+    variants = contenders(a, demo_data()["train"], minilm_path())
     print(f"{a.compare}: {a.repeats} x {list(variants)}, {a.steps} steps each")
     runs = alternate("bench.train_throughput", variants, a.repeats)
-    parts, extra = {"tools": tools, "ablation": ablation, "lora_vs_full": lora_vs_full}[a.compare](a, runs, model)
-    default_name = "train_throughput" if a.compare == "tools" else a.compare
-    report(a.name or default_name, parts, {"runs": runs, **extra}, info)
+    parts, extra = {"tools": tools, "ablation": ablation, "lora_vs_full": lora_vs_full}[a.compare](a, runs)
+    name = a.name or ("train_throughput" if a.compare == "tools" else a.compare)
+    report(name, parts, {"runs": runs, **extra}, info)
 
 
 if __name__ == "__main__":

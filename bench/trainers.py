@@ -25,17 +25,7 @@ from bench.common import peak_rss_mib
 BATCH = 32
 MAX_LEN = 128
 LR = 1e-4
-LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "targets": ["query", "value"]}
-
-
-def read_pairs(path: str) -> tuple[list[str], list[str]]:
-    queries, positives = [], []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            r = json.loads(line)
-            queries.append(r["query"])
-            positives.append(r["positive"])
-    return queries, positives
+LORA = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_target_modules": ["query", "value"]}
 
 
 def mark() -> tuple[float, float]:
@@ -44,29 +34,35 @@ def mark() -> tuple[float, float]:
 
 
 def summarise(
-    step_ends: list[tuple[float, float]], losses: list[float], start: float, warmup: int, batch: int
+    step_ends: list[tuple[float, float]], losses: list[float], start: float, warmup: int, trainable: int
 ) -> dict[str, Any]:
-    """step_ends[i]: mark() at the end of step i+1; losses[i]: that step's loss.
+    """step_ends[i]: mark() at the end of step i+1; losses[i]: that step's loss; call right after training.
 
     CPU seconds per sample do not grow when other processes take the cores, so they compare the
     work done even on a busy machine; wall-clock samples/s is what a user sees."""
+    import torch
+
+    train_call_s = time.perf_counter() - start
     steps = len(step_ends)
     timed = steps - warmup
     elapsed = step_ends[-1][0] - step_ends[warmup - 1][0]
     cpu = step_ends[-1][1] - step_ends[warmup - 1][1]
     return {
         "steps": steps,
-        "batch": batch,
+        "batch": BATCH,
         # Per-step wall times: repeats see the same batches, so bench.common.best_samples_per_s
         # can take each step's fastest repeat.
         "step_s": [step_ends[i][0] - step_ends[i - 1][0] for i in range(warmup, steps)],
-        "samples_per_s": timed * batch / elapsed,
-        "cpu_ms_per_sample": 1000 * cpu / (timed * batch),
+        "samples_per_s": timed * BATCH / elapsed,
+        "cpu_ms_per_sample": 1000 * cpu / (timed * BATCH),
         "s_per_step": elapsed / timed,
         "setup_s": step_ends[warmup - 1][0] - start,
         "loss_first": losses[0],
         "loss_last5": sum(losses[-5:]) / len(losses[-5:]),
         "peak_rss_mib": peak_rss_mib(),
+        "train_call_s": train_call_s,
+        "trainable_params": trainable,
+        "torch_threads": torch.get_num_threads(),
     }
 
 
@@ -102,8 +98,6 @@ def train_vembed(
     data: str, model: str, steps: int, warmup: int, lora: bool, extra: dict | None = None, off: list[str] = (),
     on_step: Callable[[], None] = lambda: None,
 ) -> dict:
-    import torch
-
     import vembed.training.loop as loop
     from vembed.config import load_config
 
@@ -125,10 +119,7 @@ def train_vembed(
             "logging_steps": 1,
             "save_steps": 10**9,
             "use_lora": lora,
-            "lora_r": LORA["r"],
-            "lora_alpha": LORA["alpha"],
-            "lora_dropout": LORA["dropout"],
-            "lora_target_modules": LORA["targets"],
+            **LORA,
             **extra,
         },
     )
@@ -148,13 +139,9 @@ def train_vembed(
     loop.get_scheduler = timed_scheduler
     start = time.perf_counter()
     result = loop.train(cfg)
-    total = time.perf_counter() - start
-    losses = [h["loss"] for h in result.history]
-    summary = summarise(step_ends, losses, start, warmup, BATCH)
-    summary["train_call_s"] = total
-    header = Path(out, "training_log.txt").read_text().splitlines()[0]
-    summary["trainable_params"] = int(header.split("trainable_params=")[1].split()[0])
-    summary["torch_threads"] = torch.get_num_threads()
+    header = result.log_path.read_text().splitlines()[0]
+    trainable = int(header.split("trainable_params=")[1].split()[0])
+    summary = summarise(step_ends, [h["loss"] for h in result.history], start, warmup, trainable)
     shutil.rmtree(out, ignore_errors=True)
     return summary
 
@@ -162,7 +149,6 @@ def train_vembed(
 def train_st(
     data: str, model: str, steps: int, warmup: int, lora: bool, on_step: Callable[[], None] = lambda: None
 ) -> dict:
-    import torch
     from datasets import Dataset
     from sentence_transformers import (
         SentenceTransformer,
@@ -180,15 +166,15 @@ def train_st(
 
         # st.add_adapter needs peft >= 0.22 (unpublished); wrap the transformer module's model directly.
         config = LoraConfig(
-            r=LORA["r"],
-            lora_alpha=LORA["alpha"],
-            lora_dropout=LORA["dropout"],
-            target_modules=LORA["targets"],
+            r=LORA["lora_r"],
+            lora_alpha=LORA["lora_alpha"],
+            lora_dropout=LORA["lora_dropout"],
+            target_modules=LORA["lora_target_modules"],
             bias="none",
         )
         st[0].model = get_peft_model(st[0].model, config)
-    queries, positives = read_pairs(data)
-    dataset = Dataset.from_dict({"anchor": queries, "positive": positives})
+    pairs = [json.loads(line) for line in Path(data).read_text().splitlines()]
+    dataset = Dataset.from_dict({"anchor": [r["query"] for r in pairs], "positive": [r["positive"] for r in pairs]})
     loss = losses.MultipleNegativesRankingLoss(st, scale=20.0)
     step_ends: list[tuple[float, float]] = []
     step_losses: list[float] = []
@@ -219,15 +205,8 @@ def train_st(
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    trainer = SentenceTransformerTrainer(
-        model=st, args=args, train_dataset=dataset, loss=loss, callbacks=[Timer()]
-    )
-    trainer.train()
-    total = time.perf_counter() - start
+    SentenceTransformerTrainer(model=st, args=args, train_dataset=dataset, loss=loss, callbacks=[Timer()]).train()
+    trainable = sum(p.numel() for p in st.parameters() if p.requires_grad)
+    summary = summarise(step_ends, step_losses, start, warmup, trainable)
     shutil.rmtree(args.output_dir, ignore_errors=True)
-    summary = summarise(step_ends, step_losses, start, warmup, BATCH)
-    summary["train_call_s"] = total
-    summary["trainable_params"] = sum(p.numel() for p in st.parameters() if p.requires_grad)
-    summary["torch_threads"] = torch.get_num_threads()
-    summary["optim"] = str(args.optim)
-    return summary
+    return {**summary, "optim": str(args.optim)}
