@@ -16,16 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Any
 
 from bench.common import (
     RESULTS,
     alternate,
     best_samples_per_s,
-    child_setup,
     demo_data,
-    emit,
+    entry,
     machine,
     machine_line,
     md_table,
@@ -188,28 +186,21 @@ def more_seeds(results: dict[str, Any], picked: dict[str, Any]) -> str:
     )
 
 
-def speed_child(argv: list[str]) -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["lora", "full"])
-    p.add_argument("--data", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--warmup", type=int, default=2)
-    a = p.parse_args(argv)
-    child_setup()
+def speed_child(mode: str, data: str, model: str, steps: int, warmup: int = 2) -> dict[str, Any]:
+    """One fresh-process training run: LoRA with the config's defaults, or full fine-tuning at lr 1e-4."""
     from bench.trainers import train_vembed
     from vembed.config import TrainConfig
 
     d = TrainConfig()
     keys = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_init", "learning_rate")
-    extra = {k: getattr(d, k) for k in keys} if a.mode == "lora" else {"learning_rate": 1e-4}
-    emit(train_vembed(a.data, a.model, a.steps, a.warmup, lora=a.mode == "lora", extra=extra))
+    extra = {k: getattr(d, k) for k in keys} if mode == "lora" else {"learning_rate": 1e-4}
+    return train_vembed(data, model, steps, warmup, lora=mode == "lora", extra=extra)
 
 
 def speed(repeats: int, steps: int) -> str:
     info = machine()
-    common = ["--data", demo_data()["train"], "--model", minilm_path(), "--steps", str(steps)]
-    runs = alternate("bench.quality", {"lora": ["lora", *common], "full": ["full", *common]}, repeats)
+    common = {"data": demo_data()["train"], "model": minilm_path(), "steps": steps}
+    runs = alternate("bench.quality", {"lora": {"mode": "lora", **common}, "full": {"mode": "full", **common}}, repeats)
     lo, fu = runs["lora"], runs["full"]
     rows = [
         [
@@ -247,9 +238,6 @@ def speed(repeats: int, steps: int) -> str:
 
 
 def main(argv: list[str]) -> None:
-    if argv[:1] == ["--child"]:
-        speed_child(argv[1:])
-        return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
@@ -271,4 +259,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    main(sys.argv[1:])
+    entry(main, speed_child)
