@@ -126,7 +126,7 @@ class TrainConfig(BaseModel):
     lora_r: int = Field(16, description="LoRA rank")
     lora_alpha: float = Field(32, gt=0, description="scales LoRA by alpha/r")
     lora_dropout: float = Field(0.05, description="dropout inside the adapter, in [0, 1)")
-    lora_target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    lora_target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES), min_length=1)
     modules_to_save: list[str] | None = Field(
         None,
         description=(
@@ -174,6 +174,7 @@ class TrainConfig(BaseModel):
     use_mrl: bool = False
     mrl_dims: list[int] | None = Field(
         None,
+        min_length=1,
         description="strictly descending; default: the full dim and a quarter of it (measured best, docs/benchmarks.md)",
     )
     mrl_weights: list[float] | None = Field(None, description="one weight per mrl_dim; default all 1")
@@ -258,23 +259,12 @@ class TrainConfig(BaseModel):
             raise ValueError(f"unknown lora_init {v!r}; choose one of {', '.join(LORA_INITS)} or pissa_niter_N")
         return v
 
-    @field_validator("lora_target_modules")
-    @classmethod
-    def _targets(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("must name at least one module")
-        return v
-
     @field_validator("mrl_dims")
     @classmethod
     def _mrl_dims(cls, v: list[int] | None) -> list[int] | None:
-        if v is None:
-            return v
-        if not v:
-            raise ValueError("must not be empty")
-        if any(d <= 0 for d in v):
+        if v and any(d <= 0 for d in v):
             raise ValueError("every dim must be positive")
-        if any(a <= b for a, b in zip(v, v[1:], strict=False)):
+        if v and any(a <= b for a, b in zip(v, v[1:], strict=False)):
             raise ValueError(f"must be strictly descending, got {v}")
         return v
 
@@ -375,15 +365,18 @@ def _is_mapping_field(key: str) -> bool:
     return _section_model(key) is not None or any(typing.get_origin(a) is dict for a in _annotation_parts(key))
 
 
-def _put_override(out: dict[str, Any], key: str, value: Any, source: str) -> None:
-    """Store `key` (or `section.key`, nested) in `out`; unknown keys are errors."""
-    if _field(key) is None:
-        raise _unknown_key_error(key, source)
-    section, _, name = key.partition(".")
-    if name:
-        out.setdefault(section, {})[name] = value
-    else:
-        out[key] = value
+def _nest(flat: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """{key or section.key: value} as {key: value, section: {key: value}}; unknown keys are errors."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        if _field(key) is None:
+            raise _unknown_key_error(key, source)
+        section, _, name = key.partition(".")
+        if name:
+            out.setdefault(section, {})[name] = value
+        else:
+            out[key] = value
+    return out
 
 
 def coerce_override(key: str, raw: str) -> Any:
@@ -430,10 +423,7 @@ def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
     """`--config_override key=value` strings as a nested {key: value} / {section: {key: value}} dict."""
     option = "--config_override"
     flat = parse_pairs(pairs, option, coerce_override, lambda k: None if _field(k) else _unknown_key_error(k, option))
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        _put_override(out, key, value, option)
-    return out
+    return _nest(flat, option)
 
 
 def _fill_trainer_defaults(values: dict[str, Any], defaults: Mapping[str, Any]) -> None:
@@ -504,12 +494,7 @@ def load_config(
             if key not in TrainConfig.model_fields:
                 raise _unknown_key_error(key, source)
     if overrides:
-        if isinstance(overrides, Mapping):
-            parsed: dict[str, Any] = {}
-            for key, value in overrides.items():
-                _put_override(parsed, key, value, "override")
-        else:
-            parsed = parse_overrides(overrides)
+        parsed = _nest(overrides, "override") if isinstance(overrides, Mapping) else parse_overrides(overrides)
         for key, value in parsed.items():
             # A nested override (`trainer.num_nodes`) updates the YAML's section instead of replacing it.
             if _section_model(key) and isinstance(value, dict) and isinstance(values.get(key), dict):

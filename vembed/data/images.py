@@ -23,8 +23,8 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from vembed.data.records import Record
-from vembed.errors import DataError
+from vembed.data.records import LIST_FIELDS, Record
+from vembed.errors import DataError, first_line
 
 S3_PREFIX = "s3://"
 # 64 MiB of pixels (8192 x 8192): above any real training photo, far below a bomb's billions.
@@ -125,7 +125,7 @@ def _open(data: bytes, ref: str, max_pixels: int) -> Image.Image:
         except UnidentifiedImageError:
             raise ImageError(f"image {ref!r} is not an image file PIL can read", "not an image") from None
         except Exception as e:  # a header cut short or malformed: OSError, SyntaxError, struct.error
-            raise ImageError(f"image {ref!r} is corrupt or truncated ({_reason(e)})", "corrupt image") from None
+            raise ImageError(f"image {ref!r} is corrupt or truncated ({first_line(e)})", "corrupt image") from None
     _check_size(image, ref, max_pixels)
     return image
 
@@ -142,7 +142,7 @@ def check_image(ref: str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
             image.draft("RGB", (1, 1))
             image.load()
     except Exception as e:  # PIL raises many types (SyntaxError, OSError, struct.error) for bad files
-        raise ImageError(f"image {ref!r} is corrupt or truncated ({_reason(e)})", "corrupt image") from None
+        raise ImageError(f"image {ref!r} is corrupt or truncated ({first_line(e)})", "corrupt image") from None
 
 
 def load_image(image: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
@@ -156,23 +156,10 @@ def load_image(image: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
         opened.load()
         return opened.convert("RGB")
     except Exception as e:  # truncated data surfaces as OSError, broken chunks as SyntaxError/ValueError
-        raise ImageError(f"image {ref!r} is corrupt or truncated ({_reason(e)})", "corrupt image") from None
-
-
-def _reason(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+        raise ImageError(f"image {ref!r} is corrupt or truncated ({first_line(e)})", "corrupt image") from None
 
 
 # --- records ---------------------------------------------------------------------------------
-
-# What each mode keeps: (query text, query image, positive text, positive image).
-_MODE_FIELDS = {
-    "t2t": (True, False, True, False),
-    "t2i": (True, False, False, True),
-    "i2t": (False, True, True, False),
-    "i2i": (False, True, False, True),
-}
 
 
 def detect_retrieval_mode(record: Record) -> str:
@@ -187,25 +174,22 @@ def apply_retrieval_mode(record: Record, mode: str) -> Record:
     image becomes one multimodal item, which Qwen3-VL embeds and CLIP refuses)."""
     if mode == "auto":
         return record
-    if mode not in _MODE_FIELDS:
+    if mode not in RETRIEVAL_MODES:
         raise ValueError(f"unknown retrieval_mode {mode!r}; choose one of {', '.join(RETRIEVAL_MODES)}")
-    q_text, q_image, p_text, p_image = _MODE_FIELDS[mode]
-    need = [
-        name
-        for name, wanted in (("query", q_text), ("query_image", q_image), ("positive", p_text), ("positive_image", p_image))
-        if wanted and not getattr(record, name)
-    ]
+    q_image, p_image = mode[0] == "i", mode[2] == "i"  # e.g. t2i: text queries, image documents
+    keep = {
+        "query": not q_image,
+        "query_image": q_image,
+        "positive": not p_image,
+        "positive_image": p_image,
+        "negatives": not p_image,  # negatives take the positive's modality
+        "negative_images": p_image,
+    }
+    need = [name for name in ("query", "query_image", "positive", "positive_image") if keep[name] and not getattr(record, name)]
     if need:
         raise RecordRejected(f"retrieval_mode {mode} needs field {need[0]!r}", "missing field for retrieval_mode")
     return dataclasses.replace(
-        record,
-        query=record.query if q_text else None,
-        query_image=record.query_image if q_image else None,
-        positive=record.positive if p_text else None,
-        positive_image=record.positive_image if p_image else None,
-        # Negatives take the positive's modality.
-        negatives=record.negatives if p_text else (),
-        negative_images=record.negative_images if p_image else (),
+        record, **{name: getattr(record, name) if kept else (() if name in LIST_FIELDS else None) for name, kept in keep.items()}
     )
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 
 from vembed.artifacts.integrity import check_integrity
-from vembed.errors import CheckpointError, VembedError
+from vembed.errors import CheckpointError, VembedError, first_line
 from vembed.models import Embedder, EmbedderSpec, Item, family_class, load_embedder, looks_like_hub_id
 from vembed.models.merged_base import find_base, lacks_tokenizer
 
@@ -49,8 +49,7 @@ def load_trained_embedder(directory: str | Path, device: str | torch.device | No
         try:
             return _to_device(load_embedder(name), device)
         except (VembedError, OSError, ValueError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{name}: no such local directory, and not loadable as a hub model ({reason})") from None
+            raise CheckpointError(f"{name}: no such local directory, and not loadable as a hub model ({first_line(e)})") from None
     check_integrity(d)
     spec = _read_spec(d)
     if (d / "adapter_config.json").is_file():
@@ -96,17 +95,13 @@ class Predictor:
 
     def __init__(self, model_path: str | Path, device: str | None = None) -> None:
         self.model_path = str(model_path)
-        if "://" not in self.model_path and not self.model_path.startswith("models:/"):
-            if not Path(self.model_path).exists() and not looks_like_hub_id(self.model_path):
-                raise CheckpointError(f"{self.model_path}: does not exist")
         local = materialize(self.model_path)
         try:
             self.embedder = load_trained_embedder(local, device)
         except VembedError:
             raise
         except (OSError, ValueError, SafetensorError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise VembedError(f"{model_path}: cannot load model: {reason}") from None
+            raise VembedError(f"{model_path}: cannot load model: {first_line(e)}") from None
 
     @property
     def dim(self) -> int:

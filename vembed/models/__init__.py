@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from vembed.errors import ConfigError
+from vembed.errors import ConfigError, first_line
 from vembed.models.base import Embedder, EmbedderSpec, Item
 from vembed.models.resolve import read_sentence_transformers_pooling, resolve_model_path
 
@@ -89,8 +89,7 @@ def load_embedder(
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"model_name: cannot load {model_name!r} (offline, no local copy?): {first}") from None
+        raise ConfigError(f"model_name: cannot load {model_name!r} (offline, no local copy?): {first_line(e)}") from None
     family = detect_family(config)
     cls = family_class(family)
     st = read_sentence_transformers_pooling(path)

@@ -21,24 +21,28 @@ from transformers import AutoProcessor, CLIPModel, PretrainedConfig
 
 from vembed.data.images import load_image
 from vembed.errors import ConfigError, DataError
-from vembed.models.base import Embedder, EmbedderSpec, Item, load_backbone
+from vembed.models.base import Embedder, EmbedderSpec, Item, base_model
 
 TEXT, IMAGE = 0, 1
 
 
 class CLIPEmbedder(Embedder):
     family = "clip"
+    model_class = CLIPModel
 
     def __init__(self, backbone: torch.nn.Module, processor: Any, spec: EmbedderSpec) -> None:
-        super().__init__(backbone, spec)
-        self.processor = processor
+        super().__init__(backbone, processor, spec)
         # CLIP's logit_scale is its own temperature; our loss has one, and a trainable parameter
         # that never gets a gradient would trip DDP's unused-parameter check.
-        self._clip().logit_scale.requires_grad_(False)
+        base_model(self.backbone).logit_scale.requires_grad_(False)
 
     @staticmethod
     def default_pooling(config: PretrainedConfig) -> str:
         return "projection"
+
+    @classmethod
+    def load_processor(cls, path: str) -> Any:
+        return AutoProcessor.from_pretrained(path)
 
     @classmethod
     def from_pretrained(cls, path: str, spec: EmbedderSpec, dtype: torch.dtype | None = None) -> CLIPEmbedder:
@@ -46,13 +50,7 @@ class CLIPEmbedder(Embedder):
             raise ConfigError(
                 f"pooling: CLIP embeds through its projection heads; {spec.pooling!r} does not apply (use auto)"
             )
-        processor = AutoProcessor.from_pretrained(path)
-        backbone = load_backbone(CLIPModel, path, dtype)
-        return cls(backbone, processor, spec)
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.processor.tokenizer
+        return super().from_pretrained(path, spec, dtype)  # type: ignore[return-value]
 
     def featurize(self, item: Item, is_query: bool) -> dict[str, Any]:
         if item.text is not None and item.image is not None:
@@ -114,14 +112,10 @@ class CLIPEmbedder(Embedder):
 
     @property
     def dim(self) -> int:
-        return int(self._clip().config.projection_dim)
+        return int(self._config().projection_dim)
 
     def _max_length(self) -> int:
-        return min(self.spec.max_seq_length, int(self._clip().config.text_config.max_position_embeddings))
-
-    def _clip(self) -> CLIPModel:
-        model = self.backbone
-        return model.get_base_model() if hasattr(model, "get_base_model") else model
+        return min(self.spec.max_seq_length, int(self._config().text_config.max_position_embeddings))
 
 
 def _rows(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:

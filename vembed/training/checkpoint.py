@@ -159,9 +159,8 @@ def _save_model(embedder: Embedder, directory: Path, state: dict | None, lora: b
     if lora:  # "auto" would look the base model up on the hub to decide about embedding layers
         kwargs["save_embedding_layers"] = False
     embedder.backbone.save_pretrained(directory, safe_serialization=True, **kwargs)
-    for attr in () if lora else ("tokenizer", "processor"):
-        if getattr(embedder, attr, None) is not None:
-            getattr(embedder, attr).save_pretrained(directory)
+    if not lora and embedder.processor is not None:
+        embedder.processor.save_pretrained(directory)
 
 
 def _load_weights(embedder: Embedder, state: dict[str, torch.Tensor]) -> None:

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from vembed.data import ReadStats, Record, read_records
 from vembed.data.items import record_items
 from vembed.errors import DataError
-from vembed.models.base import Embedder, Item
+from vembed.models.base import Embedder, Item, feature_length
 
 
 def content_id(item: Item) -> int:
@@ -32,29 +32,22 @@ class PairDataset(Dataset):
     Item i is (query, positive, negatives, (positive content id, negative content ids))."""
 
     def __init__(self, records: Sequence[Record], embedder: Embedder) -> None:
-        self.examples: list[tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]] = []
-        self.ids: list[tuple[int, list[int]]] = []
+        self.examples: list[tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], tuple[int, list[int]]]] = []
         for r in records:
             q, p, negs = record_items(r)
-            self.ids.append((content_id(p), [content_id(n) for n in negs]))
+            ids = (content_id(p), [content_id(n) for n in negs])
             pair = (embedder.featurize(q, is_query=True), embedder.featurize(p, is_query=False))
-            self.examples.append((*pair, [embedder.featurize(n, is_query=False) for n in negs]))
+            self.examples.append((*pair, [embedder.featurize(n, is_query=False) for n in negs], ids))
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, i: int):
-        return (*self.examples[i], self.ids[i])
+        return self.examples[i]
 
     def lengths(self) -> list[int]:
         """Tokens per example (query + positive + negatives); 0 for items without input_ids (images)."""
-        return [sum(feature_length(f) for f in (q, p, *negs)) for q, p, negs in self.examples]
-
-
-def feature_length(feature: dict[str, Any]) -> int:
-    """Tokens of a featurized item; 0 without input_ids (images)."""
-    ids = feature.get("input_ids")
-    return len(ids) if ids is not None else 0
+        return [sum(feature_length(f) for f in (q, p, *negs)) for q, p, negs, _ in self.examples]
 
 
 class PairCollator:
@@ -66,12 +59,12 @@ class PairCollator:
         batch: dict[str, Any] = {
             "query": self.embedder.collate([r[0] for r in rows]),
             "positive": self.embedder.collate([r[1] for r in rows]),
+            # content ids, for false-negative masking
+            "positive_ids": torch.tensor([r[3][0] for r in rows], dtype=torch.long),
+            "negative_ids": torch.tensor([i for r in rows for i in r[3][1]], dtype=torch.long),
         }
         if negatives:
             batch["negatives"] = self.embedder.collate(negatives)
-        if all(len(r) > 3 for r in rows):  # content ids, for false-negative masking
-            batch["positive_ids"] = torch.tensor([r[3][0] for r in rows], dtype=torch.long)
-            batch["negative_ids"] = torch.tensor([i for r in rows for i in r[3][1]], dtype=torch.long)
         return batch
 
 
