@@ -193,27 +193,22 @@ def apply_retrieval_mode(record: Record, mode: str) -> Record:
     )
 
 
+@dataclasses.dataclass
 class RecordImages:
     """`read_records(..., transform=RecordImages(root))`: applies the retrieval mode, resolves every
     image path against the data root and checks each local image, so a bad one is reported with
     the data file's line. s3:// images are checked when they are read (a request per image up
     front would be slow)."""
 
-    def __init__(
-        self,
-        root: str | os.PathLike[str],
-        retrieval_mode: str = "auto",
-        allow_outside: bool = False,
-        max_pixels: int = MAX_IMAGE_PIXELS,
-        check_files: bool = True,
-    ) -> None:
-        if retrieval_mode not in RETRIEVAL_MODES:
-            raise ValueError(f"unknown retrieval_mode {retrieval_mode!r}")
-        self.root = root
-        self.mode = retrieval_mode
-        self.allow_outside = allow_outside
-        self.max_pixels = max_pixels
-        self.check_files = check_files
+    root: str | os.PathLike[str]
+    retrieval_mode: str = "auto"
+    allow_outside: bool = False
+    max_pixels: int = MAX_IMAGE_PIXELS
+    check_files: bool = True
+
+    def __post_init__(self) -> None:
+        if self.retrieval_mode not in RETRIEVAL_MODES:
+            raise ValueError(f"unknown retrieval_mode {self.retrieval_mode!r}")
 
     def _image(self, path: str | None) -> str | None:
         if path is None:
@@ -228,7 +223,7 @@ class RecordImages:
         return resolved
 
     def __call__(self, record: Record) -> Record:
-        record = apply_retrieval_mode(record, self.mode)
+        record = apply_retrieval_mode(record, self.retrieval_mode)
         return dataclasses.replace(
             record,
             query_image=self._image(record.query_image),

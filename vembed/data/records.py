@@ -16,7 +16,6 @@ from vembed.errors import DataError
 TEXT_FIELDS = ("query", "positive", "instruction")
 IMAGE_FIELDS = ("query_image", "positive_image")
 LIST_FIELDS = ("negatives", "negative_images")
-KNOWN_FIELDS = (*TEXT_FIELDS, *IMAGE_FIELDS, *LIST_FIELDS)
 BOM = b"\xef\xbb\xbf"
 
 
@@ -33,11 +32,7 @@ class Record:
     instruction: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if v not in (None, ())}
-        for k in LIST_FIELDS:
-            if k in d:
-                d[k] = list(d[k])
-        return d
+        return {k: list(v) if k in LIST_FIELDS else v for k, v in asdict(self).items() if v not in (None, ())}
 
     def key(self) -> str:
         """Content hash: equal for exact duplicates."""

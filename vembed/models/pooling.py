@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-POOLING_MODES = ("mean", "cls", "last_token")
 # sentence-transformers' names for our modes, both ways.
 ST_POOLING = {"mean": "mean", "cls": "cls", "last_token": "lasttoken"}
 FROM_ST_POOLING = {v: k for k, v in ST_POOLING.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -50,9 +51,9 @@ class PairDataset(Dataset):
         return [sum(feature_length(f) for f in (q, p, *negs)) for q, p, negs, _ in self.examples]
 
 
+@dataclass
 class PairCollator:
-    def __init__(self, embedder: Embedder) -> None:
-        self.embedder = embedder
+    embedder: Embedder
 
     def __call__(self, rows) -> dict[str, Any]:
         negatives = [n for r in rows for n in r[2]]
@@ -68,6 +69,7 @@ class PairCollator:
         return batch
 
 
+@dataclass
 class EpochBatchSampler:
     """Shuffled batches whose order depends only on (seed, epoch), so a resumed run
     sees exactly the batches the interrupted one would have seen.
@@ -79,14 +81,16 @@ class EpochBatchSampler:
     third of the tokens a step computes (docs/benchmarks.md).
     """
 
-    def __init__(
-        self, n: int, batch_size: int, seed: int, lengths: Sequence[int] | None = None, group_batches: int = 8
-    ) -> None:
-        if lengths is not None and len(lengths) != n:
-            raise ValueError(f"lengths has {len(lengths)} entries for {n} examples")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.lengths, self.group_batches = lengths, group_batches
-        self.epoch = 0
+    n: int
+    batch_size: int
+    seed: int
+    lengths: Sequence[int] | None = None
+    group_batches: int = 8
+    epoch: int = field(default=0, init=False)  # set by the loop before each epoch
+
+    def __post_init__(self) -> None:
+        if self.lengths is not None and len(self.lengths) != self.n:
+            raise ValueError(f"lengths has {len(self.lengths)} entries for {self.n} examples")
 
     def __iter__(self) -> Iterator[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
