@@ -319,10 +319,6 @@ def mutates_base(lora_init: str) -> bool:
     return lora_init.startswith("pissa") or lora_init == "olora"
 
 
-def valid_keys() -> list[str]:
-    return list(TrainConfig.model_fields)
-
-
 def _section_model(key: str) -> type[BaseModel] | None:
     """The model of a nested config section such as `trainer`; None for plain keys."""
     field = TrainConfig.model_fields.get(key)
@@ -343,7 +339,7 @@ def _unknown_key_error(key: str, source: str) -> ConfigError:
     section, _, name = key.rpartition(".")
     model = _section_model(section) if section else None
     if model is None:  # a top-level key (or an unknown section): suggest a top-level key
-        section, name, candidates = "", key.partition(".")[0], valid_keys()
+        section, name, candidates = "", key.partition(".")[0], list(TrainConfig.model_fields)
     else:
         candidates = list(model.model_fields)
     close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)

@@ -65,8 +65,8 @@ def resolve_image_path(path: str, root: str | os.PathLike[str] | None, allow_out
     if is_s3(str(root)):
         if posixpath.isabs(path):
             raise ImageError(f"image {path!r}: a local absolute path in a data file stored at {root}", "bad image path")
-        joined = posixpath.normpath(posixpath.join(str(root).removeprefix(S3_PREFIX).rstrip("/"), path))
         base = str(root).removeprefix(S3_PREFIX).rstrip("/")
+        joined = posixpath.normpath(posixpath.join(base, path))
         if not allow_outside and not (joined + "/").startswith(base + "/"):
             raise _outside(path, str(root))
         return S3_PREFIX + joined

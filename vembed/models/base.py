@@ -116,6 +116,16 @@ def embed_features(
     return restored
 
 
+def scatter_rows(values: torch.Tensor, rows: Sequence[int] | torch.Tensor, n: int) -> torch.Tensor:
+    """`values` as `rows` of an n-row batch; the other rows are zeros. Multimodal families collate
+    every input row-aligned with the batch, so that GradCache can slice a batch into chunks by rows."""
+    if len(rows) == n:
+        return values
+    out = values.new_zeros((n, *values.shape[1:]))
+    out[rows] = values
+    return out
+
+
 def base_model(model: nn.Module) -> nn.Module:
     """The model under a PeftModel wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

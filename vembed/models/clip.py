@@ -21,7 +21,7 @@ from transformers import AutoProcessor, CLIPModel, PretrainedConfig
 
 from vembed.data.images import load_image
 from vembed.errors import ConfigError, DataError
-from vembed.models.base import Embedder, EmbedderSpec, Item, base_model
+from vembed.models.base import Embedder, EmbedderSpec, Item, base_model, scatter_rows
 
 TEXT, IMAGE = 0, 1
 
@@ -79,11 +79,11 @@ class CLIPEmbedder(Embedder):
                 return_tensors="pt",
             )
             for key in ("input_ids", "attention_mask"):
-                batch[key] = _rows(padded[key], text_rows, len(features))
+                batch[key] = scatter_rows(padded[key], text_rows, len(features))
         if len(image_rows):
             images = [load_image(features[i]["image"]) for i in image_rows.tolist()]
             pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-            batch["pixel_values"] = _rows(pixels, image_rows, len(features))
+            batch["pixel_values"] = scatter_rows(pixels, image_rows, len(features))
         return batch
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
@@ -116,12 +116,3 @@ class CLIPEmbedder(Embedder):
 
     def _max_length(self) -> int:
         return min(self.spec.max_seq_length, int(self._config().text_config.max_position_embeddings))
-
-
-def _rows(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
-    """`values` for `rows` of an n-row batch; the other rows are zeros."""
-    if len(rows) == n:
-        return values
-    out = values.new_zeros((n, *values.shape[1:]))
-    out[rows] = values
-    return out

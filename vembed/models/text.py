@@ -16,10 +16,6 @@ from vembed.models.pooling import pool
 DECODER_TYPES = {"qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3_text", "phi3"}
 
 
-def default_text_pooling(config: PretrainedConfig) -> str:
-    return "last_token" if config.model_type in DECODER_TYPES or getattr(config, "is_decoder", False) else "mean"
-
-
 def format_query(text: str, instruction: str | None, decoder: bool) -> str:
     if not instruction:
         return text
@@ -37,7 +33,7 @@ class TextEmbedder(Embedder):
 
     @staticmethod
     def default_pooling(config: PretrainedConfig) -> str:
-        return default_text_pooling(config)
+        return "last_token" if config.model_type in DECODER_TYPES or getattr(config, "is_decoder", False) else "mean"
 
     @classmethod
     def load_processor(cls, path: str) -> Any:
