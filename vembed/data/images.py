@@ -23,21 +23,13 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from vembed.data.records import LIST_FIELDS, Record
-from vembed.errors import DataError, first_line
+from vembed.data.records import LIST_FIELDS, Record, RecordRejected
+from vembed.errors import first_line
 
 S3_PREFIX = "s3://"
 # 64 MiB of pixels (8192 x 8192): above any real training photo, far below a bomb's billions.
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 RETRIEVAL_MODES = ("auto", "t2t", "t2i", "i2t", "i2i")
-
-
-class RecordRejected(DataError):
-    """A record that cannot be used; `kind` is its category in the skip counts."""
-
-    def __init__(self, message: str, kind: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 class ImageError(RecordRejected):
