@@ -347,20 +347,6 @@ def _unknown_key_error(key: str, source: str) -> ConfigError:
     return ConfigError(f"{source}: unknown config key {key!r}{hint}")
 
 
-def _annotation_parts(key: str) -> tuple[Any, ...]:
-    ann = _field(key).annotation
-    return (ann, *typing.get_args(ann))
-
-
-def _is_list_field(key: str) -> bool:
-    return any(typing.get_origin(a) is list for a in _annotation_parts(key))
-
-
-def _is_mapping_field(key: str) -> bool:
-    """Sections, dict fields and lists of dicts (`trainer.tolerations`) take a YAML flow value."""
-    return _section_model(key) is not None or any(typing.get_origin(a) is dict for a in _annotation_parts(key))
-
-
 def _nest(flat: Mapping[str, Any], source: str) -> dict[str, Any]:
     """{key or section.key: value} as {key: value, section: {key: value}}; unknown keys are errors."""
     out: dict[str, Any] = {}
@@ -380,12 +366,15 @@ def coerce_override(key: str, raw: str) -> Any:
     text = raw.strip()
     if text.lower() in ("null", "none", "~"):
         return None
-    if _is_mapping_field(key):
+    ann = _field(key).annotation
+    containers = {typing.get_origin(a) for a in (ann, *typing.get_args(ann))}  # list, dict: bare or in Optional
+    # Sections, dict fields and lists of dicts (`trainer.tolerations`) take a YAML flow value.
+    if _section_model(key) is not None or dict in containers:
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"--config_override {key}: invalid YAML value {raw!r}: {getattr(e, 'problem', e)}") from None
-    if _is_list_field(key):
+    if list in containers:
         inner = text[1:-1] if text.startswith("[") and text.endswith("]") else text
         return [item.strip().strip("'\"") for item in inner.split(",") if item.strip()]
     # Pydantic's lax mode turns "32", "1e-4" and "true" into int, float and bool.
