@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,10 @@ def materialize(model_path: str) -> Path:
 
 def _read_spec(directory: Path) -> EmbedderSpec | None:
     f = directory / "embedder.json"
-    return EmbedderSpec(**json.loads(f.read_text())) if f.is_file() else None
+    if not f.is_file():
+        return None
+    data = json.loads(f.read_text())  # keys this version does not know (older checkpoints' `extra`) are ignored
+    return EmbedderSpec(**{k.name: data[k.name] for k in fields(EmbedderSpec) if k.name in data})
 
 
 def load_trained_embedder(directory: str | Path, device: str | torch.device | None = None) -> Embedder:

@@ -7,7 +7,7 @@ Normalisation happens in the loss and in the Predictor, after any MRL truncation
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -24,7 +24,6 @@ class EmbedderSpec:
     max_seq_length: int
     query_instruction: str | None = None
     normalize: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
