@@ -50,9 +50,7 @@ def resolve_image_path(path: str, root: str | os.PathLike[str] | None, allow_out
     directory or an s3:// prefix). A local path that ends up outside `root` is refused unless
     `allow_outside` is set.
     """
-    if is_s3(path):
-        return path
-    if root is None:
+    if is_s3(path) or root is None:
         return path
     if is_s3(str(root)):
         if posixpath.isabs(path):

@@ -168,13 +168,10 @@ def base_model_of(model_path: str) -> str | None:
 
 def parse_dims(text: str) -> list[int]:
     """`--dims 384,256` -> [384, 256]; anything else is a one-line error naming the flag."""
-    try:
-        dims = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise ConfigError(f"--dims: expected comma-separated positive integers such as 384,256, got {text!r}") from None
-    if any(d <= 0 for d in dims):
-        raise ConfigError(f"--dims: dims must be positive, got {text!r}")
-    return dims
+    parts = text.split(",")
+    if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ConfigError(f"--dims: expected comma-separated positive integers such as 384,256, got {text!r}")
+    return [int(p) for p in parts]
 
 
 def evaluate_cli(
