@@ -83,9 +83,7 @@ def apply_lora(embedder: Embedder, cfg: TrainConfig) -> Embedder:
     # would add dead parameters that DDP/FSDP then trip over.
     unused = embedder.unused_modules()
     excluded = [full for full, m in backbone.named_modules() if isinstance(m, nn.Linear) and _under(full, unused)]
-    modules_to_save = None
-    if cfg.modules_to_save:
-        modules_to_save = resolve_modules_to_save(embedder, cfg.modules_to_save, cfg.model_name)
+    modules_to_save = resolve_modules_to_save(embedder, cfg.modules_to_save, cfg.model_name) if cfg.modules_to_save else None
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(backbone)
     lora_config = LoraConfig(

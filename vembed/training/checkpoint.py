@@ -235,8 +235,7 @@ def _param_key(pid: str) -> int | str:
 def save_rng(directory: Path) -> None:
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda.{i}"] = s
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     np_state = np.random.get_state()
     tensors["numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
     py_state = random.getstate()
@@ -252,10 +251,9 @@ def load_rng(directory: Path) -> None:
     tensors = _load_tensors(directory / "rng.safetensors")
     meta = json.loads((directory / "rng.json").read_text())
     torch.set_rng_state(tensors["torch"])
-    if torch.cuda.is_available():
-        states = [tensors[f"cuda.{i}"] for i in range(len([k for k in tensors if k.startswith("cuda.")]))]
-        if states:
-            torch.cuda.set_rng_state_all(states)
+    cuda_states = [tensors[f"cuda.{i}"] for i in range(sum(k.startswith("cuda.") for k in tensors))]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
     v, state, gauss = meta["python"]
     random.setstate((v, tuple(state), gauss))
     name, pos, has_gauss, cached = meta["numpy"]
