@@ -55,10 +55,18 @@ def split_inputs(inputs: dict[str, Any], chunk_size: int) -> list[dict[str, Any]
     tensors = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
     rows = {k: v.size(0) for k, v in tensors.items()}
     if len(set(rows.values())) != 1 or len(tensors) != len(inputs):
-        # Every family collates row-aligned tensors (image patches padded per row) so that this holds.
-        raise ValueError(f"GradCache cannot split inputs {sorted(inputs)} with row counts {rows}")
+        raise ValueError(
+            f"GradCache cannot split inputs {sorted(inputs)} with row counts {rows}; "
+            "the embedder must provide split_inputs(inputs, chunk_size)"
+        )
     n = next(iter(rows.values()))
     return [{k: v[i : i + chunk_size] for k, v in inputs.items()} for i in range(0, n, chunk_size)]
+
+
+def splitter_for(embedder: Embedder) -> Callable[[dict[str, Any], int], list[dict[str, Any]]]:
+    """The embedder's own `split_inputs` (for inputs that are not one row per item, such as image
+    patches), else row slicing."""
+    return getattr(embedder, "split_inputs", None) or split_inputs
 
 
 @dataclass
@@ -84,15 +92,16 @@ def grad_cache_step(
             "so GradCache saves no memory and only adds a forward pass; set gradient_cache_chunk_size below "
             "batch_size, or use_gradient_cache: false", chunk_size, cfg.batch_size,
         )  # fmt: skip
+    splitter = splitter_for(accelerator.unwrap_model(embedder))
     # FSDP's no_sync keeps whole unsharded gradients on every rank; its per-chunk reduce-scatter
     # is linear, so summing reduced chunk gradients is exact and keeps them sharded.
     use_no_sync = accelerator.distributed_type != DistributedType.FSDP
     lockstep = forwards_in_lockstep(accelerator)
 
     def embed_without_graph(batch: dict[str, Any]) -> list[Chunk]:
-        planned = [(g, inputs) for g in GROUPS if g in batch for inputs in split_inputs(batch[g], chunk_size)]
+        planned = [(g, inputs) for g in GROUPS if g in batch for inputs in splitter(batch[g], chunk_size)]
         if lockstep:  # FSDP: pad with one-row stand-ins to the chunk count of the busiest rank
-            stand_in = split_inputs(batch["positive"], 1)[0]
+            stand_in = splitter(batch["positive"], 1)[0]
             planned += [(STAND_IN, stand_in)] * (max_over_ranks(accelerator, len(planned)) - len(planned))
         chunks = []
         with torch.no_grad():

@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from vembed.config import TrainConfig
 from vembed.models.base import Embedder
 from vembed.training.distributed import forwards_in_lockstep, max_over_ranks
-from vembed.training.grad_cache import StepFn, grad_cache_step, split_inputs
+from vembed.training.grad_cache import StepFn, grad_cache_step, splitter_for
 from vembed.training.negatives import FalseNegativeMasker, batch_loss
 
 
@@ -27,7 +27,8 @@ def plain_step(
         n = embedder(**batch["negatives"]) if "negatives" in batch else None
         # FSDP: every rank runs as many forwards as the others (checked before this step's forwards)
         if stand_in and n is None:
-            n = embedder(**split_inputs(batch["positive"], 1)[0])[:0]
+            one_row = splitter_for(accelerator.unwrap_model(embedder))(batch["positive"], 1)[0]
+            n = embedder(**one_row)[:0]
         loss = batch_loss(accelerator, loss_fn, masker, batch, q, p, n, cross_device)
         accelerator.backward(loss)
         return loss
