@@ -99,6 +99,10 @@ class Predictor:
 
     def __init__(self, model_path: str | Path, device: str | None = None) -> None:
         self.model_path = str(model_path)
+        # Checked on the name as given: `./no-model` is a missing path, though Path() makes it `no-model`.
+        if "://" not in self.model_path and not self.model_path.startswith("models:/"):
+            if not Path(self.model_path).exists() and not looks_like_hub_id(self.model_path):
+                raise CheckpointError(f"{self.model_path}: does not exist")
         local = materialize(self.model_path)
         try:
             self.embedder = load_trained_embedder(local, device)
