@@ -49,12 +49,6 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from vembed.inference.evaluation import evaluate_cli
-
-    return evaluate_cli(args)
-
-
 def _cmd_encode(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -163,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--retrieval-mode", choices=["auto", "t2t", "t2i", "i2t", "i2i"], default="auto",
                    help="record fields used as query and document (auto: every field present)")
-    p.set_defaults(func=_cmd_evaluate)
+    p.set_defaults(func=_calling("vembed.inference.evaluation:evaluate_cli"))
 
     p = sub.add_parser("merge", help="merge_and_unload an adapter into a standalone model")
     p.add_argument("checkpoint_dir", metavar="checkpoint", help="adapter checkpoint directory")
@@ -233,18 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=3.0, help="training time budget")
     p.set_defaults(func=_calling("vembed.demo:run_demo"))
 
-    p = sub.add_parser("pipeline", help="compile, run locally, upload, submit or schedule the Kubeflow pipeline; render its RBAC", add_help=False)
-    p.add_argument("args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda a: _delegate("pipelines.cli", a.args))
-
-    p = sub.add_parser("registry", help="show, promote or roll back models in the MLflow registry", add_help=False)
-    p.add_argument("args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda a: _delegate("vembed.registry_cli", a.args))
+    # Listed for --help only: `main` hands them their arguments before parsing.
+    sub.add_parser("pipeline", help="compile, run locally, upload, submit or schedule the Kubeflow pipeline; render its RBAC")
+    sub.add_parser("registry", help="show, promote or roll back models in the MLflow registry")
     return parser
 
 
-# Subcommands with their own parser. argparse's REMAINDER drops a leading option
-# (`vembed pipeline --help`), so these are handed over before parsing.
+# Subcommands with their own parser, handed every argument (an argparse REMAINDER would drop a
+# leading option such as `vembed pipeline --help`).
 DELEGATED = {"pipeline": "pipelines.cli", "registry": "vembed.registry_cli"}
 
 

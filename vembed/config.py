@@ -127,7 +127,7 @@ class TrainConfig(BaseModel):
     lora_r: int = Field(32, description="LoRA rank")
     lora_alpha: float = Field(48, gt=0, description="scales LoRA by alpha/r")
     lora_dropout: float = Field(0.0, description="dropout inside the adapter, in [0, 1)")
-    lora_target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    lora_target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES), min_length=1)
     modules_to_save: list[str] | None = Field(
         None,
         description=(
@@ -146,7 +146,6 @@ class TrainConfig(BaseModel):
             "Not with use_dora, use_fsdp or resume_from_checkpoint"
         ),
     )
-
     loraplus_lr_ratio: float | None = Field(
         None,
         ge=1,
@@ -184,6 +183,7 @@ class TrainConfig(BaseModel):
     use_mrl: bool = False
     mrl_dims: list[int] | None = Field(
         None,
+        min_length=1,
         description="strictly descending; default: the full dim and a quarter of it (measured best, docs/benchmarks.md)",
     )
     mrl_weights: list[float] | None = Field(None, description="one weight per mrl_dim; default all 1")
@@ -268,23 +268,12 @@ class TrainConfig(BaseModel):
             raise ValueError(f"unknown lora_init {v!r}; choose one of {', '.join(LORA_INITS)} or pissa_niter_N")
         return v
 
-    @field_validator("lora_target_modules")
-    @classmethod
-    def _targets(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("must name at least one module")
-        return v
-
     @field_validator("mrl_dims")
     @classmethod
     def _mrl_dims(cls, v: list[int] | None) -> list[int] | None:
-        if v is None:
-            return v
-        if not v:
-            raise ValueError("must not be empty")
-        if any(d <= 0 for d in v):
+        if v and any(d <= 0 for d in v):
             raise ValueError("every dim must be positive")
-        if any(a <= b for a, b in zip(v, v[1:], strict=False)):
+        if v and any(a <= b for a, b in zip(v, v[1:], strict=False)):
             raise ValueError(f"must be strictly descending, got {v}")
         return v
 
@@ -349,10 +338,6 @@ def mutates_base(lora_init: str) -> bool:
     return lora_init.startswith("pissa") or lora_init == "olora"
 
 
-def valid_keys() -> list[str]:
-    return list(TrainConfig.model_fields)
-
-
 def _section_model(key: str) -> type[BaseModel] | None:
     """The model of a nested config section such as `trainer`; None for plain keys."""
     field = TrainConfig.model_fields.get(key)
@@ -373,7 +358,7 @@ def _unknown_key_error(key: str, source: str) -> ConfigError:
     section, _, name = key.rpartition(".")
     model = _section_model(section) if section else None
     if model is None:  # a top-level key (or an unknown section): suggest a top-level key
-        section, name, candidates = "", key.partition(".")[0], valid_keys()
+        section, name, candidates = "", key.partition(".")[0], list(TrainConfig.model_fields)
     else:
         candidates = list(model.model_fields)
     close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
@@ -381,29 +366,18 @@ def _unknown_key_error(key: str, source: str) -> ConfigError:
     return ConfigError(f"{source}: unknown config key {key!r}{hint}")
 
 
-def _annotation_parts(key: str) -> tuple[Any, ...]:
-    ann = _field(key).annotation
-    return (ann, *typing.get_args(ann))
-
-
-def _is_list_field(key: str) -> bool:
-    return any(typing.get_origin(a) is list for a in _annotation_parts(key))
-
-
-def _is_mapping_field(key: str) -> bool:
-    """Sections, dict fields and lists of dicts (`trainer.tolerations`) take a YAML flow value."""
-    return _section_model(key) is not None or any(typing.get_origin(a) is dict for a in _annotation_parts(key))
-
-
-def _put_override(out: dict[str, Any], key: str, value: Any, source: str) -> None:
-    """Store `key` (or `section.key`, nested) in `out`; unknown keys are errors."""
-    if _field(key) is None:
-        raise _unknown_key_error(key, source)
-    section, _, name = key.partition(".")
-    if name:
-        out.setdefault(section, {})[name] = value
-    else:
-        out[key] = value
+def _nest(flat: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """{key or section.key: value} as {key: value, section: {key: value}}; unknown keys are errors."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        if _field(key) is None:
+            raise _unknown_key_error(key, source)
+        section, _, name = key.partition(".")
+        if name:
+            out.setdefault(section, {})[name] = value
+        else:
+            out[key] = value
+    return out
 
 
 def coerce_override(key: str, raw: str) -> Any:
@@ -411,12 +385,15 @@ def coerce_override(key: str, raw: str) -> Any:
     text = raw.strip()
     if text.lower() in ("null", "none", "~"):
         return None
-    if _is_mapping_field(key):
+    ann = _field(key).annotation
+    containers = {typing.get_origin(a) for a in (ann, *typing.get_args(ann))}  # list, dict: bare or in Optional
+    # Sections, dict fields and lists of dicts (`trainer.tolerations`) take a YAML flow value.
+    if _section_model(key) is not None or dict in containers:
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"--config_override {key}: invalid YAML value {raw!r}: {getattr(e, 'problem', e)}") from None
-    if _is_list_field(key):
+    if list in containers:
         inner = text[1:-1] if text.startswith("[") and text.endswith("]") else text
         return [item.strip().strip("'\"") for item in inner.split(",") if item.strip()]
     # Pydantic's lax mode turns "32", "1e-4" and "true" into int, float and bool.
@@ -450,10 +427,7 @@ def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
     """`--config_override key=value` strings as a nested {key: value} / {section: {key: value}} dict."""
     option = "--config_override"
     flat = parse_pairs(pairs, option, coerce_override, lambda k: None if _field(k) else _unknown_key_error(k, option))
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        _put_override(out, key, value, option)
-    return out
+    return _nest(flat, option)
 
 
 def _fill_trainer_defaults(values: dict[str, Any], defaults: Mapping[str, Any]) -> None:
@@ -524,12 +498,7 @@ def load_config(
             if key not in TrainConfig.model_fields:
                 raise _unknown_key_error(key, source)
     if overrides:
-        if isinstance(overrides, Mapping):
-            parsed: dict[str, Any] = {}
-            for key, value in overrides.items():
-                _put_override(parsed, key, value, "override")
-        else:
-            parsed = parse_overrides(overrides)
+        parsed = _nest(overrides, "override") if isinstance(overrides, Mapping) else parse_overrides(overrides)
         for key, value in parsed.items():
             # A nested override (`trainer.num_nodes`) updates the YAML's section instead of replacing it.
             if _section_model(key) and isinstance(value, dict) and isinstance(values.get(key), dict):

@@ -45,6 +45,12 @@ def error_line(exc: BaseException) -> str:
     return str(exc).strip() or type(exc).__name__
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message; its type name when the message is empty."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _end_progress_bars() -> None:
     """A failure mid-training leaves tqdm's bar open: close it, so the error starts on its own line."""
     import sys

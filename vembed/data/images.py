@@ -23,21 +23,13 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from vembed.data.records import Record
-from vembed.errors import DataError
+from vembed.data.records import LIST_FIELDS, Record, RecordRejected
+from vembed.errors import first_line
 
 S3_PREFIX = "s3://"
 # 64 MiB of pixels (8192 x 8192): above any real training photo, far below a bomb's billions.
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 RETRIEVAL_MODES = ("auto", "t2t", "t2i", "i2t", "i2i")
-
-
-class RecordRejected(DataError):
-    """A record that cannot be used; `kind` is its category in the skip counts."""
-
-    def __init__(self, message: str, kind: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 class ImageError(RecordRejected):
@@ -58,15 +50,13 @@ def resolve_image_path(path: str, root: str | os.PathLike[str] | None, allow_out
     directory or an s3:// prefix). A local path that ends up outside `root` is refused unless
     `allow_outside` is set.
     """
-    if is_s3(path):
-        return path
-    if root is None:
+    if is_s3(path) or root is None:
         return path
     if is_s3(str(root)):
         if posixpath.isabs(path):
             raise ImageError(f"image {path!r}: a local absolute path in a data file stored at {root}", "bad image path")
-        joined = posixpath.normpath(posixpath.join(str(root).removeprefix(S3_PREFIX).rstrip("/"), path))
         base = str(root).removeprefix(S3_PREFIX).rstrip("/")
+        joined = posixpath.normpath(posixpath.join(base, path))
         if not allow_outside and not (joined + "/").startswith(base + "/"):
             raise _outside(path, str(root))
         return S3_PREFIX + joined
@@ -125,7 +115,7 @@ def _open(data: bytes, ref: str, max_pixels: int) -> Image.Image:
         except UnidentifiedImageError:
             raise ImageError(f"image {ref!r} is not an image file PIL can read", "not an image") from None
         except Exception as e:  # a header cut short or malformed: OSError, SyntaxError, struct.error
-            raise ImageError(f"image {ref!r} is corrupt or truncated ({_reason(e)})", "corrupt image") from None
+            raise ImageError(f"image {ref!r} is corrupt or truncated ({first_line(e)})", "corrupt image") from None
     _check_size(image, ref, max_pixels)
     return image
 
@@ -142,7 +132,7 @@ def check_image(ref: str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
             image.draft("RGB", (1, 1))
             image.load()
     except Exception as e:  # PIL raises many types (SyntaxError, OSError, struct.error) for bad files
-        raise ImageError(f"image {ref!r} is corrupt or truncated ({_reason(e)})", "corrupt image") from None
+        raise ImageError(f"image {ref!r} is corrupt or truncated ({first_line(e)})", "corrupt image") from None
 
 
 def load_image(image: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
@@ -156,23 +146,10 @@ def load_image(image: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
         opened.load()
         return opened.convert("RGB")
     except Exception as e:  # truncated data surfaces as OSError, broken chunks as SyntaxError/ValueError
-        raise ImageError(f"image {ref!r} is corrupt or truncated ({_reason(e)})", "corrupt image") from None
-
-
-def _reason(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+        raise ImageError(f"image {ref!r} is corrupt or truncated ({first_line(e)})", "corrupt image") from None
 
 
 # --- records ---------------------------------------------------------------------------------
-
-# What each mode keeps: (query text, query image, positive text, positive image).
-_MODE_FIELDS = {
-    "t2t": (True, False, True, False),
-    "t2i": (True, False, False, True),
-    "i2t": (False, True, True, False),
-    "i2i": (False, True, False, True),
-}
 
 
 def detect_retrieval_mode(record: Record) -> str:
@@ -187,49 +164,41 @@ def apply_retrieval_mode(record: Record, mode: str) -> Record:
     image becomes one multimodal item, which Qwen3-VL embeds and CLIP refuses)."""
     if mode == "auto":
         return record
-    if mode not in _MODE_FIELDS:
+    if mode not in RETRIEVAL_MODES:
         raise ValueError(f"unknown retrieval_mode {mode!r}; choose one of {', '.join(RETRIEVAL_MODES)}")
-    q_text, q_image, p_text, p_image = _MODE_FIELDS[mode]
-    need = [
-        name
-        for name, wanted in (("query", q_text), ("query_image", q_image), ("positive", p_text), ("positive_image", p_image))
-        if wanted and not getattr(record, name)
-    ]
+    q_image, p_image = mode[0] == "i", mode[2] == "i"  # e.g. t2i: text queries, image documents
+    keep = {
+        "query": not q_image,
+        "query_image": q_image,
+        "positive": not p_image,
+        "positive_image": p_image,
+        "negatives": not p_image,  # negatives take the positive's modality
+        "negative_images": p_image,
+    }
+    need = [name for name in ("query", "query_image", "positive", "positive_image") if keep[name] and not getattr(record, name)]
     if need:
         raise RecordRejected(f"retrieval_mode {mode} needs field {need[0]!r}", "missing field for retrieval_mode")
     return dataclasses.replace(
-        record,
-        query=record.query if q_text else None,
-        query_image=record.query_image if q_image else None,
-        positive=record.positive if p_text else None,
-        positive_image=record.positive_image if p_image else None,
-        # Negatives take the positive's modality.
-        negatives=record.negatives if p_text else (),
-        negative_images=record.negative_images if p_image else (),
+        record, **{name: getattr(record, name) if kept else (() if name in LIST_FIELDS else None) for name, kept in keep.items()}
     )
 
 
+@dataclasses.dataclass
 class RecordImages:
     """`read_records(..., transform=RecordImages(root))`: applies the retrieval mode, resolves every
     image path against the data root and checks each local image, so a bad one is reported with
     the data file's line. s3:// images are checked when they are read (a request per image up
     front would be slow)."""
 
-    def __init__(
-        self,
-        root: str | os.PathLike[str],
-        retrieval_mode: str = "auto",
-        allow_outside: bool = False,
-        max_pixels: int = MAX_IMAGE_PIXELS,
-        check_files: bool = True,
-    ) -> None:
-        if retrieval_mode not in RETRIEVAL_MODES:
-            raise ValueError(f"unknown retrieval_mode {retrieval_mode!r}")
-        self.root = root
-        self.mode = retrieval_mode
-        self.allow_outside = allow_outside
-        self.max_pixels = max_pixels
-        self.check_files = check_files
+    root: str | os.PathLike[str]
+    retrieval_mode: str = "auto"
+    allow_outside: bool = False
+    max_pixels: int = MAX_IMAGE_PIXELS
+    check_files: bool = True
+
+    def __post_init__(self) -> None:
+        if self.retrieval_mode not in RETRIEVAL_MODES:
+            raise ValueError(f"unknown retrieval_mode {self.retrieval_mode!r}")
 
     def _image(self, path: str | None) -> str | None:
         if path is None:
@@ -244,7 +213,7 @@ class RecordImages:
         return resolved
 
     def __call__(self, record: Record) -> Record:
-        record = apply_retrieval_mode(record, self.mode)
+        record = apply_retrieval_mode(record, self.retrieval_mode)
         return dataclasses.replace(
             record,
             query_image=self._image(record.query_image),

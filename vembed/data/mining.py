@@ -83,11 +83,6 @@ def chunked_topk(
     return best_s, best_i
 
 
-def _chunks(x: torch.Tensor, size: int) -> Iterable[torch.Tensor]:
-    for start in range(0, x.size(0), size):
-        yield x[start : start + size]
-
-
 def mine_negatives(
     records: Sequence[Record],
     encode: Encode,
@@ -112,7 +107,7 @@ def mine_negatives(
     out = list(records)
     for start in range(0, len(text_rows), s.query_block):
         block = slice(start, start + s.query_block)
-        scores, idx = chunked_topk(q_emb[block], _chunks(c_emb, s.chunk_size), k)
+        scores, idx = chunked_topk(q_emb[block], c_emb.split(s.chunk_size), k)
         for row, (sc, ix) in enumerate(zip(scores.tolist(), idx.tolist(), strict=True)):
             n = start + row
             record = records[text_rows[n]]

@@ -16,7 +16,6 @@ from vembed.errors import DataError
 TEXT_FIELDS = ("query", "positive", "instruction")
 IMAGE_FIELDS = ("query_image", "positive_image")
 LIST_FIELDS = ("negatives", "negative_images")
-KNOWN_FIELDS = (*TEXT_FIELDS, *IMAGE_FIELDS, *LIST_FIELDS)
 BOM = b"\xef\xbb\xbf"
 
 
@@ -33,11 +32,7 @@ class Record:
     instruction: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if v not in (None, ())}
-        for k in LIST_FIELDS:
-            if k in d:
-                d[k] = list(d[k])
-        return d
+        return {k: list(v) if k in LIST_FIELDS else v for k, v in asdict(self).items() if v not in (None, ())}
 
     def key(self) -> str:
         """Content hash: equal for exact duplicates."""
@@ -66,37 +61,39 @@ class ReadStats:
         return f"{self.records} records, {self.skipped_total} skipped ({reasons})"
 
 
-class _BadRecord(Exception):
-    def __init__(self, reason: str, kind: str) -> None:
-        super().__init__(reason)
+class RecordRejected(DataError):
+    """A record that cannot be used; `kind` is its category in the skip counts."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
         self.kind = kind
 
 
 def _parse(obj: Any) -> Record:
     if not isinstance(obj, dict):
-        raise _BadRecord(f"expected a JSON object, got {type(obj).__name__}", "wrong type")
+        raise RecordRejected(f"expected a JSON object, got {type(obj).__name__}", "wrong type")
     values: dict[str, Any] = {}
     for key in (*TEXT_FIELDS, *IMAGE_FIELDS):
         v = obj.get(key)
         if v is None:
             continue
         if not isinstance(v, str):
-            raise _BadRecord(f"field {key!r} must be a string, got {type(v).__name__}", "wrong type")
+            raise RecordRejected(f"field {key!r} must be a string, got {type(v).__name__}", "wrong type")
         if not v.strip():
-            raise _BadRecord(f"field {key!r} is empty", "empty field")
+            raise RecordRejected(f"field {key!r} is empty", "empty field")
         values[key] = v
     for key in LIST_FIELDS:
         v = obj.get(key)
         if v is None:
             continue
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-            raise _BadRecord(f"field {key!r} must be a list of strings", "wrong type")
+            raise RecordRejected(f"field {key!r} must be a list of strings", "wrong type")
         if any(not x.strip() for x in v):
-            raise _BadRecord(f"field {key!r} contains an empty string", "empty field")
+            raise RecordRejected(f"field {key!r} contains an empty string", "empty field")
         values[key] = tuple(v)
     for side in ("query", "positive"):
         if side not in values and f"{side}_image" not in values:
-            raise _BadRecord(f"missing field {side!r} (or {side}_image)", "missing field")
+            raise RecordRejected(f"missing field {side!r} (or {side}_image)", "missing field")
     return Record(**values)
 
 
@@ -132,24 +129,19 @@ def read_records(
             seen_content = True
             try:
                 try:
-                    text = raw.decode("utf-8")
+                    obj = json.loads(raw.decode("utf-8"))
                 except UnicodeDecodeError as e:
-                    raise _BadRecord(f"invalid UTF-8 at byte {e.start}", "invalid UTF-8") from None
-                try:
-                    obj = json.loads(text)
+                    raise RecordRejected(f"invalid UTF-8 at byte {e.start}", "invalid UTF-8") from None
                 except json.JSONDecodeError as e:
-                    raise _BadRecord(f"invalid JSON: {e.msg} (column {e.colno})", "invalid JSON") from None
+                    raise RecordRejected(f"invalid JSON: {e.msg} (column {e.colno})", "invalid JSON") from None
                 record = _parse(obj)
                 if transform is not None:
-                    try:
-                        record = transform(record)
-                    except DataError as e:
-                        raise _BadRecord(str(e), getattr(e, "kind", "rejected")) from None
-            except _BadRecord as bad:
+                    record = transform(record)
+            except DataError as bad:  # a RecordRejected, or any DataError of `transform`
                 message = f"{path}:{lineno}: {bad}"
                 if on_bad_record == "error":
                     raise DataError(message) from None
-                stats.skipped[bad.kind] += 1
+                stats.skipped[getattr(bad, "kind", "rejected")] += 1
                 if len(stats.examples) < 5:
                     stats.examples.append(message)
                 continue

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,30 +49,17 @@ def build_retrieval_set(
     records: Sequence[Record], corpus: Sequence[str] = ()
 ) -> tuple[list[Item], list[Item], list[set[int]]]:
     """Queries, documents (eval positives + extra corpus, deduplicated) and qrels."""
-    doc_index: dict[tuple[str | None, str | None], int] = {}
-    docs: list[Item] = []
-    query_index: dict[tuple[Any, ...], int] = {}
-    queries: list[Item] = []
-    qrels: list[set[int]] = []
-
-    def doc_id(item: Item) -> int:
-        key = doc_key(item)
-        if key not in doc_index:
-            doc_index[key] = len(docs)
-            docs.append(item)
-        return doc_index[key]
-
+    queries: dict[tuple[Any, ...], tuple[int, Item]] = {}  # key -> (index, first item with that key)
+    docs: dict[tuple[str | None, str | None], tuple[int, Item]] = {}
+    relevant: dict[int, set[int]] = defaultdict(set)
     for r in records:
         q, p, _ = record_items(r)
-        qkey = query_key(q)
-        if qkey not in query_index:
-            query_index[qkey] = len(queries)
-            queries.append(q)
-            qrels.append(set())
-        qrels[query_index[qkey]].add(doc_id(p))
+        qi, _ = queries.setdefault(query_key(q), (len(queries), q))
+        di, _ = docs.setdefault(doc_key(p), (len(docs), p))
+        relevant[qi].add(di)
     for text in corpus:
-        doc_id(Item(text=text))
-    return queries, docs, qrels
+        docs.setdefault(doc_key(Item(text=text)), (len(docs), Item(text=text)))
+    return [q for _, q in queries.values()], [d for _, d in docs.values()], [relevant[i] for i in range(len(queries))]
 
 
 def evaluate_retrieval(
@@ -180,28 +168,26 @@ def base_model_of(model_path: str) -> str | None:
 
 def parse_dims(text: str) -> list[int]:
     """`--dims 384,256` -> [384, 256]; anything else is a one-line error naming the flag."""
-    try:
-        dims = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise ConfigError(f"--dims: expected comma-separated positive integers such as 384,256, got {text!r}") from None
-    if any(d <= 0 for d in dims):
-        raise ConfigError(f"--dims: dims must be positive, got {text!r}")
-    return dims
+    parts = text.split(",")
+    if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ConfigError(f"--dims: expected comma-separated positive integers such as 384,256, got {text!r}")
+    return [int(p) for p in parts]
 
 
-def evaluate_cli(args: Any) -> int:
-    models: dict[str, str] = {}
-    base = args.base or base_model_of(args.model)
-    if base and not args.no_base:
-        models["base"] = base
-    models["tuned"] = args.model
-    dims = parse_dims(args.dims) if args.dims else None
-    if args.output and Path(args.output).is_dir():  # checked before the slow part
-        raise StorageError(f"{args.output}: is a directory; give a file name for the metrics JSON")
-    mode = getattr(args, "retrieval_mode", "auto")
-    results = compare_models(models, args.data, args.corpus, dims, args.batch_size, retrieval_mode=mode)
+def evaluate_cli(
+    model: str, data: str, base: str | None = None, no_base: bool = False, corpus: str | None = None,
+    dims: str | None = None, output: str | None = None, batch_size: int = 64, retrieval_mode: str = "auto",
+) -> int:  # fmt: skip
+    """`vembed evaluate`: the metrics table of the model (and its base model); `output` also gets the JSON."""
+    base = base or base_model_of(model)
+    models = {"base": base} if base and not no_base else {}
+    models["tuned"] = model
+    dim_list = parse_dims(dims) if dims else None
+    if output and Path(output).is_dir():  # checked before the slow part
+        raise StorageError(f"{output}: is a directory; give a file name for the metrics JSON")
+    results = compare_models(models, data, corpus, dim_list, batch_size, retrieval_mode=retrieval_mode)
     print(format_table(results))
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(results, indent=2))
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(results, indent=2))
     return 0

@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from vembed.artifacts.atomic_dir import refuse_existing, staged_dir
+from vembed.artifacts.atomic_dir import staged_dir
 from vembed.artifacts.integrity import write_manifest
 from vembed.errors import CheckpointError, StorageError
 from vembed.inference.predictor import load_trained_embedder
@@ -41,20 +41,15 @@ def check_merge_target(src: Path, out: Path, overwrite: bool) -> None:
         raise StorageError(f"{out}: is inside the source checkpoint {src}; choose a directory outside it")
     if out_r == Path.cwd().resolve() or _is_within(Path.cwd().resolve(), out_r):
         raise StorageError(f"{out}: is the current directory (or above it); choose a new output directory")
-    if not (out.exists() or out.is_symlink()):
-        return
-    if not overwrite:
-        if out.is_dir() and not out.is_symlink() and any(out.iterdir()):
-            raise StorageError(
-                f"{out}: directory is not empty; refusing to replace it "
-                "(--overwrite replaces only an earlier merge output)"
-            )
-        refuse_existing(out)
-        return
-    if out.is_symlink() or not out.is_dir():
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise StorageError(f"{out}: exists and is not a directory; refusing to replace it")
-    if not any(out.iterdir()):
-        return
+    if not out.is_dir() or not any(out.iterdir()):
+        return  # missing or empty: nothing to lose
+    if not overwrite:
+        raise StorageError(
+            f"{out}: directory is not empty; refusing to replace it "
+            "(--overwrite replaces only an earlier merge output)"
+        )
     protected = [n for n in _PROTECTED_FILES if (out / n).exists()]
     runs = [p.name for p in out.iterdir() if p.name.startswith("checkpoint-")]
     if protected or runs:
@@ -85,10 +80,7 @@ def merge_adapter(
             _save_sentence_transformer(embedder, tmp)
         else:
             embedder.backbone.save_pretrained(tmp, safe_serialization=True)
-            for attr in ("processor", "tokenizer"):
-                if getattr(embedder, attr, None) is not None:
-                    getattr(embedder, attr).save_pretrained(tmp)
-                    break
+            embedder.processor.save_pretrained(tmp)
         (tmp / "embedder.json").write_text(json.dumps(embedder.spec.to_dict(), indent=1))
         (tmp / MERGE_MARKER).write_text(json.dumps({"source": str(src.resolve())}, indent=1))
         write_manifest(tmp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 
 from vembed.artifacts.integrity import check_integrity
-from vembed.errors import CheckpointError, VembedError
+from vembed.errors import CheckpointError, VembedError, first_line
 from vembed.models import Embedder, EmbedderSpec, Item, family_class, load_embedder, looks_like_hub_id
 from vembed.models.merged_base import find_base, lacks_tokenizer
 
@@ -34,7 +35,10 @@ def materialize(model_path: str) -> Path:
 
 def _read_spec(directory: Path) -> EmbedderSpec | None:
     f = directory / "embedder.json"
-    return EmbedderSpec(**json.loads(f.read_text())) if f.is_file() else None
+    if not f.is_file():
+        return None
+    data = json.loads(f.read_text())  # keys this version does not know (older checkpoints' `extra`) are ignored
+    return EmbedderSpec(**{k.name: data[k.name] for k in fields(EmbedderSpec) if k.name in data})
 
 
 def load_trained_embedder(directory: str | Path, device: str | torch.device | None = None) -> Embedder:
@@ -49,8 +53,7 @@ def load_trained_embedder(directory: str | Path, device: str | torch.device | No
         try:
             return _to_device(load_embedder(name), device)
         except (VembedError, OSError, ValueError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{name}: no such local directory, and not loadable as a hub model ({reason})") from None
+            raise CheckpointError(f"{name}: no such local directory, and not loadable as a hub model ({first_line(e)})") from None
     check_integrity(d)
     spec = _read_spec(d)
     if (d / "adapter_config.json").is_file():
@@ -96,6 +99,7 @@ class Predictor:
 
     def __init__(self, model_path: str | Path, device: str | None = None) -> None:
         self.model_path = str(model_path)
+        # Checked on the name as given: `./no-model` is a missing path, though Path() makes it `no-model`.
         if "://" not in self.model_path and not self.model_path.startswith("models:/"):
             if not Path(self.model_path).exists() and not looks_like_hub_id(self.model_path):
                 raise CheckpointError(f"{self.model_path}: does not exist")
@@ -105,8 +109,7 @@ class Predictor:
         except VembedError:
             raise
         except (OSError, ValueError, SafetensorError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise VembedError(f"{model_path}: cannot load model: {reason}") from None
+            raise VembedError(f"{model_path}: cannot load model: {first_line(e)}") from None
 
     @property
     def dim(self) -> int:

@@ -46,9 +46,7 @@ def create_app(predictor: Any, model_id: str) -> Any:
 
     app = FastAPI(title="vembed embeddings", version="1")
     lock = threading.Lock()  # one forward at a time: torch already uses every core per batch
-    tokenizer = getattr(predictor.embedder, "tokenizer", None) or getattr(
-        getattr(predictor.embedder, "processor", None), "tokenizer", None
-    )
+    tokenizer = getattr(predictor.embedder, "tokenizer", None)
 
     def count_tokens(texts: list[str]) -> int:
         if tokenizer is None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from vembed.errors import ConfigError
+from vembed.errors import ConfigError, first_line
 from vembed.models.base import Embedder, EmbedderSpec, Item
 from vembed.models.resolve import read_sentence_transformers_pooling, resolve_model_path
 
@@ -83,25 +83,22 @@ def load_embedder(
     """Load a base model of any supported family, offline.
 
     `max_seq_length` None: the model's own (sentence-transformers config), else 128."""
-    if not Path(model_name).expanduser().exists() and not looks_like_hub_id(model_name):
+    local = Path(model_name).expanduser()
+    if not local.exists() and not looks_like_hub_id(model_name):
         raise ConfigError(f"model_name: {model_name} does not exist")
     path = resolve_model_path(model_name)
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"model_name: cannot load {model_name!r} (offline, no local copy?): {first}") from None
+        raise ConfigError(f"model_name: cannot load {model_name!r} (offline, no local copy?): {first_line(e)}") from None
     family = detect_family(config)
     cls = family_class(family)
-    st = read_sentence_transformers_pooling(path)
+    # A sentence-transformers directory says how it pools and whether it normalises.
+    st_pooling, normalize, st_max_length = read_sentence_transformers_pooling(path)
     if pooling == "auto":
-        pooling = st[0] if st is not None else cls.default_pooling(config)
-    # A sentence-transformers directory says whether it normalises; everything else does.
-    normalize = st[1] if st is not None else True
-    if max_seq_length is None:
-        max_seq_length = (st[2] if st is not None else None) or 128
+        pooling = st_pooling or cls.default_pooling(config)
+    max_seq_length = max_seq_length or st_max_length or 128
     # Hub ids stay ids (resolved again at load time); local directories become absolute.
-    local = Path(model_name).expanduser()
     stored_name = str(local.resolve()) if local.is_dir() else model_name
     spec = EmbedderSpec(
         family=family,

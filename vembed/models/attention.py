@@ -24,6 +24,8 @@ import logging
 import torch
 from torch import nn
 
+from vembed.models.base import base_model
+
 log = logging.getLogger(__name__)
 
 NAME = "vembed_lean_sdpa"
@@ -117,7 +119,7 @@ def _register() -> None:
 
 def use_training_attention(backbone: nn.Module) -> bool:
     """Switch an SDPA model to NAME for training; False (unchanged) for other attention implementations."""
-    model = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+    model = base_model(backbone)
     config = getattr(model, "config", None)
     if config is None or config._attn_implementation != "sdpa":
         return False

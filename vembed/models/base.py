@@ -7,7 +7,7 @@ Normalisation happens in the loss and in the Predictor, after any MRL truncation
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -24,7 +24,6 @@ class EmbedderSpec:
     max_seq_length: int
     query_instruction: str | None = None
     normalize: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -39,11 +38,25 @@ class Item:
 
 class Embedder(nn.Module):
     family: str = "base"
+    model_class: Any = None  # the transformers class `from_pretrained` loads the backbone with
 
-    def __init__(self, backbone: nn.Module, spec: EmbedderSpec) -> None:
+    def __init__(self, backbone: nn.Module, processor: Any, spec: EmbedderSpec) -> None:
         super().__init__()
         self.backbone = backbone
+        self.processor = processor  # a tokenizer, or a processor holding one (and an image processor)
         self.spec = spec
+
+    @classmethod
+    def load_processor(cls, path: str) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(cls, path: str, spec: EmbedderSpec, dtype: torch.dtype | None = None) -> Embedder:
+        return cls(load_backbone(cls.model_class, path, dtype), cls.load_processor(path), spec)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
 
     # Per-item work that can be done once, ahead of training (e.g. tokenisation).
     def featurize(self, item: Item, is_query: bool) -> dict[str, Any]:
@@ -71,23 +84,45 @@ class Embedder(nn.Module):
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device
 
+    def _config(self) -> Any:
+        """The transformers config of the backbone (under any PeftModel wrapper)."""
+        return base_model(self.backbone).config
+
     @torch.no_grad()
     def embed_items(self, items: Sequence[Item], is_query: bool = False, batch_size: int = 32) -> torch.Tensor:
         """Inference helper: pooled vectors (unnormalised, float32) for many items."""
-        out = []
-        feats = [self.featurize(it, is_query) for it in items]
-        # Sorting by length keeps padding small; order is restored below.
-        order = sorted(range(len(feats)), key=lambda i: -_length(feats[i]))
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = {k: v.to(self.device) for k, v in self.collate([feats[i] for i in idx]).items()}
-            out.append(self(**batch).float().cpu())
-        if not out:
+        features = [self.featurize(it, is_query) for it in items]
+        if not features:
             return torch.empty(0, self.dim)
-        emb = torch.cat(out)
-        restored = torch.empty_like(emb)
-        restored[torch.tensor(order)] = emb
-        return restored
+        return embed_features(self, self.collate, features, batch_size, self.device)
+
+
+def embed_features(
+    model: nn.Module, collate: Any, features: Sequence[dict[str, Any]], batch_size: int, device: torch.device,
+    out_device: torch.device | str = "cpu",
+) -> torch.Tensor:  # fmt: skip
+    """Float32 embeddings of featurized items (on `out_device`), in their order. Batches are formed
+    longest first, which keeps padding small; the order is restored afterwards."""
+    order = sorted(range(len(features)), key=lambda i: -feature_length(features[i]))
+    out = []
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collate([features[i] for i in idx]).items()}
+        out.append(model(**batch).float().to(out_device))
+    emb = torch.cat(out)
+    restored = torch.empty_like(emb)
+    restored[torch.tensor(order, device=emb.device)] = emb
+    return restored
+
+
+def scatter_rows(values: torch.Tensor, rows: Sequence[int] | torch.Tensor, n: int) -> torch.Tensor:
+    """`values` as `rows` of an n-row batch; the other rows are zeros. Multimodal families collate
+    every input row-aligned with the batch, so that GradCache can slice a batch into chunks by rows."""
+    if len(rows) == n:
+        return values
+    out = values.new_zeros((n, *values.shape[1:]))
+    out[rows] = values
+    return out
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -124,6 +159,7 @@ def _loads_on_meta() -> bool:
     return enabled and dist.is_available() and dist.is_initialized() and int(os.environ.get("LOCAL_RANK", "0")) != 0
 
 
-def _length(feature: dict[str, Any]) -> int:
+def feature_length(feature: dict[str, Any]) -> int:
+    """Tokens of a featurized item; 0 without input_ids (images)."""
     ids = feature.get("input_ids")
     return len(ids) if ids is not None else 0

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from transformers import AutoModel, PretrainedConfig
 
 from vembed.errors import DataError
-from vembed.models.base import Embedder, EmbedderSpec, Item, base_model, load_backbone
+from vembed.models.base import Embedder, Item
 
 DEFAULT_INSTRUCTION = "Represent the user's input."
 
@@ -21,27 +20,11 @@ class ChatEmbedder(Embedder):
 
     display_name = ""  # in error messages
     vision_tokens: tuple[str, ...] = ()  # stripped from user text: it must not forge image placeholders
-
-    def __init__(self, backbone: torch.nn.Module, processor: Any, spec: EmbedderSpec) -> None:
-        super().__init__(backbone, spec)
-        self.processor = processor
+    model_class = AutoModel
 
     @staticmethod
     def default_pooling(config: PretrainedConfig) -> str:
         return "last_token"
-
-    @classmethod
-    def load_processor(cls, path: str) -> Any:
-        raise NotImplementedError
-
-    @classmethod
-    def from_pretrained(cls, path: str, spec: EmbedderSpec, dtype: torch.dtype | None = None) -> ChatEmbedder:
-        processor = cls.load_processor(path)
-        return cls(load_backbone(AutoModel, path, dtype), processor, spec)
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.processor.tokenizer
 
     def apply_chat_template(self, conversation: list[dict[str, Any]], **kwargs: Any) -> str:
         return self.tokenizer.apply_chat_template(conversation, **kwargs)
@@ -73,6 +56,3 @@ class ChatEmbedder(Embedder):
     @property
     def dim(self) -> int:
         return int(self._config().text_config.hidden_size)
-
-    def _config(self) -> PretrainedConfig:
-        return base_model(self.backbone).config

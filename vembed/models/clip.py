@@ -21,24 +21,28 @@ from transformers import AutoProcessor, CLIPModel, PretrainedConfig
 
 from vembed.data.images import load_image
 from vembed.errors import ConfigError, DataError
-from vembed.models.base import Embedder, EmbedderSpec, Item, load_backbone
+from vembed.models.base import Embedder, EmbedderSpec, Item, base_model, scatter_rows
 
 TEXT, IMAGE = 0, 1
 
 
 class CLIPEmbedder(Embedder):
     family = "clip"
+    model_class = CLIPModel
 
     def __init__(self, backbone: torch.nn.Module, processor: Any, spec: EmbedderSpec) -> None:
-        super().__init__(backbone, spec)
-        self.processor = processor
+        super().__init__(backbone, processor, spec)
         # CLIP's logit_scale is its own temperature; our loss has one, and a trainable parameter
         # that never gets a gradient would trip DDP's unused-parameter check.
-        self._clip().logit_scale.requires_grad_(False)
+        base_model(self.backbone).logit_scale.requires_grad_(False)
 
     @staticmethod
     def default_pooling(config: PretrainedConfig) -> str:
         return "projection"
+
+    @classmethod
+    def load_processor(cls, path: str) -> Any:
+        return AutoProcessor.from_pretrained(path)
 
     @classmethod
     def from_pretrained(cls, path: str, spec: EmbedderSpec, dtype: torch.dtype | None = None) -> CLIPEmbedder:
@@ -46,13 +50,7 @@ class CLIPEmbedder(Embedder):
             raise ConfigError(
                 f"pooling: CLIP embeds through its projection heads; {spec.pooling!r} does not apply (use auto)"
             )
-        processor = AutoProcessor.from_pretrained(path)
-        backbone = load_backbone(CLIPModel, path, dtype)
-        return cls(backbone, processor, spec)
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.processor.tokenizer
+        return super().from_pretrained(path, spec, dtype)  # type: ignore[return-value]
 
     def featurize(self, item: Item, is_query: bool) -> dict[str, Any]:
         if item.text is not None and item.image is not None:
@@ -81,11 +79,11 @@ class CLIPEmbedder(Embedder):
                 return_tensors="pt",
             )
             for key in ("input_ids", "attention_mask"):
-                batch[key] = _rows(padded[key], text_rows, len(features))
+                batch[key] = scatter_rows(padded[key], text_rows, len(features))
         if len(image_rows):
             images = [load_image(features[i]["image"]) for i in image_rows.tolist()]
             pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-            batch["pixel_values"] = _rows(pixels, image_rows, len(features))
+            batch["pixel_values"] = scatter_rows(pixels, image_rows, len(features))
         return batch
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
@@ -114,20 +112,7 @@ class CLIPEmbedder(Embedder):
 
     @property
     def dim(self) -> int:
-        return int(self._clip().config.projection_dim)
+        return int(self._config().projection_dim)
 
     def _max_length(self) -> int:
-        return min(self.spec.max_seq_length, int(self._clip().config.text_config.max_position_embeddings))
-
-    def _clip(self) -> CLIPModel:
-        model = self.backbone
-        return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _rows(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
-    """`values` for `rows` of an n-row batch; the other rows are zeros."""
-    if len(rows) == n:
-        return values
-    out = values.new_zeros((n, *values.shape[1:]))
-    out[rows] = values
-    return out
+        return min(self.spec.max_seq_length, int(self._config().text_config.max_position_embeddings))

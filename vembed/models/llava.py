@@ -27,7 +27,7 @@ import torch
 from transformers import AutoProcessor
 
 from vembed.data.images import load_image
-from vembed.models.base import EmbedderSpec, base_model
+from vembed.models.base import EmbedderSpec, base_model, scatter_rows
 from vembed.models.chat_prompt import ChatEmbedder
 from vembed.models.pooling import pool
 
@@ -75,12 +75,8 @@ class LlavaEmbedder(ChatEmbedder):
         )
         batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         if image_rows:
-            pixels = enc["pixel_values"]
-            rows = pixels.new_zeros((len(features), *pixels.shape[1:]))
-            rows[torch.tensor(image_rows)] = pixels
-            batch["pixel_values"] = rows
-            batch["has_image"] = torch.zeros(len(features), dtype=torch.bool)
-            batch["has_image"][torch.tensor(image_rows)] = True
+            batch["pixel_values"] = scatter_rows(enc["pixel_values"], image_rows, len(features))
+            batch["has_image"] = torch.tensor(["image" in f for f in features])
         return batch
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:

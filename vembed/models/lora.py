@@ -21,18 +21,9 @@ from vembed.models.base import Embedder
 log = logging.getLogger(__name__)
 
 
-def linear_module_names(model: nn.Module) -> dict[str, list[str]]:
-    """Leaf name -> full module paths, for every nn.Linear in the model."""
-    names: dict[str, list[str]] = {}
-    for full, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            names.setdefault(full.rsplit(".", 1)[-1], []).append(full)
-    return names
-
-
 def resolve_target_modules(model: nn.Module, requested: list[str], model_name: str = "model") -> list[str]:
     """Keep the requested names that exist; the guide's list mixes several families' names."""
-    present = linear_module_names(model)
+    present = {full.rsplit(".", 1)[-1] for full, m in model.named_modules() if isinstance(m, nn.Linear)}
     matched = [name for name in requested if name in present]
     what = f"Linear module of {model_name}; its Linear module names are: {', '.join(sorted(present))}"
     _report_matches("lora_target_modules", requested, matched, model_name, what, "applying", logging.INFO)
@@ -92,9 +83,7 @@ def apply_lora(embedder: Embedder, cfg: TrainConfig) -> Embedder:
     # would add dead parameters that DDP/FSDP then trip over.
     unused = embedder.unused_modules()
     excluded = [full for full, m in backbone.named_modules() if isinstance(m, nn.Linear) and _under(full, unused)]
-    modules_to_save = None
-    if cfg.modules_to_save:
-        modules_to_save = resolve_modules_to_save(embedder, cfg.modules_to_save, cfg.model_name)
+    modules_to_save = resolve_modules_to_save(embedder, cfg.modules_to_save, cfg.model_name) if cfg.modules_to_save else None
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(backbone)
     lora_config = LoraConfig(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-POOLING_MODES = ("mean", "cls", "last_token")
 # sentence-transformers' names for our modes, both ways.
 ST_POOLING = {"mean": "mean", "cls": "cls", "last_token": "lasttoken"}
 FROM_ST_POOLING = {v: k for k, v in ST_POOLING.items()}
@@ -15,10 +14,6 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
-def cls_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return hidden[:, 0]
-
-
 def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The last non-padding token, whichever side the padding is on."""
     positions = torch.arange(mask.size(1), device=mask.device).expand_as(mask)
@@ -26,7 +21,7 @@ def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
 
 
-_POOLERS = {"mean": mean_pool, "cls": cls_pool, "last_token": last_token_pool}
+_POOLERS = {"mean": mean_pool, "cls": lambda hidden, mask: hidden[:, 0], "last_token": last_token_pool}
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:

@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from vembed.data.images import load_image
-from vembed.models.base import EmbedderSpec
+from vembed.models.base import EmbedderSpec, scatter_rows
 from vembed.models.chat_prompt import ChatEmbedder
 from vembed.models.pooling import pool
 
@@ -107,7 +108,6 @@ class QwenVLEmbedder(ChatEmbedder):
     def collate(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         image_rows = [i for i, f in enumerate(features) if "image" in f]
         prompts = [f["prompt"] for f in features]
-        batch: dict[str, torch.Tensor] = {}
         if image_rows:
             images = [load_image(features[i]["image"]) for i in image_rows]
             vision = self.processor.image_processor(images=images, return_tensors="pt")
@@ -116,18 +116,17 @@ class QwenVLEmbedder(ChatEmbedder):
             # One placeholder becomes one token per merged group of patches.
             for row, n in zip(image_rows, counts, strict=True):
                 prompts[row] = prompts[row].replace(IMAGE_PAD, IMAGE_PAD * (n // self._merge**2), 1)
-            pixel_rows = patches.new_zeros(len(features), max(counts), patches.shape[-1])
-            grid_rows = torch.zeros(len(features), 3, dtype=grids.dtype)
-            for row, chunk, grid in zip(image_rows, patches.split(counts), grids, strict=True):
-                pixel_rows[row, : len(chunk)] = chunk
-                grid_rows[row] = grid
+            # Each image's patches padded to the most any image has: [rows, max_patches, patch_dim].
+            pixel_rows = scatter_rows(pad_sequence(list(patches.split(counts)), batch_first=True), image_rows, len(features))
+            grid_rows = scatter_rows(grids, image_rows, len(features))
         enc = self.tokenizer(prompts, padding=True, add_special_tokens=False, return_tensors="pt")
-        batch["input_ids"] = enc["input_ids"]
-        batch["attention_mask"] = enc["attention_mask"]
-        batch["mm_token_type_ids"] = (enc["input_ids"] == self._image_token_id).int()
+        batch = {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "mm_token_type_ids": (enc["input_ids"] == self._image_token_id).int(),
+        }
         if image_rows:
-            batch["pixel_values"] = pixel_rows
-            batch["image_grid_thw"] = grid_rows
+            batch.update(pixel_values=pixel_rows, image_grid_thw=grid_rows)
         return batch
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:

@@ -33,12 +33,13 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def read_sentence_transformers_pooling(model_dir: str) -> tuple[str, bool, int | None] | None:
-    """(pooling mode, normalize, max_seq_length) from a sentence-transformers directory, else None."""
+def read_sentence_transformers_pooling(model_dir: str) -> tuple[str | None, bool, int | None]:
+    """(pooling mode, normalize, max_seq_length) from a sentence-transformers directory. Anything else
+    is (None, True, None): the family's own pooling, and normalised like every other model."""
     d = Path(model_dir)
     modules_file = d / "modules.json"
     if not modules_file.is_file():
-        return None
+        return None, True, None
     from vembed.models.pooling import FROM_ST_POOLING
 
     modules = json.loads(modules_file.read_text())

@@ -9,15 +9,11 @@ from typing import Any
 import torch
 from transformers import AutoModel, AutoTokenizer, PretrainedConfig
 
-from vembed.models.base import Embedder, EmbedderSpec, Item, base_model, load_backbone
+from vembed.models.base import Embedder, EmbedderSpec, Item, base_model
 from vembed.models.pooling import pool
 
 # Families whose embedding is the last token's state.
 DECODER_TYPES = {"qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3_text", "phi3"}
-
-
-def default_text_pooling(config: PretrainedConfig) -> str:
-    return "last_token" if config.model_type in DECODER_TYPES or getattr(config, "is_decoder", False) else "mean"
 
 
 def format_query(text: str, instruction: str | None, decoder: bool) -> str:
@@ -29,23 +25,26 @@ def format_query(text: str, instruction: str | None, decoder: bool) -> str:
 
 class TextEmbedder(Embedder):
     family = "text"
+    model_class = AutoModel
 
     def __init__(self, backbone: torch.nn.Module, tokenizer: Any, spec: EmbedderSpec) -> None:
-        super().__init__(backbone, spec)
-        self.tokenizer = tokenizer
+        super().__init__(backbone, tokenizer, spec)
         self._decoder = spec.pooling == "last_token"
 
     @staticmethod
     def default_pooling(config: PretrainedConfig) -> str:
-        return default_text_pooling(config)
+        return "last_token" if config.model_type in DECODER_TYPES or getattr(config, "is_decoder", False) else "mean"
 
     @classmethod
-    def from_pretrained(cls, path: str, spec: EmbedderSpec, dtype: torch.dtype | None = None) -> TextEmbedder:
+    def load_processor(cls, path: str) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        backbone = load_backbone(AutoModel, path, dtype)
-        return cls(backbone, tokenizer, spec)
+        return tokenizer
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor  # a text model's processor is its tokenizer
 
     def featurize(self, item: Item, is_query: bool) -> dict[str, Any]:
         if item.text is None:
@@ -74,6 +73,3 @@ class TextEmbedder(Embedder):
             for name, _ in base_model(self.backbone).named_children()
             if name == "pooler"
         }
-
-    def _config(self) -> PretrainedConfig:
-        return base_model(self.backbone).config

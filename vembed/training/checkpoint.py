@@ -159,9 +159,8 @@ def _save_model(embedder: Embedder, directory: Path, state: dict | None, lora: b
     if lora:  # "auto" would look the base model up on the hub to decide about embedding layers
         kwargs["save_embedding_layers"] = False
     embedder.backbone.save_pretrained(directory, safe_serialization=True, **kwargs)
-    for attr in () if lora else ("tokenizer", "processor"):
-        if getattr(embedder, attr, None) is not None:
-            getattr(embedder, attr).save_pretrained(directory)
+    if not lora and embedder.processor is not None:
+        embedder.processor.save_pretrained(directory)
 
 
 def _load_weights(embedder: Embedder, state: dict[str, torch.Tensor]) -> None:
@@ -236,8 +235,7 @@ def _param_key(pid: str) -> int | str:
 def save_rng(directory: Path) -> None:
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda.{i}"] = s
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     np_state = np.random.get_state()
     tensors["numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
     py_state = random.getstate()
@@ -253,10 +251,9 @@ def load_rng(directory: Path) -> None:
     tensors = _load_tensors(directory / "rng.safetensors")
     meta = json.loads((directory / "rng.json").read_text())
     torch.set_rng_state(tensors["torch"])
-    if torch.cuda.is_available():
-        states = [tensors[f"cuda.{i}"] for i in range(len([k for k in tensors if k.startswith("cuda.")]))]
-        if states:
-            torch.cuda.set_rng_state_all(states)
+    cuda_states = [tensors[f"cuda.{i}"] for i in range(sum(k.startswith("cuda.") for k in tensors))]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
     v, state, gauss = meta["python"]
     random.setstate((v, tuple(state), gauss))
     name, pos, has_gauss, cached = meta["numpy"]

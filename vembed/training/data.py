@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from torch.utils.data import Dataset
 from vembed.data import ReadStats, Record, read_records
 from vembed.data.items import record_items
 from vembed.errors import DataError
-from vembed.models.base import Embedder, Item
+from vembed.models.base import Embedder, Item, feature_length
 
 
 def content_id(item: Item) -> int:
@@ -32,49 +33,43 @@ class PairDataset(Dataset):
     Item i is (query, positive, negatives, (positive content id, negative content ids))."""
 
     def __init__(self, records: Sequence[Record], embedder: Embedder) -> None:
-        self.examples: list[tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]] = []
-        self.ids: list[tuple[int, list[int]]] = []
+        self.examples: list[tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], tuple[int, list[int]]]] = []
         for r in records:
             q, p, negs = record_items(r)
-            self.ids.append((content_id(p), [content_id(n) for n in negs]))
+            ids = (content_id(p), [content_id(n) for n in negs])
             pair = (embedder.featurize(q, is_query=True), embedder.featurize(p, is_query=False))
-            self.examples.append((*pair, [embedder.featurize(n, is_query=False) for n in negs]))
+            self.examples.append((*pair, [embedder.featurize(n, is_query=False) for n in negs], ids))
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, i: int):
-        return (*self.examples[i], self.ids[i])
+        return self.examples[i]
 
     def lengths(self) -> list[int]:
         """Tokens per example (query + positive + negatives); 0 for items without input_ids (images)."""
-        return [sum(feature_length(f) for f in (q, p, *negs)) for q, p, negs in self.examples]
+        return [sum(feature_length(f) for f in (q, p, *negs)) for q, p, negs, _ in self.examples]
 
 
-def feature_length(feature: dict[str, Any]) -> int:
-    """Tokens of a featurized item; 0 without input_ids (images)."""
-    ids = feature.get("input_ids")
-    return len(ids) if ids is not None else 0
-
-
+@dataclass
 class PairCollator:
-    def __init__(self, embedder: Embedder) -> None:
-        self.embedder = embedder
+    embedder: Embedder
 
     def __call__(self, rows) -> dict[str, Any]:
         negatives = [n for r in rows for n in r[2]]
         batch: dict[str, Any] = {
             "query": self.embedder.collate([r[0] for r in rows]),
             "positive": self.embedder.collate([r[1] for r in rows]),
+            # content ids, for false-negative masking
+            "positive_ids": torch.tensor([r[3][0] for r in rows], dtype=torch.long),
+            "negative_ids": torch.tensor([i for r in rows for i in r[3][1]], dtype=torch.long),
         }
         if negatives:
             batch["negatives"] = self.embedder.collate(negatives)
-        if all(len(r) > 3 for r in rows):  # content ids, for false-negative masking
-            batch["positive_ids"] = torch.tensor([r[3][0] for r in rows], dtype=torch.long)
-            batch["negative_ids"] = torch.tensor([i for r in rows for i in r[3][1]], dtype=torch.long)
         return batch
 
 
+@dataclass
 class EpochBatchSampler:
     """Shuffled batches whose order depends only on (seed, epoch), so a resumed run
     sees exactly the batches the interrupted one would have seen.
@@ -86,14 +81,16 @@ class EpochBatchSampler:
     third of the tokens a step computes (docs/benchmarks.md).
     """
 
-    def __init__(
-        self, n: int, batch_size: int, seed: int, lengths: Sequence[int] | None = None, group_batches: int = 8
-    ) -> None:
-        if lengths is not None and len(lengths) != n:
-            raise ValueError(f"lengths has {len(lengths)} entries for {n} examples")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.lengths, self.group_batches = lengths, group_batches
-        self.epoch = 0
+    n: int
+    batch_size: int
+    seed: int
+    lengths: Sequence[int] | None = None
+    group_batches: int = 8
+    epoch: int = field(default=0, init=False)  # set by the loop before each epoch
+
+    def __post_init__(self) -> None:
+        if self.lengths is not None and len(self.lengths) != self.n:
+            raise ValueError(f"lengths has {len(self.lengths)} entries for {self.n} examples")
 
     def __iter__(self) -> Iterator[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)

@@ -21,8 +21,7 @@ from accelerate import Accelerator
 from vembed.data import Record
 from vembed.data.items import record_items
 from vembed.inference.evaluation import build_retrieval_set, doc_key, query_key, retrieval_metrics
-from vembed.models.base import Embedder, Item
-from vembed.training.data import feature_length
+from vembed.models.base import Embedder, Item, embed_features
 
 # The metrics written to the log, the history and MLflow (as val/<name>).
 LOGGED = ("loss", "ndcg@10", "recall@10", "mrr@10", "recall@1")
@@ -57,16 +56,8 @@ class Validator:
         mine = list(range(rank * share, (rank + 1) * share))
         # Past the end: repeat item 0 so that every rank runs the same forwards; cut off below.
         feats = [self.features[i] if i < len(self.features) else self.features[0] for i in mine]
-        order = sorted(range(len(feats)), key=lambda i: -feature_length(feats[i]))  # less padding per batch
-        out = []
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            batch = {k: v.to(accelerator.device) for k, v in self.collate([feats[i] for i in idx]).items()}
-            out.append(model(**batch).float())
-        local = torch.cat(out)
-        restored = torch.empty_like(local)
-        restored[torch.tensor(order, device=local.device)] = local
-        gathered = accelerator.gather(restored) if world > 1 else restored
+        local = embed_features(model, self.collate, feats, self.batch_size, accelerator.device, accelerator.device)
+        gathered = accelerator.gather(local) if world > 1 else local
         return gathered[: len(self.features)].cpu()
 
     def evaluate(self, accelerator: Accelerator, model: torch.nn.Module, loss_fn: torch.nn.Module) -> dict[str, float]:
