@@ -39,6 +39,12 @@ def main(config: str, out: str, control: bool = False) -> int:
     build = loop.build_embedder
 
     def measured_build(cfg, dtype):
+        # accelerate imports the optional `datasets` package (when installed) inside prepare() on
+        # multi-process runs; importing it first keeps that out of what loading is measured by.
+        from accelerate.utils import is_datasets_available
+
+        if is_datasets_available():
+            import datasets  # noqa: F401
         record["rss_before_load"] = peak_rss_bytes()
         embedder = build(cfg, dtype)
         record["held_after_load"], record["full_bytes"] = materialised_bytes(embedder)
