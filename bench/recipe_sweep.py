@@ -116,6 +116,10 @@ SEEDED: dict[str, tuple[str, str]] = {
         "dropout 0, r32 a48, + MRL (dims 384,192,96)",
         "dropout 0, r32 a48, + MRL (dims 384,192,96)",
     ),
+    "LoRA r32 a48, dropout 0, + MRL (dims 384,192,96, weights 1,1,2)": (
+        "dropout 0, r32 a48, + MRL (dims 384,192,96, weights 1,1,2)",
+        "dropout 0, r32 a48, + MRL (dims 384,192,96, weights 1,1,2)",
+    ),
 }
 
 D0 = {**BASE, "lora_dropout": 0.0}
@@ -144,6 +148,9 @@ for _label, (_first, _prefix) in SEEDED.items():
         },
         "LoRA r32 a48, dropout 0, + MRL (dims 384,192,96)": {
             "lora_r": 32, "lora_alpha": 48, "use_mrl": True, "mrl_dims": [384, 192, 96],
+        },
+        "LoRA r32 a48, dropout 0, + MRL (dims 384,192,96, weights 1,1,2)": {
+            "lora_r": 32, "lora_alpha": 48, "use_mrl": True, "mrl_dims": [384, 192, 96], "mrl_weights": [1, 1, 2],
         },
     }.get(_label)
     if _extra is not None:  # the others are in RUNS already
