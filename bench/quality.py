@@ -18,6 +18,7 @@ import json
 import os
 from typing import Any
 
+from bench import recipe_sweep
 from bench.common import (
     RESULTS,
     alternate,
@@ -41,8 +42,8 @@ ROWS: dict[str, dict[str, Any]] = {
     "LoRA (defaults) + MRL": {"use_mrl": True},
 }
 FULL = ["full FT lr 2e-5", "full FT lr 5e-5", "full FT lr 1e-4", "full FT lr 2e-4"]
-# More seeds of the rows that carry a target (the full fine-tune: its best lr, see more_seeds).
-SEEDS = [7, 123]
+# The sweep's other seeds for the rows that carry a target (the full fine-tune: its best lr, see more_seeds).
+SEEDS = recipe_sweep.SEEDS[1:]
 for _seed in SEEDS:
     ROWS[f"LoRA (defaults), seed {_seed}"] = {"seed": _seed}
     ROWS[f"LoRA (defaults) + MRL, seed {_seed}"] = {"use_mrl": True, "seed": _seed}
@@ -54,12 +55,11 @@ FULL_SEEDS = [f"full FT lr 1e-4, seed {s}" for s in SEEDS]
 
 def resolved(overrides: dict[str, Any]) -> dict[str, Any]:
     """What a run trains with; target names as the set they select on MiniLM (BERT)."""
-    from bench.recipe_sweep import ALL_LINEAR, COMMON
     from vembed.config import load_config
 
     o = {k: v for k, v in overrides.items() if not k.startswith("_")}
-    cfg = load_config(None, {**COMMON, **o}).model_dump()
-    cfg["lora_target_modules"] = sorted(set(cfg["lora_target_modules"]) & set(ALL_LINEAR))
+    cfg = load_config(None, {**recipe_sweep.COMMON, **o}).model_dump()
+    cfg["lora_target_modules"] = sorted(set(cfg["lora_target_modules"]) & set(recipe_sweep.ALL_LINEAR))
     if cfg["use_mrl"]:  # the dims and weights the loss resolves them to (MiniLM: 384-dim)
         from vembed.training.losses import resolve_mrl_dims
 
@@ -73,8 +73,6 @@ def ensure_runs(threads: int) -> dict[str, Any]:
     """Train and evaluate whatever the table needs that the results file lacks. A row whose config
     is the same as a sweep run's (training is deterministic: same config, same figures) takes that
     run's result and names it."""
-    from bench import recipe_sweep
-
     path = RESULTS / "recipe_sweep.json"
     twins = {
         row: next((n for n, o in recipe_sweep.RUNS.items() if resolved(o) == resolved(ow)), None)
@@ -138,7 +136,7 @@ def table(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def more_seeds(results: dict[str, Any], picked: dict[str, Any]) -> str:
-    """Seeds 42, 7 and 123 for LoRA, the best full fine-tune and MRL; the targets on the means."""
+    """Every seed of the sweep for LoRA, the best full fine-tune and MRL; the targets on the means."""
     rows = []
     for ds in SETS:
         runs, base = results[ds], picked[ds]["base"]["ndcg@10"]
@@ -179,7 +177,7 @@ def more_seeds(results: dict[str, Any], picked: dict[str, Any]) -> str:
         "MRL full dim vs LoRA (mean)",
         "MRL dim 96 / its dim 384 (mean)",
     ]
-    seeds = " / ".join(str(s) for s in [42, *SEEDS])
+    seeds = " / ".join(map(str, recipe_sweep.SEEDS))
     return (
         f"\n\nSeeds {seeds} (the full fine-tune at its best lr), and the targets on the means:\n\n"
         + md_table(header, rows)

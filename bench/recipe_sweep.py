@@ -97,32 +97,21 @@ RUNS: dict[str, dict[str, Any]] = {
 
 
 SEEDS = [42, 7, 123]
-# Runs repeated at every seed of SEEDS: label -> (the seed-42 run's name, the other seeds' name prefix).
-# The differences between one-seed runs are of the size of the seed noise; these means decide the defaults.
-SEEDED: dict[str, tuple[str, str]] = {
-    "full FT lr 1e-4": ("full FT lr 1e-4", "full FT lr 1e-4"),
-    "LoRA r16 a32, dropout 0.05 (the old defaults)": ("baseline (all linear, r16 a32, lr 1e-3)", "baseline"),
-    "LoRA r16 a32, dropout 0": ("lora_dropout 0", "dropout 0"),
-    "LoRA r16 a32, dropout 0, + LayerNorm": ("dropout 0, + LayerNorm", "dropout 0, + LayerNorm"),
-    "LoRA r24 a48, dropout 0": ("dropout 0, r24 a48", "dropout 0, r24 a48"),
-    "LoRA r32 a48, dropout 0": ("dropout 0, r32 a48", "dropout 0, r32 a48"),
-    "LoRA r32 a64, dropout 0": ("dropout 0, r32 a64", "dropout 0, r32 a64"),
-    "LoRA r32 a48, dropout 0, + MRL": ("dropout 0, r32 a48, + MRL", "dropout 0, r32 a48, + MRL"),
-    "LoRA r32 a48, dropout 0, + MRL (weights 1,2)": (
-        "dropout 0, r32 a48, + MRL (weights 1,2)",
-        "dropout 0, r32 a48, + MRL (weights 1,2)",
-    ),
-    "LoRA r32 a48, dropout 0, + MRL (dims 384,192,96)": (
-        "dropout 0, r32 a48, + MRL (dims 384,192,96)",
-        "dropout 0, r32 a48, + MRL (dims 384,192,96)",
-    ),
-    "LoRA r32 a48, dropout 0, + MRL (dims 384,192,96, weights 1,1,2)": (
-        "dropout 0, r32 a48, + MRL (dims 384,192,96, weights 1,1,2)",
-        "dropout 0, r32 a48, + MRL (dims 384,192,96, weights 1,1,2)",
-    ),
-}
-
 D0 = {**BASE, "lora_dropout": 0.0}
+
+
+def _seeded(first: str, extra: dict[str, Any] | None = None, prefix: str | None = None) -> tuple[str, str]:
+    """(the seed-42 run's name, the other seeds' name prefix); with `extra` (keys changed from D0) the
+    run is added to RUNS at every seed of SEEDS, without it the runs are in RUNS already."""
+    prefix = prefix or first
+    if extra is not None:
+        RUNS[first] = {**D0, **extra}
+        RUNS.update({f"{prefix}, seed {s}": {**D0, **extra, "seed": s} for s in SEEDS[1:]})
+    return first, prefix
+
+
+R32A48 = {"lora_r": 32, "lora_alpha": 48}
+# One-seed runs of the three-seed round, and the third seed of runs that had two.
 RUNS.update(
     {
         "baseline, seed 123": {**BASE, "seed": 123},
@@ -132,32 +121,34 @@ RUNS.update(
         "dropout 0, LoRA+ 8, lr 5e-4": {**D0, "loraplus_lr_ratio": 8, "learning_rate": 5e-4},
         "dropout 0, LoRA+ 16, lr 5e-4": {**D0, "loraplus_lr_ratio": 16, "learning_rate": 5e-4},
         "dropout 0, r32 a64, + LayerNorm": {**D0, "lora_r": 32, "lora_alpha": 64, "modules_to_save": ["LayerNorm"]},
-        "dropout 0, r32 a48, + mined negatives": {**D0, "lora_r": 32, "lora_alpha": 48, "_mine": True},
+        "dropout 0, r32 a48, + mined negatives": {**D0, **R32A48, "_mine": True},
     }
 )
-for _label, (_first, _prefix) in SEEDED.items():
-    _extra = {
-        "LoRA r16 a32, dropout 0": {},
-        "LoRA r16 a32, dropout 0, + LayerNorm": {"modules_to_save": ["LayerNorm"]},
-        "LoRA r24 a48, dropout 0": {"lora_r": 24, "lora_alpha": 48},
-        "LoRA r32 a48, dropout 0": {"lora_r": 32, "lora_alpha": 48},
-        "LoRA r32 a64, dropout 0": {"lora_r": 32, "lora_alpha": 64},
-        "LoRA r32 a48, dropout 0, + MRL": {"lora_r": 32, "lora_alpha": 48, "use_mrl": True},
-        "LoRA r32 a48, dropout 0, + MRL (weights 1,2)": {
-            "lora_r": 32, "lora_alpha": 48, "use_mrl": True, "mrl_dims": [384, 96], "mrl_weights": [1, 2],
-        },
-        "LoRA r32 a48, dropout 0, + MRL (dims 384,192,96)": {
-            "lora_r": 32, "lora_alpha": 48, "use_mrl": True, "mrl_dims": [384, 192, 96],
-        },
-        "LoRA r32 a48, dropout 0, + MRL (dims 384,192,96, weights 1,1,2)": {
-            "lora_r": 32, "lora_alpha": 48, "use_mrl": True, "mrl_dims": [384, 192, 96], "mrl_weights": [1, 1, 2],
-        },
-    }.get(_label)
-    if _extra is not None:  # the others are in RUNS already
-        RUNS[_first] = {**D0, **_extra}
-        RUNS.update({f"{_prefix}, seed {s}": {**D0, **_extra, "seed": s} for s in SEEDS[1:]})
-
-
+# Runs repeated at every seed of SEEDS, by label. The differences between one-seed runs are of the
+# size of the seed noise; these means decide the defaults.
+SEEDED: dict[str, tuple[str, str]] = {
+    "full FT lr 1e-4": _seeded("full FT lr 1e-4"),
+    "LoRA r16 a32, dropout 0.05 (the old defaults)": _seeded(
+        "baseline (all linear, r16 a32, lr 1e-3)", prefix="baseline"
+    ),
+    "LoRA r16 a32, dropout 0": _seeded("lora_dropout 0", {}, prefix="dropout 0"),
+    "LoRA r16 a32, dropout 0, + LayerNorm": _seeded("dropout 0, + LayerNorm", {"modules_to_save": ["LayerNorm"]}),
+    "LoRA r24 a48, dropout 0": _seeded("dropout 0, r24 a48", {"lora_r": 24, "lora_alpha": 48}),
+    "LoRA r32 a48, dropout 0": _seeded("dropout 0, r32 a48", R32A48),
+    "LoRA r32 a64, dropout 0": _seeded("dropout 0, r32 a64", {"lora_r": 32, "lora_alpha": 64}),
+    "LoRA r32 a48, dropout 0, + MRL": _seeded("dropout 0, r32 a48, + MRL", {**R32A48, "use_mrl": True}),
+    "LoRA r32 a48, dropout 0, + MRL (weights 1,2)": _seeded(
+        "dropout 0, r32 a48, + MRL (weights 1,2)",
+        {**R32A48, "use_mrl": True, "mrl_dims": [384, 96], "mrl_weights": [1, 2]},
+    ),
+    "LoRA r32 a48, dropout 0, + MRL (dims 384,192,96)": _seeded(
+        "dropout 0, r32 a48, + MRL (dims 384,192,96)", {**R32A48, "use_mrl": True, "mrl_dims": [384, 192, 96]}
+    ),
+    "LoRA r32 a48, dropout 0, + MRL (dims 384,192,96, weights 1,1,2)": _seeded(
+        "dropout 0, r32 a48, + MRL (dims 384,192,96, weights 1,1,2)",
+        {**R32A48, "use_mrl": True, "mrl_dims": [384, 192, 96], "mrl_weights": [1, 1, 2]},
+    ),
+}
 def seed_table(results: dict[str, Any]) -> str:
     """One row per SEEDED label with every seed run: each seed's nDCG@10, the mean, and the mean's
     share of the mean full fine-tune gain."""
