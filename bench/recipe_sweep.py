@@ -149,6 +149,20 @@ SEEDED: dict[str, tuple[str, str]] = {
         {**R32A48, "use_mrl": True, "mrl_dims": [384, 192, 96], "mrl_weights": [1, 1, 2]},
     ),
 }
+# Every MRL run above predates mrl_rotation (default true since): they ran without it.
+for _run in RUNS.values():
+    if _run.get("use_mrl"):
+        _run.setdefault("mrl_rotation", False)
+MRL_ROTATED = {**R32A48, "use_mrl": True, "mrl_rotation": True}
+SEEDED |= {
+    # mrl_dims [384] trains exactly as plain LoRA does; only the rotation is added.
+    "LoRA r32 a48, dropout 0, + rotation only": _seeded(
+        "dropout 0, r32 a48, + rotation only", {**MRL_ROTATED, "mrl_dims": [384]}
+    ),
+    "LoRA r32 a48, dropout 0, + MRL + rotation": _seeded("dropout 0, r32 a48, + MRL + rotation", MRL_ROTATED),
+}
+
+
 def seed_table(results: dict[str, Any]) -> str:
     """One row per SEEDED label with every seed run: each seed's nDCG@10, the mean, and the mean's
     share of the mean full fine-tune gain."""

@@ -187,6 +187,11 @@ class TrainConfig(BaseModel):
         description="strictly descending; default: the full dim and a quarter of it (measured best, docs/benchmarks.md)",
     )
     mrl_weights: list[float] | None = Field(None, description="one weight per mrl_dim; default all 1")
+    mrl_rotation: bool = Field(
+        True,
+        description="with use_mrl: after training, rotate the embedding space onto its principal axes "
+        "(fit on the training data) so truncated dims hold more; full-dim similarities are unchanged",
+    )
     use_fsdp: bool = False
     cross_device_negatives: bool = Field(True, description="gather embeddings across processes for negatives")
 

@@ -20,6 +20,7 @@ from vembed.errors import CheckpointError, StorageError
 from vembed.inference.predictor import load_trained_embedder
 from vembed.models.base import Embedder
 from vembed.models.pooling import ST_POOLING
+from vembed.models.rotation import save_rotation
 from vembed.models.text import format_query
 
 MERGE_MARKER = "vembed_merged.json"  # written by merge_adapter only: "this directory is a merge output"
@@ -82,6 +83,8 @@ def merge_adapter(
             embedder.backbone.save_pretrained(tmp, safe_serialization=True)
             embedder.processor.save_pretrained(tmp)
         (tmp / "embedder.json").write_text(json.dumps(embedder.spec.to_dict(), indent=1))
+        if embedder.rotation is not None:
+            save_rotation(tmp, embedder.rotation)
         (tmp / MERGE_MARKER).write_text(json.dumps({"source": str(src.resolve())}, indent=1))
         write_manifest(tmp)
     return out
@@ -91,7 +94,7 @@ def _save_sentence_transformer(embedder: Embedder, directory: Path) -> None:
     """Save through SentenceTransformer so modules.json keeps Pooling and Normalize
     (a plain transformers save would drop both)."""
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.base.modules import Normalize, Transformer
+    from sentence_transformers.base.modules import Dense, Normalize, Transformer
     from sentence_transformers.sentence_transformer.modules import Pooling
 
     weights = directory / "_weights"
@@ -102,6 +105,8 @@ def _save_sentence_transformer(embedder: Embedder, directory: Path) -> None:
         Transformer(str(weights), max_seq_length=spec.max_seq_length),
         Pooling(embedder.dim, pooling_mode=ST_POOLING[spec.pooling]),
     ]
+    if embedder.rotation is not None:  # x @ R is a bias-free linear layer with weight R^T
+        modules.append(Dense(embedder.dim, embedder.dim, bias=False, activation_function=None, init_weight=embedder.rotation.T.contiguous()))
     if spec.normalize:
         modules.append(Normalize())
     prompts = {}

@@ -18,6 +18,7 @@ from vembed.artifacts.integrity import check_integrity
 from vembed.errors import CheckpointError, VembedError, first_line
 from vembed.models import Embedder, EmbedderSpec, Item, family_class, load_embedder, looks_like_hub_id
 from vembed.models.merged_base import find_base, lacks_tokenizer
+from vembed.models.rotation import load_rotation
 
 
 def materialize(model_path: str) -> Path:
@@ -77,6 +78,7 @@ def load_trained_embedder(directory: str | Path, device: str | torch.device | No
         embedder = _load_guide_merged(d)
     else:
         embedder = load_embedder(str(d))
+    embedder.rotation = load_rotation(d)
     return _to_device(embedder, device)
 
 

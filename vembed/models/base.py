@@ -39,6 +39,8 @@ class Item:
 class Embedder(nn.Module):
     family: str = "base"
     model_class: Any = None  # the transformers class `from_pretrained` loads the backbone with
+    # [dim, dim] orthogonal, applied by `embed_items` (vembed.models.rotation); training never sees it.
+    rotation: torch.Tensor | None = None
 
     def __init__(self, backbone: nn.Module, processor: Any, spec: EmbedderSpec) -> None:
         super().__init__()
@@ -90,11 +92,12 @@ class Embedder(nn.Module):
 
     @torch.no_grad()
     def embed_items(self, items: Sequence[Item], is_query: bool = False, batch_size: int = 32) -> torch.Tensor:
-        """Inference helper: pooled vectors (unnormalised, float32) for many items."""
+        """Inference helper: pooled vectors (unnormalised, float32, rotated when the model has a rotation)."""
         features = [self.featurize(it, is_query) for it in items]
         if not features:
             return torch.empty(0, self.dim)
-        return embed_features(self, self.collate, features, batch_size, self.device)
+        emb = embed_features(self, self.collate, features, batch_size, self.device)
+        return emb if self.rotation is None else emb @ self.rotation
 
 
 def embed_features(

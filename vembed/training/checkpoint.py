@@ -5,6 +5,7 @@ Layout of `output_dir/checkpoint-N/`:
   adapter_config.json, adapter_model.safetensors   (or a full model for use_lora: false)
   vembed_config.yaml        resolved TrainConfig
   embedder.json             pooling/family spec needed to rebuild the embedder
+  embedding_rotation.safetensors   with use_mrl, in the final checkpoint (vembed.models.rotation)
   trainer_state.json        TrainState: step, epoch, position in the epoch, log and eval history, best
   optimizer.safetensors + optimizer.json, scheduler.json, rng.safetensors + rng.json
   manifest.json             size and sha256 of every file above; written last (vembed.artifacts.integrity)
@@ -36,6 +37,7 @@ from vembed.artifacts.integrity import verify_checkpoint, write_manifest
 from vembed.config import TrainConfig
 from vembed.errors import CheckpointError
 from vembed.models.base import Embedder
+from vembed.models.rotation import save_rotation
 from vembed.training.compat import names_without_fsdp_wrappers
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,8 @@ class Checkpointer:
                     _save_model(unwrapped, tmp, model_state, cfg.use_lora)
                 cfg.save(tmp / "vembed_config.yaml")
                 (tmp / "embedder.json").write_text(json.dumps(unwrapped.spec.to_dict(), indent=1))
+                if unwrapped.rotation is not None:
+                    save_rotation(tmp, unwrapped.rotation)
                 save_optimizer(optimizer, tmp, optimizer_state)
                 (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
                 save_rng(tmp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +21,13 @@ from transformers import get_scheduler
 from vembed.config import TrainConfig
 from vembed.data import Record
 from vembed.data.images import RecordImages
+from vembed.data.items import record_items
 from vembed.errors import ConfigError, DataError
 from vembed.models import Embedder, load_embedder, resolve_dtype
 from vembed.models.attention import use_training_attention
 from vembed.models.dropout import use_lean_dropout
 from vembed.models.lora import apply_lora, count_parameters, enable_gradient_checkpointing
+from vembed.models.rotation import fit_rotation
 from vembed.training.checkpoint import Checkpointer, TrainState, list_checkpoints
 from vembed.training.compat import reset_accelerate_state
 from vembed.training.data import EpochBatchSampler, PairCollator, PairDataset, load_records
@@ -32,7 +35,7 @@ from vembed.training.log import TrainingLog
 from vembed.training.losses import build_loss
 from vembed.training.negatives import FalseNegativeMasker
 from vembed.training.step import make_step
-from vembed.training.validation import LOGGED, BestTracker, Validator
+from vembed.training.validation import LOGGED, BestTracker, Validator, embed_sharded
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +171,7 @@ class Recipe:
         # The validation loss is taken over as many records as a training step's loss sees.
         loss_block = cfg.batch_size * (accelerator.num_processes if cfg.cross_device_negatives else 1)
         records, self.validator = build_validator(cfg, embedder, records, loss_block)
+        self.records = records
         dataset = PairDataset(records, embedder)  # image paths were resolved when the records were read
         lengths = dataset.lengths() if cfg.group_by_length else None
         self.sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, lengths)
@@ -228,6 +232,9 @@ class Recipe:
         self.progress.close()
         if self.masker.duplicate_batches:
             log.warning("%d batches had one positive for every row (duplicated data)", self.masker.duplicate_batches)
+        if cfg.use_mrl and cfg.mrl_rotation:
+            self.fit_rotation()
+            self.last_saved = -1  # the final checkpoint must hold the rotation
         if self.validator is not None and self.last_eval != state.global_step:
             self.evaluate()
             self.save_checkpoint()  # again if saved already: the checkpoint's state must hold this evaluation
@@ -298,6 +305,18 @@ class Recipe:
         self.train_log.eval(step, {k: metrics[k] for k in LOGGED}, self.tracker.to_dict())
         self.last_eval = step
         return improved
+
+    def fit_rotation(self, max_records: int = 2048) -> None:
+        """The embedding rotation (vembed.models.rotation) fit on the queries and positives of up to
+        `max_records` training records (a seeded sample). Collective: every rank calls it."""
+        unwrapped: Embedder = self.accelerator.unwrap_model(self.embedder)
+        records = self.records
+        if len(records) > max_records:
+            records = random.Random(self.cfg.seed).sample(records, max_records)
+        features = [unwrapped.featurize(it, is_query=not i) for r in records for i, it in enumerate(record_items(r)[:2])]
+        self.embedder.eval()
+        emb = embed_sharded(self.accelerator, self.embedder, unwrapped.collate, features, self.cfg.batch_size)
+        unwrapped.rotation = fit_rotation(emb)
 
     def save_checkpoint(self) -> Path:
         """Collective: every rank calls it."""

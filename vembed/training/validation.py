@@ -48,17 +48,9 @@ class Validator:
         self.loss_block = loss_block or batch_size
         self.collate = embedder.collate
 
-    @torch.no_grad()
     def embed_all(self, accelerator: Accelerator, model: torch.nn.Module) -> torch.Tensor:
         """Every eval item's embedding (float32, on every rank), computed in equal shares per rank."""
-        world, rank = accelerator.num_processes, accelerator.process_index
-        share = math.ceil(len(self.features) / world)
-        mine = list(range(rank * share, (rank + 1) * share))
-        # Past the end: repeat item 0 so that every rank runs the same forwards; cut off below.
-        feats = [self.features[i] if i < len(self.features) else self.features[0] for i in mine]
-        local = embed_features(model, self.collate, feats, self.batch_size, accelerator.device, accelerator.device)
-        gathered = accelerator.gather(local) if world > 1 else local
-        return gathered[: len(self.features)].cpu()
+        return embed_sharded(accelerator, model, self.collate, self.features, self.batch_size)
 
     def evaluate(self, accelerator: Accelerator, model: torch.nn.Module, loss_fn: torch.nn.Module) -> dict[str, float]:
         was_training = model.training
@@ -89,6 +81,21 @@ class Validator:
             n = negatives[neg_ids] if neg_ids else None
             total += float(loss_fn(q, p, n, None)) * len(block)
         return total / len(self.rows)
+
+
+@torch.no_grad()
+def embed_sharded(
+    accelerator: Accelerator, model: torch.nn.Module, collate: Any, features: Sequence[dict[str, Any]], batch_size: int
+) -> torch.Tensor:
+    """The embeddings of featurized items (float32, on every rank), computed in equal shares per rank."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    share = math.ceil(len(features) / world)
+    mine = list(range(rank * share, (rank + 1) * share))
+    # Past the end: repeat item 0 so that every rank runs the same forwards; cut off below.
+    feats = [features[i] if i < len(features) else features[0] for i in mine]
+    local = embed_features(model, collate, feats, batch_size, accelerator.device, accelerator.device)
+    gathered = accelerator.gather(local) if world > 1 else local
+    return gathered[: len(features)].cpu()
 
 
 @dataclass
