@@ -46,7 +46,6 @@ from vembed.artifacts.promotion import (
     score_of,
 )
 from vembed.artifacts.registry_files import check_model_dir, content_key, stage
-from vembed.artifacts.registry_plots import plot_loss_curve, plot_mrl_dims
 from vembed.errors import RegistryError
 from vembed.redaction import redact, scrub
 
@@ -159,7 +158,6 @@ class Registry:
         config: Mapping[str, Any] | Any | None = None,
         history: Sequence[Mapping[str, Any]] = (),
         eval_metrics: Mapping[str, Any] | None = None,
-        promotion_metric: str = DEFAULT_METRIC,
         run_name: str | None = None,
         tags: Mapping[str, str | None] | None = None,
     ) -> str:
@@ -188,17 +186,21 @@ class Registry:
                 if k != "step" and is_score(v)
             ]
             metrics += [Metric(mlflow_key(f"eval/{k}"), v, now, 0) for k, v in flat_metrics(results).items()]
+            # Each score by MRL dim once more as a series whose step is the dim: MLflow's chart of it is the
+            # metric-by-dim figure (`eval/tuned/ndcg_at_10_by_dim` at steps 64, 128, ...).
+            metrics += [
+                Metric(mlflow_key(f"eval/{model}/{k}_by_dim"), v, now, int(dim))
+                for model, dims in results.items()
+                for dim, scores in dims.items()
+                if dim.isdigit()
+                for k, v in scores.items()
+            ]
             # MlflowClient.log_batch splits into MLflow's per-request limits itself.
             self.client.log_batch(
                 run_id,
                 metrics=[m for m in metrics if m.key not in run.data.metrics],
                 params=[p for p in params if p.key not in run.data.params],
             )
-            figures = {"training_loss": plot_loss_curve(history)}
-            figures[f"mrl_dims_{mlflow_key(promotion_metric)}"] = plot_mrl_dims(results, promotion_metric)
-            for name, fig in figures.items():
-                if fig is not None:
-                    self.client.log_figure(run_id, fig, f"plots/{name}.png")
             self.client.set_tag(run_id, TAG_RUN_COMPLETE, "true")
             self.client.set_terminated(run_id, "FINISHED")
         return run_id
