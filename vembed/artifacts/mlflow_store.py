@@ -14,6 +14,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
@@ -52,16 +53,35 @@ def require_existing_store(tracking_uri: str) -> None:
 
 @contextlib.contextmanager
 def registry_errors(what: str) -> Iterator[None]:
-    """MLflow and network failures become one-line RegistryErrors; network errors, 5xx and throttling
-    are marked transient (a pipeline step retries those, vembed.retry)."""
+    """MLflow and network failures become one-line RegistryErrors that keep MLflow's `error_code`;
+    network errors, 5xx and throttling are marked transient (a pipeline step retries those, vembed.retry)."""
     try:
         yield
     except (MlflowException, OSError) as e:
         first = redact(str(getattr(e, "message", e))).strip().splitlines()
         err = RegistryError(f"{what}: {first[0][:300] if first else type(e).__name__}")
-        code = getattr(e, "error_code", "")
-        err.transient = isinstance(e, OSError) or code in _TRANSIENT or "Max retries exceeded" in str(e)
+        err.error_code = getattr(e, "error_code", "")
+        err.transient = isinstance(e, OSError) or err.error_code in _TRANSIENT or "Max retries exceeded" in str(e)
         raise err from None
+
+
+class Client:
+    """An MlflowClient for one tracking URI (registry included) whose every call turns MLflow and
+    network failures into one-line RegistryErrors naming the server and the call."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        self.mlflow, self.where = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri), redact(tracking_uri)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.mlflow, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with registry_errors(f"{self.where}: {name}"):
+                return attr(*args, **kwargs)
+
+        return call
 
 
 @contextlib.contextmanager
@@ -79,7 +99,7 @@ def quiet_mlflow() -> Iterator[None]:
         bar.unset() if old is None else bar.set(old)
 
 
-def connect(tracking_uri: str | None = None) -> tuple[str, MlflowClient]:
+def connect(tracking_uri: str | None = None) -> tuple[str, Client]:
     """The tracking URI (default: MLflow's) and a client for it; an http(s) server must answer within
     seconds (MLflow itself would retry for minutes)."""
     uri = tracking_uri or mlflow.get_tracking_uri()
@@ -87,13 +107,13 @@ def connect(tracking_uri: str | None = None) -> tuple[str, MlflowClient]:
         from vembed.endpoints import check_http
 
         check_http(uri, "/health", "MLflow", RegistryError)
-    return uri, MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return uri, Client(uri)
 
 
-def resolve_version(client: MlflowClient, models_uri: str) -> ModelVersion:
+def resolve_version(client: Client, models_uri: str) -> ModelVersion:
     """The version `models:/NAME@alias` or `models:/NAME/VERSION` names, resolved with this client
     (MLflow's own `models:/` download would resolve it through the process-wide registry URI)."""
-    with registry_errors(f"{models_uri} at {redact(client.tracking_uri)}"):
+    with registry_errors(f"{models_uri} at {client.where}"):
         found = get_model_name_and_version(client, models_uri)
         if len(found) != 2:  # `models:/<logged model id>`: not a registered version
             raise RegistryError(f"{models_uri}: expected models:/NAME@alias or models:/NAME/VERSION")
