@@ -66,11 +66,16 @@ def registry_errors(what: str) -> Iterator[None]:
 
 
 class Client:
-    """An MlflowClient for one tracking URI (registry included) whose every call turns MLflow and
-    network failures into one-line RegistryErrors naming the server and the call."""
+    """An MlflowClient for one tracking URI (default: MLflow's; the registry's too) whose every call turns
+    MLflow and network failures into one-line RegistryErrors naming the server and the call."""
 
-    def __init__(self, tracking_uri: str) -> None:
-        self.mlflow, self.where = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri), redact(tracking_uri)
+    def __init__(self, tracking_uri: str | None = None) -> None:
+        self.tracking_uri = uri = tracking_uri or mlflow.get_tracking_uri()
+        if uri.split(":", 1)[0] in ("http", "https"):  # must answer within seconds (MLflow would retry for minutes)
+            from vembed.endpoints import check_http
+
+            check_http(uri, "/health", "MLflow", RegistryError)
+        self.mlflow, self.where = MlflowClient(tracking_uri=uri, registry_uri=uri), redact(uri)
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.mlflow, name)
@@ -99,17 +104,6 @@ def quiet_mlflow() -> Iterator[None]:
         bar.unset() if old is None else bar.set(old)
 
 
-def connect(tracking_uri: str | None = None) -> tuple[str, Client]:
-    """The tracking URI (default: MLflow's) and a client for it; an http(s) server must answer within
-    seconds (MLflow itself would retry for minutes)."""
-    uri = tracking_uri or mlflow.get_tracking_uri()
-    if uri.split(":", 1)[0] in ("http", "https"):
-        from vembed.endpoints import check_http
-
-        check_http(uri, "/health", "MLflow", RegistryError)
-    return uri, Client(uri)
-
-
 def resolve_version(client: Client, models_uri: str) -> ModelVersion:
     """The version `models:/NAME@alias` or `models:/NAME/VERSION` names, resolved with this client
     (MLflow's own `models:/` download would resolve it through the process-wide registry URI)."""
@@ -123,25 +117,25 @@ def resolve_version(client: Client, models_uri: str) -> ModelVersion:
 def download_model(models_uri: str, tracking_uri: str | None = None) -> Path:
     """`models:/NAME@alias` or `models:/NAME/3` as a local directory Predictor loads (merged model, else
     adapter), cached per version under $VEMBED_CACHE_DIR (default ~/.cache/vembed)."""
-    tracking_uri, client = connect(tracking_uri)
-    require_existing_store(tracking_uri)  # reading: never create an empty store
+    client = Client(tracking_uri)
+    require_existing_store(client.tracking_uri)  # reading: never create an empty store
     mv = resolve_version(client, models_uri)
     cache = Path(os.environ.get("VEMBED_CACHE_DIR") or Path.home() / ".cache" / "vembed") / "models"
-    ident = hashlib.sha256(f"{tracking_uri}|{mv.name}|{mv.version}|{mv.source}".encode()).hexdigest()[:16]
+    ident = hashlib.sha256(f"{client.tracking_uri}|{mv.name}|{mv.version}|{mv.source}".encode()).hexdigest()[:16]
     dest = cache / f"v{mv.version}-{ident}"
     if not dest.is_dir():
         cache.mkdir(parents=True, exist_ok=True)
         # Downloaded next to `dest` and renamed into place whole: a crash never leaves a partial model.
         with (
             tempfile.TemporaryDirectory(prefix=f".{dest.name}-", dir=cache) as tmp,
-            registry_errors(f"{models_uri}: download from {redact(tracking_uri)}"),
+            registry_errors(f"{models_uri}: download from {client.where}"),
             quiet_mlflow(),
         ):
             got = mlflow.artifacts.download_artifacts(
                 artifact_uri=client.get_model_version_download_uri(mv.name, mv.version),
                 dst_path=tmp,
-                tracking_uri=tracking_uri,
-                registry_uri=tracking_uri,
+                tracking_uri=client.tracking_uri,
+                registry_uri=client.tracking_uri,
             )
             with contextlib.suppress(OSError):  # a concurrent download that finished first wins
                 os.replace(got, dest)

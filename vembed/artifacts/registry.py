@@ -29,7 +29,7 @@ from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus, M
 from mlflow.entities.model_registry import ModelVersion
 
 from vembed.artifacts.mlflow_store import (  # noqa: F401 - download_model, quiet_mlflow...: re-exported
-    connect,
+    Client,
     download_model,
     quiet_mlflow,
     resolve_tracking_uri,
@@ -126,7 +126,8 @@ class Registry:
     """Runs, versions and aliases in one MLflow tracking server / store."""
 
     def __init__(self, tracking_uri: str | None = None, experiment_name: str | None = None) -> None:
-        self.tracking_uri, self.client = connect(tracking_uri)
+        self.client = Client(tracking_uri)
+        self.tracking_uri = self.client.tracking_uri
         self.experiment_name = experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "vembed"
         self._experiment_id: str | None = None
 
