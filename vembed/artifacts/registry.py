@@ -1,8 +1,8 @@
 """MLflow model registry: one run per training run, model versions, aliases and the promotion gate.
 
 - Tracking: `MLFLOW_TRACKING_URI`, else an embedded sqlite store `<output_dir>/mlflow.db` (artifacts in
-  `<output_dir>/mlartifacts`). Every call goes through an MlflowClient for that URI: MLflow's fluent
-  `log_model` would pick the tracking URI and experiment from process-wide state.
+  `<output_dir>/mlartifacts`). Every call goes through one client for that URI (mlflow_store.Client, which
+  makes failures one-line errors): MLflow's fluent `log_model` would pick the URI from process-wide state.
 - A version is one MLflow model (vembed.artifacts.mlflow_model): text models in the native `sentence_transformers`
   flavor, CLIP/Qwen3-VL as a pyfunc with bundled code, the LoRA adapter alongside.
 - Every new version gets the alias `challenger`; `champion` moves only through the gate (vembed.artifacts.promotion),
