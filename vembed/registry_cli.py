@@ -53,10 +53,8 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2) if args.json else _format_show(info))
         return 0
     decision = registry.promote(args.name, args.version) if args.command == "promote" else registry.rollback(args.name)
-    if args.json:
-        print(json.dumps(decision.to_dict(), indent=2))
-    else:
-        print(f"{decision.model_name}: champion is now v{decision.version} ({decision.reason})")
+    text = f"{decision.model_name}: champion is now v{decision.version} ({decision.reason})"
+    print(json.dumps(decision.to_dict(), indent=2) if args.json else text)
     if args.command == "rollback" and not args.no_serving:
         return _rollback_serving(registry, args)
     return 0

@@ -14,6 +14,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
@@ -52,16 +53,40 @@ def require_existing_store(tracking_uri: str) -> None:
 
 @contextlib.contextmanager
 def registry_errors(what: str) -> Iterator[None]:
-    """MLflow and network failures become one-line RegistryErrors; network errors, 5xx and throttling
-    are marked transient (a pipeline step retries those, vembed.retry)."""
+    """MLflow and network failures become one-line RegistryErrors that keep MLflow's `error_code`;
+    network errors, 5xx and throttling are marked transient (a pipeline step retries those, vembed.retry)."""
     try:
         yield
     except (MlflowException, OSError) as e:
         first = redact(str(getattr(e, "message", e))).strip().splitlines()
         err = RegistryError(f"{what}: {first[0][:300] if first else type(e).__name__}")
-        code = getattr(e, "error_code", "")
-        err.transient = isinstance(e, OSError) or code in _TRANSIENT or "Max retries exceeded" in str(e)
+        err.error_code = getattr(e, "error_code", "")
+        err.transient = isinstance(e, OSError) or err.error_code in _TRANSIENT or "Max retries exceeded" in str(e)
         raise err from None
+
+
+class Client:
+    """An MlflowClient for one tracking URI (default: MLflow's; the registry's too) whose every call turns
+    MLflow and network failures into one-line RegistryErrors naming the server and the call."""
+
+    def __init__(self, tracking_uri: str | None = None) -> None:
+        self.tracking_uri = uri = tracking_uri or mlflow.get_tracking_uri()
+        if uri.split(":", 1)[0] in ("http", "https"):  # must answer within seconds (MLflow would retry for minutes)
+            from vembed.endpoints import check_http
+
+            check_http(uri, "/health", "MLflow", RegistryError)
+        self.mlflow, self.where = MlflowClient(tracking_uri=uri, registry_uri=uri), redact(uri)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.mlflow, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with registry_errors(f"{self.where}: {name}"):
+                return attr(*args, **kwargs)
+
+        return call
 
 
 @contextlib.contextmanager
@@ -79,21 +104,10 @@ def quiet_mlflow() -> Iterator[None]:
         bar.unset() if old is None else bar.set(old)
 
 
-def connect(tracking_uri: str | None = None) -> tuple[str, MlflowClient]:
-    """The tracking URI (default: MLflow's) and a client for it; an http(s) server must answer within
-    seconds (MLflow itself would retry for minutes)."""
-    uri = tracking_uri or mlflow.get_tracking_uri()
-    if uri.split(":", 1)[0] in ("http", "https"):
-        from vembed.endpoints import check_http
-
-        check_http(uri, "/health", "MLflow", RegistryError)
-    return uri, MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def resolve_version(client: MlflowClient, models_uri: str) -> ModelVersion:
+def resolve_version(client: Client, models_uri: str) -> ModelVersion:
     """The version `models:/NAME@alias` or `models:/NAME/VERSION` names, resolved with this client
     (MLflow's own `models:/` download would resolve it through the process-wide registry URI)."""
-    with registry_errors(f"{models_uri} at {redact(client.tracking_uri)}"):
+    with registry_errors(f"{models_uri} at {client.where}"):
         found = get_model_name_and_version(client, models_uri)
         if len(found) != 2:  # `models:/<logged model id>`: not a registered version
             raise RegistryError(f"{models_uri}: expected models:/NAME@alias or models:/NAME/VERSION")
@@ -103,25 +117,25 @@ def resolve_version(client: MlflowClient, models_uri: str) -> ModelVersion:
 def download_model(models_uri: str, tracking_uri: str | None = None) -> Path:
     """`models:/NAME@alias` or `models:/NAME/3` as a local directory Predictor loads (merged model, else
     adapter), cached per version under $VEMBED_CACHE_DIR (default ~/.cache/vembed)."""
-    tracking_uri, client = connect(tracking_uri)
-    require_existing_store(tracking_uri)  # reading: never create an empty store
+    client = Client(tracking_uri)
+    require_existing_store(client.tracking_uri)  # reading: never create an empty store
     mv = resolve_version(client, models_uri)
     cache = Path(os.environ.get("VEMBED_CACHE_DIR") or Path.home() / ".cache" / "vembed") / "models"
-    ident = hashlib.sha256(f"{tracking_uri}|{mv.name}|{mv.version}|{mv.source}".encode()).hexdigest()[:16]
+    ident = hashlib.sha256(f"{client.tracking_uri}|{mv.name}|{mv.version}|{mv.source}".encode()).hexdigest()[:16]
     dest = cache / f"v{mv.version}-{ident}"
     if not dest.is_dir():
         cache.mkdir(parents=True, exist_ok=True)
         # Downloaded next to `dest` and renamed into place whole: a crash never leaves a partial model.
         with (
             tempfile.TemporaryDirectory(prefix=f".{dest.name}-", dir=cache) as tmp,
-            registry_errors(f"{models_uri}: download from {redact(tracking_uri)}"),
+            registry_errors(f"{models_uri}: download from {client.where}"),
             quiet_mlflow(),
         ):
             got = mlflow.artifacts.download_artifacts(
                 artifact_uri=client.get_model_version_download_uri(mv.name, mv.version),
                 dst_path=tmp,
-                tracking_uri=tracking_uri,
-                registry_uri=tracking_uri,
+                tracking_uri=client.tracking_uri,
+                registry_uri=client.tracking_uri,
             )
             with contextlib.suppress(OSError):  # a concurrent download that finished first wins
                 os.replace(got, dest)

@@ -1,8 +1,8 @@
 """MLflow model registry: one run per training run, model versions, aliases and the promotion gate.
 
 - Tracking: `MLFLOW_TRACKING_URI`, else an embedded sqlite store `<output_dir>/mlflow.db` (artifacts in
-  `<output_dir>/mlartifacts`). Every call goes through an MlflowClient for that URI: MLflow's fluent
-  `log_model` would pick the tracking URI and experiment from process-wide state.
+  `<output_dir>/mlartifacts`). Every call goes through one client for that URI (mlflow_store.Client, which
+  makes failures one-line errors): MLflow's fluent `log_model` would pick the URI from process-wide state.
 - A version is one MLflow model (vembed.artifacts.mlflow_model): text models in the native `sentence_transformers`
   flavor, CLIP/Qwen3-VL as a pyfunc with bundled code, the LoRA adapter alongside.
 - Every new version gets the alias `challenger`; `champion` moves only through the gate (vembed.artifacts.promotion),
@@ -27,13 +27,11 @@ from typing import Any
 
 from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus, Metric, Param
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
 
 from vembed.artifacts.mlflow_store import (  # noqa: F401 - download_model, quiet_mlflow...: re-exported
-    connect,
+    Client,
     download_model,
     quiet_mlflow,
-    registry_errors,
     resolve_tracking_uri,
     resolve_version,
 )
@@ -46,16 +44,15 @@ from vembed.artifacts.promotion import (
     score_of,
 )
 from vembed.artifacts.registry_files import check_model_dir, content_key, stage
-from vembed.artifacts.registry_plots import plot_loss_curve, plot_mrl_dims
 from vembed.errors import RegistryError
-from vembed.redaction import redact, scrub
+from vembed.redaction import scrub
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 MODEL_ARTIFACT_NAME = "embedding_model"
 TAG_SOURCE_KEY = "vembed.source_key"  # on logged models and versions: what was registered
 TAG_RUN_COMPLETE = "vembed.run_logged"
 TAG_CHAMPION_HISTORY = "vembed.champion_history"  # on the registered model
-_MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+_EXISTS, _MISSING = ("RESOURCE_ALREADY_EXISTS",), ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
 
 def mlflow_key(name: str) -> str:
@@ -72,14 +69,14 @@ def pick_metric(metrics: Mapping[str, Any], name: str) -> float:
     return score
 
 
-def _get_or_create(create: Callable[[], Any], existing: Callable[[], Any]) -> Any:
-    """`create()`, else `existing()` when it exists already (or was created concurrently by another step)."""
+def _unless(codes: tuple[str, ...], call: Callable[[], Any], fallback: Callable[[], Any]) -> Any:
+    """`call()`, else `fallback()` when MLflow answers with one of `codes` (e.g. created meanwhile by another step)."""
     try:
-        return create()
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+        return call()
+    except RegistryError as e:
+        if getattr(e, "error_code", "") not in codes:
             raise
-        return existing()
+        return fallback()
 
 
 def safe_key(key: str) -> str:
@@ -129,9 +126,9 @@ class Registry:
     """Runs, versions and aliases in one MLflow tracking server / store."""
 
     def __init__(self, tracking_uri: str | None = None, experiment_name: str | None = None) -> None:
-        self.tracking_uri, self.client = connect(tracking_uri)
+        self.client = Client(tracking_uri)
+        self.tracking_uri = self.client.tracking_uri
         self.experiment_name = experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "vembed"
-        self.where = redact(self.tracking_uri)
         self._experiment_id: str | None = None
 
     def experiment_id(self) -> str:
@@ -140,16 +137,15 @@ class Registry:
         if self._experiment_id is None:
             name, db = self.experiment_name, Path(self.tracking_uri.removeprefix("sqlite:///"))
             root = (db.parent / "mlartifacts").resolve().as_uri() if self.tracking_uri.startswith("sqlite:") else None
-            with registry_errors(f"{self.where}: experiment {name!r}"):
-                self._experiment_id = _get_or_create(
-                    lambda: self.client.create_experiment(name, artifact_location=root),
-                    lambda: self.client.get_experiment_by_name(name).experiment_id,
-                )
+            self._experiment_id = _unless(
+                _EXISTS,
+                lambda: self.client.create_experiment(name, artifact_location=root),
+                lambda: self.client.get_experiment_by_name(name).experiment_id,
+            )
         return self._experiment_id
 
     def find_run(self, run_key: str) -> str | None:
-        with registry_errors(f"{self.where}: search runs"):
-            found = self.client.search_runs([self.experiment_id()], f"tags.`vembed.training_run_key` = '{run_key}'", max_results=1)
+        found = self.client.search_runs([self.experiment_id()], f"tags.`vembed.training_run_key` = '{run_key}'", max_results=1)
         return found[0].info.run_id if found else None
 
     def log_training_run(
@@ -159,7 +155,6 @@ class Registry:
         config: Mapping[str, Any] | Any | None = None,
         history: Sequence[Mapping[str, Any]] = (),
         eval_metrics: Mapping[str, Any] | None = None,
-        promotion_metric: str = DEFAULT_METRIC,
         run_name: str | None = None,
         tags: Mapping[str, str | None] | None = None,
     ) -> str:
@@ -169,53 +164,49 @@ class Registry:
         config = dict(config.model_dump() if hasattr(config, "model_dump") else config or {})
         run_key, results = safe_key(run_key), results_of(eval_metrics or {})
         run_id = self.find_run(run_key)
-        with registry_errors(f"{self.where}: log training run {run_key[:12]}"):
-            if run_id is None:
-                tags = {**(tags or {}), "training_run_key": run_key}
-                tags["base_model"] = tags.get("base_model") or config.get("model_name")
-                tags = scrub({f"vembed.{k}": v for k, v in tags.items() if v})
-                run_id = self.client.create_run(self.experiment_id(), tags=tags, run_name=run_name).info.run_id
-            run = self.client.get_run(run_id)
-            if run.data.tags.get(TAG_RUN_COMPLETE) == "true":
-                return run_id
-            now = int(time.time() * 1000)
-            params = [Param(mlflow_key(k), v[:6000]) for k, v in scrub(config).items()]  # MLflow's length limit
-            # Validation during training (val_loss, val_ndcg@10, ...) goes to val/...; the rest to train/...
-            metrics = [
-                Metric(mlflow_key(f"val/{k[4:]}" if k.startswith("val_") else f"train/{k}"), v, now, int(e.get("step", 0)))
-                for e in history
-                for k, v in e.items()
-                if k != "step" and is_score(v)
-            ]
-            metrics += [Metric(mlflow_key(f"eval/{k}"), v, now, 0) for k, v in flat_metrics(results).items()]
-            # MlflowClient.log_batch splits into MLflow's per-request limits itself.
-            self.client.log_batch(
-                run_id,
-                metrics=[m for m in metrics if m.key not in run.data.metrics],
-                params=[p for p in params if p.key not in run.data.params],
-            )
-            figures = {"training_loss": plot_loss_curve(history)}
-            figures[f"mrl_dims_{mlflow_key(promotion_metric)}"] = plot_mrl_dims(results, promotion_metric)
-            for name, fig in figures.items():
-                if fig is not None:
-                    self.client.log_figure(run_id, fig, f"plots/{name}.png")
-            self.client.set_tag(run_id, TAG_RUN_COMPLETE, "true")
-            self.client.set_terminated(run_id, "FINISHED")
+        if run_id is None:
+            tags = {**(tags or {}), "training_run_key": run_key}
+            tags["base_model"] = tags.get("base_model") or config.get("model_name")
+            tags = scrub({f"vembed.{k}": v for k, v in tags.items() if v})
+            run_id = self.client.create_run(self.experiment_id(), tags=tags, run_name=run_name).info.run_id
+        run = self.client.get_run(run_id)
+        if run.data.tags.get(TAG_RUN_COMPLETE) == "true":
+            return run_id
+        now = int(time.time() * 1000)
+        params = [Param(mlflow_key(k), v[:6000]) for k, v in scrub(config).items()]  # MLflow's length limit
+        # Validation during training (val_loss, val_ndcg@10, ...) goes to val/...; the rest to train/...
+        metrics = [
+            Metric(mlflow_key(f"val/{k[4:]}" if k.startswith("val_") else f"train/{k}"), v, now, int(e.get("step", 0)))
+            for e in history
+            for k, v in e.items()
+            if k != "step" and is_score(v)
+        ]
+        metrics += [Metric(mlflow_key(f"eval/{k}"), v, now, 0) for k, v in flat_metrics(results).items()]
+        # Each score by MRL dim once more as a series whose step is the dim: MLflow's chart of it is the
+        # metric-by-dim figure (`eval/tuned/ndcg_at_10_by_dim` at steps 64, 128, ...).
+        metrics += [
+            Metric(mlflow_key(f"eval/{model}/{k}_by_dim"), v, now, int(dim))
+            for model, dims in results.items()
+            for dim, scores in dims.items()
+            if dim.isdigit()
+            for k, v in scores.items()
+        ]
+        # MlflowClient.log_batch splits into MLflow's per-request limits itself.
+        self.client.log_batch(
+            run_id,
+            metrics=[m for m in metrics if m.key not in run.data.metrics],
+            params=[p for p in params if p.key not in run.data.params],
+        )
+        self.client.set_tag(run_id, TAG_RUN_COMPLETE, "true")
+        self.client.set_terminated(run_id, "FINISHED")
         return run_id
 
     def versions(self, name: str) -> list[ModelVersion]:
-        with registry_errors(f"{self.where}: model {name!r}"):
-            return sorted(self.client.search_model_versions(f"name = '{name}'"), key=lambda mv: int(mv.version))
+        return sorted(self.client.search_model_versions(f"name = '{name}'"), key=lambda mv: int(mv.version))
 
     def alias_version(self, name: str, alias: str) -> ModelVersion | None:
         """The version `name@alias` points at, None when there is no such alias or model."""
-        with registry_errors(f"{self.where}: {name}@{alias}"):
-            try:
-                return self.client.get_model_version_by_alias(name, alias)
-            except MlflowException as e:
-                if e.error_code not in _MISSING:
-                    raise
-        return None
+        return _unless(_MISSING, lambda: self.client.get_model_version_by_alias(name, alias), lambda: None)
 
     def log_embedding_model(
         self, *, source_key: str, adapter_dir: Path | None, merged_dir: Path | None, run_id: str | None
@@ -226,25 +217,22 @@ class Registry:
 
         from vembed.artifacts.mlflow_model import build_model  # the torch side: merge, encode, save
 
-        with registry_errors(f"{self.where}: search logged models"):
-            found = self.client.search_logged_models([self.experiment_id()], f"tags.`{TAG_SOURCE_KEY}` = '{source_key}'")
+        found = self.client.search_logged_models([self.experiment_id()], f"tags.`{TAG_SOURCE_KEY}` = '{source_key}'")
         if ready := [m for m in found if m.status == LoggedModelStatus.READY]:
             return ready[0]
         with tempfile.TemporaryDirectory(prefix="vembed-register-") as tmp:
             artifacts = stage(Path(tmp), adapter_dir, merged_dir)
-            with registry_errors(f"{self.where}: log embedding model"):
-                logged = self.client.create_logged_model(
-                    self.experiment_id(), name=MODEL_ARTIFACT_NAME, source_run_id=run_id, tags={TAG_SOURCE_KEY: source_key}
-                )
+            logged = self.client.create_logged_model(
+                self.experiment_id(), name=MODEL_ARTIFACT_NAME, source_run_id=run_id, tags={TAG_SOURCE_KEY: source_key}
+            )
             meta = Model(artifact_path=logged.artifact_location, run_id=run_id, model_uuid=logged.model_id, model_id=logged.model_id)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*input example was not provided.*")
                 local = build_model(Path(tmp), artifacts, meta, ["an example sentence to embed"])
-            with registry_errors(f"{self.where}: log embedding model"):
-                self.client.log_model_artifacts(logged.model_id, str(local))
-                if run_id:
-                    self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
-                return self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+            self.client.log_model_artifacts(logged.model_id, str(local))
+            if run_id:
+                self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+            return self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
 
     def register(
         self,
@@ -270,8 +258,7 @@ class Registry:
         adapter, merged = check_model_dir(adapter_dir, "adapter"), check_model_dir(merged_dir, "merged")
         key = safe_key(source_key or content_key(adapter, merged))
         score = pick_metric(eval_metrics, promotion_metric)
-        with registry_errors(f"{self.where}: registered model {model_name!r}"):
-            _get_or_create(lambda: self.client.create_registered_model(model_name), lambda: None)
+        _unless(_EXISTS, lambda: self.client.create_registered_model(model_name), lambda: None)
         versions = self.versions(model_name)
         mv = next((v for v in versions if (v.tags or {}).get(TAG_SOURCE_KEY) == key), None)
         created = mv is None
@@ -284,19 +271,17 @@ class Registry:
             # A server resolves `models:/<id>` itself. A direct (sqlite) store would resolve it through
             # mlflow's *global* tracking URI (an MLflow TODO), so give it the artifact location instead.
             remote = self.tracking_uri.split(":", 1)[0] in ("http", "https", "databricks")
-            with registry_errors(f"{self.where}: create version of {model_name!r}"):
-                mv = self.client.create_model_version(
-                    model_name,
-                    source=f"models:/{logged.model_id}" if remote else logged.artifact_location,
-                    run_id=logged.source_run_id,
-                    tags=scrub(tags),
-                    model_id=logged.model_id if remote or logged.source_run_id else None,
-                )
+            mv = self.client.create_model_version(
+                model_name,
+                source=f"models:/{logged.model_id}" if remote else logged.artifact_location,
+                run_id=logged.source_run_id,
+                tags=scrub(tags),
+                model_id=logged.model_id if remote or logged.source_run_id else None,
+            )
         cand, version = VersionInfo.of(mv), str(mv.version)
         # The newest version is the challenger: retrying an older registration never pulls the alias back.
         if all(int(v.version) <= int(version) for v in versions):
-            with registry_errors(f"{self.where}: alias {model_name}@{CHALLENGER}"):
-                self.client.set_registered_model_alias(model_name, CHALLENGER, version)
+            self.client.set_registered_model_alias(model_name, CHALLENGER, version)
         champion = self.alias_version(model_name, CHAMPION)
         champ = VersionInfo.of(champion) if champion else None
         promoted, reason = decide_version(cand, champ, min_delta, champion_score, eval_gate_passed)
@@ -307,8 +292,7 @@ class Registry:
     def _decision(
         self, name: str, version: str, promoted: bool, reason: str, before: str | None, created: bool = False
     ) -> PromotionDecision:
-        with registry_errors(f"{self.where}: model {name!r}"):
-            info = VersionInfo.of(self.client.get_model_version(name, version))
+        info = VersionInfo.of(self.client.get_model_version(name, version))
         metric = info.metric or DEFAULT_METRIC
         return PromotionDecision(promoted, reason, version, info.aliases, name, metric, info.score, before, created)
 
@@ -317,8 +301,7 @@ class Registry:
         Trimming repairs the history after a crash between writing it and moving the alias."""
         if (current := self.alias_version(name, CHAMPION)) is None:
             return []
-        with registry_errors(f"{self.where}: model {name!r}"):
-            tags = self.client.get_registered_model(name).tags or {}
+        tags = self.client.get_registered_model(name).tags or {}
         try:
             history = [str(v) for v in json.loads(tags.get(TAG_CHAMPION_HISTORY, "[]"))]
         except (json.JSONDecodeError, TypeError):
@@ -329,9 +312,8 @@ class Registry:
     def _move_champion(self, name: str, history: list[str]) -> None:
         """Make the last of `history` champion. History first, then the alias: a crash in between
         leaves a history that reads as trimmed."""
-        with registry_errors(f"{self.where}: alias {name}@{CHAMPION}"):
-            self.client.set_registered_model_tag(name, TAG_CHAMPION_HISTORY, json.dumps(history[-50:]))
-            self.client.set_registered_model_alias(name, CHAMPION, history[-1])
+        self.client.set_registered_model_tag(name, TAG_CHAMPION_HISTORY, json.dumps(history[-50:]))
+        self.client.set_registered_model_alias(name, CHAMPION, history[-1])
 
     def set_champion(self, name: str, version: str) -> None:
         """Move `champion` to `version` and record it."""
@@ -340,8 +322,7 @@ class Registry:
 
     def promote(self, name: str, version: str | int) -> PromotionDecision:
         """Make `version` champion by hand (no gate)."""
-        with registry_errors(f"{self.where}: {name} version {version}"):
-            version = str(self.client.get_model_version(name, str(version)).version)
+        version = str(self.client.get_model_version(name, str(version)).version)
         before = self.alias_version(name, CHAMPION)
         self.set_champion(name, version)
         reason = f"promoted by hand (was v{before.version})" if before else "promoted by hand (no champion before)"
@@ -357,8 +338,7 @@ class Registry:
         return self._decision(name, history[-2], True, reason, history[-1])
 
     def show(self, name: str) -> dict[str, Any]:
-        with registry_errors(f"{self.where}: model {name!r}"):
-            aliases = self.client.get_registered_model(name).aliases or {}
+        aliases = self.client.get_registered_model(name).aliases or {}
         versions = [asdict(VersionInfo.of(mv)) for mv in self.versions(name)]
         for v in versions:  # search results carry no aliases; the registered model does
             v["aliases"] = sorted(a for a, ver in aliases.items() if str(ver) == v["version"])
@@ -371,5 +351,4 @@ class Registry:
         """Where the version's MLflow model directory lives in storage (e.g. `s3://bucket/.../artifacts`);
         for a version of a LoggedModel, MLflow records the LoggedModel's artifact location."""
         mv = self.resolve(models_uri)
-        with registry_errors(f"{models_uri}: storage location at {self.where}"):
-            return self.client.get_model_version_download_uri(mv.name, mv.version)
+        return self.client.get_model_version_download_uri(mv.name, mv.version)

@@ -104,7 +104,6 @@ def register(
         config=info.get("config") or ckpt_config,
         history=info.get("history") or ckpt_history,
         eval_metrics=metrics,
-        promotion_metric=promotion_metric,
         run_name=info.get("run_name"),
         tags={
             "base_model": info.get("base_model"),

@@ -139,14 +139,18 @@ def train(
 
 
 def _loss_curve_png(history: Sequence[Mapping[str, Any]]) -> bytes | None:
-    """The loss curve the registry logs to MLflow, as PNG bytes (None when no loss was logged)."""
-    from vembed.artifacts.registry_plots import plot_loss_curve
+    """The loss curve as PNG bytes (None when no loss was logged). A bare matplotlib Figure: no pyplot,
+    so no display and no global figure state."""
+    from matplotlib.figure import Figure
 
-    fig = plot_loss_curve(history)
-    if fig is None:
+    if not (points := [(h["step"], h["loss"]) for h in history if "step" in h and "loss" in h]):
         return None
+    ax = Figure(figsize=(6, 4), layout="tight").add_subplot()
+    ax.set(xlabel="step", ylabel="training loss", title="Training loss")
+    ax.grid(alpha=0.3)
+    ax.plot(*zip(*points, strict=True), marker=".")
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    ax.figure.savefig(buf, format="png")
     return buf.getvalue()
 
 
