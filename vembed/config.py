@@ -184,13 +184,14 @@ class TrainConfig(BaseModel):
     mrl_dims: list[int] | None = Field(
         None,
         min_length=1,
-        description="strictly descending; default: the full dim and a quarter of it (measured best, docs/benchmarks.md)",
+        description="strictly descending; each gets its own loss term; default: the full dim alone (with "
+        "mrl_rotation, measured best: docs/benchmarks.md)",
     )
     mrl_weights: list[float] | None = Field(None, description="one weight per mrl_dim; default all 1")
     mrl_rotation: bool = Field(
         True,
-        description="with use_mrl: after training, rotate the embedding space onto its principal axes "
-        "(fit on the training data) so truncated dims hold more; full-dim similarities are unchanged",
+        description="with use_mrl: each checkpoint stores a rotation of the embedding space onto its principal "
+        "axes (fit on the training data), so truncated dims hold more; full-dim similarities are unchanged",
     )
     use_fsdp: bool = False
     cross_device_negatives: bool = Field(True, description="gather embeddings across processes for negatives")

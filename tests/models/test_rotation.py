@@ -64,6 +64,24 @@ def test_training_stores_the_rotation_and_predictor_applies_it(mrl_run):
     np.testing.assert_allclose(small, rotated[:, :8] / np.linalg.norm(rotated[:, :8], axis=1, keepdims=True), atol=1e-5)
 
 
+def test_each_checkpoint_has_its_own_rotation_and_fitting_leaves_resume_exact(mrl_run, tiny_bert, tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.conftest import write_pairs
+
+    mid, final = mrl_run.checkpoint_dir.parent / "checkpoint-3", mrl_run.checkpoint_dir
+    assert not torch.equal(load_rotation(mid), load_rotation(final))
+    # Resumed from step 3, the run ends with the same weights and rotation as the one that went through:
+    # fitting a rotation at each save moves no random stream.
+    data = write_pairs(tmp_path / "d.jsonl")
+    cfg = cfg_for(tiny_bert, data, tmp_path / "out", max_steps=4, learning_rate=5e-3, use_mrl=True, mrl_dims=[32, 8],
+                  resume_from_checkpoint=str(mid))  # fmt: skip
+    resumed = train(cfg).checkpoint_dir
+    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (final, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(load_rotation(final), load_rotation(resumed))
+
+
 def test_merged_model_keeps_the_rotation_for_predictor_and_sentence_transformers(mrl_run, tmp_path):
     merged = merge_adapter(mrl_run.checkpoint_dir, tmp_path / "merged")
     assert (merged / ROTATION_FILE).is_file()

@@ -50,8 +50,8 @@ def test_matryoshka_validates_lengths_and_dims():
 
 
 def test_default_mrl_dims():
-    assert resolve_mrl_dims(None, 384) == [384, 96]
-    assert resolve_mrl_dims(None, 4096) == [4096, 1024]
+    assert resolve_mrl_dims(None, 384) == [384]
+    assert resolve_mrl_dims(None, 4096) == [4096]
 
 
 def reference_masked_info_nce(q, p, n, ids_p, ids_n, t):

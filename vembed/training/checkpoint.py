@@ -5,7 +5,7 @@ Layout of `output_dir/checkpoint-N/`:
   adapter_config.json, adapter_model.safetensors   (or a full model for use_lora: false)
   vembed_config.yaml        resolved TrainConfig
   embedder.json             pooling/family spec needed to rebuild the embedder
-  embedding_rotation.safetensors   with use_mrl, in the final checkpoint (vembed.models.rotation)
+  embedding_rotation.safetensors   with use_mrl: the rotation of these weights (vembed.models.rotation)
   trainer_state.json        TrainState: step, epoch, position in the epoch, log and eval history, best
   optimizer.safetensors + optimizer.json, scheduler.json, rng.safetensors + rng.json
   manifest.json             size and sha256 of every file above; written last (vembed.artifacts.integrity)

@@ -232,9 +232,6 @@ class Recipe:
         self.progress.close()
         if self.masker.duplicate_batches:
             log.warning("%d batches had one positive for every row (duplicated data)", self.masker.duplicate_batches)
-        if cfg.use_mrl and cfg.mrl_rotation:
-            self.fit_rotation()
-            self.last_saved = -1  # the final checkpoint must hold the rotation
         if self.validator is not None and self.last_eval != state.global_step:
             self.evaluate()
             self.save_checkpoint()  # again if saved already: the checkpoint's state must hold this evaluation
@@ -307,19 +304,20 @@ class Recipe:
         return improved
 
     def fit_rotation(self, max_records: int = 2048) -> None:
-        """The embedding rotation (vembed.models.rotation) fit on the queries and positives of up to
-        `max_records` training records (a seeded sample). Collective: every rank calls it."""
+        """The embedding rotation (vembed.models.rotation) of the current weights, fit on the queries
+        and positives of up to `max_records` training records (a seeded sample). Collective."""
         unwrapped: Embedder = self.accelerator.unwrap_model(self.embedder)
         records = self.records
         if len(records) > max_records:
             records = random.Random(self.cfg.seed).sample(records, max_records)
         features = [unwrapped.featurize(it, is_query=not i) for r in records for i, it in enumerate(record_items(r)[:2])]
-        self.embedder.eval()
         emb = embed_sharded(self.accelerator, self.embedder, unwrapped.collate, features, self.cfg.batch_size)
         unwrapped.rotation = fit_rotation(emb)
 
     def save_checkpoint(self) -> Path:
-        """Collective: every rank calls it."""
+        """Collective: every rank calls it. With use_mrl, each checkpoint carries its own rotation."""
+        if self.cfg.use_mrl and self.cfg.mrl_rotation:
+            self.fit_rotation()
         self.state.best = self.tracker.to_dict()
         path = self.checkpointer.save(
             self.embedder, self.optimizer, self.scheduler, self.state, protect=self.tracker.best_checkpoint

@@ -53,15 +53,7 @@ class Validator:
         return embed_sharded(accelerator, model, self.collate, self.features, self.batch_size)
 
     def evaluate(self, accelerator: Accelerator, model: torch.nn.Module, loss_fn: torch.nn.Module) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        # Evaluating must not move the training's random streams (exact resume, same run with or without eval).
-        devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-        try:
-            with torch.random.fork_rng(devices=devices):
-                emb = self.embed_all(accelerator, model)
-        finally:
-            model.train(was_training)
+        emb = self.embed_all(accelerator, model)
         queries = emb[: self.n_queries]
         docs = emb[self.n_queries : self.n_queries + self.n_docs]
         negatives = emb[self.n_queries + self.n_docs :]
@@ -87,13 +79,22 @@ class Validator:
 def embed_sharded(
     accelerator: Accelerator, model: torch.nn.Module, collate: Any, features: Sequence[dict[str, Any]], batch_size: int
 ) -> torch.Tensor:
-    """The embeddings of featurized items (float32, on every rank), computed in equal shares per rank."""
+    """The embeddings of featurized items (float32, on every rank), computed in equal shares per rank,
+    in eval mode. Collective: every rank calls it."""
     world, rank = accelerator.num_processes, accelerator.process_index
     share = math.ceil(len(features) / world)
     mine = list(range(rank * share, (rank + 1) * share))
     # Past the end: repeat item 0 so that every rank runs the same forwards; cut off below.
     feats = [features[i] if i < len(features) else features[0] for i in mine]
-    local = embed_features(model, collate, feats, batch_size, accelerator.device, accelerator.device)
+    was_training = model.training
+    model.eval()
+    # Must not move the training's random streams (exact resume, same run with or without it).
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            local = embed_features(model, collate, feats, batch_size, accelerator.device, accelerator.device)
+    finally:
+        model.train(was_training)
     gathered = accelerator.gather(local) if world > 1 else local
     return gathered[: len(features)].cpu()
 
