@@ -84,14 +84,10 @@ def train_via_launcher(
     poll_interval: float = 10.0,
     log: LogFn = print_line,
 ) -> dict[str, Any]:
-    """The train step's path when `needs_launcher(cfg)`: run the training `cfg.trainer` describes and
-    return the step's summary dict.
-
-    `output_dir`: local directory that receives the outputs (the checkpoint and training_log.txt) and
-    the resolved config of the launch.
-    `output_uri`: for trainjob / pytorchjob, where the job writes (s3:// or a shared-PVC path).
-    `task_config`: the KFP task's settings (`dataclasses.asdict(dsl.TaskConfig)`) passed on to the job.
-    `client_configuration`: a kubernetes.client.Configuration; default: in-cluster or kube-config.
+    """The train step's path when `needs_launcher(cfg)`: run the training `cfg.trainer` describes, with the
+    checkpoint, training_log.txt and the launch's config in `output_dir`, and return the step's summary.
+    A job writes to `output_uri` (s3:// or a shared-PVC path) and gets `task_config`, the KFP task's
+    settings (`dataclasses.asdict(dsl.TaskConfig)`); `client_configuration` defaults to in-cluster or kubeconfig.
     """
     t = cfg.trainer
     out = Path(output_dir)
@@ -105,12 +101,7 @@ def train_via_launcher(
         run_local(local_cfg, config_path)
         final = _final_checkpoint(out)
     else:
-        if not output_uri:
-            raise ConfigError(
-                f"trainer.backend {t.backend}: the train step needs an output_uri (s3:// or a shared-PVC "
-                "path) that the job can write to"
-            )
-        if not (storage.is_s3(output_uri) or Path(output_uri).is_absolute()):
+        if not (output_uri and (storage.is_s3(output_uri) or Path(output_uri).is_absolute())):
             raise ConfigError(
                 f"trainer.backend {t.backend}: the output {output_uri!r} must be an s3:// URI or an absolute path "
                 "on a volume the job also mounts (in the pipeline: the train component's job_output_uri)"

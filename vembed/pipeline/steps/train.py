@@ -89,28 +89,24 @@ def train(
     dataset_dir: str | os.PathLike[str],
     output_dir: str | os.PathLike[str],
     base_model: str | None = None,
-    config_overrides: Sequence[str] | Mapping[str, Any] | None = None,
+    config_overrides: Sequence[str] | None = None,
     config_path: str | os.PathLike[str] | None = None,
     output_uri: str | None = None,
     task_config: Mapping[str, Any] | None = None,
     backend: str | None = None,
     job_image: str | None = None,
 ) -> dict[str, Any]:
-    """Train on `dataset_dir`, writing checkpoints under `output_dir`.
+    """Train on `dataset_dir`, writing checkpoints under `output_dir`; returns the step's summary.
 
-    With `trainer.backend` trainjob / pytorchjob (or several local GPUs) training runs through
-    vembed.pipeline.steps.launch: `output_uri` (s3:// or a shared-PVC path) is where the cluster job writes, and
-    `task_config` (the KFP task's `dsl.TaskConfig` as a dict) is passed on to the job.
-    `backend` and `job_image` are the pipeline's defaults for `trainer.backend` and `trainer.image`
-    (see `resolve_config`).
-    Returns {"checkpoint_dir", "final_loss", "global_step", "history", "config", "log_path"}.
+    A cluster job or several local GPUs go through `train_via_launcher` (`output_uri`, `task_config`);
+    `backend` and `job_image` are the pipeline's defaults (see `resolve_config`).
     """
     from vembed.config import parse_overrides
     from vembed.training import train as run_training
 
     if isinstance(config_overrides, str):
         raise ConfigError(f"config_overrides: expected a list of key=value strings, got the string {config_overrides!r}")
-    overrides = dict(config_overrides) if isinstance(config_overrides, Mapping) else parse_overrides(config_overrides or [])
+    overrides = parse_overrides(config_overrides or [])
     for key in STEP_OWNED_KEYS:
         if key in overrides:
             raise ConfigError(f"config_overrides: {key!r} is set by the train step from its inputs; remove it")
@@ -138,18 +134,6 @@ def train(
     }
 
 
-def _loss_curve_png(history: Sequence[Mapping[str, Any]]) -> bytes | None:
-    """The loss curve the registry logs to MLflow, as PNG bytes (None when no loss was logged)."""
-    from vembed.artifacts.registry_plots import plot_loss_curve
-
-    fig = plot_loss_curve(history)
-    if fig is None:
-        return None
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
 REPORT_CONFIG_KEYS = (
     "model_name", "use_lora", "lora_r", "lora_alpha", "lora_target_modules", "batch_size",
     "learning_rate", "epochs", "max_steps", "use_mrl", "mrl_dims", "use_gradient_cache", "torch_dtype",
@@ -157,18 +141,20 @@ REPORT_CONFIG_KEYS = (
 
 
 def render_report(summary: Mapping[str, Any]) -> str:
-    """A self-contained HTML page (inline PNG) with the loss curve and the key settings."""
+    """A self-contained HTML page with the key settings and, inline, the loss curve the registry logs to MLflow."""
+    from vembed.artifacts.registry_plots import plot_loss_curve
+
     esc = html.escape
     rows = [("final loss", f"{summary['final_loss']:.4f}"), ("optimizer steps", str(summary["global_step"]))]
     config = summary.get("config") or {}
     rows += [(k, str(config[k])) for k in REPORT_CONFIG_KEYS if k in config]
     table = "\n".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows)
-    png = _loss_curve_png(summary.get("history") or [])
-    curve = (
-        f'<img alt="training loss" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-        if png
-        else "<p>No loss was logged (fewer steps than logging_steps).</p>"
-    )
+    fig = plot_loss_curve(summary.get("history") or [])
+    curve = "<p>No loss was logged (fewer steps than logging_steps).</p>"
+    if fig is not None:
+        png = io.BytesIO()
+        fig.savefig(png, format="png")
+        curve = f'<img alt="training loss" src="data:image/png;base64,{base64.b64encode(png.getvalue()).decode()}">'
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>vembed training</title>"
         "<style>body{font-family:sans-serif}th{text-align:left;padding-right:1em}</style></head><body>"
@@ -191,14 +177,10 @@ def train_component(
     job_output_uri: str = "",
     job_settings: Mapping[str, Any] | None = None,
 ) -> tuple[float, int]:
-    """The body of both train components, given their KFP artifacts (`.path`, `.uri`, `.metadata`) and
-    their other inputs by name: train next to `model.path` (same filesystem), move the final checkpoint
-    and training_log.txt there, write the HTML report and the model's metadata. Returns (final_loss, global_step).
-
-    `task_config` (cluster variant): the task's `dsl.TaskConfig`. `job_settings`: what the pipeline fixed
-    at compile time for the job's pods ({"resources": {"requests": ..., "limits": ...}, "image_pull_secrets":
-    [...]}); it overlays `task_config`.
-    Transient failures are retried; a permanent one becomes `SystemExit("error: ...")`: one line in the pod log.
+    """The body of both train components, given their KFP artifacts and other inputs by name: train next to
+    `model.path` (same filesystem), move the final checkpoint and training_log.txt there, write the report
+    and the model's metadata. `job_settings` (fixed at compile time for the job's pods) overlays the task's
+    `dsl.TaskConfig`. A permanent failure becomes `SystemExit("error: ...")`: one line in the pod log.
     """
     import dataclasses
     import shutil
@@ -216,16 +198,10 @@ def train_component(
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".train-") as work:
         def attempt() -> dict[str, Any]:
             return train(
-                dataset.path,
-                work,
-                base_model or None,
-                list(config_overrides),
-                config_path or None,
-                output_uri=job_output_uri or default_job_output_uri(model.uri),
-                task_config=task or None,
-                backend=train_backend or None,
-                job_image=job_image or None,
-            )
+                dataset.path, work, base_model or None, list(config_overrides), config_path or None,
+                output_uri=job_output_uri or default_job_output_uri(model.uri), task_config=task or None,
+                backend=train_backend or None, job_image=job_image or None,
+            )  # fmt: skip
 
         # Bad config or data fails at once with one line; a transient storage error is retried.
         summary = run_step(attempt)
