@@ -125,7 +125,8 @@ class Kfp:
     def submit(self, target: str | os.PathLike[str] | VersionRef, arguments: dict[str, Any], experiment: str = "vembed",
                run_name: str | None = None, service_account: str | None = None) -> Submitted:  # fmt: skip
         """One run of a compiled package (sent whole) or of an uploaded pipeline version."""
-        exp_id, name = self._experiment(experiment), run_name or _default_name()
+        exp_id = self._experiment(experiment)
+        name = run_name or f"lora-finetune {datetime.datetime.now().strftime('%Y-%m-%d %H-%M-%S')}"
         source = (
             {"pipeline_id": target.pipeline_id, "version_id": target.version_id}
             if isinstance(target, VersionRef)
@@ -218,6 +219,8 @@ class Kfp:
         Delete), so this takes three: disable the old one, create the new one (cron and parameters default
         to the old one's), delete the old one. If creating fails, the old one is enabled again.
         """
+        import kfp_server_api as api
+
         job_name, exp_id = name or RETRAINING, self._experiment(experiment)
         listed = self.call(
             "listing recurring runs", "list_recurring_runs", experiment_id=exp_id, page_size=100,
@@ -238,7 +241,16 @@ class Kfp:
             service_account = service_account or previous.service_account
         if not cron:
             raise SubmitError("--cron is required (no existing recurring run to take it from)")
-        body = _recurring_run_body(job_name, exp_id, validate_cron(cron), ref, arguments, service_account)
+        # POST /recurringruns with a pipeline_version_reference; without a version id it follows the newest.
+        body = api.V2beta1RecurringRun(
+            display_name=job_name, experiment_id=exp_id,
+            pipeline_version_reference=api.V2beta1PipelineVersionReference(
+                pipeline_id=ref.pipeline_id, pipeline_version_id=ref.version_id
+            ),
+            runtime_config=api.V2beta1RuntimeConfig(parameters=arguments),
+            trigger=api.V2beta1Trigger(cron_schedule=api.V2beta1CronSchedule(cron=validate_cron(cron))),
+            max_concurrency=1, no_catchup=True, mode=api.RecurringRunMode.ENABLE, service_account=service_account,
+        )  # fmt: skip
         for rr in old:
             self.call(f"disabling recurring run {rr.recurring_run_id}", "disable_recurring_run", rr.recurring_run_id)
         try:
@@ -253,22 +265,3 @@ class Kfp:
             self.call(f"deleting recurring run {rr.recurring_run_id}", "delete_recurring_run", rr.recurring_run_id)
         return self._recurring(job, job_name, exp_id)
 
-
-def _default_name() -> str:
-    return f"lora-finetune {datetime.datetime.now().strftime('%Y-%m-%d %H-%M-%S')}"
-
-
-def _recurring_run_body(name: str, experiment_id: str, cron: str, ref: VersionRef, arguments: dict[str, Any],
-                        service_account: str | None) -> Any:  # fmt: skip
-    """POST /recurringruns with a pipeline_version_reference; without a version id it follows the newest."""
-    import kfp_server_api as api
-
-    return api.V2beta1RecurringRun(
-        display_name=name, experiment_id=experiment_id,
-        pipeline_version_reference=api.V2beta1PipelineVersionReference(
-            pipeline_id=ref.pipeline_id, pipeline_version_id=ref.version_id
-        ),
-        runtime_config=api.V2beta1RuntimeConfig(parameters=arguments),
-        trigger=api.V2beta1Trigger(cron_schedule=api.V2beta1CronSchedule(cron=cron)),
-        max_concurrency=1, no_catchup=True, mode=api.RecurringRunMode.ENABLE, service_account=service_account,
-    )  # fmt: skip
