@@ -53,11 +53,8 @@ def build_demo_raw_data(out_dir: Path) -> Path:
     from vembed.data.demo_data import build_demo_dataset
 
     paths = build_demo_dataset(out_dir / "demo-data")
-    raw = out_dir / "demo-data" / "raw.jsonl"
-    with raw.open("w", encoding="utf-8") as fh:
-        for key in ("train", "eval"):
-            text = Path(paths[key]).read_text(encoding="utf-8")
-            fh.write(text if text.endswith("\n") or not text else text + "\n")
+    raw = out_dir / "demo-data" / "raw.jsonl"  # the splits are JSONL, each line ending in a newline
+    raw.write_text("".join(Path(paths[k]).read_text(encoding="utf-8") for k in ("train", "eval")), encoding="utf-8")
     return raw
 
 

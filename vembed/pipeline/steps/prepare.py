@@ -40,12 +40,10 @@ def latest_snapshot(prefix_uri: str) -> str:
 
 def resolve_raw_uri(raw_uri: str, latest: bool = False) -> str:
     """`<prefix>/latest` (or latest=True) -> the newest dt= snapshot under the prefix."""
-    stripped = raw_uri.rstrip("/")
-    if stripped.endswith("/" + LATEST):
-        return latest_snapshot(stripped[: -len(LATEST) - 1])
-    if latest:
-        return latest_snapshot(raw_uri)
-    return raw_uri
+    prefix, _, name = raw_uri.rstrip("/").rpartition("/")
+    if prefix and name == LATEST:
+        return latest_snapshot(prefix)
+    return latest_snapshot(raw_uri) if latest else raw_uri
 
 
 def source_files(raw_uri: str) -> list[str]:
