@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import json
 import signal
 import threading
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 from vembed.errors import VembedError
 
 LogFn = Callable[[str], None]
+print_line: LogFn = functools.partial(print, flush=True)
 T = TypeVar("T")
 
 
@@ -57,10 +59,6 @@ class JobRun:
 
     def delete(self) -> None:
         raise NotImplementedError
-
-
-def print_line(line: str) -> None:
-    print(line, flush=True)
 
 
 def _pump_logs(job: JobRun, log: LogFn) -> None:
