@@ -47,23 +47,15 @@ def resolve_raw_uri(raw_uri: str, latest: bool = False) -> str:
 
 
 def source_files(raw_uri: str) -> list[str]:
-    """The JSONL files to read, in a fixed order: one file/object, or every *.jsonl under a dir/prefix."""
-    if storage.is_s3(raw_uri):
-        uris = storage.list(raw_uri)
-        if uris != [raw_uri]:  # a prefix, not one named object
-            uris = [u for u in uris if u.endswith(".jsonl")]
-    else:
-        path = Path(raw_uri)
-        if path.is_file():
-            uris = [str(path)]
-        elif path.is_dir():
-            uris = sorted(
-                str(p)
-                for p in path.rglob("*.jsonl")
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-        else:
-            raise DataError(f"{raw_uri}: raw data not found")
+    """The JSONL files to read, in a fixed order: one file/object, or every *.jsonl under a dir/prefix
+    (in a local folder, hidden files and folders left out)."""
+    local = not storage.is_s3(raw_uri)
+    if local and not Path(raw_uri).exists():
+        raise DataError(f"{raw_uri}: raw data not found")
+    uris = storage.list(raw_uri)
+    if uris != [str(Path(raw_uri)) if local else raw_uri]:  # a folder or prefix, not one named file
+        hidden = lambda u: local and any(p.startswith(".") for p in Path(u).relative_to(raw_uri).parts)  # noqa: E731
+        uris = [u for u in uris if u.endswith(".jsonl") and not hidden(u)]
     if not uris:
         raise DataError(f"{raw_uri}: no *.jsonl files found")
     return uris
@@ -107,18 +99,6 @@ class _ImageCopier:
                 shutil.copyfile(src, dest)
             self.copied[resolved] = rel
         return self.copied[resolved]
-
-
-def _rebase_images(record: Record, source_uri: str, place: Any) -> tuple[Record, bool]:
-    """Image paths become dataset-relative copies (local) or absolute s3:// URIs."""
-    changes: dict[str, Any] = {}
-    for name in ("query_image", "positive_image"):
-        value = getattr(record, name)
-        if value:
-            changes[name] = place(source_uri, value)
-    if record.negative_images:
-        changes["negative_images"] = tuple(place(source_uri, p) for p in record.negative_images)
-    return (dataclasses.replace(record, **changes), True) if changes else (record, False)
 
 
 class _Reader:
@@ -165,10 +145,14 @@ class _Reader:
             return uri + message[len(original) :] if message.startswith(original) else message
 
         def rebase(record: Record) -> Record:
-            # Runs inside read_records, so a missing or escaping image is reported as path:line.
-            record, rebased = _rebase_images(record, uri, self.place_image)
-            self.images_rebased += rebased
-            return record
+            """Image paths become dataset-relative copies (local) or absolute s3:// URIs. Runs inside
+            read_records, so a missing or escaping image is reported as path:line."""
+            place = lambda image: self.place_image(uri, image)  # noqa: E731
+            changes = {k: place(v) for k in ("query_image", "positive_image") if (v := getattr(record, k))}
+            if record.negative_images:
+                changes["negative_images"] = tuple(map(place, record.negative_images))
+            self.images_rebased += bool(changes)
+            return dataclasses.replace(record, **changes) if changes else record
 
         try:
             yield from read_records(local, on_bad_record=self.on_bad_record, stats=stats, transform=rebase)  # type: ignore[arg-type]
