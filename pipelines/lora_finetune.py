@@ -337,12 +337,10 @@ def build_pipeline(opts: PipelineOptions | None = None):
             task.set_caching_options(enable_caching=False)
 
         # With a cluster backend, the job's GPUs come from trainer.gpus_per_node and this pod needs none.
-        if opts.accelerator_limit > 0 and not opts.on_cluster:
-            train_task.set_accelerator_type(opts.accelerator_type)
-            train_task.set_accelerator_limit(opts.accelerator_limit)
-        if opts.evaluate_accelerator_limit > 0:
-            evaluate_task.set_accelerator_type(opts.accelerator_type)
-            evaluate_task.set_accelerator_limit(opts.evaluate_accelerator_limit)
+        gpus = ((train_task, 0 if opts.on_cluster else opts.accelerator_limit), (evaluate_task, opts.evaluate_accelerator_limit))
+        for task, count in gpus:
+            if count > 0:
+                task.set_accelerator_type(opts.accelerator_type).set_accelerator_limit(count)
         for key, value in opts.node_selector.items():
             kubernetes.add_node_selector(train_task, label_key=key, label_value=value)
         for toleration in opts.tolerations:

@@ -55,14 +55,10 @@ def stage_in(environ: Mapping[str, str], workdir: str | None = None) -> Path:
     cfg = job_config(environ)
     output_uri = _required(environ, OUTPUT_URI_ENV)
     workdir = workdir or cfg.trainer.work_dir
-    root = Path(workdir)
-    updates: dict[str, str] = {
-        "output_dir": job_output_dir(workdir) if storage.is_s3(output_uri) else output_uri
-    }
+    updates = {"output_dir": job_output_dir(workdir) if storage.is_s3(output_uri) else output_uri}
     for key in DATA_KEYS:
-        value = getattr(cfg, key)
-        if value and storage.is_s3(value):
-            updates[key] = str(localize(value, root / "inputs"))
+        if (value := getattr(cfg, key)) and storage.is_s3(value):
+            updates[key] = str(localize(value, Path(workdir) / "inputs"))
     config_path = Path(job_config_path(workdir))
     cfg.model_copy(update=updates).save(config_path)
     return config_path
