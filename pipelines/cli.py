@@ -13,17 +13,6 @@ from collections.abc import Sequence
 from vembed.errors import ConfigError, run_command
 
 
-def _add_param_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--param", action="append", default=[], metavar="NAME=VALUE",
-        help="pipeline run parameter, repeatable (e.g. --param data_uri=s3://bucket/data/latest)",
-    )  # fmt: skip
-    p.add_argument(
-        "--config-override", "--config_override", nargs="+", default=[], metavar="KEY=VALUE",
-        help="training config overrides, e.g. lora_r=32 epochs=2 (sets the config_overrides parameter)",
-    )  # fmt: skip
-
-
 def _run_arguments(args: argparse.Namespace, spec: dict | None = None, required: bool = True) -> dict:
     """--param and --config-override as typed run arguments of `spec` (default: --package's parameters);
     `required`: every parameter without a default must be given."""
@@ -181,10 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--namespace", help="Kubernetes namespace (multi-user KFP)")
     server.add_argument("--package", default=str(COMPILED_PATH), help="compiled pipeline YAML (default: committed)")
     server.add_argument("--pipeline", default=PIPELINE_NAME, help="the uploaded pipeline's name")
-    remote = argparse.ArgumentParser(add_help=False, parents=[server])  # the arguments of submit and schedule
+    params = argparse.ArgumentParser(add_help=False)  # the arguments of run, submit and schedule
+    params.add_argument(
+        "--param", action="append", default=[], metavar="NAME=VALUE",
+        help="pipeline run parameter, repeatable (e.g. --param data_uri=s3://bucket/data/latest)",
+    )  # fmt: skip
+    params.add_argument(
+        "--config-override", "--config_override", nargs="+", default=[], metavar="KEY=VALUE",
+        help="training config overrides, e.g. lora_r=32 epochs=2 (sets the config_overrides parameter)",
+    )  # fmt: skip
+    remote = argparse.ArgumentParser(add_help=False, parents=[server, params])  # the arguments of submit and schedule
     remote.add_argument("--experiment", default="vembed", help="experiment name (created if missing)")
     remote.add_argument("--service-account", help="Kubernetes service account for the run's pods")
-    _add_param_args(remote)
     remote.add_argument(
         "--pipeline-version-id", metavar="ID",
         help="run an uploaded pipeline version (`vembed pipeline upload`) instead of sending --package; "
@@ -223,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defaults", action="store_true", help="ignore flags and env: the committed settings")
     p.set_defaults(func=_cmd_compile)
 
-    p = sub.add_parser("run", help="run the whole pipeline on this machine (kfp.local)")
+    p = sub.add_parser("run", parents=[params], help="run the whole pipeline on this machine (kfp.local)")
     p.add_argument("--local", action="store_true", help="required: run with kfp.local subprocesses")
     p.add_argument("--output-dir", default="output/pipeline", help="artifacts, MLflow store and logs")
     p.add_argument("--data", help="raw JSONL file, folder or s3:// URI (default: the built-in demo data)")
@@ -233,7 +230,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--promotion-metric", default="ndcg@10")
     p.add_argument("--min-delta", type=float, default=0.0)
     p.add_argument("--verbose", action="store_true", help="stream every step's output")
-    _add_param_args(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("upload", parents=[server], help="create the pipeline on a KFP cluster, or add --package as a new version")
