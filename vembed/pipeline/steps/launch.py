@@ -17,9 +17,9 @@ from typing import Any
 
 from vembed.artifacts import storage
 from vembed.config import TrainConfig
-from vembed.errors import CheckpointError, ConfigError
+from vembed.errors import ConfigError
 from vembed.pipeline.launchers.jobspec import TaskSettings
-from vembed.pipeline.launchers.stage import DATA_KEYS
+from vembed.pipeline.launchers.stage import DATA_KEYS, final_checkpoint
 from vembed.pipeline.launchers.wait import LogFn, print_line, wait_for_job
 
 LAUNCH_CONFIG = "launch-config.yaml"
@@ -28,15 +28,6 @@ LAUNCH_CONFIG = "launch-config.yaml"
 def needs_launcher(cfg: TrainConfig) -> bool:
     """True when training cannot simply run inside this process (more GPUs, or a cluster job)."""
     return cfg.trainer.backend != "local" or cfg.trainer.gpus_per_node > 1
-
-
-def _final_checkpoint(output_dir: str | os.PathLike[str]) -> Path:
-    from vembed.training.checkpoint import latest_checkpoint
-
-    final = latest_checkpoint(output_dir)
-    if final is None:
-        raise CheckpointError(f"{output_dir}: the training finished but left no checkpoint-N directory")
-    return final
 
 
 def job_output_uri(artifact_uri: str) -> str:
@@ -99,7 +90,7 @@ def train_via_launcher(
         local_cfg = cfg.model_copy(update={"output_dir": str(out)})
         local_cfg.save(config_path)
         run_local(local_cfg, config_path)
-        final = _final_checkpoint(out)
+        final = final_checkpoint(out)
     else:
         if not (output_uri and (storage.is_s3(output_uri) or Path(output_uri).is_absolute())):
             raise ConfigError(
@@ -122,7 +113,7 @@ def train_via_launcher(
         wait_for_job(run, timeout=t.timeout, keep_job=t.keep_job, poll_interval=poll_interval, log=log)
         # A job's s3:// output is downloaded into a fresh subdirectory: storage only replaces complete directories.
         local = storage.download_dir(output_uri, out / "job-output") if storage.is_s3(output_uri) else output_uri
-        final = _final_checkpoint(local)
+        final = final_checkpoint(local)
     state = json.loads((final / "trainer_state.json").read_text(encoding="utf-8"))
     history = list(state.get("history") or [])
     losses = [h["loss"] for h in history if h.get("loss") is not None]
