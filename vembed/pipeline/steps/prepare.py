@@ -75,16 +75,25 @@ def _resolve_image(source_uri: str, image: str) -> str:
     return resolve_image_path(image, os.path.dirname(os.path.abspath(source_uri)))
 
 
-class _ImageCopier:
-    """Copies local images into the dataset (content-addressed under images/), so the
-    dataset directory is self-contained when it moves through object storage.
-    s3:// images stay where they are."""
+class _Reader:
+    """Streams records from every source file in order; one downloaded file on disk at a time. Local images
+    are copied into the dataset (content-addressed under images/), so the dataset directory is
+    self-contained when it moves through object storage; s3:// images stay where they are."""
 
-    def __init__(self, dataset_dir: Path) -> None:
+    def __init__(self, uris: list[str], on_bad_record: str, workdir: Path, dataset_dir: Path) -> None:
+        self.uris = uris
         self.dataset_dir = dataset_dir
-        self.copied: dict[str, str] = {}
+        self.copied: dict[str, str] = {}  # resolved local image -> its path in the dataset
+        self.on_bad_record = on_bad_record
+        self.workdir = workdir
+        self.records = 0
+        self.skipped: Counter[str] = Counter()
+        self.examples: list[str] = []
+        self.images_rebased = 0
+        self.files: list[dict[str, Any]] = []
+        self.source_hash = hashlib.sha256()  # sha256 of all source bytes, concatenated in order
 
-    def __call__(self, source_uri: str, image: str) -> str:
+    def _place_image(self, source_uri: str, image: str) -> str:
         resolved = _resolve_image(source_uri, image)
         if storage.is_s3(resolved):
             return resolved
@@ -99,22 +108,6 @@ class _ImageCopier:
                 shutil.copyfile(src, dest)
             self.copied[resolved] = rel
         return self.copied[resolved]
-
-
-class _Reader:
-    """Streams records from every source file in order; one downloaded file on disk at a time."""
-
-    def __init__(self, uris: list[str], on_bad_record: str, workdir: Path, dataset_dir: Path) -> None:
-        self.uris = uris
-        self.place_image = _ImageCopier(dataset_dir)
-        self.on_bad_record = on_bad_record
-        self.workdir = workdir
-        self.records = 0
-        self.skipped: Counter[str] = Counter()
-        self.examples: list[str] = []
-        self.images_rebased = 0
-        self.files: list[dict[str, Any]] = []
-        self.source_hash = hashlib.sha256()  # sha256 of all source bytes, concatenated in order
 
     def _hash(self, path: Path) -> tuple[str, int]:
         digest = hashlib.sha256()
@@ -147,7 +140,7 @@ class _Reader:
         def rebase(record: Record) -> Record:
             """Image paths become dataset-relative copies (local) or absolute s3:// URIs. Runs inside
             read_records, so a missing or escaping image is reported as path:line."""
-            place = lambda image: self.place_image(uri, image)  # noqa: E731
+            place = lambda image: self._place_image(uri, image)  # noqa: E731
             changes = {k: place(v) for k in ("query_image", "positive_image") if (v := getattr(record, k))}
             if record.negative_images:
                 changes["negative_images"] = tuple(map(place, record.negative_images))
