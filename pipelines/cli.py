@@ -106,8 +106,10 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_schedule(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from pipelines.cron import validate_cron
-    from pipelines.remote import Kfp, VersionRef
+    from pipelines.remote import Kfp
 
     if args.cron:
         validate_cron(args.cron)  # before any request
@@ -136,7 +138,7 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
         up = kfp.upload(args.package, args.pipeline)
         print(f"pipeline {up.pipeline_name} version {up.version_name} ({up.version_id})"
               f"{' was already uploaded' if up.reused else ' uploaded'}")  # fmt: skip
-        ref = VersionRef(up.pipeline_id, None if args.follow_latest else up.version_id, up.pipeline_name)
+        ref = replace(up, version_id=None) if args.follow_latest else up
     sub = kfp.schedule_version(
         ref, arguments, args.cron, args.experiment, args.name, args.service_account, update=args.update
     )

@@ -48,14 +48,10 @@ class VersionRef:
 
 
 @dataclass
-class Uploaded:
-    pipeline_id: str
-    pipeline_name: str
-    version_id: str
-    version_name: str
-    created_pipeline: bool  # False: a version was added to an existing pipeline
-    reused: bool  # True: this very package was uploaded before, under the same version name
-    url: str
+class Uploaded(VersionRef):
+    created_pipeline: bool = False  # False: a version was added to an existing pipeline
+    reused: bool = False  # True: this very package was uploaded before, under the same version name
+    url: str = ""
 
 
 def default_version_name(package: str | os.PathLike[str]) -> str:
@@ -188,7 +184,7 @@ class Kfp:
             )  # fmt: skip
         vid = version.pipeline_version_id
         url = f"{self.host}/#/pipelines/details/{pipeline_id}/version/{vid}"
-        return Uploaded(pipeline_id, pipeline_name, vid, version_name, created, reused, url)
+        return Uploaded(pipeline_id, vid, pipeline_name, version_name, created, reused, url)
 
     def resolve_version(self, pipeline_name: str, version_id: str | None) -> VersionRef:
         """A version of the pipeline: `version_id`, or the newest for "latest"."""
