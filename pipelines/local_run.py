@@ -170,11 +170,7 @@ def run_local(
         arguments.update(parse_params(params, read_pipeline_parameters(package)))
 
     log_path = out / "pipeline.log"
-    local.init(
-        runner=local.SubprocessRunner(use_venv=False),
-        pipeline_root=str(out / "kfp"),
-        raise_on_error=True,
-    )
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / "kfp"), raise_on_error=True)
     pipeline = components.load_component_from_file(str(package))
     with warnings.catch_warnings(), log_path.open("w", encoding="utf-8") as log:
         # Image names and pod settings mean nothing to a subprocess; kfp.local says so once per task.

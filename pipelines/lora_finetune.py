@@ -149,11 +149,9 @@ class PipelineOptions:
     def __post_init__(self) -> None:
         if self.train_backend not in TRAIN_BACKENDS:
             raise ConfigError(f"train_backend: {self.train_backend!r} is not one of {', '.join(TRAIN_BACKENDS)}")
-        for key in ("image", "train_image"):
-            if not _IMAGE_REF.match(getattr(self, key)):
-                raise ConfigError(
-                    f"{key}: {getattr(self, key)!r} is not an image reference (repo:tag or repo@sha256:<64 hex>)"
-                )
+        for key, image in (("image", self.image), ("train_image", self.train_image)):
+            if not _IMAGE_REF.match(image):
+                raise ConfigError(f"{key}: {image!r} is not an image reference (repo:tag or repo@sha256:<64 hex>)")
 
     @property
     def on_cluster(self) -> bool:

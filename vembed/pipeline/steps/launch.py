@@ -51,8 +51,7 @@ def publish_inputs(cfg: TrainConfig, output_uri: str) -> TrainConfig:
     updates: dict[str, str] = {}
     published: dict[Path, str] = {}
     for key in DATA_KEYS:
-        value = getattr(cfg, key)
-        if not value or storage.is_s3(value):
+        if not (value := getattr(cfg, key)) or storage.is_s3(value):
             continue
         path = Path(value)
         if not path.is_file():

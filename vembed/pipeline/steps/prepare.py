@@ -186,13 +186,9 @@ def prepare(
 ) -> dict[str, Any]:
     """Validate, deduplicate and split raw JSONL into a dataset directory at `output_uri`.
 
-    `raw_uri`: a JSONL file, a directory of *.jsonl, an s3:// object or prefix (files read in
-    sorted order), or `<prefix>/latest` (or latest=True) for the newest dt=YYYY-MM-DD/ snapshot.
-    The split is deterministic: same data and seed -> same split. Local images are copied into
-    the dataset (`images/`, content-addressed) and s3:// images are referenced by absolute URI,
-    so the dataset directory is self-contained wherever it is stored.
-    `mine_negatives`: a model (HF id, directory or checkpoint) that mines hard negatives into the
-    train split (vembed.data.mining); the eval split is left alone.
+    `raw_uri`: see `source_files`, or `<prefix>/latest` (or latest=True) for the newest dt=YYYY-MM-DD/
+    snapshot. The split is deterministic: same data and seed -> same split. `mine_negatives`: a model
+    (HF id, directory or checkpoint) that mines hard negatives into the train split (vembed.data.mining).
     Returns the stats written to `stats.json`, plus `output` and `dataset_sha256` (sha256 of the
     dataset's manifest).
     """

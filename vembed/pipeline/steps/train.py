@@ -28,13 +28,9 @@ IMAGE_HOME = "/opt/vembed"
 
 
 def resolve_config_path(config_path: str | os.PathLike[str] | None, home: str | None = None) -> str | None:
-    """The config file a pipeline step should read for `config_path`.
-
-    In a step's pod the working directory is not the project, so a relative `examples/x.yaml` (or a
-    bare `x.yaml`) is looked up, in order: as given, under the image's project directory
-    (`$VEMBED_HOME`, default /opt/vembed), then under its `examples/`. Missing everywhere is a
-    one-line error listing where it looked and which example configs the image has.
-    """
+    """The config file a pipeline step should read for `config_path`. In a step's pod the working directory
+    is not the project, so a relative `examples/x.yaml` (or a bare `x.yaml`) is also looked up under the
+    image's project directory (`$VEMBED_HOME`, default /opt/vembed) and its `examples/`."""
     if not config_path:
         return None
     given = Path(config_path)
