@@ -15,6 +15,7 @@ environment; images, cpu/memory requests and accelerators have no effect (kfp.lo
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -23,7 +24,7 @@ import shlex
 import shutil
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -60,9 +61,7 @@ def build_demo_raw_data(out_dir: Path) -> Path:
 
 def _absolute_if_local(uri: str) -> str:
     """Steps may run elsewhere than this working directory: pin relative local paths."""
-    if "://" in uri or not Path(uri).exists():
-        return uri
-    return str(Path(uri).resolve())
+    return uri if "://" in uri or not Path(uri).exists() else str(Path(uri).resolve())
 
 
 def _check_local_inputs(data_uri: str | None, config_path: str | None) -> None:
@@ -71,18 +70,13 @@ def _check_local_inputs(data_uri: str | None, config_path: str | None) -> None:
     if data_uri and "://" not in data_uri:
         path = Path(data_uri)
         # `<prefix>/latest` names the newest dt= snapshot under the prefix, not a real folder.
-        exists = path.parent.is_dir() if path.name == "latest" else path.exists()
-        if not exists:
+        if not (path.parent.is_dir() if path.name == "latest" else path.exists()):
             raise DataError(f"{data_uri}: raw data does not exist")
     if config_path and not Path(config_path).is_file():
         raise ConfigError(f"{config_path}: config file does not exist")
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def strip_ansi(text: str) -> str:
-    return _ANSI.sub("", text)
+strip_ansi: Callable[[str], str] = functools.partial(re.compile(r"\x1b\[[0-9;]*m").sub, "")  # kfp.local's colours
 
 
 class _StepLog(io.TextIOBase):
