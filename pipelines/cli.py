@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from vembed.errors import ConfigError, run_command
 
@@ -153,8 +154,6 @@ def _cmd_rbac(args: argparse.Namespace) -> int:
 
     text = render_rbac_yaml(args.namespace, args.service_account, args.backend or tuple(BACKEND_GROUPS))
     if args.output:
-        from pathlib import Path
-
         Path(args.output).write_text(text, encoding="utf-8")
         print(f"RBAC for namespace {args.namespace} written to {args.output}")
     else:
