@@ -104,8 +104,6 @@ class Kfp:
             # The upload calls print a link to stdout; the CLI prints its own line instead.
             with contextlib.redirect_stdout(io.StringIO()):
                 return operator.attrgetter(method)(self.client)(*args, **kwargs)
-        except VembedError:
-            raise
         except Exception as e:  # urllib3 / kfp_server_api raise many types; all mean "the server said no"
             status = getattr(e, "status", None)
             reason = getattr(e, "reason", None) or str(e).splitlines()[0]
