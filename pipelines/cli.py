@@ -9,19 +9,9 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from vembed.errors import ConfigError, run_command
-
-
-def _add_param_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--param", action="append", default=[], metavar="NAME=VALUE",
-        help="pipeline run parameter, repeatable (e.g. --param data_uri=s3://bucket/data/latest)",
-    )  # fmt: skip
-    p.add_argument(
-        "--config-override", "--config_override", nargs="+", default=[], metavar="KEY=VALUE",
-        help="training config overrides, e.g. lora_r=32 epochs=2 (sets the config_overrides parameter)",
-    )  # fmt: skip
 
 
 def _run_arguments(args: argparse.Namespace, spec: dict | None = None, required: bool = True) -> dict:
@@ -41,41 +31,32 @@ def _run_arguments(args: argparse.Namespace, spec: dict | None = None, required:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     from pipelines.compile import COMPILED_PATH, compile_pipeline
     from pipelines.lora_finetune import PipelineOptions
     from vembed.config import parse_pairs
 
-    node_selector = parse_pairs(args.node_selector, "--node-selector", lambda _, value: value, lambda _: None, "label")
-    tolerations = []
-    for text in args.toleration:
-        try:
-            tolerations.append(json.loads(text))
-        except json.JSONDecodeError:
-            raise ConfigError(f"--toleration: expected a JSON object, got {text!r}") from None
-    if args.gpus and args.train_backend not in (None, "local"):
+    if args.accelerator_limit and args.train_backend not in (None, "local"):
         raise ConfigError(
             f"--gpus sets the train pod's GPUs; with --train-backend {args.train_backend} that pod only launches "
             "the job, whose GPUs come from trainer.gpus_per_node in the training config"
         )
-    opts = PipelineOptions.from_env(
-        image=args.image,
-        train_image=args.train_image,
-        accelerator_type=args.gpu_type,
-        accelerator_limit=args.gpus,
-        node_selector=node_selector or None,
-        tolerations=tolerations or None,
-        model_cache_pvc=args.model_cache_pvc,
-        train_backend=args.train_backend,
-        evaluate_accelerator_limit=args.evaluate_gpus,
-        image_pull_secrets=args.image_pull_secret or None,
-        exit_handler=False if args.no_exit_handler else None,
-        security_context=False if args.no_security_context else None,
-    )
-    if args.defaults:
-        opts = PipelineOptions()
-    out = compile_pipeline(args.output or COMPILED_PATH, opts)
+    # The flags' dests are PipelineOptions fields; None (not given) keeps the VEMBED_* variable or the default.
+    given = {f.name: getattr(args, f.name, None) for f in fields(PipelineOptions)}
+    given["node_selector"] = parse_pairs(args.node_selector, "--node-selector", lambda _, v: v, lambda _: None, "label")
+    given["tolerations"] = [_json_object("--toleration", text) for text in args.toleration]
+    opts = PipelineOptions.from_env(**{k: v for k, v in given.items() if v not in ([], {})})
+    out = compile_pipeline(args.output or COMPILED_PATH, PipelineOptions() if args.defaults else opts)
     print(f"compiled pipeline written to {out}")
     return 0
+
+
+def _json_object(flag: str, text: str) -> dict:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise ConfigError(f"{flag}: expected a JSON object, got {text!r}") from None
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -126,8 +107,10 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_schedule(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from pipelines.cron import validate_cron
-    from pipelines.remote import Kfp, VersionRef
+    from pipelines.remote import Kfp
 
     if args.cron:
         validate_cron(args.cron)  # before any request
@@ -156,7 +139,7 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
         up = kfp.upload(args.package, args.pipeline)
         print(f"pipeline {up.pipeline_name} version {up.version_name} ({up.version_id})"
               f"{' was already uploaded' if up.reused else ' uploaded'}")  # fmt: skip
-        ref = VersionRef(up.pipeline_id, None if args.follow_latest else up.version_id, up.pipeline_name)
+        ref = replace(up, version_id=None) if args.follow_latest else up
     sub = kfp.schedule_version(
         ref, arguments, args.cron, args.experiment, args.name, args.service_account, update=args.update
     )
@@ -171,8 +154,6 @@ def _cmd_rbac(args: argparse.Namespace) -> int:
 
     text = render_rbac_yaml(args.namespace, args.service_account, args.backend or tuple(BACKEND_GROUPS))
     if args.output:
-        from pathlib import Path
-
         Path(args.output).write_text(text, encoding="utf-8")
         print(f"RBAC for namespace {args.namespace} written to {args.output}")
     else:
@@ -190,10 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--namespace", help="Kubernetes namespace (multi-user KFP)")
     server.add_argument("--package", default=str(COMPILED_PATH), help="compiled pipeline YAML (default: committed)")
     server.add_argument("--pipeline", default=PIPELINE_NAME, help="the uploaded pipeline's name")
-    remote = argparse.ArgumentParser(add_help=False, parents=[server])  # the arguments of submit and schedule
+    params = argparse.ArgumentParser(add_help=False)  # the arguments of run, submit and schedule
+    params.add_argument(
+        "--param", action="append", default=[], metavar="NAME=VALUE",
+        help="pipeline run parameter, repeatable (e.g. --param data_uri=s3://bucket/data/latest)",
+    )  # fmt: skip
+    params.add_argument(
+        "--config-override", "--config_override", nargs="+", default=[], metavar="KEY=VALUE",
+        help="training config overrides, e.g. lora_r=32 epochs=2 (sets the config_overrides parameter)",
+    )  # fmt: skip
+    remote = argparse.ArgumentParser(add_help=False, parents=[server, params])  # the arguments of submit and schedule
     remote.add_argument("--experiment", default="vembed", help="experiment name (created if missing)")
     remote.add_argument("--service-account", help="Kubernetes service account for the run's pods")
-    _add_param_args(remote)
     remote.add_argument(
         "--pipeline-version-id", metavar="ID",
         help="run an uploaded pipeline version (`vembed pipeline upload`) instead of sending --package; "
@@ -207,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="where to write the YAML")
     p.add_argument("--image", help="default image of the CPU steps (env VEMBED_IMAGE)")
     p.add_argument("--train-image", help="default image of train/evaluate/merge (env VEMBED_TRAIN_IMAGE)")
-    p.add_argument("--gpus", type=int, help="GPUs for the train step, 0 for none (env VEMBED_GPUS; default 1)")
-    p.add_argument("--gpu-type", help="accelerator resource (env VEMBED_GPU_TYPE; default nvidia.com/gpu)")
+    p.add_argument("--gpus", type=int, dest="accelerator_limit", help="GPUs for the train step, 0 for none (env VEMBED_GPUS; default 1)")
+    p.add_argument("--gpu-type", dest="accelerator_type", help="accelerator resource (env VEMBED_GPU_TYPE; default nvidia.com/gpu)")
     p.add_argument("--node-selector", action="append", default=[], metavar="LABEL=VALUE", help="train pod")
     p.add_argument("--toleration", action="append", default=[], metavar="JSON", help="train pod, e.g. "
                    '\'{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}\'')
@@ -219,20 +208,20 @@ def build_parser() -> argparse.ArgumentParser:
         "job and requests no GPU; resources, --node-selector and --toleration go to the job's nodes "
         "(env VEMBED_TRAIN_BACKEND; docs/multinode.md)",
     )  # fmt: skip
-    p.add_argument("--evaluate-gpus", type=int, help="GPUs for the evaluate step (env VEMBED_EVALUATE_GPUS; default 0)")
+    p.add_argument("--evaluate-gpus", type=int, dest="evaluate_accelerator_limit", help="GPUs for the evaluate step (env VEMBED_EVALUATE_GPUS; default 0)")
     p.add_argument(
-        "--image-pull-secret", action="append", default=[], metavar="NAME",
+        "--image-pull-secret", action="append", default=[], metavar="NAME", dest="image_pull_secrets",
         help="docker-registry secret for every pod and the cluster job's pods, repeatable "
         "(env VEMBED_IMAGE_PULL_SECRETS, comma-separated)",
     )  # fmt: skip
-    p.add_argument("--no-exit-handler", action="store_true",
+    p.add_argument("--no-exit-handler", action="store_false", dest="exit_handler", default=None,
                    help="no on-exit cleanup/failure task: for KFP backends before 2.14 (docs/compatibility.md)")
-    p.add_argument("--no-security-context", action="store_true",
+    p.add_argument("--no-security-context", action="store_false", dest="security_context", default=None,
                    help="no securityContext in the platform spec: for KFP backends that predate it (docs/compatibility.md)")
     p.add_argument("--defaults", action="store_true", help="ignore flags and env: the committed settings")
     p.set_defaults(func=_cmd_compile)
 
-    p = sub.add_parser("run", help="run the whole pipeline on this machine (kfp.local)")
+    p = sub.add_parser("run", parents=[params], help="run the whole pipeline on this machine (kfp.local)")
     p.add_argument("--local", action="store_true", help="required: run with kfp.local subprocesses")
     p.add_argument("--output-dir", default="output/pipeline", help="artifacts, MLflow store and logs")
     p.add_argument("--data", help="raw JSONL file, folder or s3:// URI (default: the built-in demo data)")
@@ -242,7 +231,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--promotion-metric", default="ndcg@10")
     p.add_argument("--min-delta", type=float, default=0.0)
     p.add_argument("--verbose", action="store_true", help="stream every step's output")
-    _add_param_args(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("upload", parents=[server], help="create the pipeline on a KFP cluster, or add --package as a new version")

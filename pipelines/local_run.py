@@ -15,6 +15,7 @@ environment; images, cpu/memory requests and accelerators have no effect (kfp.lo
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -23,7 +24,7 @@ import shlex
 import shutil
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -53,19 +54,14 @@ def build_demo_raw_data(out_dir: Path) -> Path:
     from vembed.data.demo_data import build_demo_dataset
 
     paths = build_demo_dataset(out_dir / "demo-data")
-    raw = out_dir / "demo-data" / "raw.jsonl"
-    with raw.open("w", encoding="utf-8") as fh:
-        for key in ("train", "eval"):
-            text = Path(paths[key]).read_text(encoding="utf-8")
-            fh.write(text if text.endswith("\n") or not text else text + "\n")
+    raw = out_dir / "demo-data" / "raw.jsonl"  # the splits are JSONL, each line ending in a newline
+    raw.write_text("".join(Path(paths[k]).read_text(encoding="utf-8") for k in ("train", "eval")), encoding="utf-8")
     return raw
 
 
 def _absolute_if_local(uri: str) -> str:
     """Steps may run elsewhere than this working directory: pin relative local paths."""
-    if "://" in uri or not Path(uri).exists():
-        return uri
-    return str(Path(uri).resolve())
+    return uri if "://" in uri or not Path(uri).exists() else str(Path(uri).resolve())
 
 
 def _check_local_inputs(data_uri: str | None, config_path: str | None) -> None:
@@ -74,18 +70,13 @@ def _check_local_inputs(data_uri: str | None, config_path: str | None) -> None:
     if data_uri and "://" not in data_uri:
         path = Path(data_uri)
         # `<prefix>/latest` names the newest dt= snapshot under the prefix, not a real folder.
-        exists = path.parent.is_dir() if path.name == "latest" else path.exists()
-        if not exists:
+        if not (path.parent.is_dir() if path.name == "latest" else path.exists()):
             raise DataError(f"{data_uri}: raw data does not exist")
     if config_path and not Path(config_path).is_file():
         raise ConfigError(f"{config_path}: config file does not exist")
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def strip_ansi(text: str) -> str:
-    return _ANSI.sub("", text)
+strip_ansi: Callable[[str], str] = functools.partial(re.compile(r"\x1b\[[0-9;]*m").sub, "")  # kfp.local's colours
 
 
 class _StepLog(io.TextIOBase):
@@ -173,11 +164,7 @@ def run_local(
         arguments.update(parse_params(params, read_pipeline_parameters(package)))
 
     log_path = out / "pipeline.log"
-    local.init(
-        runner=local.SubprocessRunner(use_venv=False),
-        pipeline_root=str(out / "kfp"),
-        raise_on_error=True,
-    )
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / "kfp"), raise_on_error=True)
     pipeline = components.load_component_from_file(str(package))
     with warnings.catch_warnings(), log_path.open("w", encoding="utf-8") as log:
         # Image names and pod settings mean nothing to a subprocess; kfp.local says so once per task.

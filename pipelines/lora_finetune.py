@@ -50,12 +50,8 @@ DEFAULT_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_MODEL_NAME = "vembed-embedding"
 
 # Secret data keys -> environment variables. Only the secret *names* are parameters.
-S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
-MLFLOW_SECRET_KEYS = {
-    "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN": "MLFLOW_TRACKING_TOKEN",
-}
+S3_SECRET_KEYS = {k: k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+MLFLOW_SECRET_KEYS = {k: k for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")}
 MODEL_CACHE_MOUNT = "/model-cache"
 TRAIN_BACKENDS = ("local", "trainjob", "pytorchjob")
 
@@ -153,11 +149,9 @@ class PipelineOptions:
     def __post_init__(self) -> None:
         if self.train_backend not in TRAIN_BACKENDS:
             raise ConfigError(f"train_backend: {self.train_backend!r} is not one of {', '.join(TRAIN_BACKENDS)}")
-        for key in ("image", "train_image"):
-            if not _IMAGE_REF.match(getattr(self, key)):
-                raise ConfigError(
-                    f"{key}: {getattr(self, key)!r} is not an image reference (repo:tag or repo@sha256:<64 hex>)"
-                )
+        for key, image in (("image", self.image), ("train_image", self.train_image)):
+            if not _IMAGE_REF.match(image):
+                raise ConfigError(f"{key}: {image!r} is not an image reference (repo:tag or repo@sha256:<64 hex>)")
 
     @property
     def on_cluster(self) -> bool:
@@ -337,12 +331,10 @@ def build_pipeline(opts: PipelineOptions | None = None):
             task.set_caching_options(enable_caching=False)
 
         # With a cluster backend, the job's GPUs come from trainer.gpus_per_node and this pod needs none.
-        if opts.accelerator_limit > 0 and not opts.on_cluster:
-            train_task.set_accelerator_type(opts.accelerator_type)
-            train_task.set_accelerator_limit(opts.accelerator_limit)
-        if opts.evaluate_accelerator_limit > 0:
-            evaluate_task.set_accelerator_type(opts.accelerator_type)
-            evaluate_task.set_accelerator_limit(opts.evaluate_accelerator_limit)
+        gpus = ((train_task, 0 if opts.on_cluster else opts.accelerator_limit), (evaluate_task, opts.evaluate_accelerator_limit))
+        for task, count in gpus:
+            if count > 0:
+                task.set_accelerator_type(opts.accelerator_type).set_accelerator_limit(count)
         for key, value in opts.node_selector.items():
             kubernetes.add_node_selector(train_task, label_key=key, label_value=value)
         for toleration in opts.tolerations:

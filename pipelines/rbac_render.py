@@ -8,7 +8,6 @@ that several pipeline namespaces can each have one. Rules of a backend that is n
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,10 +22,6 @@ BACKEND_GROUPS = {"trainjob": "trainer.kubeflow.org", "pytorchjob": "kubeflow.or
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
-def source_documents() -> list[dict[str, Any]]:
-    return [d for f in sorted(RBAC_DIR.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
-
-
 def render_rbac(
     namespace: str,
     service_account: str = "pipeline-runner",
@@ -38,7 +33,8 @@ def render_rbac(
             raise ConfigError(f"{what} {value!r}: not a valid Kubernetes name (lowercase letters, digits, '-')")
     dropped = {g for b, g in BACKEND_GROUPS.items() if b not in backends}
     out: list[dict[str, Any]] = []
-    for doc in map(copy.deepcopy, source_documents()):
+    # Read afresh on every call, so the edits below never reach another call's documents.
+    for doc in (d for f in sorted(RBAC_DIR.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d):
         kind = doc["kind"]
         if kind in ("Role", "ClusterRole"):
             doc["rules"] = [r for r in doc["rules"] if not set(r["apiGroups"]) & dropped]

@@ -48,14 +48,10 @@ class VersionRef:
 
 
 @dataclass
-class Uploaded:
-    pipeline_id: str
-    pipeline_name: str
-    version_id: str
-    version_name: str
-    created_pipeline: bool  # False: a version was added to an existing pipeline
-    reused: bool  # True: this very package was uploaded before, under the same version name
-    url: str
+class Uploaded(VersionRef):
+    created_pipeline: bool = False  # False: a version was added to an existing pipeline
+    reused: bool = False  # True: this very package was uploaded before, under the same version name
+    url: str = ""
 
 
 def default_version_name(package: str | os.PathLike[str]) -> str:
@@ -108,8 +104,6 @@ class Kfp:
             # The upload calls print a link to stdout; the CLI prints its own line instead.
             with contextlib.redirect_stdout(io.StringIO()):
                 return operator.attrgetter(method)(self.client)(*args, **kwargs)
-        except VembedError:
-            raise
         except Exception as e:  # urllib3 / kfp_server_api raise many types; all mean "the server said no"
             status = getattr(e, "status", None)
             reason = getattr(e, "reason", None) or str(e).splitlines()[0]
@@ -125,7 +119,8 @@ class Kfp:
     def submit(self, target: str | os.PathLike[str] | VersionRef, arguments: dict[str, Any], experiment: str = "vembed",
                run_name: str | None = None, service_account: str | None = None) -> Submitted:  # fmt: skip
         """One run of a compiled package (sent whole) or of an uploaded pipeline version."""
-        exp_id, name = self._experiment(experiment), run_name or _default_name()
+        exp_id = self._experiment(experiment)
+        name = run_name or f"lora-finetune {datetime.datetime.now().strftime('%Y-%m-%d %H-%M-%S')}"
         source = (
             {"pipeline_id": target.pipeline_id, "version_id": target.version_id}
             if isinstance(target, VersionRef)
@@ -187,7 +182,7 @@ class Kfp:
             )  # fmt: skip
         vid = version.pipeline_version_id
         url = f"{self.host}/#/pipelines/details/{pipeline_id}/version/{vid}"
-        return Uploaded(pipeline_id, pipeline_name, vid, version_name, created, reused, url)
+        return Uploaded(pipeline_id, vid, pipeline_name, version_name, created, reused, url)
 
     def resolve_version(self, pipeline_name: str, version_id: str | None) -> VersionRef:
         """A version of the pipeline: `version_id`, or the newest for "latest"."""
@@ -218,6 +213,8 @@ class Kfp:
         Delete), so this takes three: disable the old one, create the new one (cron and parameters default
         to the old one's), delete the old one. If creating fails, the old one is enabled again.
         """
+        import kfp_server_api as api
+
         job_name, exp_id = name or RETRAINING, self._experiment(experiment)
         listed = self.call(
             "listing recurring runs", "list_recurring_runs", experiment_id=exp_id, page_size=100,
@@ -238,7 +235,16 @@ class Kfp:
             service_account = service_account or previous.service_account
         if not cron:
             raise SubmitError("--cron is required (no existing recurring run to take it from)")
-        body = _recurring_run_body(job_name, exp_id, validate_cron(cron), ref, arguments, service_account)
+        # POST /recurringruns with a pipeline_version_reference; without a version id it follows the newest.
+        body = api.V2beta1RecurringRun(
+            display_name=job_name, experiment_id=exp_id,
+            pipeline_version_reference=api.V2beta1PipelineVersionReference(
+                pipeline_id=ref.pipeline_id, pipeline_version_id=ref.version_id
+            ),
+            runtime_config=api.V2beta1RuntimeConfig(parameters=arguments),
+            trigger=api.V2beta1Trigger(cron_schedule=api.V2beta1CronSchedule(cron=validate_cron(cron))),
+            max_concurrency=1, no_catchup=True, mode=api.RecurringRunMode.ENABLE, service_account=service_account,
+        )  # fmt: skip
         for rr in old:
             self.call(f"disabling recurring run {rr.recurring_run_id}", "disable_recurring_run", rr.recurring_run_id)
         try:
@@ -253,22 +259,3 @@ class Kfp:
             self.call(f"deleting recurring run {rr.recurring_run_id}", "delete_recurring_run", rr.recurring_run_id)
         return self._recurring(job, job_name, exp_id)
 
-
-def _default_name() -> str:
-    return f"lora-finetune {datetime.datetime.now().strftime('%Y-%m-%d %H-%M-%S')}"
-
-
-def _recurring_run_body(name: str, experiment_id: str, cron: str, ref: VersionRef, arguments: dict[str, Any],
-                        service_account: str | None) -> Any:  # fmt: skip
-    """POST /recurringruns with a pipeline_version_reference; without a version id it follows the newest."""
-    import kfp_server_api as api
-
-    return api.V2beta1RecurringRun(
-        display_name=name, experiment_id=experiment_id,
-        pipeline_version_reference=api.V2beta1PipelineVersionReference(
-            pipeline_id=ref.pipeline_id, pipeline_version_id=ref.version_id
-        ),
-        runtime_config=api.V2beta1RuntimeConfig(parameters=arguments),
-        trigger=api.V2beta1Trigger(cron_schedule=api.V2beta1CronSchedule(cron=cron)),
-        max_concurrency=1, no_catchup=True, mode=api.RecurringRunMode.ENABLE, service_account=service_account,
-    )  # fmt: skip

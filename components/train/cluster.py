@@ -13,7 +13,8 @@ from components.settings import GPU_IMAGE
 
 # What the job's nodes get from the task (apply_to_task=False: not this pod, which needs no GPU node).
 # Resources apply to this pod (its small requests and limits, so it is not the first evicted); the job's
-# own come in `job_settings`, which replace the task's in the job.
+# own come in `job_settings`, which replace the task's in the job. Env (secret references included) and
+# volumes go to both: this pod needs the storage credentials too.
 CLUSTER_PASSTHROUGHS = [
     dsl.TaskConfigPassthrough(field=dsl.TaskConfigField.RESOURCES, apply_to_task=True),
     dsl.TaskConfigField.KUBERNETES_NODE_SELECTOR,

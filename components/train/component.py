@@ -3,12 +3,8 @@
 Two components, one body (`vembed.pipeline.steps.train.train_component`):
 - `train`: the pod trains itself (trainer.backend local), with the task's resources and GPUs. It has
   no `dsl.TaskConfig` input, so the default compile runs on KFP backends older than 2.15.
-- `train_on_cluster`: the pod only launches a Kubeflow TrainJob / PyTorchJob and waits for it
-  (docs/multinode.md). The task's node selector, tolerations and affinity are not applied to this pod
-  but handed to the job's nodes (`dsl.TaskConfig` passthroughs, KFP 2.15+); env (secret references
-  included) and volumes go to both, since this pod needs the storage credentials too. This pod keeps
-  small requests and limits of its own; the job's per-node resources and image pull secrets arrive in
-  `job_settings`, fixed at compile time.
+- `train_on_cluster` (components/train/cluster.py): the pod only launches a Kubeflow TrainJob / PyTorchJob
+  and waits for it (docs/multinode.md); the task's settings pass through to the job's nodes (KFP 2.15+).
 """
 
 from typing import NamedTuple

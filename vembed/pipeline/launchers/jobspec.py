@@ -78,19 +78,11 @@ def env_json(
 
 def resources_json(cfg: TrainConfig, task: TaskSettings | None = None) -> dict[str, dict[str, str]] | None:
     """Per node: the task's requests/limits, overlaid by trainer.resources (requests = limits), plus GPUs."""
+    gpus = cfg.trainer.gpus_per_node
+    own = {**cfg.trainer.resources, **({GPU: str(gpus)} if gpus else {})}  # GPUs only from trainer.gpus_per_node
     base = task.resources if task else {}
-    requests = {k: str(v) for k, v in (base.get("requests") or {}).items()}
-    limits = {k: str(v) for k, v in (base.get("limits") or {}).items()}
-    own = dict(cfg.trainer.resources)
-    if cfg.trainer.gpus_per_node:
-        own[GPU] = str(cfg.trainer.gpus_per_node)
-    else:
-        requests.pop(GPU, None)
-        limits.pop(GPU, None)
-    requests.update(own)
-    limits.update(own)
-    out = {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
-    return out or None
+    out = {kind: {k: str(v) for k, v in (base.get(kind) or {}).items() if k != GPU} | own for kind in ("requests", "limits")}
+    return {kind: values for kind, values in out.items() if values} or None
 
 
 def container_json(name: str, task: TaskSettings | None = None) -> dict[str, Any]:
@@ -141,18 +133,11 @@ def checked(data: Any, build: Callable[[Any], Any], dump: Callable[[Any], Any], 
 
 def dropped_keys(given: Any, kept: Any, path: str = "") -> list[str]:
     """Keys of `given` missing from `kept`: what a model silently dropped on a round trip."""
-    if isinstance(given, dict) and isinstance(kept, dict):
-        out = []
-        for key, value in given.items():
-            if key not in kept:
-                out.append(f"{path}{key}")
-            else:
-                out += dropped_keys(value, kept[key], f"{path}{key}.")
-        return out
-    if isinstance(given, list) and isinstance(kept, list):
-        return [
-            k
-            for i, (g, h) in enumerate(zip(given, kept, strict=False))
-            for k in dropped_keys(g, h, f"{path}{i}.")
-        ]
-    return []
+    if isinstance(given, list) and isinstance(kept, list):  # list items pair up by position, as keys 0, 1, ...
+        given, kept = dict(enumerate(given[: len(kept)])), dict(enumerate(kept))
+    if not (isinstance(given, dict) and isinstance(kept, dict)):
+        return []
+    out = []
+    for key, value in given.items():
+        out += dropped_keys(value, kept[key], f"{path}{key}.") if key in kept else [f"{path}{key}"]
+    return out

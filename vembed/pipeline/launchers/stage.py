@@ -9,6 +9,7 @@ With a shared-PVC output (a plain path), training writes there directly and `out
 
 from __future__ import annotations
 
+import os
 import posixpath
 import shutil
 import sys
@@ -19,7 +20,7 @@ import yaml
 
 from vembed.artifacts import storage
 from vembed.config import TrainConfig
-from vembed.errors import ConfigError, VembedError, run_command
+from vembed.errors import CheckpointError, ConfigError, run_command
 from vembed.pipeline.launchers.command import CONFIG_ENV, OUTPUT_URI_ENV, job_config_path, job_output_dir
 
 DATA_KEYS = ("data_path", "eval_data_path", "corpus_path")
@@ -55,31 +56,33 @@ def stage_in(environ: Mapping[str, str], workdir: str | None = None) -> Path:
     cfg = job_config(environ)
     output_uri = _required(environ, OUTPUT_URI_ENV)
     workdir = workdir or cfg.trainer.work_dir
-    root = Path(workdir)
-    updates: dict[str, str] = {
-        "output_dir": job_output_dir(workdir) if storage.is_s3(output_uri) else output_uri
-    }
+    updates = {"output_dir": job_output_dir(workdir) if storage.is_s3(output_uri) else output_uri}
     for key in DATA_KEYS:
-        value = getattr(cfg, key)
-        if value and storage.is_s3(value):
-            updates[key] = str(localize(value, root / "inputs"))
+        if (value := getattr(cfg, key)) and storage.is_s3(value):
+            updates[key] = str(localize(value, Path(workdir) / "inputs"))
     config_path = Path(job_config_path(workdir))
     cfg.model_copy(update=updates).save(config_path)
     return config_path
 
 
+def final_checkpoint(output_dir: str | os.PathLike[str]) -> Path:
+    """The last checkpoint-N directory training wrote under `output_dir`."""
+    from vembed.training.checkpoint import latest_checkpoint
+
+    final = latest_checkpoint(output_dir)
+    if final is None:
+        raise CheckpointError(f"{output_dir}: the training finished but left no checkpoint-N directory")
+    return final
+
+
 def stage_out(environ: Mapping[str, str], output_dir: str | None = None) -> str | None:
     """Publish the final checkpoint to an s3:// output; returns the URI, or None for a shared path.
     `output_dir` defaults to the one stage_in chose (under trainer.work_dir)."""
-    from vembed.training.checkpoint import latest_checkpoint
-
     output_uri = _required(environ, OUTPUT_URI_ENV)
     if not storage.is_s3(output_uri):
         return None
     output_dir = output_dir or job_output_dir(job_config(environ).trainer.work_dir)
-    final = latest_checkpoint(output_dir)
-    if final is None:
-        raise VembedError(f"{output_dir}: training wrote no checkpoint; nothing to publish to {output_uri}")
+    final = final_checkpoint(output_dir)
     with storage.staging_dir(output_uri) as tmp:
         shutil.copytree(final, tmp / final.name)
         for name in OUTPUT_EXTRAS:
@@ -90,8 +93,6 @@ def stage_out(environ: Mapping[str, str], output_dir: str | None = None) -> str 
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
     args = sys.argv[1:] if argv is None else argv
     if args not in (["in"], ["out"]):
         print("usage: python -m vembed.pipeline.launchers.stage in|out", file=sys.stderr)

@@ -99,12 +99,8 @@ class TrainJobRun(JobRun):
         from kubeflow.trainer.constants import constants
         from kubeflow_trainer_api import models as m
 
-        backend = self.client.backend
-
-        def pods() -> list[Any]:
-            selector = f"{constants.JOBSET_NAME_LABEL}={self.name}"
-            return backend.core_api.list_namespaced_pod(self.namespace, label_selector=selector).items
-
+        backend, selector = self.client.backend, f"{constants.JOBSET_NAME_LABEL}={self.name}"
+        pods = lambda: backend.core_api.list_namespaced_pod(self.namespace, label_selector=selector).items  # noqa: E731
         try:
             raw = backend.custom_api.get_namespaced_custom_object(
                 constants.GROUP, constants.VERSION, self.namespace, constants.TRAINJOB_PLURAL, self.name

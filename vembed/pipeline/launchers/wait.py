@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import json
 import signal
 import threading
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 from vembed.errors import VembedError
 
 LogFn = Callable[[str], None]
+print_line: LogFn = functools.partial(print, flush=True)
 T = TypeVar("T")
 
 
@@ -59,10 +61,6 @@ class JobRun:
         raise NotImplementedError
 
 
-def print_line(line: str) -> None:
-    print(line, flush=True)
-
-
 def _pump_logs(job: JobRun, log: LogFn) -> None:
     """Copy the job's node-0 log into ours (in a daemon thread: a hung stream never blocks the step)."""
     try:
@@ -78,8 +76,12 @@ def api_error_text(exc: BaseException) -> str:
     while seen is not None:
         status = getattr(seen, "status", None)
         if isinstance(status, int):
+            try:  # a Kubernetes Status object says what was wrong in its message
+                message = json.loads(getattr(seen, "body", None) or "{}").get("message")
+            except (TypeError, ValueError, AttributeError):
+                message = None
             reason = getattr(seen, "reason", "") or ""
-            return f"HTTP {status} {reason}".strip() + _status_message(getattr(seen, "body", None))
+            return f"HTTP {status} {reason}".strip() + (f": {message}" if message else "")
         seen = seen.__cause__ or seen.__context__
     return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
@@ -106,14 +108,6 @@ def failure_reason(conditions: list[str], pods: Callable[[], list[Any]], contain
     except Exception as e:  # noqa: BLE001 - report what was found; the job did fail either way
         conditions.append(f"(details unavailable: {api_error_text(e)})")
     return "; ".join(p for p in conditions if p)
-
-
-def _status_message(body: Any) -> str:
-    try:
-        message = json.loads(body).get("message") if body else None
-    except (TypeError, ValueError, AttributeError):
-        message = None
-    return f": {message}" if message else ""
 
 
 class _Cancelled(BaseException):

@@ -154,14 +154,10 @@ def deploy(
         _tag(registry, model_name, str(mv.version), ok=False, reason=str(e))
         raise
     rollout = rollout_of(action, ready, reason, obj, before)
-    where = f"InferenceService {namespace}/{name}"
     if not ready:
-        serving = (
-            f"the previous revision {rollout['previous_revision']} keeps serving"
-            if before is not None
-            else "nothing served before"
-        )
-        message = f"{where}: {version_uri} not deployed: {reason}; {serving}"
+        previous = rollout["previous_revision"]
+        serving = f"the previous revision {previous} keeps serving" if before is not None else "nothing served before"
+        message = f"{services.where(name)}: {version_uri} not deployed: {reason}; {serving}"
         _tag(registry, model_name, str(mv.version), ok=False, reason=message)
         raise DeployError(message)
     deployment = {

@@ -62,8 +62,7 @@ def render_markdown(results: Mapping[str, Mapping[str, Mapping[str, float]]], de
     for dim in dims:
         if len(dims) > 1:
             lines += [f"### {'full dimension' if dim == 'full' else f'dim {dim}'}", ""]
-        lines.append("| metric | " + " | ".join(roles) + " |")
-        lines.append("|---|" + "---:|" * len(roles))
+        lines += ["| metric | " + " | ".join(roles) + " |", "|---|" + "---:|" * len(roles)]
         for metric in METRIC_KEYS:
             cells = [f"{results[r][dim][metric]:.4f}" if metric in results[r].get(dim, {}) else "-" for r in roles]
             mark = " **(gate)**" if metric == decision["promotion_metric"] else ""

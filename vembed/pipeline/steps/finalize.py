@@ -67,8 +67,7 @@ def run_prefix(pipeline_root: str, pipeline_name: str, run_id: str) -> str:
 
 
 def _is_job_copy(uri: str, prefix: str) -> bool:
-    rel = uri[len(prefix) :].strip("/")
-    parts = rel.split("/")
+    parts = uri[len(prefix) :].strip("/").split("/")
     return any(_JOB_DIR.match(p) for p in parts[:-1])  # a directory on the way, never the file itself
 
 

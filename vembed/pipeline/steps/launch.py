@@ -17,9 +17,9 @@ from typing import Any
 
 from vembed.artifacts import storage
 from vembed.config import TrainConfig
-from vembed.errors import CheckpointError, ConfigError
+from vembed.errors import ConfigError
 from vembed.pipeline.launchers.jobspec import TaskSettings
-from vembed.pipeline.launchers.stage import DATA_KEYS
+from vembed.pipeline.launchers.stage import DATA_KEYS, final_checkpoint
 from vembed.pipeline.launchers.wait import LogFn, print_line, wait_for_job
 
 LAUNCH_CONFIG = "launch-config.yaml"
@@ -28,15 +28,6 @@ LAUNCH_CONFIG = "launch-config.yaml"
 def needs_launcher(cfg: TrainConfig) -> bool:
     """True when training cannot simply run inside this process (more GPUs, or a cluster job)."""
     return cfg.trainer.backend != "local" or cfg.trainer.gpus_per_node > 1
-
-
-def _final_checkpoint(output_dir: str | os.PathLike[str]) -> Path:
-    from vembed.training.checkpoint import latest_checkpoint
-
-    final = latest_checkpoint(output_dir)
-    if final is None:
-        raise CheckpointError(f"{output_dir}: the training finished but left no checkpoint-N directory")
-    return final
 
 
 def job_output_uri(artifact_uri: str) -> str:
@@ -60,8 +51,7 @@ def publish_inputs(cfg: TrainConfig, output_uri: str) -> TrainConfig:
     updates: dict[str, str] = {}
     published: dict[Path, str] = {}
     for key in DATA_KEYS:
-        value = getattr(cfg, key)
-        if not value or storage.is_s3(value):
+        if not (value := getattr(cfg, key)) or storage.is_s3(value):
             continue
         path = Path(value)
         if not path.is_file():
@@ -84,14 +74,10 @@ def train_via_launcher(
     poll_interval: float = 10.0,
     log: LogFn = print_line,
 ) -> dict[str, Any]:
-    """The train step's path when `needs_launcher(cfg)`: run the training `cfg.trainer` describes and
-    return the step's summary dict.
-
-    `output_dir`: local directory that receives the outputs (the checkpoint and training_log.txt) and
-    the resolved config of the launch.
-    `output_uri`: for trainjob / pytorchjob, where the job writes (s3:// or a shared-PVC path).
-    `task_config`: the KFP task's settings (`dataclasses.asdict(dsl.TaskConfig)`) passed on to the job.
-    `client_configuration`: a kubernetes.client.Configuration; default: in-cluster or kube-config.
+    """The train step's path when `needs_launcher(cfg)`: run the training `cfg.trainer` describes, with the
+    checkpoint, training_log.txt and the launch's config in `output_dir`, and return the step's summary.
+    A job writes to `output_uri` (s3:// or a shared-PVC path) and gets `task_config`, the KFP task's
+    settings (`dataclasses.asdict(dsl.TaskConfig)`); `client_configuration` defaults to in-cluster or kubeconfig.
     """
     t = cfg.trainer
     out = Path(output_dir)
@@ -103,14 +89,9 @@ def train_via_launcher(
         local_cfg = cfg.model_copy(update={"output_dir": str(out)})
         local_cfg.save(config_path)
         run_local(local_cfg, config_path)
-        final = _final_checkpoint(out)
+        final = final_checkpoint(out)
     else:
-        if not output_uri:
-            raise ConfigError(
-                f"trainer.backend {t.backend}: the train step needs an output_uri (s3:// or a shared-PVC "
-                "path) that the job can write to"
-            )
-        if not (storage.is_s3(output_uri) or Path(output_uri).is_absolute()):
+        if not (output_uri and (storage.is_s3(output_uri) or Path(output_uri).is_absolute())):
             raise ConfigError(
                 f"trainer.backend {t.backend}: the output {output_uri!r} must be an s3:// URI or an absolute path "
                 "on a volume the job also mounts (in the pipeline: the train component's job_output_uri)"
@@ -131,7 +112,7 @@ def train_via_launcher(
         wait_for_job(run, timeout=t.timeout, keep_job=t.keep_job, poll_interval=poll_interval, log=log)
         # A job's s3:// output is downloaded into a fresh subdirectory: storage only replaces complete directories.
         local = storage.download_dir(output_uri, out / "job-output") if storage.is_s3(output_uri) else output_uri
-        final = _final_checkpoint(local)
+        final = final_checkpoint(local)
     state = json.loads((final / "trainer_state.json").read_text(encoding="utf-8"))
     history = list(state.get("history") or [])
     losses = [h["loss"] for h in history if h.get("loss") is not None]

@@ -40,32 +40,22 @@ def latest_snapshot(prefix_uri: str) -> str:
 
 def resolve_raw_uri(raw_uri: str, latest: bool = False) -> str:
     """`<prefix>/latest` (or latest=True) -> the newest dt= snapshot under the prefix."""
-    stripped = raw_uri.rstrip("/")
-    if stripped.endswith("/" + LATEST):
-        return latest_snapshot(stripped[: -len(LATEST) - 1])
-    if latest:
-        return latest_snapshot(raw_uri)
-    return raw_uri
+    prefix, _, name = raw_uri.rstrip("/").rpartition("/")
+    if prefix and name == LATEST:
+        return latest_snapshot(prefix)
+    return latest_snapshot(raw_uri) if latest else raw_uri
 
 
 def source_files(raw_uri: str) -> list[str]:
-    """The JSONL files to read, in a fixed order: one file/object, or every *.jsonl under a dir/prefix."""
-    if storage.is_s3(raw_uri):
-        uris = storage.list(raw_uri)
-        if uris != [raw_uri]:  # a prefix, not one named object
-            uris = [u for u in uris if u.endswith(".jsonl")]
-    else:
-        path = Path(raw_uri)
-        if path.is_file():
-            uris = [str(path)]
-        elif path.is_dir():
-            uris = sorted(
-                str(p)
-                for p in path.rglob("*.jsonl")
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-        else:
-            raise DataError(f"{raw_uri}: raw data not found")
+    """The JSONL files to read, in a fixed order: one file/object, or every *.jsonl under a dir/prefix
+    (in a local folder, hidden files and folders left out)."""
+    local = not storage.is_s3(raw_uri)
+    if local and not Path(raw_uri).exists():
+        raise DataError(f"{raw_uri}: raw data not found")
+    uris = storage.list(raw_uri)
+    if uris != [str(Path(raw_uri)) if local else raw_uri]:  # a folder or prefix, not one named file
+        hidden = lambda u: local and any(p.startswith(".") for p in Path(u).relative_to(raw_uri).parts)  # noqa: E731
+        uris = [u for u in uris if u.endswith(".jsonl") and not hidden(u)]
     if not uris:
         raise DataError(f"{raw_uri}: no *.jsonl files found")
     return uris
@@ -85,16 +75,25 @@ def _resolve_image(source_uri: str, image: str) -> str:
     return resolve_image_path(image, os.path.dirname(os.path.abspath(source_uri)))
 
 
-class _ImageCopier:
-    """Copies local images into the dataset (content-addressed under images/), so the
-    dataset directory is self-contained when it moves through object storage.
-    s3:// images stay where they are."""
+class _Reader:
+    """Streams records from every source file in order; one downloaded file on disk at a time. Local images
+    are copied into the dataset (content-addressed under images/), so the dataset directory is
+    self-contained when it moves through object storage; s3:// images stay where they are."""
 
-    def __init__(self, dataset_dir: Path) -> None:
+    def __init__(self, uris: list[str], on_bad_record: str, workdir: Path, dataset_dir: Path) -> None:
+        self.uris = uris
         self.dataset_dir = dataset_dir
-        self.copied: dict[str, str] = {}
+        self.copied: dict[str, str] = {}  # resolved local image -> its path in the dataset
+        self.on_bad_record = on_bad_record
+        self.workdir = workdir
+        self.records = 0
+        self.skipped: Counter[str] = Counter()
+        self.examples: list[str] = []
+        self.images_rebased = 0
+        self.files: list[dict[str, Any]] = []
+        self.source_hash = hashlib.sha256()  # sha256 of all source bytes, concatenated in order
 
-    def __call__(self, source_uri: str, image: str) -> str:
+    def _place_image(self, source_uri: str, image: str) -> str:
         resolved = _resolve_image(source_uri, image)
         if storage.is_s3(resolved):
             return resolved
@@ -109,34 +108,6 @@ class _ImageCopier:
                 shutil.copyfile(src, dest)
             self.copied[resolved] = rel
         return self.copied[resolved]
-
-
-def _rebase_images(record: Record, source_uri: str, place: Any) -> tuple[Record, bool]:
-    """Image paths become dataset-relative copies (local) or absolute s3:// URIs."""
-    changes: dict[str, Any] = {}
-    for name in ("query_image", "positive_image"):
-        value = getattr(record, name)
-        if value:
-            changes[name] = place(source_uri, value)
-    if record.negative_images:
-        changes["negative_images"] = tuple(place(source_uri, p) for p in record.negative_images)
-    return (dataclasses.replace(record, **changes), True) if changes else (record, False)
-
-
-class _Reader:
-    """Streams records from every source file in order; one downloaded file on disk at a time."""
-
-    def __init__(self, uris: list[str], on_bad_record: str, workdir: Path, dataset_dir: Path) -> None:
-        self.uris = uris
-        self.place_image = _ImageCopier(dataset_dir)
-        self.on_bad_record = on_bad_record
-        self.workdir = workdir
-        self.records = 0
-        self.skipped: Counter[str] = Counter()
-        self.examples: list[str] = []
-        self.images_rebased = 0
-        self.files: list[dict[str, Any]] = []
-        self.source_hash = hashlib.sha256()  # sha256 of all source bytes, concatenated in order
 
     def _hash(self, path: Path) -> tuple[str, int]:
         digest = hashlib.sha256()
@@ -167,10 +138,14 @@ class _Reader:
             return uri + message[len(original) :] if message.startswith(original) else message
 
         def rebase(record: Record) -> Record:
-            # Runs inside read_records, so a missing or escaping image is reported as path:line.
-            record, rebased = _rebase_images(record, uri, self.place_image)
-            self.images_rebased += rebased
-            return record
+            """Image paths become dataset-relative copies (local) or absolute s3:// URIs. Runs inside
+            read_records, so a missing or escaping image is reported as path:line."""
+            place = lambda image: self._place_image(uri, image)  # noqa: E731
+            changes = {k: place(v) for k in ("query_image", "positive_image") if (v := getattr(record, k))}
+            if record.negative_images:
+                changes["negative_images"] = tuple(map(place, record.negative_images))
+            self.images_rebased += bool(changes)
+            return dataclasses.replace(record, **changes) if changes else record
 
         try:
             yield from read_records(local, on_bad_record=self.on_bad_record, stats=stats, transform=rebase)  # type: ignore[arg-type]
@@ -211,13 +186,9 @@ def prepare(
 ) -> dict[str, Any]:
     """Validate, deduplicate and split raw JSONL into a dataset directory at `output_uri`.
 
-    `raw_uri`: a JSONL file, a directory of *.jsonl, an s3:// object or prefix (files read in
-    sorted order), or `<prefix>/latest` (or latest=True) for the newest dt=YYYY-MM-DD/ snapshot.
-    The split is deterministic: same data and seed -> same split. Local images are copied into
-    the dataset (`images/`, content-addressed) and s3:// images are referenced by absolute URI,
-    so the dataset directory is self-contained wherever it is stored.
-    `mine_negatives`: a model (HF id, directory or checkpoint) that mines hard negatives into the
-    train split (vembed.data.mining); the eval split is left alone.
+    `raw_uri`: see `source_files`, or `<prefix>/latest` (or latest=True) for the newest dt=YYYY-MM-DD/
+    snapshot. The split is deterministic: same data and seed -> same split. `mine_negatives`: a model
+    (HF id, directory or checkpoint) that mines hard negatives into the train split (vembed.data.mining).
     Returns the stats written to `stats.json`, plus `output` and `dataset_sha256` (sha256 of the
     dataset's manifest).
     """

@@ -28,13 +28,9 @@ IMAGE_HOME = "/opt/vembed"
 
 
 def resolve_config_path(config_path: str | os.PathLike[str] | None, home: str | None = None) -> str | None:
-    """The config file a pipeline step should read for `config_path`.
-
-    In a step's pod the working directory is not the project, so a relative `examples/x.yaml` (or a
-    bare `x.yaml`) is looked up, in order: as given, under the image's project directory
-    (`$VEMBED_HOME`, default /opt/vembed), then under its `examples/`. Missing everywhere is a
-    one-line error listing where it looked and which example configs the image has.
-    """
+    """The config file a pipeline step should read for `config_path`. In a step's pod the working directory
+    is not the project, so a relative `examples/x.yaml` (or a bare `x.yaml`) is also looked up under the
+    image's project directory (`$VEMBED_HOME`, default /opt/vembed) and its `examples/`."""
     if not config_path:
         return None
     given = Path(config_path)
@@ -89,28 +85,24 @@ def train(
     dataset_dir: str | os.PathLike[str],
     output_dir: str | os.PathLike[str],
     base_model: str | None = None,
-    config_overrides: Sequence[str] | Mapping[str, Any] | None = None,
+    config_overrides: Sequence[str] | None = None,
     config_path: str | os.PathLike[str] | None = None,
     output_uri: str | None = None,
     task_config: Mapping[str, Any] | None = None,
     backend: str | None = None,
     job_image: str | None = None,
 ) -> dict[str, Any]:
-    """Train on `dataset_dir`, writing checkpoints under `output_dir`.
+    """Train on `dataset_dir`, writing checkpoints under `output_dir`; returns the step's summary.
 
-    With `trainer.backend` trainjob / pytorchjob (or several local GPUs) training runs through
-    vembed.pipeline.steps.launch: `output_uri` (s3:// or a shared-PVC path) is where the cluster job writes, and
-    `task_config` (the KFP task's `dsl.TaskConfig` as a dict) is passed on to the job.
-    `backend` and `job_image` are the pipeline's defaults for `trainer.backend` and `trainer.image`
-    (see `resolve_config`).
-    Returns {"checkpoint_dir", "final_loss", "global_step", "history", "config", "log_path"}.
+    A cluster job or several local GPUs go through `train_via_launcher` (`output_uri`, `task_config`);
+    `backend` and `job_image` are the pipeline's defaults (see `resolve_config`).
     """
     from vembed.config import parse_overrides
     from vembed.training import train as run_training
 
     if isinstance(config_overrides, str):
         raise ConfigError(f"config_overrides: expected a list of key=value strings, got the string {config_overrides!r}")
-    overrides = dict(config_overrides) if isinstance(config_overrides, Mapping) else parse_overrides(config_overrides or [])
+    overrides = parse_overrides(config_overrides or [])
     for key in STEP_OWNED_KEYS:
         if key in overrides:
             raise ConfigError(f"config_overrides: {key!r} is set by the train step from its inputs; remove it")
@@ -195,14 +187,10 @@ def train_component(
     job_output_uri: str = "",
     job_settings: Mapping[str, Any] | None = None,
 ) -> tuple[float, int]:
-    """The body of both train components, given their KFP artifacts (`.path`, `.uri`, `.metadata`) and
-    their other inputs by name: train next to `model.path` (same filesystem), move the final checkpoint
-    and training_log.txt there, write the HTML report and the model's metadata. Returns (final_loss, global_step).
-
-    `task_config` (cluster variant): the task's `dsl.TaskConfig`. `job_settings`: what the pipeline fixed
-    at compile time for the job's pods ({"resources": {"requests": ..., "limits": ...}, "image_pull_secrets":
-    [...]}); it overlays `task_config`.
-    Transient failures are retried; a permanent one becomes `SystemExit("error: ...")`: one line in the pod log.
+    """The body of both train components, given their KFP artifacts and other inputs by name: train next to
+    `model.path` (same filesystem), move the final checkpoint and training_log.txt there, write the report
+    and the model's metadata. `job_settings` (fixed at compile time for the job's pods) overlays the task's
+    `dsl.TaskConfig`. A permanent failure becomes `SystemExit("error: ...")`: one line in the pod log.
     """
     import dataclasses
     import shutil
@@ -220,16 +208,10 @@ def train_component(
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".train-") as work:
         def attempt() -> dict[str, Any]:
             return train(
-                dataset.path,
-                work,
-                base_model or None,
-                list(config_overrides),
-                config_path or None,
-                output_uri=job_output_uri or default_job_output_uri(model.uri),
-                task_config=task or None,
-                backend=train_backend or None,
-                job_image=job_image or None,
-            )
+                dataset.path, work, base_model or None, list(config_overrides), config_path or None,
+                output_uri=job_output_uri or default_job_output_uri(model.uri), task_config=task or None,
+                backend=train_backend or None, job_image=job_image or None,
+            )  # fmt: skip
 
         # Bad config or data fails at once with one line; a transient storage error is retried.
         summary = run_step(attempt)
