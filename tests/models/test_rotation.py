@@ -103,7 +103,8 @@ def test_mrl_rotation_false_stores_none(tiny_bert, tmp_path):
 
 def test_registered_text_model_carries_the_rotation(mrl_run, tmp_path):
     """The MLflow model a registry version holds: its sentence_transformers flavor applies the rotation as
-    a Dense layer, and the copy Predictor loads after a download (vembed.artifacts.mlflow_store) has its file."""
+    a Dense layer, and Predictor reads it from that layer in the copy a download (vembed.artifacts.mlflow_store)
+    returns, which has no rotation file."""
     import mlflow.pyfunc
     from mlflow.models import Model
 
@@ -115,4 +116,23 @@ def test_registered_text_model_carries_the_rotation(mrl_run, tmp_path):
     expected = Predictor(str(merged)).encode_text(TEXTS)
     served = mlflow.pyfunc.load_model(str(local)).predict(TEXTS)
     np.testing.assert_allclose(np.asarray(served), expected, atol=1e-5)
+    assert not (local / ST_DATA_PATH / ROTATION_FILE).exists()
     np.testing.assert_allclose(Predictor(str(local / ST_DATA_PATH)).encode_text(TEXTS), expected, atol=1e-5)
+
+
+def test_a_dense_layer_that_is_not_a_rotation_is_not_read_as_one(tmp_path):
+    from sentence_transformers.base.modules import Dense
+
+    for name, dense in {
+        "tanh": Dense(4, 4, bias=False),  # sentence-transformers' default activation
+        "bias": Dense(4, 4, bias=True, activation_function=None),
+        "projection": Dense(4, 2, bias=False, activation_function=None),
+        "rotation": Dense(4, 4, bias=False, activation_function=None, init_weight=torch.eye(4)[[1, 0, 3, 2]]),
+    }.items():
+        d = tmp_path / name
+        (d / "2_Dense").mkdir(parents=True)
+        dense.save(str(d / "2_Dense"))
+        (d / "modules.json").write_text(f'[{{"idx": 2, "name": "2", "path": "2_Dense", "type": "{Dense.__module__}.Dense"}}]')
+        rot = load_rotation(d)
+        assert (rot is not None) == (name == "rotation"), name
+    assert torch.equal(rot, torch.eye(4)[[1, 0, 3, 2]].T)

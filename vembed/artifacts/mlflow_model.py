@@ -21,7 +21,6 @@ import mlflow.sentence_transformers
 import numpy as np
 
 from vembed.artifacts.mlflow_store import ADAPTER_ARTIFACT, MERGED_ARTIFACT, ST_DATA_PATH
-from vembed.models.rotation import ROTATION_FILE
 
 # Model params a caller may pass to the pyfunc predict(); dim 0 means the full dimension.
 DEFAULT_PARAMS: dict[str, Any] = {"dim": 0, "is_query": False, "batch_size": 32}
@@ -85,11 +84,9 @@ def build_model(tmp: Path, artifacts: dict[str, str], mlflow_model: Any, example
         mlflow_model=mlflow_model,
         metadata={"vembed.prompts": sorted(model.prompts), "vembed.dim": int(embeddings.shape[1])},
     )
-    # Predictor reads the pooling/instruction spec from embedder.json and the MRL rotation from its
-    # own file (the flavor's copy is a Dense layer); the adapter travels alongside.
-    for name in ("embedder.json", ROTATION_FILE):
-        if (merged / name).is_file():
-            shutil.copy2(merged / name, local / ST_DATA_PATH / name)
+    # Predictor reads the pooling/instruction spec from embedder.json; the adapter travels alongside.
+    if (merged / "embedder.json").is_file():
+        shutil.copy2(merged / "embedder.json", local / ST_DATA_PATH / "embedder.json")
     if ADAPTER_ARTIFACT in artifacts:
         shutil.copytree(artifacts[ADAPTER_ARTIFACT], local / ADAPTER_ARTIFACT)
     return local

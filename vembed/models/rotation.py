@@ -12,6 +12,7 @@ as a sentence-transformers Dense layer, so servers that never see vembed apply i
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -36,6 +37,16 @@ def save_rotation(directory: Path, rotation: torch.Tensor) -> None:
 
 
 def load_rotation(directory: Path) -> torch.Tensor | None:
-    """The rotation stored in a model directory, None when it has none."""
-    path = Path(directory) / ROTATION_FILE
-    return load_file(str(path))["rotation"] if path.is_file() else None
+    """The rotation stored in a model directory, None when it has none. A sentence-transformers directory
+    (e.g. the copy inside a registered MLflow model) may hold it only as a square, bias-free,
+    identity-activation Dense layer after the pooling."""
+    d = Path(directory)
+    if (d / ROTATION_FILE).is_file():
+        return load_file(str(d / ROTATION_FILE))["rotation"]
+    modules = json.loads((d / "modules.json").read_text()) if (d / "modules.json").is_file() else []
+    for module in (m for m in modules if m.get("type", "").endswith("Dense")):
+        config = json.loads((d / module["path"] / "config.json").read_text())
+        square = config.get("in_features") == config.get("out_features")
+        if square and not config.get("bias", True) and config.get("activation_function", "").endswith("Identity"):
+            return load_file(str(d / module["path"] / "model.safetensors"))["linear.weight"].T.contiguous()
+    return None
