@@ -455,8 +455,7 @@ def main(argv: list[str]) -> int:
     report["total_s"] = time.perf_counter() - start
     write()
     print(markdown(report))
-    failed = [n for n, r in report["sections"].items() if "error" in r]
-    return 1 if failed else 0
+    return int(any("error" in r for r in report["sections"].values()))
 
 
 if __name__ == "__main__":
