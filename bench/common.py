@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -35,7 +36,7 @@ CHILD_ENV = {
     # Idle OpenMP threads sleep instead of spinning, so CPU time counts work, not waiting.
     "OMP_WAIT_POLICY": "PASSIVE",
 }
-RESULT_PREFIX = "BENCH_RESULT "
+RESULT_PREFIX = "BENCH_RESULT "  # a child's result: one JSON line the parent picks out of the output
 
 
 def minilm_path() -> str:
@@ -67,11 +68,6 @@ def child_setup(threads: int = THREADS) -> None:
     torch.set_num_threads(threads)
 
 
-def emit(result: dict[str, Any]) -> None:
-    """A child's result, one JSON line the parent picks out of the output."""
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
-
-
 def run_child(module: str, args: Sequence[str] | dict[str, Any], timeout: float = 900) -> dict[str, Any]:
     """Run `python -m module --child args...` fresh; its result plus wall time. A dict of arguments
     goes as one JSON argument, which `entry` hands to the child function as keywords."""
@@ -95,10 +91,8 @@ def peak_rss_mib() -> float:
 
 def proc_rss_mib(field: str = "VmRSS") -> float:
     """This process's current (VmRSS) or peak (VmHWM) resident set size from /proc, in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    found = re.search(rf"^{field}:\s*(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    return int(found[1]) / 1024 if found else float("nan")
 
 
 def alternate(
@@ -189,6 +183,6 @@ def entry(main: Callable[[list[str]], Any], child: Callable[..., dict[str, Any]]
     returned dict goes back to the parent (see `run_child`); anything else runs the parent, main(argv)."""
     if child is not None and sys.argv[1:2] == ["--child"]:
         child_setup()
-        emit(child(**json.loads(sys.argv[2])))
+        print(RESULT_PREFIX + json.dumps(child(**json.loads(sys.argv[2]))), flush=True)
     else:
         main(sys.argv[1:])

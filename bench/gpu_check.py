@@ -267,45 +267,63 @@ def train_config(p: dict[str, Any], **overrides: Any):
 
 
 def section(p: dict[str, Any], name: str) -> dict[str, Any]:
-    """A single-process section: lora, grad_cache or full on the text model, or vl."""
+    """One section in this process: lora, grad_cache or full on the text model, or vl; fsdp runs it in
+    every process of an `accelerate launch` (see section_fsdp)."""
     import torch
 
     from vembed.models.lora import apply_lora
+    from vembed.training.fsdp import gather_full_backbone_state, gather_full_optimizer_state
     from vembed.training.loop import build_accelerator
 
-    full, vl = name == "full", name == "vl"
-    batch = p["vl_batch"] if vl else p["batch"] * (8 if name == "grad_cache" else 1)
+    full, vl, fsdp = name == "full", name == "vl", name == "fsdp"
+    batch = p["vl_batch"] if vl else p["batch"] * {"grad_cache": 8, "fsdp": 2}.get(name, 1)
     cfg = train_config(
-        p, batch_size=batch, use_lora=not full, use_gradient_cache=name == "grad_cache",
-        gradient_cache_chunk_size=p["batch"],
+        p, batch_size=batch, use_lora=not full, use_gradient_cache=name in ("grad_cache", "fsdp"),
+        gradient_cache_chunk_size=p["batch"], use_fsdp=fsdp, torch_dtype=p["fsdp_dtype" if fsdp else "dtype"],
     )  # fmt: skip
-    # As the loop loads them: a frozen base in the training dtype under LoRA, fp32 master weights otherwise.
-    dtype = torch.float32 if full else getattr(torch, p["dtype"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    accelerator, _ = build_accelerator(cfg)
+    # As the loop loads them: a frozen base in the training dtype under LoRA, fp32 master weights otherwise;
+    # under FSDP one uniform dtype: fp32 parameters (LoRA included), bf16 compute from the plugin.
+    dtype = torch.float32 if full or fsdp else getattr(torch, p["dtype"])
+    device, seed = accelerator.device, 100 + accelerator.process_index * 7 if fsdp else 0
     if vl:
         embedder, config = vl_embedder(p["vl_shape"], p["vl_name"], dtype, device)
-        batches = [vl_batch(p, config, batch, device, seed) for seed in range(2)]
+        batches = [vl_batch(p, config, batch, device, seed + s) for s in range(2)]
     else:
         embedder = text_embedder(p["text_shape"], p["text_name"], dtype, device)
-        batches = [text_batch(p, batch, device, seed) for seed in range(2)]
+        batches = [text_batch(p, batch, device, seed + s) for s in range(2)]
     if not full:
         apply_lora(embedder, cfg)
-    accelerator, _ = build_accelerator(cfg)
-    model, _, figures = run_steps(p, cfg, accelerator, embedder, batches)
-    # FLOPs per second = FLOPs per token x tokens per second; seq = tokens per sequence (query + document).
-    seq = figures["tokens_per_s"] / (2 * figures["samples_per_s"])
-    shape = p["vl_shape" if vl else "text_shape"]
-    flops = model_flops_per_token(accelerator.unwrap_model(model), shape, seq, full) * figures["tokens_per_s"]
-    peak = peak_flops(torch.cuda.get_device_name()) if device.type == "cuda" else None
+    model, optimizer, figures = run_steps(p, cfg, accelerator, embedder, batches, accelerator.num_processes)
+    if fsdp:
+        sharded = accelerator.distributed_type == "FSDP"
+        model_state = gather_full_backbone_state(accelerator, model) if sharded else None  # collective
+        optim_state = gather_full_optimizer_state(accelerator, model, optimizer) if sharded else None  # collective
+        result = {
+            "section": name,
+            "processes": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type),
+            **figures,
+            "adapter_tensors_gathered": len(model_state or {}),
+            "adapter_tensors_expected": sum(q.requires_grad for q in embedder.parameters()),
+            "optimizer_states_gathered": len((optim_state or {}).get("state", {})),
+        }
+    else:
+        # FLOPs per second = FLOPs per token x tokens per second; seq: tokens per sequence (query + document).
+        seq = figures["tokens_per_s"] / (2 * figures["samples_per_s"])
+        shape = p["vl_shape" if vl else "text_shape"]
+        flops = model_flops_per_token(accelerator.unwrap_model(model), shape, seq, full) * figures["tokens_per_s"]
+        peak = peak_flops(torch.cuda.get_device_name()) if device.type == "cuda" else None
+        result = {
+            "section": name,
+            **figures,
+            "trainable_params": sum(q.numel() for q in embedder.parameters() if q.requires_grad),
+            "params": sum(q.numel() for q in embedder.parameters()),
+            "model_tflops_per_s": flops / 1e12,
+            "mfu": flops / peak if peak else None,
+        }
     accelerator.free_memory()  # drop the accelerator's references so the next section starts empty
-    return {
-        "section": name,
-        **figures,
-        "trainable_params": sum(q.numel() for q in embedder.parameters() if q.requires_grad),
-        "params": sum(q.numel() for q in embedder.parameters()),
-        "model_tflops_per_s": flops / 1e12,
-        "mfu": flops / peak if peak else None,
-    }
+    return result
 
 
 # --- FSDP: a separate `accelerate launch` over the machine's GPUs ----------------------------
@@ -329,38 +347,13 @@ def section_fsdp(p: dict[str, Any], dry_run: bool, timeout: float) -> dict[str, 
 
 
 def fsdp_worker(out: str, dry_run: bool) -> None:
-    import torch
+    """One process of section_fsdp's launch; the main process writes the section's figures to `out`."""
+    from accelerate import PartialState
 
-    from vembed.models.lora import apply_lora
-    from vembed.training.fsdp import gather_full_backbone_state, gather_full_optimizer_state
-    from vembed.training.loop import build_accelerator
-
-    p = plan(dry_run)
-    cfg = train_config(
-        p, torch_dtype=p["fsdp_dtype"], use_fsdp=True, use_gradient_cache=True, gradient_cache_chunk_size=p["batch"],
-        batch_size=p["batch"] * 2,
-    )  # fmt: skip
-    accelerator, _ = build_accelerator(cfg)
-    # One uniform dtype under FSDP: fp32 parameters (LoRA included), bf16 compute from the plugin.
-    embedder = text_embedder(p["text_shape"], p["text_name"], torch.float32, accelerator.device)
-    apply_lora(embedder, cfg)
-    batches = [text_batch(p, cfg.batch_size, accelerator.device, 100 + accelerator.process_index * 7 + s) for s in range(2)]
-    model, optimizer, figures = run_steps(p, cfg, accelerator, embedder, batches, accelerator.num_processes)
-    sharded = accelerator.distributed_type == "FSDP"
-    model_state = gather_full_backbone_state(accelerator, model) if sharded else None  # collective
-    optim_state = gather_full_optimizer_state(accelerator, model, optimizer) if sharded else None  # collective
-    if accelerator.is_main_process:
-        result = {
-            "section": "fsdp",
-            "processes": accelerator.num_processes,
-            "distributed_type": str(accelerator.distributed_type),
-            **figures,
-            "adapter_tensors_gathered": len(model_state or {}),
-            "adapter_tensors_expected": sum(q.requires_grad for q in embedder.parameters()),
-            "optimizer_states_gathered": len((optim_state or {}).get("state", {})),
-        }
+    result = section(plan(dry_run), "fsdp")
+    if PartialState().is_main_process:
         Path(out).write_text(json.dumps(result))
-    accelerator.wait_for_everyone()
+    PartialState().wait_for_everyone()
 
 
 # --- report -------------------------------------------------------------------------------

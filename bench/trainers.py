@@ -53,7 +53,7 @@ def timed(run: Callable[[], list[float]], warmup: int, on_step: Callable[[], Non
         hook.remove()
     train_call_s = time.perf_counter() - start
     steps = len(step_ends)
-    timed = steps - warmup
+    counted = steps - warmup
     elapsed = step_ends[-1][0] - step_ends[warmup - 1][0]
     cpu = step_ends[-1][1] - step_ends[warmup - 1][1]
     return {
@@ -62,9 +62,9 @@ def timed(run: Callable[[], list[float]], warmup: int, on_step: Callable[[], Non
         # Per-step wall times: repeats see the same batches, so bench.common.best_samples_per_s
         # can take each step's fastest repeat.
         "step_s": [step_ends[i][0] - step_ends[i - 1][0] for i in range(warmup, steps)],
-        "samples_per_s": timed * BATCH / elapsed,
-        "cpu_ms_per_sample": 1000 * cpu / (timed * BATCH),
-        "s_per_step": elapsed / timed,
+        "samples_per_s": counted * BATCH / elapsed,
+        "cpu_ms_per_sample": 1000 * cpu / (counted * BATCH),
+        "s_per_step": elapsed / counted,
         "setup_s": step_ends[warmup - 1][0] - start,
         "loss_first": losses[0],
         "loss_last5": sum(losses[-5:]) / len(losses[-5:]),
@@ -152,13 +152,8 @@ def train_st(
             from peft import LoraConfig, get_peft_model
 
             # st.add_adapter needs peft >= 0.22 (unpublished); wrap the transformer module's model directly.
-            config = LoraConfig(
-                r=LORA["lora_r"],
-                lora_alpha=LORA["lora_alpha"],
-                lora_dropout=LORA["lora_dropout"],
-                target_modules=LORA["lora_target_modules"],
-                bias="none",
-            )
+            peft_names = {"lora_r": "r", "lora_target_modules": "target_modules"}
+            config = LoraConfig(**{peft_names.get(k, k): v for k, v in LORA.items()})  # bias "none": the default
             st[0].model = get_peft_model(st[0].model, config)
         pairs = [json.loads(line) for line in Path(data).read_text().splitlines()]
         dataset = Dataset.from_dict({"anchor": [r["query"] for r in pairs], "positive": [r["positive"] for r in pairs]})
