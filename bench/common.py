@@ -58,20 +58,20 @@ def demo_data(root: str | Path | None = None) -> dict[str, Any]:
     return info
 
 
-def child_setup(threads: int = THREADS) -> None:
+def child_setup() -> None:
     """Call first thing in a child, or in a benchmark measured in its own process: the thread budget,
     with CHILD_ENV set before torch is imported."""
     for key, value in CHILD_ENV.items():
         os.environ.setdefault(key, value)
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(THREADS)
 
 
-def run_child(module: str, args: Sequence[str] | dict[str, Any], timeout: float = 900) -> dict[str, Any]:
-    """Run `python -m module --child args...` fresh; its result plus wall time. A dict of arguments
-    goes as one JSON argument, which `entry` hands to the child function as keywords."""
-    cmd = [sys.executable, "-m", module, "--child", *([json.dumps(args)] if isinstance(args, dict) else args)]
+def run_child(module: str, kwargs: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
+    """Run `python -m module --child JSON` fresh, which `entry` turns into child(**kwargs); its result
+    plus wall time."""
+    cmd = [sys.executable, "-m", module, "--child", json.dumps(kwargs)]
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **CHILD_ENV}, capture_output=True, text=True,
@@ -96,13 +96,13 @@ def proc_rss_mib(field: str = "VmRSS") -> float:
 
 
 def alternate(
-    module: str, contenders: dict[str, Sequence[str] | dict[str, Any]], repeats: int, timeout: float = 900
+    module: str, contenders: dict[str, dict[str, Any]], repeats: int, timeout: float = 900
 ) -> dict[str, list[dict[str, Any]]]:
-    """Run each contender `repeats` times, interleaved A B A B ..."""
+    """Run each contender (the child's keywords) `repeats` times, interleaved A B A B ..."""
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in contenders}
     for i in range(repeats):
-        for name, args in contenders.items():
-            r = run_child(module, args, timeout)
+        for name, kwargs in contenders.items():
+            r = run_child(module, kwargs, timeout)
             r["load_avg_1m"] = os.getloadavg()[0]
             runs[name].append(r)
             # Lists (per-step times) and long strings stay out of the progress line.

@@ -208,10 +208,6 @@ def peak_flops(device_name: str) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in device_name), None)
 
 
-def tokens_in(batch: dict[str, Any]) -> int:
-    return int(sum(int(part["attention_mask"].sum()) for part in batch.values()))
-
-
 def run_steps(p: dict[str, Any], cfg: Any, accelerator: Any, embedder: Any, batches: list, processes: int = 1):
     """vembed's own step function and AdamW over the prepared model: p["warmup"] untimed steps, then
     p["steps"] timed ones. Returns (model, optimizer, the figures every section reports); throughput
@@ -239,7 +235,8 @@ def run_steps(p: dict[str, Any], cfg: Any, accelerator: Any, embedder: Any, batc
         optimizer.zero_grad(set_to_none=True)
     sync()
     elapsed = time.perf_counter() - start
-    tokens = sum(tokens_in(batches[i % len(batches)]) for i in range(p["steps"]))
+    # Non-padding tokens embedded in the timed steps (queries and documents).
+    tokens = sum(int(part["attention_mask"].sum()) for i in range(p["steps"]) for part in batches[i % len(batches)].values())
     return model, optimizer, {
         "model": embedder.spec.model_name,
         "batch": cfg.batch_size,
@@ -257,13 +254,11 @@ def run_steps(p: dict[str, Any], cfg: Any, accelerator: Any, embedder: Any, batc
 def train_config(p: dict[str, Any], **overrides: Any):
     from vembed.config import TrainConfig
 
-    values = {
+    return TrainConfig(**{
         "model_name": "random", "torch_dtype": p["dtype"], "batch_size": p["batch"], "lora_r": 16,
         "lora_alpha": 32, "lora_dropout": 0.0, "lora_target_modules": LORA_TARGETS,
-        "output_dir": tempfile.mkdtemp(prefix="vembed-gpucheck-"), "max_grad_norm": None,
-    }  # fmt: skip
-    values.update(overrides)
-    return TrainConfig(**values)
+        "output_dir": tempfile.mkdtemp(prefix="vembed-gpucheck-"), "max_grad_norm": None, **overrides,
+    })  # fmt: skip
 
 
 def section(p: dict[str, Any], name: str) -> dict[str, Any]:

@@ -38,11 +38,11 @@ def timed(run: Callable[[], list[float]], warmup: int, on_step: Callable[[], Non
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     step_ends: list[tuple[float, float]] = []
-    trainable: dict[int, int] = {}
+    optimizers: set[torch.optim.Optimizer] = set()
 
     def step_end(optimizer: torch.optim.Optimizer, *_: object) -> None:
         step_ends.append((time.perf_counter(), time.process_time()))
-        trainable.update((id(q), q.numel()) for group in optimizer.param_groups for q in group["params"])
+        optimizers.add(optimizer)
         on_step()
 
     hook = register_optimizer_step_post_hook(step_end)
@@ -70,7 +70,7 @@ def timed(run: Callable[[], list[float]], warmup: int, on_step: Callable[[], Non
         "loss_last5": sum(losses[-5:]) / len(losses[-5:]),
         "peak_rss_mib": peak_rss_mib(),
         "train_call_s": train_call_s,
-        "trainable_params": sum(trainable.values()),
+        "trainable_params": sum(q.numel() for o in optimizers for group in o.param_groups for q in group["params"]),
         "torch_threads": torch.get_num_threads(),
     }
 
