@@ -125,10 +125,9 @@ def best_samples_per_s(runs: list[dict[str, Any]]) -> float:
 
 
 def machine(threads: int = THREADS) -> dict[str, Any]:
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
+    name = re.search(r"^model name\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
     return {
-        "cpu": names[0] if names else platform.processor(),
+        "cpu": name[1].strip() if name else platform.processor(),
         "cores": os.cpu_count(),
         "threads": threads,
         "python": platform.python_version(),

@@ -256,8 +256,8 @@ def train_config(p: dict[str, Any], **overrides: Any):
 
     return TrainConfig(**{
         "model_name": "random", "torch_dtype": p["dtype"], "batch_size": p["batch"], "lora_r": 16,
-        "lora_alpha": 32, "lora_dropout": 0.0, "lora_target_modules": LORA_TARGETS,
-        "output_dir": tempfile.mkdtemp(prefix="vembed-gpucheck-"), "max_grad_norm": None, **overrides,
+        "lora_alpha": 32, "lora_dropout": 0.0, "lora_target_modules": LORA_TARGETS, "max_grad_norm": None,
+        **overrides,
     })  # fmt: skip
 
 
