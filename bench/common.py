@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -35,7 +36,7 @@ CHILD_ENV = {
     # Idle OpenMP threads sleep instead of spinning, so CPU time counts work, not waiting.
     "OMP_WAIT_POLICY": "PASSIVE",
 }
-RESULT_PREFIX = "BENCH_RESULT "
+RESULT_PREFIX = "BENCH_RESULT "  # a child's result: one JSON line the parent picks out of the output
 
 
 def minilm_path() -> str:
@@ -57,25 +58,20 @@ def demo_data(root: str | Path | None = None) -> dict[str, Any]:
     return info
 
 
-def child_setup(threads: int = THREADS) -> None:
+def child_setup() -> None:
     """Call first thing in a child, or in a benchmark measured in its own process: the thread budget,
     with CHILD_ENV set before torch is imported."""
     for key, value in CHILD_ENV.items():
         os.environ.setdefault(key, value)
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(THREADS)
 
 
-def emit(result: dict[str, Any]) -> None:
-    """A child's result, one JSON line the parent picks out of the output."""
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
-
-
-def run_child(module: str, args: Sequence[str] | dict[str, Any], timeout: float = 900) -> dict[str, Any]:
-    """Run `python -m module --child args...` fresh; its result plus wall time. A dict of arguments
-    goes as one JSON argument, which `entry` hands to the child function as keywords."""
-    cmd = [sys.executable, "-m", module, "--child", *([json.dumps(args)] if isinstance(args, dict) else args)]
+def run_child(module: str, kwargs: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
+    """Run `python -m module --child JSON` fresh, which `entry` turns into child(**kwargs); its result
+    plus wall time."""
+    cmd = [sys.executable, "-m", module, "--child", json.dumps(kwargs)]
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **CHILD_ENV}, capture_output=True, text=True,
@@ -95,20 +91,18 @@ def peak_rss_mib() -> float:
 
 def proc_rss_mib(field: str = "VmRSS") -> float:
     """This process's current (VmRSS) or peak (VmHWM) resident set size from /proc, in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    found = re.search(rf"^{field}:\s*(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    return int(found[1]) / 1024 if found else float("nan")
 
 
 def alternate(
-    module: str, contenders: dict[str, Sequence[str] | dict[str, Any]], repeats: int, timeout: float = 900
+    module: str, contenders: dict[str, dict[str, Any]], repeats: int, timeout: float = 900
 ) -> dict[str, list[dict[str, Any]]]:
-    """Run each contender `repeats` times, interleaved A B A B ..."""
+    """Run each contender (the child's keywords) `repeats` times, interleaved A B A B ..."""
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in contenders}
     for i in range(repeats):
-        for name, args in contenders.items():
-            r = run_child(module, args, timeout)
+        for name, kwargs in contenders.items():
+            r = run_child(module, kwargs, timeout)
             r["load_avg_1m"] = os.getloadavg()[0]
             runs[name].append(r)
             # Lists (per-step times) and long strings stay out of the progress line.
@@ -131,10 +125,9 @@ def best_samples_per_s(runs: list[dict[str, Any]]) -> float:
 
 
 def machine(threads: int = THREADS) -> dict[str, Any]:
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
+    name = re.search(r"^model name\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
     return {
-        "cpu": names[0] if names else platform.processor(),
+        "cpu": name[1].strip() if name else platform.processor(),
         "cores": os.cpu_count(),
         "threads": threads,
         "python": platform.python_version(),
@@ -189,6 +182,6 @@ def entry(main: Callable[[list[str]], Any], child: Callable[..., dict[str, Any]]
     returned dict goes back to the parent (see `run_child`); anything else runs the parent, main(argv)."""
     if child is not None and sys.argv[1:2] == ["--child"]:
         child_setup()
-        emit(child(**json.loads(sys.argv[2])))
+        print(RESULT_PREFIX + json.dumps(child(**json.loads(sys.argv[2]))), flush=True)
     else:
         main(sys.argv[1:])

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -68,16 +69,14 @@ def child(tool: str, texts_file: str, batch_size: int, save: str) -> dict[str, A
         from vembed.inference.predictor import Predictor
 
         predictor = Predictor(model, device="cpu")
-        loaded = time.perf_counter()
-        emb = predictor.encode_text(texts, batch_size=batch_size)
-        max_len = predictor.spec.max_seq_length
+        encode, max_len = predictor.encode_text, predictor.spec.max_seq_length
     else:
         from sentence_transformers import SentenceTransformer
 
         st = SentenceTransformer(model, device="cpu")
-        loaded = time.perf_counter()
-        emb = st.encode(texts, batch_size=batch_size, convert_to_numpy=True)
-        max_len = st.max_seq_length
+        encode, max_len = partial(st.encode, convert_to_numpy=True), st.max_seq_length
+    loaded = time.perf_counter()
+    emb = encode(texts, batch_size=batch_size)
     done = time.perf_counter()
     np.save(save, emb)
     return {

@@ -38,9 +38,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from bench.common import REPO, md_table
 
 SECTIONS = ("lora", "grad_cache", "full", "fsdp", "vl")
 
@@ -50,10 +48,7 @@ QWEN3_06B = {
     "tie_word_embeddings": True,
 }  # fmt: skip
 QWEN3_VL_2B = {
-    "text": {
-        "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28,
-        "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 262144,
-    },
+    "text": {**QWEN3_06B, "hidden_size": 2048, "intermediate_size": 6144, "max_position_embeddings": 262144},
     "vision": {
         "depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16, "out_hidden_size": 2048,
         "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "deepstack_visual_indexes": [5, 11, 17],
@@ -65,10 +60,7 @@ TINY_QWEN3 = {
     "tie_word_embeddings": True,
 }  # fmt: skip
 TINY_VL = {
-    "text": {
-        "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096,
-    },
+    "text": {**TINY_QWEN3, "max_position_embeddings": 4096},
     "vision": {
         "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
         "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "deepstack_visual_indexes": [0],
@@ -107,38 +99,40 @@ def plan(dry_run: bool) -> dict[str, Any]:
 # --- models and batches -------------------------------------------------------------------
 
 
-def text_embedder(shape: dict[str, Any], name: str, dtype: Any, device: Any):
+def random_backbone(model_class: Any, config: Any, dtype: Any, device: Any) -> Any:
+    """`model_class(config)`, randomly initialised (seed 0) on `device`, with the training loop's attention."""
     import torch
-    from transformers import Qwen3Config, Qwen3Model
 
     from vembed.models.attention import use_training_attention
-    from vembed.models.base import EmbedderSpec
-    from vembed.models.text import TextEmbedder
 
     torch.manual_seed(0)
     with torch.device(device):
-        backbone = Qwen3Model(Qwen3Config(**shape)).to(dtype)
+        backbone = model_class(config).to(dtype)
     use_training_attention(backbone)  # as the training loop does
+    return backbone
+
+
+def text_embedder(shape: dict[str, Any], name: str, dtype: Any, device: Any):
+    from transformers import Qwen3Config, Qwen3Model
+
+    from vembed.models.base import EmbedderSpec
+    from vembed.models.text import TextEmbedder
+
     spec = EmbedderSpec(family="text", model_name=name, pooling="last_token", max_seq_length=512)
-    return TextEmbedder(backbone, tokenizer=None, spec=spec)
+    return TextEmbedder(random_backbone(Qwen3Model, Qwen3Config(**shape), dtype, device), tokenizer=None, spec=spec)
 
 
 def vl_embedder(shape: dict[str, Any], name: str, dtype: Any, device: Any):
     """vembed's qwen3_vl embedder around a randomly initialised Qwen3-VL model, and the model's config."""
     from types import SimpleNamespace
 
-    import torch
     from transformers import Qwen3VLConfig, Qwen3VLModel
 
-    from vembed.models.attention import use_training_attention
     from vembed.models.base import EmbedderSpec
     from vembed.models.qwen_vl import QwenVLEmbedder
 
-    torch.manual_seed(0)
     config = Qwen3VLConfig(text_config=shape["text"], vision_config=shape["vision"], **shape.get("tokens", {}))
-    with torch.device(device):
-        backbone = Qwen3VLModel(config).to(dtype)
-    use_training_attention(backbone)
+    backbone = random_backbone(Qwen3VLModel, config, dtype, device)
     spec = EmbedderSpec(family="qwen3_vl", model_name=name, pooling="last_token", max_seq_length=2048)
     # Batches are built here, not by the processor: the embedder only asks it for two numbers.
     processor = SimpleNamespace(
@@ -196,28 +190,15 @@ def vl_batch(p: dict[str, Any], config: Any, batch: int, device: Any, seed: int)
 # --- measurement --------------------------------------------------------------------------
 
 
-def linear_weights(model: Any) -> tuple[int, int]:
-    """(weights in every nn.Linear, of which trainable)."""
+def model_flops_per_token(embedder: Any, shape: dict[str, Any], seq: float, full: bool) -> float:
+    """Training FLOPs per token as the module docstring defines them."""
     from torch import nn
 
-    total = trainable = 0
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            total += m.weight.numel()
-            trainable += m.weight.numel() if m.weight.requires_grad else 0
-    return total, trainable
-
-
-def attention_width(shape: dict[str, Any]) -> tuple[int, int]:
+    weights = [m.weight for m in embedder.modules() if isinstance(m, nn.Linear)]
     text = shape.get("text", shape)
-    return int(text["num_hidden_layers"]), int(text["num_attention_heads"] * text["head_dim"])
-
-
-def model_flops_per_token(embedder: Any, shape: dict[str, Any], seq: float, full: bool) -> float:
-    total, trainable = linear_weights(embedder)
-    layers, width = attention_width(shape)
-    forward = 2 * total + 4 * layers * seq * width
-    weight_grads = forward if full else 2 * trainable
+    attention = 4 * int(text["num_hidden_layers"]) * seq * int(text["num_attention_heads"] * text["head_dim"])
+    forward = 2 * sum(w.numel() for w in weights) + attention
+    weight_grads = forward if full else 2 * sum(w.numel() for w in weights if w.requires_grad)
     return 2 * forward + weight_grads
 
 
@@ -227,12 +208,10 @@ def peak_flops(device_name: str) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in device_name), None)
 
 
-def tokens_in(batch: dict[str, Any]) -> int:
-    return int(sum(int(part["attention_mask"].sum()) for part in batch.values()))
-
-
-def prepared(cfg: Any, accelerator: Any, embedder: Any) -> tuple[Any, Any, Any, bool]:
-    """vembed's own step function and AdamW over the prepared model: (model, optimizer, step, on CUDA)."""
+def run_steps(p: dict[str, Any], cfg: Any, accelerator: Any, embedder: Any, batches: list, processes: int = 1):
+    """vembed's own step function and AdamW over the prepared model: p["warmup"] untimed steps, then
+    p["steps"] timed ones. Returns (model, optimizer, the figures every section reports); throughput
+    counts `processes` alike processes."""
     import torch
 
     from vembed.training.losses import build_loss
@@ -243,58 +222,30 @@ def prepared(cfg: Any, accelerator: Any, embedder: Any) -> tuple[Any, Any, Any, 
     step = make_step(cfg, accelerator, model, build_loss(cfg, embedder.dim))
     model.train()
     cuda = accelerator.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else lambda: None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    return model, optimizer, step, cuda
-
-
-def timed_steps(p: dict[str, Any], step: Any, optimizer: Any, batches: list, cuda: bool) -> tuple[float, list[float]]:
-    """p["warmup"] untimed steps, then p["steps"] timed ones: (seconds, every step's loss)."""
-    import torch
-
     losses = []
     for i in range(p["warmup"] + p["steps"]):
         if i == p["warmup"]:
-            if cuda:
-                torch.cuda.synchronize()
+            sync()
             start = time.perf_counter()
         losses.append(float(step(batches[i % len(batches)]).detach()))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, losses
-
-
-def measure(name: str, p: dict[str, Any], cfg: Any, embedder: Any, batches: list, shape: dict, full: bool) -> dict:
-    """Warm-up steps, then timed steps, through vembed's step function and AdamW."""
-    import torch
-
-    from vembed.training.loop import build_accelerator
-
-    accelerator, _ = build_accelerator(cfg)
-    model, optimizer, step, cuda = prepared(cfg, accelerator, embedder)
-    elapsed, losses = timed_steps(p, step, optimizer, batches, cuda)
-    samples = cfg.batch_size * p["steps"]
-    tokens = sum(tokens_in(batches[i % len(batches)]) for i in range(p["steps"]))
-    seq = tokens / (samples * 2)
-    flops = model_flops_per_token(accelerator.unwrap_model(model), shape, seq, full) * tokens
-    peak = peak_flops(torch.cuda.get_device_name()) if cuda else None
-    accelerator.free_memory()  # drop the accelerator's references so the next section starts empty
-    return {
-        "section": name,
+    sync()
+    elapsed = time.perf_counter() - start
+    # Non-padding tokens embedded in the timed steps (queries and documents).
+    tokens = sum(int(part["attention_mask"].sum()) for i in range(p["steps"]) for part in batches[i % len(batches)].values())
+    return model, optimizer, {
         "model": embedder.spec.model_name,
         "batch": cfg.batch_size,
         "chunk": cfg.gradient_cache_chunk_size if cfg.use_gradient_cache else None,
-        "trainable_params": sum(q.numel() for q in embedder.parameters() if q.requires_grad),
-        "params": sum(q.numel() for q in embedder.parameters()),
         "steps": p["steps"],
         "step_s": elapsed / p["steps"],
-        "samples_per_s": samples / elapsed,
-        "tokens_per_s": tokens / elapsed,
+        "samples_per_s": cfg.batch_size * p["steps"] * processes / elapsed,
+        "tokens_per_s": tokens * processes / elapsed,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-        "model_tflops_per_s": flops / elapsed / 1e12,
-        "mfu": flops / elapsed / peak if peak else None,
         "loss_first": losses[0],
         "loss_last": losses[-1],
     }
@@ -303,44 +254,71 @@ def measure(name: str, p: dict[str, Any], cfg: Any, embedder: Any, batches: list
 def train_config(p: dict[str, Any], **overrides: Any):
     from vembed.config import TrainConfig
 
-    values = {
+    return TrainConfig(**{
         "model_name": "random", "torch_dtype": p["dtype"], "batch_size": p["batch"], "lora_r": 16,
-        "lora_alpha": 32, "lora_dropout": 0.0, "lora_target_modules": LORA_TARGETS,
-        "output_dir": tempfile.mkdtemp(prefix="vembed-gpucheck-"), "max_grad_norm": None,
-    }  # fmt: skip
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
-def device() -> Any:
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        "lora_alpha": 32, "lora_dropout": 0.0, "lora_target_modules": LORA_TARGETS, "max_grad_norm": None,
+        **overrides,
+    })  # fmt: skip
 
 
 def section(p: dict[str, Any], name: str) -> dict[str, Any]:
-    """A single-process section: lora, grad_cache or full on the text model, or vl."""
+    """One section in this process: lora, grad_cache or full on the text model, or vl; fsdp runs it in
+    every process of an `accelerate launch` (see section_fsdp)."""
     import torch
 
     from vembed.models.lora import apply_lora
+    from vembed.training.fsdp import gather_full_backbone_state, gather_full_optimizer_state
+    from vembed.training.loop import build_accelerator
 
-    full, vl = name == "full", name == "vl"
-    batch = p["vl_batch"] if vl else p["batch"] * (8 if name == "grad_cache" else 1)
+    full, vl, fsdp = name == "full", name == "vl", name == "fsdp"
+    batch = p["vl_batch"] if vl else p["batch"] * {"grad_cache": 8, "fsdp": 2}.get(name, 1)
     cfg = train_config(
-        p, batch_size=batch, use_lora=not full, use_gradient_cache=name == "grad_cache",
-        gradient_cache_chunk_size=p["batch"],
+        p, batch_size=batch, use_lora=not full, use_gradient_cache=name in ("grad_cache", "fsdp"),
+        gradient_cache_chunk_size=p["batch"], use_fsdp=fsdp, torch_dtype=p["fsdp_dtype" if fsdp else "dtype"],
     )  # fmt: skip
-    # As the loop loads them: a frozen base in the training dtype under LoRA, fp32 master weights otherwise.
-    dtype = torch.float32 if full else getattr(torch, p["dtype"])
+    accelerator, _ = build_accelerator(cfg)
+    # As the loop loads them: a frozen base in the training dtype under LoRA, fp32 master weights otherwise;
+    # under FSDP one uniform dtype: fp32 parameters (LoRA included), bf16 compute from the plugin.
+    dtype = torch.float32 if full or fsdp else getattr(torch, p["dtype"])
+    device, seed = accelerator.device, 100 + accelerator.process_index * 7 if fsdp else 0
     if vl:
-        embedder, config = vl_embedder(p["vl_shape"], p["vl_name"], dtype, device())
-        batches = [vl_batch(p, config, batch, device(), seed) for seed in range(2)]
+        embedder, config = vl_embedder(p["vl_shape"], p["vl_name"], dtype, device)
+        batches = [vl_batch(p, config, batch, device, seed + s) for s in range(2)]
     else:
-        embedder = text_embedder(p["text_shape"], p["text_name"], dtype, device())
-        batches = [text_batch(p, batch, device(), seed) for seed in range(2)]
+        embedder = text_embedder(p["text_shape"], p["text_name"], dtype, device)
+        batches = [text_batch(p, batch, device, seed + s) for s in range(2)]
     if not full:
         apply_lora(embedder, cfg)
-    return measure(name, p, cfg, embedder, batches, p["vl_shape" if vl else "text_shape"], full)
+    model, optimizer, figures = run_steps(p, cfg, accelerator, embedder, batches, accelerator.num_processes)
+    if fsdp:
+        sharded = accelerator.distributed_type == "FSDP"
+        model_state = gather_full_backbone_state(accelerator, model) if sharded else None  # collective
+        optim_state = gather_full_optimizer_state(accelerator, model, optimizer) if sharded else None  # collective
+        result = {
+            "section": name,
+            "processes": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type),
+            **figures,
+            "adapter_tensors_gathered": len(model_state or {}),
+            "adapter_tensors_expected": sum(q.requires_grad for q in embedder.parameters()),
+            "optimizer_states_gathered": len((optim_state or {}).get("state", {})),
+        }
+    else:
+        # FLOPs per second = FLOPs per token x tokens per second; seq: tokens per sequence (query + document).
+        seq = figures["tokens_per_s"] / (2 * figures["samples_per_s"])
+        shape = p["vl_shape" if vl else "text_shape"]
+        flops = model_flops_per_token(accelerator.unwrap_model(model), shape, seq, full) * figures["tokens_per_s"]
+        peak = peak_flops(torch.cuda.get_device_name()) if device.type == "cuda" else None
+        result = {
+            "section": name,
+            **figures,
+            "trainable_params": sum(q.numel() for q in embedder.parameters() if q.requires_grad),
+            "params": sum(q.numel() for q in embedder.parameters()),
+            "model_tflops_per_s": flops / 1e12,
+            "mfu": flops / peak if peak else None,
+        }
+    accelerator.free_memory()  # drop the accelerator's references so the next section starts empty
+    return result
 
 
 # --- FSDP: a separate `accelerate launch` over the machine's GPUs ----------------------------
@@ -354,11 +332,9 @@ def section_fsdp(p: dict[str, Any], dry_run: bool, timeout: float) -> dict[str, 
             sys.executable, "-m", "accelerate.commands.launch",
             "--config_file", str(REPO / "examples" / "accelerate" / config),
             "--num_processes", str(p["fsdp_processes"]),
-            str(Path(__file__).resolve()), "--fsdp-worker", str(out),
+            "--module", "bench.gpu_check", "--fsdp-worker", str(out),
         ] + (["--dry-run"] if dry_run else [])  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        if dry_run:
-            env["OMP_NUM_THREADS"] = "1"
+        env = {**os.environ, "OMP_NUM_THREADS": "1"} if dry_run else None
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
         if proc.returncode != 0 or not out.is_file():
             raise RuntimeError(f"FSDP launch failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
@@ -366,56 +342,19 @@ def section_fsdp(p: dict[str, Any], dry_run: bool, timeout: float) -> dict[str, 
 
 
 def fsdp_worker(out: str, dry_run: bool) -> None:
-    import torch
+    """One process of section_fsdp's launch; the main process writes the section's figures to `out`."""
+    from accelerate import PartialState
 
-    from vembed.models.lora import apply_lora
-    from vembed.training.fsdp import gather_full_backbone_state, gather_full_optimizer_state
-    from vembed.training.loop import build_accelerator
-
-    p = plan(dry_run)
-    cfg = train_config(
-        p, torch_dtype=p["fsdp_dtype"], use_fsdp=True, use_gradient_cache=True, gradient_cache_chunk_size=p["batch"],
-        batch_size=p["batch"] * 2,
-    )  # fmt: skip
-    accelerator, _ = build_accelerator(cfg)
-    # One uniform dtype under FSDP: fp32 parameters (LoRA included), bf16 compute from the plugin.
-    embedder = text_embedder(p["text_shape"], p["text_name"], torch.float32, accelerator.device)
-    apply_lora(embedder, cfg)
-    model, optimizer, step, cuda = prepared(cfg, accelerator, embedder)
-    batches = [text_batch(p, cfg.batch_size, accelerator.device, 100 + accelerator.process_index * 7 + s) for s in range(2)]
-    elapsed, losses = timed_steps(p, step, optimizer, batches, cuda)
-    sharded = accelerator.distributed_type == "FSDP"
-    model_state = gather_full_backbone_state(accelerator, model) if sharded else None  # collective
-    optim_state = gather_full_optimizer_state(accelerator, model, optimizer) if sharded else None  # collective
-    if accelerator.is_main_process:
-        full_shapes = {n: tuple(q.shape) for n, q in embedder.named_parameters() if q.requires_grad}
-        samples = cfg.batch_size * p["steps"] * accelerator.num_processes
-        result = {
-            "section": "fsdp",
-            "model": p["text_name"],
-            "processes": accelerator.num_processes,
-            "distributed_type": str(accelerator.distributed_type),
-            "batch": cfg.batch_size,
-            "chunk": cfg.gradient_cache_chunk_size,
-            "step_s": elapsed / p["steps"],
-            "samples_per_s": samples / elapsed,
-            "tokens_per_s": sum(tokens_in(batches[i % 2]) for i in range(p["steps"])) * accelerator.num_processes / elapsed,
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-            "loss_last": losses[-1],
-            "adapter_tensors_gathered": len(model_state or {}),
-            "adapter_tensors_expected": len(full_shapes),
-            "optimizer_states_gathered": len((optim_state or {}).get("state", {})),
-        }
+    result = section(plan(dry_run), "fsdp")
+    if PartialState().is_main_process:
         Path(out).write_text(json.dumps(result))
-    accelerator.wait_for_everyone()
+    PartialState().wait_for_everyone()
 
 
 # --- report -------------------------------------------------------------------------------
 
 
 def markdown(report: dict[str, Any]) -> str:
-    from bench.common import md_table
-
     def cell(v: Any, fmt: str = "{:.1f}") -> str:
         return "-" if v is None else fmt.format(v)
 
@@ -449,7 +388,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes")
     parser.add_argument("--fsdp-worker", metavar="OUT_JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.fsdp_worker:
         fsdp_worker(args.fsdp_worker, args.dry_run)
         return 0
@@ -494,7 +432,7 @@ def main(argv: list[str]) -> int:
                 result = section(p, name)
         except Exception as e:  # one failing section must not hide the others' figures
             traceback.print_exc()
-            result = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"}
+            result = {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"}
         result["wall_s"] = time.perf_counter() - t0
         report["sections"][name] = result
         print(f"[gpu_check] {name}: {json.dumps(result)}", flush=True)
@@ -505,8 +443,7 @@ def main(argv: list[str]) -> int:
     report["total_s"] = time.perf_counter() - start
     write()
     print(markdown(report))
-    failed = [n for n, r in report["sections"].items() if "error" in r]
-    return 1 if failed else 0
+    return int(any("error" in r for r in report["sections"].values()))
 
 
 if __name__ == "__main__":

@@ -10,4 +10,4 @@ PY="${PYTHON:-.venv/bin/python}"
 [ -x "$PY" ] || PY=python3
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Hard stop a little under 8 minutes; sections stop starting after --budget-s (420 s by default).
-exec timeout --signal=TERM 470 "$PY" bench/gpu_check.py "$@"
+exec timeout --signal=TERM 470 "$PY" -m bench.gpu_check "$@"

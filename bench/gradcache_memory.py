@@ -45,8 +45,6 @@ HEADER = ["batch", "step", "peak RSS MiB", "training MiB (peak - ready)", "wall 
 
 def child(batch: int, seq: int, data: str, model: str, chunk: int | None = None) -> dict[str, Any]:
     """One step at `batch`: GradCache with chunks of `chunk`, or the plain step when None."""
-    import tempfile
-
     import torch
 
     from vembed.config import TrainConfig
@@ -58,7 +56,6 @@ def child(batch: int, seq: int, data: str, model: str, chunk: int | None = None)
     cfg = TrainConfig(
         model_name=model,
         data_path=data,
-        output_dir=tempfile.mkdtemp(prefix="vembed-gcmem-"),
         torch_dtype="float32",
         max_seq_length=seq,
         batch_size=batch,

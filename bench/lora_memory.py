@@ -41,46 +41,45 @@ def hf(model: str, config: str, **kw: object) -> Callable[[], nn.Module]:
 
 
 def qwen3_vl(text: dict, vision: dict) -> Callable[[], nn.Module]:
+    """Qwen3-VL from the fields in which the published sizes differ; the rest they share."""
+    text = {"vocab_size": 151936, "head_dim": 128, "num_key_value_heads": 8, **text}
+    vision = {"num_heads": 16, "patch_size": 16, "num_position_embeddings": 2304, **vision}
     return hf("Qwen3VLModel", "Qwen3VLConfig", text_config=text, vision_config=vision)
 
 
-_QWEN_TEXT = {"vocab_size": 151936, "head_dim": 128, "num_key_value_heads": 8}
+QV = ["q_proj", "v_proj"]
 # Published configs (config.json of each hub repository), the fields that set parameter shapes.
 MODELS: dict[str, tuple[Callable[[], nn.Module], list[str]]] = {
     "Qwen3-VL-Embedding-2B": (
-        qwen3_vl(
-            {**_QWEN_TEXT, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28,
-             "num_attention_heads": 16, "tie_word_embeddings": True},
-            {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16, "patch_size": 16,
-             "out_hidden_size": 2048, "num_position_embeddings": 2304, "deepstack_visual_indexes": [5, 11, 17]},
-        ),
-        ["q_proj", "v_proj"],
+        qwen3_vl({"hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28, "num_attention_heads": 16,
+                  "tie_word_embeddings": True},
+                 {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "out_hidden_size": 2048,
+                  "deepstack_visual_indexes": [5, 11, 17]}),
+        QV,
     ),
     "Qwen3-VL-Embedding-8B": (
-        qwen3_vl(
-            {**_QWEN_TEXT, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
-             "num_attention_heads": 32, "tie_word_embeddings": False},
-            {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16, "patch_size": 16,
-             "out_hidden_size": 4096, "num_position_embeddings": 2304, "deepstack_visual_indexes": [8, 16, 24]},
-        ),
-        ["q_proj", "v_proj"],
+        qwen3_vl({"hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
+                  "tie_word_embeddings": False},
+                 {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "out_hidden_size": 4096,
+                  "deepstack_visual_indexes": [8, 16, 24]}),
+        QV,
     ),
     "Qwen3-Embedding-0.6B": (
         hf("Qwen3Model", "Qwen3Config", vocab_size=151669, hidden_size=1024, intermediate_size=3072,
            num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128),
-        ["q_proj", "v_proj"],
+        QV,
     ),
     "Qwen3-Embedding-8B": (
         hf("Qwen3Model", "Qwen3Config", vocab_size=151665, hidden_size=4096, intermediate_size=12288,
            num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128),
-        ["q_proj", "v_proj"],
+        QV,
     ),
     "all-MiniLM-L6-v2": (
         hf("BertModel", "BertConfig", vocab_size=30522, hidden_size=384, intermediate_size=1536,
            num_hidden_layers=6, num_attention_heads=12, max_position_embeddings=512),
         ["query", "key", "value", "dense"],
     ),
-}
+}  # fmt: skip
 
 
 def lora_parameters(build: Callable[[], nn.Module], targets: list[str], rank: int) -> tuple[int, int]:

@@ -68,14 +68,10 @@ def measure(encode: Callable[[list[str]], object], texts: list[str], singles: in
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     env = {**os.environ, **CHILD_ENV, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "vembed.cli", "serve", model, "--port", str(port), "--device", "cpu"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -112,6 +108,10 @@ def main(argv: list[str]) -> None:
     texts = texts_pool(max(a.singles + 10, a.batches * a.clients * BATCH))
     results: dict[str, dict] = {}
 
+    def run(name: str, encode: Callable[[list[str]], object]) -> None:
+        print(f"{name} ...", flush=True)
+        results[name] = measure(encode, texts, a.singles, a.batches, a.clients)
+
     proc, url = start_server(model)
     try:
         client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
@@ -119,24 +119,17 @@ def main(argv: list[str]) -> None:
         def via_server(batch: list[str]) -> np.ndarray:
             return np.array([d.embedding for d in client.embeddings.create(model="minilm", input=batch).data])
 
-        print("vembed serve (openai client, loopback HTTP) ...", flush=True)
-        results["vembed serve + openai client"] = measure(via_server, texts, a.singles, a.batches, a.clients)
+        run("vembed serve + openai client", via_server)
         served = via_server(texts[:BATCH])
     finally:
         proc.terminate()
         proc.wait(timeout=30)
 
     predictor = Predictor(model, device="cpu")
-    print("Predictor.encode_text (in process) ...", flush=True)
-    results["Predictor.encode_text (in process)"] = measure(
-        lambda b: predictor.encode_text(b, batch_size=BATCH), texts, a.singles, a.batches, a.clients
-    )
+    run("Predictor.encode_text (in process)", lambda b: predictor.encode_text(b, batch_size=BATCH))
     diff = float(np.abs(served - predictor.encode_text(texts[:BATCH])).max())
     st = SentenceTransformer(model, device="cpu")
-    print("SentenceTransformer.encode (in process) ...", flush=True)
-    results["SentenceTransformer.encode (in process)"] = measure(
-        lambda b: st.encode(b, batch_size=BATCH, convert_to_numpy=True), texts, a.singles, a.batches, a.clients
-    )
+    run("SentenceTransformer.encode (in process)", lambda b: st.encode(b, batch_size=BATCH, convert_to_numpy=True))
 
     text = (f"all-MiniLM-L6-v2 on CPU, {THREADS} torch threads each. Single texts: {a.singles} sequential calls "
             f"(after 10 warm-up calls). Batches: {a.clients} concurrent clients x {a.batches} batches of {BATCH} "

@@ -106,22 +106,18 @@ def ablation(a: argparse.Namespace, runs: dict[str, list[dict]]) -> tuple[list[s
     ], {}
 
 
-def state_sizes() -> dict[str, float]:
-    """MiB of weights, and of gradients + AdamW moments for each mode (fp32 everywhere)."""
+def lora_vs_full(a: argparse.Namespace, runs: dict[str, list[dict]]) -> tuple[list[str], dict[str, Any]]:
     from bench.lora_memory import MODELS, lora_parameters
 
+    # MiB of weights, and of gradients + AdamW moments for each mode (fp32 everywhere).
     lora, total = lora_parameters(MODELS["all-MiniLM-L6-v2"][0], LORA["lora_target_modules"], LORA["lora_r"])
-    return {
+    sizes = {
         "params_total": total,
         "params_lora": lora,
         "weights_mib": total * 4 / MIB,
         "full_grads_adam_mib": total * 4 * 3 / MIB,
         "lora_grads_adam_mib": lora * 4 * 3 / MIB,
     }
-
-
-def lora_vs_full(a: argparse.Namespace, runs: dict[str, list[dict]]) -> tuple[list[str], dict[str, Any]]:
-    sizes = state_sizes()
     q = ratios(runs["lora"], runs["full"])
     state_share = sizes["full_grads_adam_mib"] / median(runs["full"], "peak_rss_mib")
     memory = [

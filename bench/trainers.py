@@ -13,7 +13,6 @@ front, the first slow steps) are reported separately as `setup_s`.
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,23 +27,33 @@ LR = 1e-4
 LORA = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_target_modules": ["query", "value"]}
 
 
-def mark() -> tuple[float, float]:
-    """(wall clock, CPU time of this process over all its threads)."""
-    return time.perf_counter(), time.process_time()
-
-
-def summarise(
-    step_ends: list[tuple[float, float]], losses: list[float], start: float, warmup: int, trainable: int
-) -> dict[str, Any]:
-    """step_ends[i]: mark() at the end of step i+1; losses[i]: that step's loss; call right after training.
+def timed(run: Callable[[], list[float]], warmup: int, on_step: Callable[[], None]) -> dict[str, Any]:
+    """Call `run` (a whole training run; it returns every step's loss) with (wall clock, CPU time of this
+    process over all its threads) marked at the end of every optimizer step, by torch's post-step hook
+    common to all optimizers; the trainable parameters are those the optimizer updates.
 
     CPU seconds per sample do not grow when other processes take the cores, so they compare the
     work done even on a busy machine; wall-clock samples/s is what a user sees."""
     import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
 
+    step_ends: list[tuple[float, float]] = []
+    optimizers: set[torch.optim.Optimizer] = set()
+
+    def step_end(optimizer: torch.optim.Optimizer, *_: object) -> None:
+        step_ends.append((time.perf_counter(), time.process_time()))
+        optimizers.add(optimizer)
+        on_step()
+
+    hook = register_optimizer_step_post_hook(step_end)
+    start = time.perf_counter()
+    try:
+        losses = run()
+    finally:
+        hook.remove()
     train_call_s = time.perf_counter() - start
     steps = len(step_ends)
-    timed = steps - warmup
+    counted = steps - warmup
     elapsed = step_ends[-1][0] - step_ends[warmup - 1][0]
     cpu = step_ends[-1][1] - step_ends[warmup - 1][1]
     return {
@@ -53,15 +62,15 @@ def summarise(
         # Per-step wall times: repeats see the same batches, so bench.common.best_samples_per_s
         # can take each step's fastest repeat.
         "step_s": [step_ends[i][0] - step_ends[i - 1][0] for i in range(warmup, steps)],
-        "samples_per_s": timed * BATCH / elapsed,
-        "cpu_ms_per_sample": 1000 * cpu / (timed * BATCH),
-        "s_per_step": elapsed / timed,
+        "samples_per_s": counted * BATCH / elapsed,
+        "cpu_ms_per_sample": 1000 * cpu / (counted * BATCH),
+        "s_per_step": elapsed / counted,
         "setup_s": step_ends[warmup - 1][0] - start,
         "loss_first": losses[0],
         "loss_last5": sum(losses[-5:]) / len(losses[-5:]),
         "peak_rss_mib": peak_rss_mib(),
         "train_call_s": train_call_s,
-        "trainable_params": trainable,
+        "trainable_params": sum(q.numel() for o in optimizers for group in o.param_groups for q in group["params"]),
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -103,47 +112,26 @@ def train_vembed(
 
     extra = dict(extra or {})
     disable(list(off), extra)
-
-    out = tempfile.mkdtemp(prefix="vembed-bench-")
-    cfg = load_config(
-        None,
-        {
-            "model_name": model,
-            "data_path": data,
-            "output_dir": out,
-            "batch_size": BATCH,
-            "max_seq_length": MAX_LEN,
-            "torch_dtype": "float32",
-            "learning_rate": LR,
-            "max_steps": steps,
-            "logging_steps": 1,
-            "save_steps": 10**9,
-            "use_lora": lora,
-            **LORA,
-            **extra,
-        },
-    )
-    # The loop's own log gives each step's loss; step end times come from a post-step hook on the
-    # optimizer, which the loop hands to the scheduler factory.
-    step_ends: list[tuple[float, float]] = []
-    real_get_scheduler = loop.get_scheduler
-
-    def step_end(*_: object) -> None:
-        step_ends.append(mark())
-        on_step()
-
-    def timed_scheduler(name, optimizer, *args, **kwargs):
-        optimizer.register_step_post_hook(step_end)
-        return real_get_scheduler(name, optimizer, *args, **kwargs)
-
-    loop.get_scheduler = timed_scheduler
-    start = time.perf_counter()
-    result = loop.train(cfg)
-    header = result.log_path.read_text().splitlines()[0]
-    trainable = int(header.split("trainable_params=")[1].split()[0])
-    summary = summarise(step_ends, [h["loss"] for h in result.history], start, warmup, trainable)
-    shutil.rmtree(out, ignore_errors=True)
-    return summary
+    with tempfile.TemporaryDirectory(prefix="vembed-bench-", ignore_cleanup_errors=True) as out:
+        cfg = load_config(
+            None,
+            {
+                "model_name": model,
+                "data_path": data,
+                "output_dir": out,
+                "batch_size": BATCH,
+                "max_seq_length": MAX_LEN,
+                "torch_dtype": "float32",
+                "learning_rate": LR,
+                "max_steps": steps,
+                "logging_steps": 1,
+                "save_steps": 10**9,
+                "use_lora": lora,
+                **LORA,
+                **extra,
+            },
+        )
+        return timed(lambda: [h["loss"] for h in loop.train(cfg).history], warmup, on_step)
 
 
 def train_st(
@@ -156,57 +144,40 @@ def train_st(
         SentenceTransformerTrainingArguments,
         losses,
     )
-    from transformers import TrainerCallback
 
-    start = time.perf_counter()
-    st = SentenceTransformer(model, device="cpu")
-    st.max_seq_length = MAX_LEN
-    if lora:
-        from peft import LoraConfig, get_peft_model
+    def run() -> list[float]:
+        st = SentenceTransformer(model, device="cpu")
+        st.max_seq_length = MAX_LEN
+        if lora:
+            from peft import LoraConfig, get_peft_model
 
-        # st.add_adapter needs peft >= 0.22 (unpublished); wrap the transformer module's model directly.
-        config = LoraConfig(
-            r=LORA["lora_r"],
-            lora_alpha=LORA["lora_alpha"],
-            lora_dropout=LORA["lora_dropout"],
-            target_modules=LORA["lora_target_modules"],
-            bias="none",
+            # st.add_adapter needs peft >= 0.22 (unpublished); wrap the transformer module's model directly.
+            peft_names = {"lora_r": "r", "lora_target_modules": "target_modules"}
+            config = LoraConfig(**{peft_names.get(k, k): v for k, v in LORA.items()})  # bias "none": the default
+            st[0].model = get_peft_model(st[0].model, config)
+        pairs = [json.loads(line) for line in Path(data).read_text().splitlines()]
+        dataset = Dataset.from_dict({"anchor": [r["query"] for r in pairs], "positive": [r["positive"] for r in pairs]})
+        loss = losses.MultipleNegativesRankingLoss(st, scale=20.0)
+        trainer = SentenceTransformerTrainer(model=st, args=args, train_dataset=dataset, loss=loss)
+        trainer.train()
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    with tempfile.TemporaryDirectory(prefix="st-bench-", ignore_cleanup_errors=True) as out:
+        args = SentenceTransformerTrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=BATCH,
+            max_steps=steps,
+            learning_rate=LR,
+            weight_decay=0.01,
+            warmup_ratio=0.1,
+            lr_scheduler_type="linear",
+            max_grad_norm=1.0,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            seed=42,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
         )
-        st[0].model = get_peft_model(st[0].model, config)
-    pairs = [json.loads(line) for line in Path(data).read_text().splitlines()]
-    dataset = Dataset.from_dict({"anchor": [r["query"] for r in pairs], "positive": [r["positive"] for r in pairs]})
-    loss = losses.MultipleNegativesRankingLoss(st, scale=20.0)
-    step_ends: list[tuple[float, float]] = []
-    step_losses: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            step_ends.append(mark())
-            on_step()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                step_losses.append(float(logs["loss"]))
-
-    args = SentenceTransformerTrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="st-bench-"),
-        per_device_train_batch_size=BATCH,
-        max_steps=steps,
-        learning_rate=LR,
-        weight_decay=0.01,
-        warmup_ratio=0.1,
-        lr_scheduler_type="linear",
-        max_grad_norm=1.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=42,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-    SentenceTransformerTrainer(model=st, args=args, train_dataset=dataset, loss=loss, callbacks=[Timer()]).train()
-    trainable = sum(p.numel() for p in st.parameters() if p.requires_grad)
-    summary = summarise(step_ends, step_losses, start, warmup, trainable)
-    shutil.rmtree(args.output_dir, ignore_errors=True)
-    return {**summary, "optim": str(args.optim)}
+        return {**timed(run, warmup, on_step), "optim": str(args.optim)}
