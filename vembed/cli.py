@@ -4,9 +4,13 @@ so that `vembed --help` and `vembed config show` stay instant."""
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from vembed.errors import StorageError, VembedError, run_command
@@ -14,8 +18,6 @@ from vembed.errors import StorageError, VembedError, run_command
 
 def check_output_file(path: str) -> None:
     """A file the command will write: its folder must exist, and it must not be a directory."""
-    from pathlib import Path
-
     p = Path(path)
     if p.is_dir():
         raise StorageError(f"{path}: is a directory; give a file name")
@@ -79,8 +81,6 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 def _quiet_progress_bars() -> None:
     """Weight-loading and download bars are noise around a few lines of output."""
-    import os
-
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from transformers.utils import logging as hf_logging
@@ -109,9 +109,6 @@ def _calling(target: str, report: Callable[[Any], str] | None = None) -> Callabl
     of them when it takes **kwargs) and prints `report(result)`; without `report` the result is the exit code."""
 
     def handler(args: argparse.Namespace) -> int:
-        import importlib
-        import inspect
-
         module, name = target.split(":")
         fn = getattr(importlib.import_module(module), name)
         params = inspect.signature(fn).parameters
@@ -130,12 +127,6 @@ _PARSER_KEYS = ("command", "func")
 
 def _as_json(result: Any) -> str:
     return json.dumps(result, indent=2, default=str)
-
-
-def _delegate(module: str, argv: list[str]) -> int:
-    import importlib
-
-    return int(importlib.import_module(module).main(argv) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,8 +232,7 @@ DELEGATED = {"pipeline": "pipelines.cli", "registry": "vembed.registry_cli"}
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DELEGATED:
-        module, rest = DELEGATED[argv[0]], argv[1:]
-        args = argparse.Namespace(func=lambda _: _delegate(module, rest))
+        args = argparse.Namespace(func=lambda _: importlib.import_module(DELEGATED[argv[0]]).main(argv[1:]))
     else:
         args = build_parser().parse_args(argv)
     return run_command(lambda: args.func(args))
