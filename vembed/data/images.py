@@ -35,9 +35,6 @@ RETRIEVAL_MODES = ("auto", "t2t", "t2i", "i2t", "i2i")
 class ImageError(RecordRejected):
     """An image reference that cannot be used."""
 
-    def __init__(self, message: str, kind: str = "bad image") -> None:
-        super().__init__(message, kind)
-
 
 def is_s3(ref: Any) -> bool:
     return isinstance(ref, str) and ref.startswith(S3_PREFIX)
@@ -195,10 +192,6 @@ class RecordImages:
     allow_outside: bool = False
     max_pixels: int = MAX_IMAGE_PIXELS
     check_files: bool = True
-
-    def __post_init__(self) -> None:
-        if self.retrieval_mode not in RETRIEVAL_MODES:
-            raise ValueError(f"unknown retrieval_mode {self.retrieval_mode!r}")
 
     def _image(self, path: str | None) -> str | None:
         if path is None:

@@ -93,8 +93,7 @@ def build_embedder(cfg: TrainConfig, dtype: torch.dtype) -> Embedder:
     else:
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(embedder.backbone)
-        trainable, total = count_parameters(embedder)
-        log.info("full fine-tuning: %d trainable parameters", trainable)
+        log.info("full fine-tuning: %d trainable parameters", count_parameters(embedder)[0])
     # Leaner dropout masks (and attention, on CPU) for training; after LoRA, so that the adapters'
     # own dropout layers are included. docs/benchmarks.md has the before/after figures.
     use_lean_dropout(embedder.backbone)
