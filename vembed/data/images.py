@@ -23,10 +23,11 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from vembed.artifacts import storage
+from vembed.artifacts.storage import S3_SCHEME, is_s3
 from vembed.data.records import LIST_FIELDS, Record, RecordRejected
 from vembed.errors import first_line
 
-S3_PREFIX = "s3://"
 # 64 MiB of pixels (8192 x 8192): above any real training photo, far below a bomb's billions.
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 RETRIEVAL_MODES = ("auto", "t2t", "t2i", "i2t", "i2i")
@@ -34,10 +35,6 @@ RETRIEVAL_MODES = ("auto", "t2t", "t2i", "i2t", "i2i")
 
 class ImageError(RecordRejected):
     """An image reference that cannot be used."""
-
-
-def is_s3(ref: Any) -> bool:
-    return isinstance(ref, str) and ref.startswith(S3_PREFIX)
 
 
 def resolve_image_path(path: str, root: str | os.PathLike[str] | None, allow_outside: bool = False) -> str:
@@ -52,11 +49,11 @@ def resolve_image_path(path: str, root: str | os.PathLike[str] | None, allow_out
     if is_s3(str(root)):
         if posixpath.isabs(path):
             raise ImageError(f"image {path!r}: a local absolute path in a data file stored at {root}", "bad image path")
-        base = str(root).removeprefix(S3_PREFIX).rstrip("/")
+        base = str(root).removeprefix(S3_SCHEME).rstrip("/")
         joined = posixpath.normpath(posixpath.join(base, path))
         if not allow_outside and not (joined + "/").startswith(base + "/"):
             raise _outside(path, str(root))
-        return S3_PREFIX + joined
+        return S3_SCHEME + joined
     base = Path(root).resolve()
     full = (base / path).resolve()  # an absolute `path` stays absolute; symlinks are followed
     if not allow_outside and not full.is_relative_to(base):
@@ -74,9 +71,7 @@ def _outside(path: str, root: str) -> ImageError:
 
 def read_image_bytes(ref: str | os.PathLike[str]) -> bytes:
     if is_s3(ref):
-        from vembed.artifacts import storage
-
-        return storage.read_bytes(str(ref))
+        return storage.read_bytes(ref)
     try:
         return Path(ref).read_bytes()
     except FileNotFoundError:

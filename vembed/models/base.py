@@ -6,6 +6,7 @@ Normalisation happens in the loss and in the Predictor, after any MRL truncation
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -149,8 +150,6 @@ def load_backbone(model_cls: Any, path: str, dtype: torch.dtype | None = None) -
 
 
 def _loads_on_meta() -> bool:
-    import os
-
     import torch.distributed as dist
 
     enabled = all(

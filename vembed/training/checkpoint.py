@@ -185,8 +185,7 @@ def list_checkpoints(output_dir: str | os.PathLike[str]) -> list[Path]:
 
 
 def latest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
-    ckpts = list_checkpoints(output_dir)
-    return ckpts[-1] if ckpts else None
+    return next(reversed(list_checkpoints(output_dir)), None)
 
 
 def _fsync_dir(path: Path) -> None:
