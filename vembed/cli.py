@@ -92,8 +92,7 @@ def _quiet_progress_bars() -> None:
 def summarize_embeddings(emb, labels: Sequence[str], first: int = 5, rows: int = 10) -> str:
     """A few lines a person can read: shape, and per input its norm and first values."""
     lines = [f"{emb.shape[0]} embedding{'s' if emb.shape[0] != 1 else ''} of dim {emb.shape[1]} (float32)"]
-    width = max((len(label) for label in labels[:rows]), default=0)
-    width = min(width, 40)
+    width = min(max((len(label) for label in labels[:rows]), default=0), 40)
     for label, row in list(zip(labels, emb, strict=False))[:rows]:
         shown = label if len(label) <= width else label[: width - 1] + "…"
         values = ", ".join(f"{v:+.4f}" for v in row[:first])

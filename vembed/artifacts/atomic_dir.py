@@ -18,7 +18,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from vembed.artifacts.integrity import check_replaceable
-from vembed.errors import StorageError
+from vembed.errors import StorageError, first_line
 
 
 def os_error(exc: OSError, fallback: str | os.PathLike[str]) -> StorageError:
@@ -53,18 +53,15 @@ def staged_dir(
     try:
         yield tmp
         publish(tmp, dest)
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.filename is not None and str(e.filename).startswith(str(tmp)):
-            e.filename = None  # the temporary copy is gone: name the destination instead
-        raise os_error(e, dest) from None
-    except SafetensorError as e:  # safetensors reports a failed write (disk full, ...) as its own error
-        shutil.rmtree(tmp, ignore_errors=True)
-        if "I/O error" not in str(e):
-            raise
-        raise StorageError(f"{dest}: cannot write ({str(e).splitlines()[0]})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            if e.filename is not None and str(e.filename).startswith(str(tmp)):
+                e.filename = None  # the temporary copy is gone: name the destination instead
+            raise os_error(e, dest) from None
+        # safetensors reports a failed write (disk full, ...) as its own error
+        if isinstance(e, SafetensorError) and "I/O error" in str(e):
+            raise StorageError(f"{dest}: cannot write ({first_line(e)})") from None
         raise
 
 

@@ -130,11 +130,7 @@ class QwenVLEmbedder(ChatEmbedder):
         return batch
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
-        kwargs: dict[str, Any] = {
-            "input_ids": inputs["input_ids"],
-            "attention_mask": inputs["attention_mask"],
-            "mm_token_type_ids": inputs["mm_token_type_ids"],
-        }
+        kwargs: dict[str, Any] = {k: inputs[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
         if "image_grid_thw" in inputs:
             grids = inputs["image_grid_thw"]
             counts = grids.prod(-1).tolist()

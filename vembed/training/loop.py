@@ -191,17 +191,16 @@ class Recipe:
         self.step_fn = make_step(cfg, accelerator, self.embedder, self.loss_fn, self.masker)
 
         self.state = TrainState()
-        if resume_dir is not None:
-            self.state = self.checkpointer.load(resume_dir, self.embedder, self.optimizer, self.scheduler)
-            log.info("resumed from %s at step %d", resume_dir, self.state.global_step)
-        self.tracker = BestTracker(cfg.metric_for_best_model, cfg.greater_is_better, cfg.early_stopping_patience)
-        self.tracker.load(self.state.best)
         log_path = out / "training_log.txt"
         self.train_log = TrainingLog(log_path, enabled=accelerator.is_main_process, append=resume_dir is not None)
         if resume_dir is None:
             self.train_log.header(cfg, count_parameters(self.embedder), len(dataset), self.total_steps, accelerator)
         else:
+            self.state = self.checkpointer.load(resume_dir, self.embedder, self.optimizer, self.scheduler)
+            log.info("resumed from %s at step %d", resume_dir, self.state.global_step)
             self.train_log.resumed(resume_dir, self.state.global_step)
+        self.tracker = BestTracker(cfg.metric_for_best_model, cfg.greater_is_better, cfg.early_stopping_patience)
+        self.tracker.load(self.state.best)
         # The step of the last evaluation and the last save; a resumed run did both at its checkpoint.
         self.last_eval = self.last_saved = self.state.global_step if resume_dir is not None else -1
         self.stopped_early = False
