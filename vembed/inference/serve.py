@@ -46,7 +46,6 @@ def create_app(predictor: Any, model_id: str) -> Any:
 
     app = FastAPI(title="vembed embeddings", version="1")
     lock = threading.Lock()  # one forward at a time: torch already uses every core per batch
-    tokenizer = getattr(predictor.embedder, "tokenizer", None)
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -71,8 +70,7 @@ def create_app(predictor: Any, model_id: str) -> Any:
         emb = np.asarray(emb, dtype="<f4")
         as_base64 = req.encoding_format == "base64"
         vectors = [base64.b64encode(row.tobytes()).decode() for row in emb] if as_base64 else emb.tolist()
-        token_ids = tokenizer(texts, add_special_tokens=True)["input_ids"] if tokenizer is not None else []
-        tokens = sum(len(ids) for ids in token_ids)
+        tokens = sum(len(ids) for ids in predictor.embedder.tokenizer(texts, add_special_tokens=True)["input_ids"])
         return {
             "object": "list",
             "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],

@@ -139,13 +139,10 @@ def load_backbone(model_cls: Any, path: str, dtype: torch.dtype | None = None) -
     kwargs = {"dtype": dtype} if dtype else {}
     if not _loads_on_meta():
         return model_cls.from_pretrained(path, **kwargs)
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModel
 
-    config = AutoConfig.from_pretrained(path)
-    with torch.device("meta"):
-        model = model_cls.from_config(config, **kwargs) if hasattr(model_cls, "from_config") else (
-            model_cls._from_config(config, **kwargs)
-        )
+    with torch.device("meta"):  # AutoModel builds every family's class (CLIPModel for CLIP) from its config
+        model = AutoModel.from_config(AutoConfig.from_pretrained(path), **kwargs)
     return model.eval()  # as from_pretrained leaves it
 
 
