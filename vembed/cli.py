@@ -72,8 +72,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
         np.save(args.output, emb)
         print(f"{emb.shape[0]} embeddings of dim {emb.shape[1]} written to {args.output}")
     elif args.json:
-        json.dump(emb.tolist(), sys.stdout)
-        print()
+        print(json.dumps(emb.tolist()))
     else:
         print(summarize_embeddings(emb, [*args.text, *args.image]))
     return 0

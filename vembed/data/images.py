@@ -185,16 +185,14 @@ class RecordImages:
     root: str | os.PathLike[str]
     retrieval_mode: str = "auto"
     allow_outside: bool = False
-    max_pixels: int = MAX_IMAGE_PIXELS
-    check_files: bool = True
 
     def _image(self, path: str | None) -> str | None:
         if path is None:
             return None
         resolved = resolve_image_path(path, self.root, self.allow_outside)
-        if self.check_files and not is_s3(resolved):
+        if not is_s3(resolved):
             try:
-                check_image(resolved, self.max_pixels)
+                check_image(resolved)
             except ImageError as e:
                 # Name the path as written in the data file; the line number comes from the reader.
                 raise ImageError(str(e).replace(repr(resolved), repr(path), 1), e.kind) from None

@@ -100,9 +100,7 @@ def _save_sentence_transformer(embedder: Embedder, directory: Path) -> None:
     ]
     if spec.normalize:
         modules.append(Normalize())
-    prompts = {}
-    if spec.query_instruction:
-        prompts["query"] = format_query("", spec.query_instruction, spec.pooling == "last_token")
-    model = SentenceTransformer(modules=modules, prompts=prompts or None, device="cpu")
+    query_prompt = format_query("", spec.query_instruction, spec.pooling == "last_token")
+    model = SentenceTransformer(modules=modules, prompts={"query": query_prompt} if query_prompt else None, device="cpu")
     model.save(str(directory))
     shutil.rmtree(weights)

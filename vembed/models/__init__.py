@@ -51,12 +51,10 @@ def detect_family(config: PretrainedConfig | str) -> str:
     return "text"
 
 
-def resolve_dtype(name: str, device: torch.device | str | None = None) -> torch.dtype:
+def resolve_dtype(name: str) -> torch.dtype:
     """`auto` is bf16 on a CUDA device that supports it and fp32 elsewhere."""
     if name == "auto":
-        dev = torch.device(device) if device is not None else None
-        on_cuda = torch.cuda.is_available() and (dev is None or dev.type == "cuda")
-        return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     return getattr(torch, name)
 
 
