@@ -37,8 +37,7 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 def refuse_pickle(directory: str | os.PathLike[str], error: type[VembedError] = CheckpointError) -> None:
     """Raise `error` naming the pickle files anywhere under `directory`; vembed loads safetensors only."""
     d = Path(directory)
-    found = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.suffix in PICKLE_SUFFIXES and p.is_file())
-    if found:
+    if found := sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.suffix in PICKLE_SUFFIXES and p.is_file()):
         raise error(f"{d}: refusing pickle weight files {found[:5]}; vembed loads safetensors only")
 
 

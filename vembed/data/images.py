@@ -167,8 +167,7 @@ def apply_retrieval_mode(record: Record, mode: str) -> Record:
         "negatives": not p_image,  # negatives take the positive's modality
         "negative_images": p_image,
     }
-    need = [name for name in ("query", "query_image", "positive", "positive_image") if keep[name] and not getattr(record, name)]
-    if need:
+    if need := [name for name in ("query", "query_image", "positive", "positive_image") if keep[name] and not getattr(record, name)]:
         raise RecordRejected(f"retrieval_mode {mode} needs field {need[0]!r}", "missing field for retrieval_mode")
     return dataclasses.replace(
         record, **{name: getattr(record, name) if kept else (() if name in LIST_FIELDS else None) for name, kept in keep.items()}

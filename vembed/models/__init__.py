@@ -32,14 +32,12 @@ SUPPORTED = (
 _NON_TEXT_PARTS = ("vision_config", "audio_config", "encoder_config", "decoder_config", "vision_tower")
 
 
-def detect_family(config: PretrainedConfig | str) -> str:
+def detect_family(config: PretrainedConfig) -> str:
     """The family for a model config. A model that is not a plain text stack and not one of the
     multimodal families is refused: run as text it would silently ignore its images."""
-    model_type = config if isinstance(config, str) else config.model_type
+    model_type = config.model_type
     if model_type in MULTIMODAL_TYPES:
         return MULTIMODAL_TYPES[model_type]
-    if isinstance(config, str):
-        return "text"
     parts = [p for p in _NON_TEXT_PARTS if getattr(config, p, None) is not None]
     if parts or getattr(config, "is_encoder_decoder", False):
         what = ", ".join(parts) if parts else "is_encoder_decoder"

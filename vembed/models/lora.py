@@ -34,8 +34,7 @@ def _report_matches(key: str, requested: list[str], matched: list[str], model: s
     """None of `requested` matched: an error; some did not: a log line naming them."""
     if not matched:
         raise ConfigError(f"{key}: none of {requested} is a {what}")
-    skipped = [n for n in requested if n not in matched]
-    if skipped:
+    if skipped := [n for n in requested if n not in matched]:
         log.log(level, "%s: %s not in %s, %s %s", key, skipped, model, verb, matched)
 
 

@@ -142,8 +142,7 @@ def load_full_backbone_state(accelerator: Accelerator, embedder: Embedder, state
     """
     backbone = accelerator.unwrap_model(embedder).backbone
     names = adapter_key_names(backbone) if isinstance(backbone, PeftModel) else {k: k for k in state}
-    unknown = sorted(set(state) - set(names))
-    if unknown:
+    if unknown := sorted(set(state) - set(names)):
         raise RuntimeError(f"weights do not fit the model: {unknown[:5]}")
     full = {BACKBONE_PREFIX + names[k]: v for k, v in state.items()}
     set_model_state_dict(embedder, full, options=StateDictOptions(full_state_dict=True, strict=False))
