@@ -78,8 +78,7 @@ def write_retrieval_dataset(
     records: Iterable[Record], out_dir: str | Path, eval_fraction: float = 0.2, max_train: int = 2000
 ) -> dict[str, str | int]:
     """Write train.jsonl, eval.jsonl and corpus.jsonl (train positives as distractors)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)  # write_records creates it
     split = split_records(records, eval_fraction=eval_fraction, seed=0)
     train = split.train[:max_train]
     write_records(train, out / "train.jsonl")

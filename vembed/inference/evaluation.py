@@ -158,12 +158,11 @@ def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
 def base_model_of(model_path: str) -> str | None:
     """The base model an adapter checkpoint was trained from, if it is one."""
     d = Path(model_path)
-    spec = d / "embedder.json"
-    if (d / "adapter_config.json").is_file():
-        if spec.is_file():
-            return json.loads(spec.read_text())["model_name"]
-        return json.loads((d / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    return None
+    if not (d / "adapter_config.json").is_file():
+        return None
+    if (d / "embedder.json").is_file():
+        return json.loads((d / "embedder.json").read_text())["model_name"]
+    return json.loads((d / "adapter_config.json").read_text()).get("base_model_name_or_path")
 
 
 def parse_dims(text: str) -> list[int]:

@@ -111,9 +111,7 @@ def embed_features(
         batch = {k: v.to(device) for k, v in collate([features[i] for i in idx]).items()}
         out.append(model(**batch).float().to(out_device))
     emb = torch.cat(out)
-    restored = torch.empty_like(emb)
-    restored[torch.tensor(order, device=emb.device)] = emb
-    return restored
+    return emb[torch.tensor(order, device=emb.device).argsort()]  # row j of emb is item order[j]
 
 
 def scatter_rows(values: torch.Tensor, rows: Sequence[int] | torch.Tensor, n: int) -> torch.Tensor:

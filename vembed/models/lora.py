@@ -59,8 +59,7 @@ def resolve_modules_to_save(embedder: Embedder, requested: list[str], model_name
         if not hits:
             continue
         for hit in hits:
-            root = _under(hit, unused)
-            if root is not None:
+            if (root := _under(hit, unused)) is not None:
                 raise ConfigError(
                     f"modules_to_save: {name!r} ({hit}) does not reach the embedding of {model_name}: "
                     f"{unused[root]}. Training it would only add parameters without gradient; "

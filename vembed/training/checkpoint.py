@@ -237,10 +237,9 @@ def save_rng(directory: Path) -> None:
         tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     np_state = np.random.get_state()
     tensors["numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
-    py_state = random.getstate()
     save_file(tensors, str(directory / "rng.safetensors"))
     meta = {
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "python": random.getstate(),  # (version, tuple of ints, gauss): JSON writes the tuples as lists
         "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
     }
     (directory / "rng.json").write_text(json.dumps(meta))

@@ -289,8 +289,7 @@ class Recipe:
         assert self.validator is not None
         step = self.state.global_step
         metrics = self.validator.evaluate(self.accelerator, self.embedder, self.loss_fn)
-        if self.accelerator.num_processes > 1:  # every rank decides from rank 0's figures
-            metrics = broadcast_object_list([metrics])[0]
+        metrics = broadcast_object_list([metrics])[0]  # every rank decides from rank 0's figures (one: as is)
         improved = self.tracker.update(step, metrics)
         self.state.eval_history.append({"step": step, **{f"val_{k}": metrics[k] for k in LOGGED}})
         self.train_log.eval(step, {k: metrics[k] for k in LOGGED}, self.tracker.to_dict())
