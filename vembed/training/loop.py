@@ -190,10 +190,9 @@ class Recipe:
         self.masker = FalseNegativeMasker(accelerator, cfg.cross_device_negatives, enabled=cfg.mask_false_negatives)
         self.step_fn = make_step(cfg, accelerator, self.embedder, self.loss_fn, self.masker)
 
-        self.state = TrainState()
-        log_path = out / "training_log.txt"
-        self.train_log = TrainingLog(log_path, enabled=accelerator.is_main_process, append=resume_dir is not None)
+        self.train_log = TrainingLog(out / "training_log.txt", accelerator.is_main_process, append=resume_dir is not None)
         if resume_dir is None:
+            self.state = TrainState()
             self.train_log.header(cfg, count_parameters(self.embedder), len(dataset), self.total_steps, accelerator)
         else:
             self.state = self.checkpointer.load(resume_dir, self.embedder, self.optimizer, self.scheduler)
