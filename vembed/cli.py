@@ -25,15 +25,6 @@ def check_output_file(path: str) -> None:
         raise StorageError(f"{path}: folder {p.parent} does not exist")
 
 
-def _config_args() -> argparse.ArgumentParser:
-    """The arguments of `train` and `config show` (a parent parser)."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("config", help="YAML config file")
-    p.add_argument("--config_override", "--config-override", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override config keys, e.g. lora_r=32 mrl_dims=[256,128]")
-    return p
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
     from vembed.config import load_config
     from vembed.training import train
@@ -130,7 +121,10 @@ def _as_json(result: Any) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vembed", description="Fine-tune embedding models with LoRA.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    config_args = _config_args()
+    config_args = argparse.ArgumentParser(add_help=False)  # the arguments of `train` and `config show`
+    config_args.add_argument("config", help="YAML config file")
+    config_args.add_argument("--config_override", "--config-override", nargs="+", default=[], metavar="KEY=VALUE",
+                             help="override config keys, e.g. lora_r=32 mrl_dims=[256,128]")
 
     p = sub.add_parser("train", parents=[config_args], help="fine-tune a model (same as `python run.py CONFIG`)")
     p.set_defaults(func=_cmd_train)

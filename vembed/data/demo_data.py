@@ -70,8 +70,7 @@ def docstring_pairs() -> Iterator[Record]:
             body = " ".join(ln for ln in lines[1:] if ln)
             if not 15 <= len(summary) <= 200 or len(body) < 40 or summary.startswith(qualname.rsplit(".", 1)[-1] + "("):
                 continue
-            positive = f"{qualname}{_signature(obj)}: {body[:400]}"
-            yield Record(query=summary, positive=positive)
+            yield Record(query=summary, positive=f"{qualname}{_signature(obj)}: {body[:400]}")
 
 
 def write_retrieval_dataset(
