@@ -314,11 +314,8 @@ def mutates_base(lora_init: str) -> bool:
     return lora_init.startswith("pissa") or lora_init == "olora"
 
 
-def _section_model(key: str) -> type[BaseModel] | None:
-    """The model of a nested config section such as `trainer`; None for plain keys."""
-    field = TrainConfig.model_fields.get(key)
-    ann = field.annotation if field else None
-    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+# The nested config sections, by key (set as `trainer.num_nodes=2`).
+SECTIONS: dict[str, type[BaseModel]] = {"trainer": TrainerOptions}
 
 
 def _field(key: str) -> Any:
@@ -326,18 +323,15 @@ def _field(key: str) -> Any:
     section, _, name = key.partition(".")
     if not name:
         return TrainConfig.model_fields.get(key)
-    model = _section_model(section)
+    model = SECTIONS.get(section)
     return model.model_fields.get(name) if model else None
 
 
 def _unknown_key_error(key: str, source: str) -> ConfigError:
     section, _, name = key.rpartition(".")
-    model = _section_model(section) if section else None
-    if model is None:  # a top-level key (or an unknown section): suggest a top-level key
-        section, name, candidates = "", key.partition(".")[0], list(TrainConfig.model_fields)
-    else:
-        candidates = list(model.model_fields)
-    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
+    if (model := SECTIONS.get(section)) is None:  # a top-level key (or an unknown section): suggest a top-level key
+        section, name, model = "", key.partition(".")[0], TrainConfig
+    close = difflib.get_close_matches(name, list(model.model_fields), n=1, cutoff=0.5)
     hint = f"; did you mean {section + '.' if section else ''}{close[0]}?" if close else ""
     return ConfigError(f"{source}: unknown config key {key!r}{hint}")
 
@@ -364,7 +358,7 @@ def coerce_override(key: str, raw: str) -> Any:
     ann = _field(key).annotation
     containers = {typing.get_origin(a) for a in (ann, *typing.get_args(ann))}  # list, dict: bare or in Optional
     # Sections, dict fields and lists of dicts (`trainer.tolerations`) take a YAML flow value.
-    if _section_model(key) is not None or dict in containers:
+    if key in SECTIONS or dict in containers:
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -464,16 +458,13 @@ def load_config(
     trainer_defaults: `trainer` keys to use where neither the file nor the overrides set them
     (the train step passes the backend and image its pipeline was compiled for).
     """
-    values: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        source = str(path)
-        values.update(_read_yaml(Path(path)))
+    values = _read_yaml(Path(path)) if path is not None else {}
+    source = str(path) if path is not None else "defaults"
     if overrides:
         parsed = _nest(overrides, "override") if isinstance(overrides, Mapping) else parse_overrides(overrides)
         for key, value in parsed.items():
             # A nested override (`trainer.num_nodes`) updates the YAML's section instead of replacing it.
-            if _section_model(key) and isinstance(value, dict) and isinstance(values.get(key), dict):
+            if key in SECTIONS and isinstance(value, dict) and isinstance(values.get(key), dict):
                 value = {**values[key], **value}
             values[key] = value
         source = f"{source} + overrides"
