@@ -62,4 +62,5 @@ def read_sentence_transformers_pooling(model_dir: str) -> tuple[str | None, bool
         elif kind.endswith("Normalize"):
             normalize = True
     sb = d / "sentence_bert_config.json"
-    return mode, normalize, json.loads(sb.read_text()).get("max_seq_length") if sb.is_file() else None
+    max_len = json.loads(sb.read_text()).get("max_seq_length") if sb.is_file() else None
+    return mode, normalize, max_len

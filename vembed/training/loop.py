@@ -288,7 +288,7 @@ class Recipe:
         assert self.validator is not None
         step = self.state.global_step
         metrics = self.validator.evaluate(self.accelerator, self.embedder, self.loss_fn)
-        metrics = broadcast_object_list([metrics])[0]  # every rank decides from rank 0's figures (one: as is)
+        metrics = broadcast_object_list([metrics])[0]  # every rank decides from rank 0's figures (no-op for one)
         improved = self.tracker.update(step, metrics)
         self.state.eval_history.append({"step": step, **{f"val_{k}": metrics[k] for k in LOGGED}})
         self.train_log.eval(step, {k: metrics[k] for k in LOGGED}, self.tracker.to_dict())
