@@ -4,9 +4,13 @@ so that `vembed --help` and `vembed config show` stay instant."""
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from vembed.errors import StorageError, VembedError, run_command
@@ -14,22 +18,11 @@ from vembed.errors import StorageError, VembedError, run_command
 
 def check_output_file(path: str) -> None:
     """A file the command will write: its folder must exist, and it must not be a directory."""
-    from pathlib import Path
-
     p = Path(path)
     if p.is_dir():
         raise StorageError(f"{path}: is a directory; give a file name")
     if not p.parent.is_dir():
         raise StorageError(f"{path}: folder {p.parent} does not exist")
-
-
-def _config_args() -> argparse.ArgumentParser:
-    """The arguments of `train` and `config show` (a parent parser)."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("config", help="YAML config file")
-    p.add_argument("--config_override", "--config-override", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override config keys, e.g. lora_r=32 mrl_dims=[256,128]")
-    return p
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -70,8 +63,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
         np.save(args.output, emb)
         print(f"{emb.shape[0]} embeddings of dim {emb.shape[1]} written to {args.output}")
     elif args.json:
-        json.dump(emb.tolist(), sys.stdout)
-        print()
+        print(json.dumps(emb.tolist()))
     else:
         print(summarize_embeddings(emb, [*args.text, *args.image]))
     return 0
@@ -79,8 +71,6 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 def _quiet_progress_bars() -> None:
     """Weight-loading and download bars are noise around a few lines of output."""
-    import os
-
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from transformers.utils import logging as hf_logging
@@ -92,8 +82,7 @@ def _quiet_progress_bars() -> None:
 def summarize_embeddings(emb, labels: Sequence[str], first: int = 5, rows: int = 10) -> str:
     """A few lines a person can read: shape, and per input its norm and first values."""
     lines = [f"{emb.shape[0]} embedding{'s' if emb.shape[0] != 1 else ''} of dim {emb.shape[1]} (float32)"]
-    width = max((len(label) for label in labels[:rows]), default=0)
-    width = min(width, 40)
+    width = min(max((len(label) for label in labels[:rows]), default=0), 40)
     for label, row in list(zip(labels, emb, strict=False))[:rows]:
         shown = label if len(label) <= width else label[: width - 1] + "…"
         values = ", ".join(f"{v:+.4f}" for v in row[:first])
@@ -109,9 +98,6 @@ def _calling(target: str, report: Callable[[Any], str] | None = None) -> Callabl
     of them when it takes **kwargs) and prints `report(result)`; without `report` the result is the exit code."""
 
     def handler(args: argparse.Namespace) -> int:
-        import importlib
-        import inspect
-
         module, name = target.split(":")
         fn = getattr(importlib.import_module(module), name)
         params = inspect.signature(fn).parameters
@@ -132,16 +118,13 @@ def _as_json(result: Any) -> str:
     return json.dumps(result, indent=2, default=str)
 
 
-def _delegate(module: str, argv: list[str]) -> int:
-    import importlib
-
-    return int(importlib.import_module(module).main(argv) or 0)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vembed", description="Fine-tune embedding models with LoRA.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    config_args = _config_args()
+    config_args = argparse.ArgumentParser(add_help=False)  # the arguments of `train` and `config show`
+    config_args.add_argument("config", help="YAML config file")
+    config_args.add_argument("--config_override", "--config-override", nargs="+", default=[], metavar="KEY=VALUE",
+                             help="override config keys, e.g. lora_r=32 mrl_dims=[256,128]")
 
     p = sub.add_parser("train", parents=[config_args], help="fine-tune a model (same as `python run.py CONFIG`)")
     p.set_defaults(func=_cmd_train)
@@ -241,8 +224,7 @@ DELEGATED = {"pipeline": "pipelines.cli", "registry": "vembed.registry_cli"}
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DELEGATED:
-        module, rest = DELEGATED[argv[0]], argv[1:]
-        args = argparse.Namespace(func=lambda _: _delegate(module, rest))
+        args = argparse.Namespace(func=lambda _: importlib.import_module(DELEGATED[argv[0]]).main(argv[1:]))
     else:
         args = build_parser().parse_args(argv)
     return run_command(lambda: args.func(args))

@@ -124,9 +124,9 @@ class TrainConfig(BaseModel):
     # LoRA
     use_lora: bool = True
     # r32 / alpha 48 / no dropout: the best of the three-seed means on both data sets (docs/benchmarks.md).
-    lora_r: int = Field(32, description="LoRA rank")
+    lora_r: int = Field(32, gt=0, description="LoRA rank")
     lora_alpha: float = Field(48, gt=0, description="scales LoRA by alpha/r")
-    lora_dropout: float = Field(0.0, description="dropout inside the adapter, in [0, 1)")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout inside the adapter, in [0, 1)")
     lora_target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES), min_length=1)
     modules_to_save: list[str] | None = Field(
         None,
@@ -158,7 +158,7 @@ class TrainConfig(BaseModel):
     # Training
     batch_size: int = Field(32, gt=0)
     learning_rate: float = Field(
-        1e-3, description="measured best for LoRA on all-MiniLM-L6-v2 (docs/benchmarks.md); full fine-tuning wants ~1e-4"
+        1e-3, gt=0, description="measured best for LoRA on all-MiniLM-L6-v2 (docs/benchmarks.md); full fine-tuning wants ~1e-4"
     )
     epochs: int = Field(1, gt=0)
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
@@ -253,20 +253,6 @@ class TrainConfig(BaseModel):
             raise ValueError(f"unknown torch_dtype {v!r}; choose one of {', '.join(TORCH_DTYPES)}")
         return name
 
-    @field_validator("lora_r", "learning_rate")
-    @classmethod
-    def _positive(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError("must be > 0")
-        return v
-
-    @field_validator("lora_dropout")
-    @classmethod
-    def _dropout(cls, v: float) -> float:
-        if not 0 <= v < 1:
-            raise ValueError("must be in [0, 1)")
-        return v
-
     @field_validator("lora_init")
     @classmethod
     def _lora_init(cls, v: str) -> str:
@@ -295,37 +281,27 @@ class TrainConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _lora_init_needs(self) -> TrainConfig:
-        if not self.use_lora or not mutates_base(self.lora_init):
-            return self
-        # The saved adapter is converted to plain LoRA (rank 2r) on the original base, which the
-        # rank-r training model cannot load again; DoRA and FSDP shards peft cannot convert.
-        for key, on in (("use_dora", self.use_dora), ("use_fsdp", self.use_fsdp)):
-            if on:
-                raise ValueError(f"lora_init: {self.lora_init} cannot be combined with {key}")
-        if self.resume_from_checkpoint:
-            raise ValueError(
-                f"lora_init: {self.lora_init} cannot resume (its checkpoints hold the adapter converted to plain "
-                "LoRA on the original base); start the run again"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _loraplus_needs(self) -> TrainConfig:
-        if self.loraplus_lr_ratio is not None:
-            if not self.use_lora:
-                raise ValueError("loraplus_lr_ratio: needs use_lora")
-            # FSDP flattens parameters into shards, so peft cannot tell A from B matrices by name.
-            if self.use_fsdp:
-                raise ValueError("loraplus_lr_ratio: cannot be combined with use_fsdp")
-        return self
-
-    @model_validator(mode="after")
-    def _validation_needs(self) -> TrainConfig:
-        has_eval = self.eval_data_path is not None or self.eval_split is not None
+    def _combinations(self) -> TrainConfig:
+        """Keys that need, or exclude, other keys."""
+        if self.use_lora and mutates_base(self.lora_init):
+            # The saved adapter is converted to plain LoRA (rank 2r) on the original base, which the
+            # rank-r training model cannot load again; DoRA and FSDP shards peft cannot convert.
+            for key in ("use_dora", "use_fsdp"):
+                if getattr(self, key):
+                    raise ValueError(f"lora_init: {self.lora_init} cannot be combined with {key}")
+            if self.resume_from_checkpoint:
+                raise ValueError(
+                    f"lora_init: {self.lora_init} cannot resume (its checkpoints hold the adapter converted to "
+                    "plain LoRA on the original base); start the run again"
+                )
+        if self.loraplus_lr_ratio is not None and not self.use_lora:
+            raise ValueError("loraplus_lr_ratio: needs use_lora")
+        # FSDP flattens parameters into shards, so peft cannot tell A from B matrices by name.
+        if self.loraplus_lr_ratio is not None and self.use_fsdp:
+            raise ValueError("loraplus_lr_ratio: cannot be combined with use_fsdp")
         if self.eval_split is not None and self.eval_data_path is not None:
             raise ValueError("eval_split: set either eval_data_path or eval_split, not both")
-        if self.metric_for_best_model is not None and not has_eval:
+        if self.metric_for_best_model is not None and self.eval_split is None and self.eval_data_path is None:
             raise ValueError("metric_for_best_model: needs validation data (eval_data_path or eval_split)")
         if self.early_stopping_patience is not None and self.metric_for_best_model is None:
             raise ValueError("early_stopping_patience: needs metric_for_best_model")
@@ -344,11 +320,8 @@ def mutates_base(lora_init: str) -> bool:
     return lora_init.startswith("pissa") or lora_init == "olora"
 
 
-def _section_model(key: str) -> type[BaseModel] | None:
-    """The model of a nested config section such as `trainer`; None for plain keys."""
-    field = TrainConfig.model_fields.get(key)
-    ann = field.annotation if field else None
-    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+# The nested config sections, by key (set as `trainer.num_nodes=2`).
+SECTIONS: dict[str, type[BaseModel]] = {"trainer": TrainerOptions}
 
 
 def _field(key: str) -> Any:
@@ -356,18 +329,15 @@ def _field(key: str) -> Any:
     section, _, name = key.partition(".")
     if not name:
         return TrainConfig.model_fields.get(key)
-    model = _section_model(section)
+    model = SECTIONS.get(section)
     return model.model_fields.get(name) if model else None
 
 
 def _unknown_key_error(key: str, source: str) -> ConfigError:
     section, _, name = key.rpartition(".")
-    model = _section_model(section) if section else None
-    if model is None:  # a top-level key (or an unknown section): suggest a top-level key
-        section, name, candidates = "", key.partition(".")[0], list(TrainConfig.model_fields)
-    else:
-        candidates = list(model.model_fields)
-    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
+    if (model := SECTIONS.get(section)) is None:  # a top-level key (or an unknown section): suggest a top-level key
+        section, name, model = "", key.partition(".")[0], TrainConfig
+    close = difflib.get_close_matches(name, list(model.model_fields), n=1, cutoff=0.5)
     hint = f"; did you mean {section + '.' if section else ''}{close[0]}?" if close else ""
     return ConfigError(f"{source}: unknown config key {key!r}{hint}")
 
@@ -394,7 +364,7 @@ def coerce_override(key: str, raw: str) -> Any:
     ann = _field(key).annotation
     containers = {typing.get_origin(a) for a in (ann, *typing.get_args(ann))}  # list, dict: bare or in Optional
     # Sections, dict fields and lists of dicts (`trainer.tolerations`) take a YAML flow value.
-    if _section_model(key) is not None or dict in containers:
+    if key in SECTIONS or dict in containers:
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -477,11 +447,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _format_validation_error(err: ValidationError, source: str) -> ConfigError:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or e["msg"].split(":", 1)[0]
-        msg = e["msg"].removeprefix("Value error, ")
+        key, msg = ".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             return _unknown_key_error(key, source)
-        lines.append(f"{key}: {msg}" if not msg.startswith(f"{key}:") else msg)
+        lines.append(f"{key}: {msg}" if key else msg)  # a model validator's message starts with its key
     return ConfigError(f"{source}: invalid config: " + "; ".join(lines))
 
 
@@ -495,19 +464,13 @@ def load_config(
     trainer_defaults: `trainer` keys to use where neither the file nor the overrides set them
     (the train step passes the backend and image its pipeline was compiled for).
     """
-    values: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        source = str(path)
-        values.update(_read_yaml(Path(path)))
-        for key in values:
-            if key not in TrainConfig.model_fields:
-                raise _unknown_key_error(key, source)
+    values = _read_yaml(Path(path)) if path is not None else {}
+    source = str(path) if path is not None else "defaults"
     if overrides:
         parsed = _nest(overrides, "override") if isinstance(overrides, Mapping) else parse_overrides(overrides)
         for key, value in parsed.items():
             # A nested override (`trainer.num_nodes`) updates the YAML's section instead of replacing it.
-            if _section_model(key) and isinstance(value, dict) and isinstance(values.get(key), dict):
+            if key in SECTIONS and isinstance(value, dict) and isinstance(values.get(key), dict):
                 value = {**values[key], **value}
             values[key] = value
         source = f"{source} + overrides"

@@ -14,25 +14,19 @@ from vembed.training import train
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "minilm_demo.yaml"
 
 
-def demo_config(output_dir: str | Path, data: dict, max_steps: int | None = None):
+def run_demo(output_dir: str | Path = "output/demo", minutes: float = 3.0) -> int:
     out = Path(output_dir)
+    data = build_demo_dataset(out / "data")
+    print(f"demo data: {data['n_train']} train / {data['n_eval']} held-out pairs from Python's docstrings")
     overrides = {
         "data_path": data["train"],
         "eval_data_path": data["eval"],
         "corpus_path": data["corpus"],
         "output_dir": str(out / "minilm"),
+        # ~1.5 s per step of 32 pairs on 2 CPU cores; bound the run by the time budget.
+        "max_steps": max(10, int(minutes * 60 / 1.5)),
     }
-    if max_steps:
-        overrides["max_steps"] = max_steps
-    return load_config(EXAMPLE if EXAMPLE.is_file() else None, overrides)
-
-
-def run_demo(output_dir: str | Path = "output/demo", minutes: float = 3.0) -> int:
-    out = Path(output_dir)
-    data = build_demo_dataset(out / "data")
-    print(f"demo data: {data['n_train']} train / {data['n_eval']} held-out pairs from Python's docstrings")
-    # ~1.5 s per step of 32 pairs on 2 CPU cores; bound the run by the time budget.
-    cfg = demo_config(out, data, max_steps=max(10, int(minutes * 60 / 1.5)))
+    cfg = load_config(EXAMPLE if EXAMPLE.is_file() else None, overrides)
     result = train(cfg)
     results = compare_models(
         {"base": cfg.model_name, "tuned": str(result.checkpoint_dir)}, data["eval"], data["corpus"]

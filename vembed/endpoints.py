@@ -9,15 +9,14 @@ retry it (vembed.retry).
 from __future__ import annotations
 
 import socket
-import threading
 from urllib.parse import urlsplit
 
 from vembed.errors import VembedError
 from vembed.redaction import redact
 
 DEFAULT_TIMEOUT_S = 5.0
-_reachable: set[str] = set()  # endpoints that answered once in this process
-_lock = threading.Lock()
+# Endpoints that answered once in this process (set.add is atomic: threads need no lock).
+_reachable: set[str] = set()
 
 
 def _host_port(url: str) -> tuple[str, int]:
@@ -38,8 +37,7 @@ def check_tcp(url: str, what: str, error: type[VembedError], timeout: float = DE
     except (OSError, ValueError) as e:
         reason = "timed out" if isinstance(e, TimeoutError) else (getattr(e, "strerror", None) or str(e))
         raise unreachable(error, what, url, reason, timeout) from None
-    with _lock:
-        _reachable.add(url)
+    _reachable.add(url)
 
 
 def check_http(url: str, path: str, what: str, error: type[VembedError], timeout: float = DEFAULT_TIMEOUT_S) -> None:
@@ -56,8 +54,7 @@ def check_http(url: str, path: str, what: str, error: type[VembedError], timeout
         raise unreachable(error, what, url, reason, timeout) from None
     if status >= 500:
         raise unreachable(error, what, url, f"HTTP {status}", timeout)
-    with _lock:
-        _reachable.add(url)
+    _reachable.add(url)
 
 
 def unreachable(error: type[VembedError], what: str, url: str, reason: str, timeout: float) -> VembedError:

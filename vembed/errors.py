@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 
@@ -53,8 +54,6 @@ def first_line(exc: BaseException) -> str:
 
 def _end_progress_bars() -> None:
     """A failure mid-training leaves tqdm's bar open: close it, so the error starts on its own line."""
-    import sys
-
     std = sys.modules.get("tqdm.std")
     for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
         bar.close()
@@ -63,8 +62,6 @@ def _end_progress_bars() -> None:
 def run_command(fn: Callable[[], int | None]) -> int:
     """Run a CLI command: its exit code, or 2 after one `error: ...` line on stderr (no traceback);
     130 on Ctrl-C. Pipeline steps use `vembed.retry.run_step`, which ends the same way in the pod log."""
-    import sys
-
     try:
         return int(fn() or 0)
     except ONE_LINE_ERRORS as e:

@@ -30,24 +30,18 @@ _SECRET_NAME = re.compile(
 _URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][\w+.-]*://[^/\s:@]+:)[^@\s/]+@")
 
 
-def _secret_values() -> list[str]:
-    return [v for name in SECRET_ENV_VARS if len(v := os.environ.get(name, "")) >= 4]
-
-
 def redact(text: str) -> str:
     """Remove env secret values and URL passwords from a string."""
-    for secret in _secret_values():
-        text = text.replace(secret, REDACTED)
+    for name in SECRET_ENV_VARS:
+        if len(secret := os.environ.get(name, "")) >= 4:
+            text = text.replace(secret, REDACTED)
     return _URL_PASSWORD.sub(rf"\g<head>{REDACTED}@", text)
 
 
 def scrub(values: Mapping[str, Any]) -> dict[str, str]:
     """Stringify values for MLflow, dropping anything that looks like a credential."""
-    out: dict[str, str] = {}
-    for key, value in values.items():
-        if _SECRET_NAME.search(str(key)):
-            out[str(key)] = REDACTED
-            continue
-        text = value if isinstance(value, str) else json.dumps(value, default=str)
-        out[str(key)] = redact(text)
-    return out
+    return {
+        str(key): REDACTED if _SECRET_NAME.search(str(key))
+        else redact(value if isinstance(value, str) else json.dumps(value, default=str))
+        for key, value in values.items()
+    }

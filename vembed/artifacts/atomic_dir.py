@@ -2,8 +2,8 @@
 
 `staged_dir(dest)` yields a fresh hidden sibling of `dest`. When the block finishes, the sibling is
 renamed onto `dest`; on every failure path (an exception, ENOSPC, Ctrl-C) it is removed and `dest` is
-untouched. An existing `dest` is replaced only when `may_replace(dest)` says so, and that is asked
-before any work is done.
+untouched. An existing `dest` is replaced only when `may_replace(dest)` says so (by default: only an
+empty or an earlier complete directory), and that is asked before any work is done.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from vembed.errors import StorageError
+from vembed.artifacts.integrity import check_replaceable
+from vembed.errors import StorageError, first_line
 
 
 def os_error(exc: OSError, fallback: str | os.PathLike[str]) -> StorageError:
@@ -27,18 +28,10 @@ def os_error(exc: OSError, fallback: str | os.PathLike[str]) -> StorageError:
     return StorageError(f"{where}: {reason}")
 
 
-def refuse_existing(dest: Path) -> None:
-    """The default policy: a missing or empty directory may be written; anything else is refused."""
-    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
-        raise StorageError(f"{dest}: exists and is not a directory; refusing to replace it")
-    if dest.is_dir() and any(dest.iterdir()):
-        raise StorageError(f"{dest}: directory is not empty; refusing to replace it")
-
-
 @contextlib.contextmanager
 def staged_dir(
     dest: str | os.PathLike[str],
-    may_replace: Callable[[Path], None] = refuse_existing,
+    may_replace: Callable[[Path], None] = check_replaceable,
     tmp_name: str | None = None,
 ) -> Iterator[Path]:
     """Yield a temporary sibling of `dest`, renamed onto it when the block succeeds.
@@ -60,18 +53,15 @@ def staged_dir(
     try:
         yield tmp
         publish(tmp, dest)
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.filename is not None and str(e.filename).startswith(str(tmp)):
-            e.filename = None  # the temporary copy is gone: name the destination instead
-        raise os_error(e, dest) from None
-    except SafetensorError as e:  # safetensors reports a failed write (disk full, ...) as its own error
-        shutil.rmtree(tmp, ignore_errors=True)
-        if "I/O error" not in str(e):
-            raise
-        raise StorageError(f"{dest}: cannot write ({str(e).splitlines()[0]})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            if e.filename is not None and str(e.filename).startswith(str(tmp)):
+                e.filename = None  # the temporary copy is gone: name the destination instead
+            raise os_error(e, dest) from None
+        # safetensors reports a failed write (disk full, ...) as its own error
+        if isinstance(e, SafetensorError) and "I/O error" in str(e):
+            raise StorageError(f"{dest}: cannot write ({first_line(e)})") from None
         raise
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from safetensors import SafetensorError
 
-from vembed.errors import CheckpointError, StorageError, VembedError
+from vembed.errors import CheckpointError, StorageError, VembedError, first_line
 
 MANIFEST = "manifest.json"
 # What vembed wrote before the manifest was its one format: {file: sha256}. Still verified, never written.
@@ -37,8 +37,7 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 def refuse_pickle(directory: str | os.PathLike[str], error: type[VembedError] = CheckpointError) -> None:
     """Raise `error` naming the pickle files anywhere under `directory`; vembed loads safetensors only."""
     d = Path(directory)
-    found = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.suffix in PICKLE_SUFFIXES and p.is_file())
-    if found:
+    if found := sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.suffix in PICKLE_SUFFIXES and p.is_file()):
         raise error(f"{d}: refusing pickle weight files {found[:5]}; vembed loads safetensors only")
 
 
@@ -137,8 +136,7 @@ def check_safetensors(directory: Path) -> None:
             with safe_open(str(f), framework="pt") as fh:
                 fh.keys()
         except (SafetensorError, OSError) as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise CheckpointError(f"{f}: truncated or corrupt safetensors file ({reason})") from None
+            raise CheckpointError(f"{f}: truncated or corrupt safetensors file ({first_line(e)})") from None
 
 
 # --- the rules of stored copies (vembed.artifacts.storage) ----------------------------------------

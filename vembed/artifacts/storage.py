@@ -244,7 +244,7 @@ class Storage:
         """Copy a complete directory to `local_dir` (replaced as a whole, manifest included), verifying
         every file; a directory without a manifest is refused."""
         manifest = self.read_manifest(uri)
-        with staged_dir(local_dir, may_replace=mf.check_replaceable) as tmp:
+        with staged_dir(local_dir) as tmp:
             files = [(join(uri, e["path"]), tmp / e["path"], e) for e in manifest["files"]]
             for _, target, _ in files:
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -283,7 +283,7 @@ class Storage:
                 yield Path(tmp)
                 self.upload_dir(tmp, str(uri))
             return
-        with staged_dir(Path(uri), may_replace=mf.check_replaceable) as tmp:
+        with staged_dir(Path(uri)) as tmp:
             yield tmp
             mf.write_manifest(tmp)
 

@@ -70,16 +70,14 @@ def docstring_pairs() -> Iterator[Record]:
             body = " ".join(ln for ln in lines[1:] if ln)
             if not 15 <= len(summary) <= 200 or len(body) < 40 or summary.startswith(qualname.rsplit(".", 1)[-1] + "("):
                 continue
-            positive = f"{qualname}{_signature(obj)}: {body[:400]}"
-            yield Record(query=summary, positive=positive)
+            yield Record(query=summary, positive=f"{qualname}{_signature(obj)}: {body[:400]}")
 
 
 def write_retrieval_dataset(
     records: Iterable[Record], out_dir: str | Path, eval_fraction: float = 0.2, max_train: int = 2000
 ) -> dict[str, str | int]:
     """Write train.jsonl, eval.jsonl and corpus.jsonl (train positives as distractors)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)  # write_records creates it
     split = split_records(records, eval_fraction=eval_fraction, seed=0)
     train = split.train[:max_train]
     write_records(train, out / "train.jsonl")

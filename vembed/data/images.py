@@ -23,10 +23,11 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from vembed.artifacts import storage
+from vembed.artifacts.storage import S3_SCHEME, is_s3
 from vembed.data.records import LIST_FIELDS, Record, RecordRejected
 from vembed.errors import first_line
 
-S3_PREFIX = "s3://"
 # 64 MiB of pixels (8192 x 8192): above any real training photo, far below a bomb's billions.
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 RETRIEVAL_MODES = ("auto", "t2t", "t2i", "i2t", "i2i")
@@ -34,13 +35,6 @@ RETRIEVAL_MODES = ("auto", "t2t", "t2i", "i2t", "i2i")
 
 class ImageError(RecordRejected):
     """An image reference that cannot be used."""
-
-    def __init__(self, message: str, kind: str = "bad image") -> None:
-        super().__init__(message, kind)
-
-
-def is_s3(ref: Any) -> bool:
-    return isinstance(ref, str) and ref.startswith(S3_PREFIX)
 
 
 def resolve_image_path(path: str, root: str | os.PathLike[str] | None, allow_outside: bool = False) -> str:
@@ -55,11 +49,11 @@ def resolve_image_path(path: str, root: str | os.PathLike[str] | None, allow_out
     if is_s3(str(root)):
         if posixpath.isabs(path):
             raise ImageError(f"image {path!r}: a local absolute path in a data file stored at {root}", "bad image path")
-        base = str(root).removeprefix(S3_PREFIX).rstrip("/")
+        base = str(root).removeprefix(S3_SCHEME).rstrip("/")
         joined = posixpath.normpath(posixpath.join(base, path))
         if not allow_outside and not (joined + "/").startswith(base + "/"):
             raise _outside(path, str(root))
-        return S3_PREFIX + joined
+        return S3_SCHEME + joined
     base = Path(root).resolve()
     full = (base / path).resolve()  # an absolute `path` stays absolute; symlinks are followed
     if not allow_outside and not full.is_relative_to(base):
@@ -77,9 +71,7 @@ def _outside(path: str, root: str) -> ImageError:
 
 def read_image_bytes(ref: str | os.PathLike[str]) -> bytes:
     if is_s3(ref):
-        from vembed.artifacts import storage
-
-        return storage.read_bytes(str(ref))
+        return storage.read_bytes(ref)
     try:
         return Path(ref).read_bytes()
     except FileNotFoundError:
@@ -175,8 +167,7 @@ def apply_retrieval_mode(record: Record, mode: str) -> Record:
         "negatives": not p_image,  # negatives take the positive's modality
         "negative_images": p_image,
     }
-    need = [name for name in ("query", "query_image", "positive", "positive_image") if keep[name] and not getattr(record, name)]
-    if need:
+    if need := [name for name in ("query", "query_image", "positive", "positive_image") if keep[name] and not getattr(record, name)]:
         raise RecordRejected(f"retrieval_mode {mode} needs field {need[0]!r}", "missing field for retrieval_mode")
     return dataclasses.replace(
         record, **{name: getattr(record, name) if kept else (() if name in LIST_FIELDS else None) for name, kept in keep.items()}
@@ -193,20 +184,14 @@ class RecordImages:
     root: str | os.PathLike[str]
     retrieval_mode: str = "auto"
     allow_outside: bool = False
-    max_pixels: int = MAX_IMAGE_PIXELS
-    check_files: bool = True
-
-    def __post_init__(self) -> None:
-        if self.retrieval_mode not in RETRIEVAL_MODES:
-            raise ValueError(f"unknown retrieval_mode {self.retrieval_mode!r}")
 
     def _image(self, path: str | None) -> str | None:
         if path is None:
             return None
         resolved = resolve_image_path(path, self.root, self.allow_outside)
-        if self.check_files and not is_s3(resolved):
+        if not is_s3(resolved):
             try:
-                check_image(resolved, self.max_pixels)
+                check_image(resolved)
             except ImageError as e:
                 # Name the path as written in the data file; the line number comes from the reader.
                 raise ImageError(str(e).replace(repr(resolved), repr(path), 1), e.kind) from None

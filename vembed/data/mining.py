@@ -15,11 +15,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from vembed.data.records import Record
+from vembed.data.records import Record, read_records, write_records
+from vembed.errors import ConfigError, DataError
 from vembed.models.base import Item
 
 log = logging.getLogger(__name__)
@@ -37,8 +39,6 @@ class MiningSettings:
     query_block: int = 1024
 
     def __post_init__(self) -> None:
-        from vembed.errors import ConfigError
-
         if not 0 <= self.rank_start < self.rank_end:
             raise ConfigError(f"mining: need 0 <= rank_start < rank_end, got {self.rank_start}, {self.rank_end}")
         if self.num_negatives < 1:
@@ -150,19 +150,13 @@ def mine_file(
     **settings: int | float,
 ) -> dict[str, object]:
     """`vembed mine`: read records, mine with `model`, write them to a new file; returns a summary."""
-    from pathlib import Path
-
-    from vembed.data import read_records, write_records
-    from vembed.errors import DataError
     from vembed.inference.evaluation import read_corpus
 
     out = Path(output_path)
     if out.exists():  # never overwrite what this command did not create
         raise DataError(f"{out}: already exists; choose a new output file")
     s = MiningSettings(**settings)  # type: ignore[arg-type]
-    records = list(read_records(data_path))
-    if not records:
-        raise DataError(f"{data_path}: no records")
+    records = list(read_records(data_path))  # never empty: an empty file or a bad record raises
     extra = read_corpus(corpus) if corpus else []
     mined, stats = mine_negatives(records, predictor_encoder(model, batch_size), s, extra)
     write_records(mined, out)

@@ -73,24 +73,20 @@ def _parse(obj: Any) -> Record:
     if not isinstance(obj, dict):
         raise RecordRejected(f"expected a JSON object, got {type(obj).__name__}", "wrong type")
     values: dict[str, Any] = {}
-    for key in (*TEXT_FIELDS, *IMAGE_FIELDS):
-        v = obj.get(key)
-        if v is None:
+    for key in (*TEXT_FIELDS, *IMAGE_FIELDS, *LIST_FIELDS):
+        if (v := obj.get(key)) is None:
             continue
-        if not isinstance(v, str):
+        if key in LIST_FIELDS:
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise RecordRejected(f"field {key!r} must be a list of strings", "wrong type")
+            if any(not x.strip() for x in v):
+                raise RecordRejected(f"field {key!r} contains an empty string", "empty field")
+            v = tuple(v)
+        elif not isinstance(v, str):
             raise RecordRejected(f"field {key!r} must be a string, got {type(v).__name__}", "wrong type")
-        if not v.strip():
+        elif not v.strip():
             raise RecordRejected(f"field {key!r} is empty", "empty field")
         values[key] = v
-    for key in LIST_FIELDS:
-        v = obj.get(key)
-        if v is None:
-            continue
-        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-            raise RecordRejected(f"field {key!r} must be a list of strings", "wrong type")
-        if any(not x.strip() for x in v):
-            raise RecordRejected(f"field {key!r} contains an empty string", "empty field")
-        values[key] = tuple(v)
     for side in ("query", "positive"):
         if side not in values and f"{side}_image" not in values:
             raise RecordRejected(f"missing field {side!r} (or {side}_image)", "missing field")

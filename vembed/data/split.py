@@ -47,10 +47,8 @@ def _tag(records: Iterable[Record], eval_fraction: float, seed: int, counts: Spl
             continue
         seen.add(k)
         held = is_eval(r, eval_fraction, seed)
-        if held:
-            counts.eval += 1
-        else:
-            counts.train += 1
+        counts.eval += held
+        counts.train += not held
         yield r, held
 
 

@@ -132,16 +132,11 @@ def compare_models(
 def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     """Models side by side, one row per (dim, metric), plus the change vs the first model."""
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
     names = list(results)
-    table = Table(title="retrieval metrics")
-    table.add_column("dim")
-    table.add_column("metric")
-    for n in names:
-        table.add_column(n, justify="right")
-    if len(names) > 1:
-        table.add_column(f"{names[-1]} - {names[0]}", justify="right")
+    numbers = [*names, f"{names[-1]} - {names[0]}"] if len(names) > 1 else names
+    table = Table("dim", "metric", *(Column(n, justify="right") for n in numbers), title="retrieval metrics")
     first = results[names[0]]
     for dim in first:
         for metric in METRICS:
@@ -158,12 +153,11 @@ def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
 def base_model_of(model_path: str) -> str | None:
     """The base model an adapter checkpoint was trained from, if it is one."""
     d = Path(model_path)
-    spec = d / "embedder.json"
-    if (d / "adapter_config.json").is_file():
-        if spec.is_file():
-            return json.loads(spec.read_text())["model_name"]
-        return json.loads((d / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    return None
+    if not (d / "adapter_config.json").is_file():
+        return None
+    if (d / "embedder.json").is_file():
+        return json.loads((d / "embedder.json").read_text())["model_name"]
+    return json.loads((d / "adapter_config.json").read_text()).get("base_model_name_or_path")
 
 
 def parse_dims(text: str) -> list[int]:

@@ -28,19 +28,15 @@ MERGE_MARKER = "vembed_merged.json"  # written by merge_adapter only: "this dire
 _PROTECTED_FILES = ("trainer_state.json", "adapter_config.json", "training_log.txt", "vembed_config.yaml")
 
 
-def _is_within(child: Path, parent: Path) -> bool:
-    return child == parent or parent in child.parents
-
-
 def check_merge_target(src: Path, out: Path, overwrite: bool) -> None:
     """Raise unless writing the merged model to `out` loses nothing merge did not create."""
     src_r, out_r = src.resolve(), out.resolve()
-    if _is_within(src_r, out_r):
+    if src_r.is_relative_to(out_r):
         what = "the source checkpoint" if src_r == out_r else f"a folder that contains the source checkpoint {src}"
         raise StorageError(f"{out}: is {what}; choose a new output directory")
-    if _is_within(out_r, src_r):
+    if out_r.is_relative_to(src_r):
         raise StorageError(f"{out}: is inside the source checkpoint {src}; choose a directory outside it")
-    if out_r == Path.cwd().resolve() or _is_within(Path.cwd().resolve(), out_r):
+    if Path.cwd().resolve().is_relative_to(out_r):
         raise StorageError(f"{out}: is the current directory (or above it); choose a new output directory")
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise StorageError(f"{out}: exists and is not a directory; refusing to replace it")
@@ -109,9 +105,7 @@ def _save_sentence_transformer(embedder: Embedder, directory: Path) -> None:
         modules.append(Dense(embedder.dim, embedder.dim, bias=False, activation_function=None, init_weight=embedder.rotation.T.contiguous()))
     if spec.normalize:
         modules.append(Normalize())
-    prompts = {}
-    if spec.query_instruction:
-        prompts["query"] = format_query("", spec.query_instruction, spec.pooling == "last_token")
-    model = SentenceTransformer(modules=modules, prompts=prompts or None, device="cpu")
+    query_prompt = format_query("", spec.query_instruction, spec.pooling == "last_token")
+    model = SentenceTransformer(modules=modules, prompts={"query": query_prompt} if query_prompt else None, device="cpu")
     model.save(str(directory))
     shutil.rmtree(weights)

@@ -48,9 +48,7 @@ def load_trained_embedder(directory: str | Path, device: str | torch.device | No
         name = str(directory)
         if d.exists():
             raise CheckpointError(f"{name}: is a file, expected a model directory")
-        if not looks_like_hub_id(name):
-            raise CheckpointError(f"{name}: does not exist")
-        # A hub id or a name the resolver knows (e.g. the packaged MiniLM).
+        # A hub id or a name the resolver knows (e.g. the packaged MiniLM); Predictor refused other missing names.
         try:
             return _to_device(load_embedder(name), device)
         except (VembedError, OSError, ValueError) as e:
@@ -108,8 +106,6 @@ class Predictor:
         local = materialize(self.model_path)
         try:
             self.embedder = load_trained_embedder(local, device)
-        except VembedError:
-            raise
         except (OSError, ValueError, SafetensorError) as e:
             raise VembedError(f"{model_path}: cannot load model: {first_line(e)}") from None
 

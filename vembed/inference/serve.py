@@ -46,12 +46,6 @@ def create_app(predictor: Any, model_id: str) -> Any:
 
     app = FastAPI(title="vembed embeddings", version="1")
     lock = threading.Lock()  # one forward at a time: torch already uses every core per batch
-    tokenizer = getattr(predictor.embedder, "tokenizer", None)
-
-    def count_tokens(texts: list[str]) -> int:
-        if tokenizer is None:
-            return 0
-        return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"])
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -74,20 +68,12 @@ def create_app(predictor: Any, model_id: str) -> Any:
         except VembedError as e:
             raise HTTPException(400, str(e)) from None
         emb = np.asarray(emb, dtype="<f4")
-        data = [
-            {
-                "object": "embedding",
-                "index": i,
-                "embedding": base64.b64encode(row.tobytes()).decode()
-                if req.encoding_format == "base64"
-                else row.tolist(),
-            }
-            for i, row in enumerate(emb)
-        ]
-        tokens = count_tokens(texts)
+        as_base64 = req.encoding_format == "base64"
+        vectors = [base64.b64encode(row.tobytes()).decode() for row in emb] if as_base64 else emb.tolist()
+        tokens = sum(len(ids) for ids in predictor.embedder.tokenizer(texts, add_special_tokens=True)["input_ids"])
         return {
             "object": "list",
-            "data": data,
+            "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
             "model": model_id,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }

@@ -32,14 +32,12 @@ SUPPORTED = (
 _NON_TEXT_PARTS = ("vision_config", "audio_config", "encoder_config", "decoder_config", "vision_tower")
 
 
-def detect_family(config: PretrainedConfig | str) -> str:
+def detect_family(config: PretrainedConfig) -> str:
     """The family for a model config. A model that is not a plain text stack and not one of the
     multimodal families is refused: run as text it would silently ignore its images."""
-    model_type = config if isinstance(config, str) else config.model_type
+    model_type = config.model_type
     if model_type in MULTIMODAL_TYPES:
         return MULTIMODAL_TYPES[model_type]
-    if isinstance(config, str):
-        return "text"
     parts = [p for p in _NON_TEXT_PARTS if getattr(config, p, None) is not None]
     if parts or getattr(config, "is_encoder_decoder", False):
         what = ", ".join(parts) if parts else "is_encoder_decoder"
@@ -51,12 +49,10 @@ def detect_family(config: PretrainedConfig | str) -> str:
     return "text"
 
 
-def resolve_dtype(name: str, device: torch.device | str | None = None) -> torch.dtype:
+def resolve_dtype(name: str) -> torch.dtype:
     """`auto` is bf16 on a CUDA device that supports it and fp32 elsewhere."""
     if name == "auto":
-        dev = torch.device(device) if device is not None else None
-        on_cuda = torch.cuda.is_available() and (dev is None or dev.type == "cuda")
-        return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     return getattr(torch, name)
 
 

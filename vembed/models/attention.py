@@ -120,10 +120,7 @@ def _register() -> None:
 def use_training_attention(backbone: nn.Module) -> bool:
     """Switch an SDPA model to NAME for training; False (unchanged) for other attention implementations."""
     model = base_model(backbone)
-    config = getattr(model, "config", None)
-    if config is None or config._attn_implementation != "sdpa":
-        return False
-    if not hasattr(model, "set_attn_implementation"):
+    if model.config._attn_implementation != "sdpa":
         return False
     _register()
     try:

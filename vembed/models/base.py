@@ -6,6 +6,7 @@ Normalisation happens in the loss and in the Predictor, after any MRL truncation
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -113,9 +114,7 @@ def embed_features(
         batch = {k: v.to(device) for k, v in collate([features[i] for i in idx]).items()}
         out.append(model(**batch).float().to(out_device))
     emb = torch.cat(out)
-    restored = torch.empty_like(emb)
-    restored[torch.tensor(order, device=emb.device)] = emb
-    return restored
+    return emb[torch.tensor(order, device=emb.device).argsort()]  # row j of emb is item order[j]
 
 
 def scatter_rows(values: torch.Tensor, rows: Sequence[int] | torch.Tensor, n: int) -> torch.Tensor:
@@ -141,19 +140,14 @@ def load_backbone(model_cls: Any, path: str, dtype: torch.dtype | None = None) -
     kwargs = {"dtype": dtype} if dtype else {}
     if not _loads_on_meta():
         return model_cls.from_pretrained(path, **kwargs)
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModel
 
-    config = AutoConfig.from_pretrained(path)
-    with torch.device("meta"):
-        model = model_cls.from_config(config, **kwargs) if hasattr(model_cls, "from_config") else (
-            model_cls._from_config(config, **kwargs)
-        )
+    with torch.device("meta"):  # AutoModel builds every family's class (CLIPModel for CLIP) from its config
+        model = AutoModel.from_config(AutoConfig.from_pretrained(path), **kwargs)
     return model.eval()  # as from_pretrained leaves it
 
 
 def _loads_on_meta() -> bool:
-    import os
-
     import torch.distributed as dist
 
     enabled = all(

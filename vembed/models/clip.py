@@ -92,16 +92,12 @@ class CLIPEmbedder(Embedder):
         text_rows = (modality == TEXT).nonzero().flatten()
         image_rows = (modality == IMAGE).nonzero().flatten()
         parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # Each tower sees only its rows; transformers 5: the output's pooler_output is the projected embedding.
         if len(text_rows):
-            ids, mask = inputs["input_ids"], inputs["attention_mask"]
-            if len(text_rows) < len(modality):
-                ids, mask = ids[text_rows], mask[text_rows]
-            # transformers 5: the output object's pooler_output is the projected embedding.
+            ids, mask = inputs["input_ids"][text_rows], inputs["attention_mask"][text_rows]
             parts.append((text_rows, clip.get_text_features(input_ids=ids, attention_mask=mask).pooler_output))
         if len(image_rows):
-            pixels = inputs["pixel_values"]
-            if len(image_rows) < len(modality):
-                pixels = pixels[image_rows]
+            pixels = inputs["pixel_values"][image_rows]
             parts.append((image_rows, clip.get_image_features(pixel_values=pixels).pooler_output))
         if len(parts) == 1:
             return parts[0][1]

@@ -34,8 +34,7 @@ def _report_matches(key: str, requested: list[str], matched: list[str], model: s
     """None of `requested` matched: an error; some did not: a log line naming them."""
     if not matched:
         raise ConfigError(f"{key}: none of {requested} is a {what}")
-    skipped = [n for n in requested if n not in matched]
-    if skipped:
+    if skipped := [n for n in requested if n not in matched]:
         log.log(level, "%s: %s not in %s, %s %s", key, skipped, model, verb, matched)
 
 
@@ -60,8 +59,7 @@ def resolve_modules_to_save(embedder: Embedder, requested: list[str], model_name
         if not hits:
             continue
         for hit in hits:
-            root = _under(hit, unused)
-            if root is not None:
+            if (root := _under(hit, unused)) is not None:
                 raise ConfigError(
                     f"modules_to_save: {name!r} ({hit}) does not reach the embedding of {model_name}: "
                     f"{unused[root]}. Training it would only add parameters without gradient; "
@@ -159,8 +157,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
+    model.enable_input_require_grads()
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -34,10 +34,7 @@ def lacks_tokenizer(directory: Path) -> bool:
 def find_base(directory: Path) -> tuple[str, dict[str, Any]]:
     """(base model name, embedder options from the run's config) for a guide-style merged directory."""
     merged = json.loads((directory / "config.json").read_text())
-    candidates: list[tuple[str, dict[str, Any], str]] = []
-    for key in CONFIG_KEYS:
-        if merged.get(key):
-            candidates.append((str(merged[key]), {}, f"config.json {key}"))
+    candidates = [(str(merged[key]), {}, f"config.json {key}") for key in CONFIG_KEYS if merged.get(key)]
     run_config = directory.parent / "config.yaml"
     if run_config.is_file():
         run = yaml.safe_load(run_config.read_text()) or {}

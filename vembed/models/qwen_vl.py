@@ -67,7 +67,10 @@ class VLProcessor:
     def from_pretrained(cls, path: str) -> VLProcessor:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if not tokenizer.chat_template:
-            tokenizer.chat_template = _processor_chat_template(Path(path)) or DEFAULT_CHAT_TEMPLATE
+            # Qwen3-VL repositories keep the template in the processor's chat_template.json.
+            f = Path(path) / "chat_template.json"
+            saved = json.loads(f.read_text()).get("chat_template") if f.is_file() else None
+            tokenizer.chat_template = saved or DEFAULT_CHAT_TEMPLATE
         if tokenizer.pad_token is None:
             tokenizer.pad_token = "<|endoftext|>"
         # Right padding: a text-only batch then gets the positions 0..n-1 it would get alone.
@@ -81,14 +84,6 @@ class VLProcessor:
     def save_pretrained(self, directory: str | Path) -> None:
         self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
-
-
-def _processor_chat_template(directory: Path) -> str | None:
-    """Qwen3-VL repositories keep the template in the processor's chat_template.json."""
-    f = directory / "chat_template.json"
-    if f.is_file():
-        return json.loads(f.read_text()).get("chat_template")
-    return None
 
 
 class QwenVLEmbedder(ChatEmbedder):
@@ -130,11 +125,7 @@ class QwenVLEmbedder(ChatEmbedder):
         return batch
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
-        kwargs: dict[str, Any] = {
-            "input_ids": inputs["input_ids"],
-            "attention_mask": inputs["attention_mask"],
-            "mm_token_type_ids": inputs["mm_token_type_ids"],
-        }
+        kwargs: dict[str, Any] = {k: inputs[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
         if "image_grid_thw" in inputs:
             grids = inputs["image_grid_thw"]
             counts = grids.prod(-1).tolist()

@@ -61,8 +61,6 @@ def read_sentence_transformers_pooling(model_dir: str) -> tuple[str | None, bool
             mode = FROM_ST_POOLING[st_mode]
         elif kind.endswith("Normalize"):
             normalize = True
-    max_len = None
     sb = d / "sentence_bert_config.json"
-    if sb.is_file():
-        max_len = json.loads(sb.read_text()).get("max_seq_length")
+    max_len = json.loads(sb.read_text()).get("max_seq_length") if sb.is_file() else None
     return mode, normalize, max_len

@@ -189,8 +189,7 @@ def list_checkpoints(output_dir: str | os.PathLike[str]) -> list[Path]:
 
 
 def latest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
-    ckpts = list_checkpoints(output_dir)
-    return ckpts[-1] if ckpts else None
+    return next(reversed(list_checkpoints(output_dir)), None)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -242,10 +241,9 @@ def save_rng(directory: Path) -> None:
         tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     np_state = np.random.get_state()
     tensors["numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
-    py_state = random.getstate()
     save_file(tensors, str(directory / "rng.safetensors"))
     meta = {
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "python": random.getstate(),  # (version, tuple of ints, gauss): JSON writes the tuples as lists
         "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
     }
     (directory / "rng.json").write_text(json.dumps(meta))

@@ -34,7 +34,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from vembed.config import TrainConfig
 from vembed.models.base import Embedder
@@ -51,19 +52,13 @@ log = logging.getLogger(__name__)
 BACKBONE_PREFIX = "backbone."
 
 
-def is_transformer_block(module: nn.Module) -> bool:
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return isinstance(module, GradientCheckpointingLayer)
-
-
 def fsdp_plugin(cfg: TrainConfig) -> FullyShardedDataParallelPlugin:
     on_gpu = torch.cuda.is_available()
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=1,
         sharding_strategy="FULL_SHARD",
         use_orig_params=True,
-        auto_wrap_policy=functools.partial(lambda_auto_wrap_policy, lambda_fn=is_transformer_block),
+        auto_wrap_policy=functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={GradientCheckpointingLayer}),
         # Rank 0 of each node loads the weights, the others start on the meta device and receive
         # them. accelerate's plugin only accepts this with a GPU; on CPU process groups
         # activate_fsdp sets up the same thing.
@@ -147,8 +142,7 @@ def load_full_backbone_state(accelerator: Accelerator, embedder: Embedder, state
     """
     backbone = accelerator.unwrap_model(embedder).backbone
     names = adapter_key_names(backbone) if isinstance(backbone, PeftModel) else {k: k for k in state}
-    unknown = sorted(set(state) - set(names))
-    if unknown:
+    if unknown := sorted(set(state) - set(names)):
         raise RuntimeError(f"weights do not fit the model: {unknown[:5]}")
     full = {BACKBONE_PREFIX + names[k]: v for k, v in state.items()}
     set_model_state_dict(embedder, full, options=StateDictOptions(full_state_dict=True, strict=False))

@@ -118,20 +118,15 @@ def grad_cache_step(
         }
         q, p, n = reps["query"], reps["positive"], reps.get("negatives")
         loss = batch_loss(accelerator, loss_fn, masker, batch, q, p, n, cfg.cross_device_negatives)
-        grads = torch.autograd.grad(loss, list(reps.values()), allow_unused=True)
-        return loss.detach(), {
-            g: (grad if grad is not None else torch.zeros_like(reps[g])) for g, grad in zip(reps, grads, strict=True)
-        }
+        # An embedding the loss does not use gets a zero gradient.
+        grads = torch.autograd.grad(loss, list(reps.values()), materialize_grads=True)
+        return loss.detach(), dict(zip(reps, grads, strict=True))
 
     def backward_chunks(chunks: list[Chunk], grads: dict[str, torch.Tensor]) -> None:
-        offsets = dict.fromkeys(grads, 0)
+        # Each group's gradient cut into its chunks' rows, in chunk order; stand-ins backpropagate zeros.
+        pieces = {g: list(grad.split([c.embedding.size(0) for c in chunks if c.group == g])) for g, grad in grads.items()}
         for i, chunk in enumerate(chunks):
-            rows = chunk.embedding.size(0)
-            if chunk.group == STAND_IN:
-                grad = torch.zeros_like(chunk.embedding)
-            else:
-                grad = grads[chunk.group][offsets[chunk.group] : offsets[chunk.group] + rows]
-                offsets[chunk.group] += rows
+            grad = torch.zeros_like(chunk.embedding) if chunk.group == STAND_IN else pieces[chunk.group].pop(0)
             last = i == len(chunks) - 1
             sync = contextlib.nullcontext() if last or not use_no_sync else accelerator.no_sync(embedder)
             replay = chunk.rng() if replay_rng else contextlib.nullcontext()

@@ -32,8 +32,7 @@ class TrainingLog:
     def step(self, e: dict[str, Any]) -> None:
         self._write(
             f"step={e['step']} epoch={e['epoch']:.2f} loss={e['loss']:.4f} lr={e['lr']:.3e} "
-            f"samples/s={e['samples_per_s']:.1f}"
-            + (f" masked_negatives={e['masked_negatives']}" if "masked_negatives" in e else "")
+            f"samples/s={e['samples_per_s']:.1f} masked_negatives={e['masked_negatives']}"
         )
 
     def resumed(self, checkpoint: Path, step: int) -> None:

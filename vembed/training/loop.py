@@ -96,8 +96,7 @@ def build_embedder(cfg: TrainConfig, dtype: torch.dtype) -> Embedder:
     else:
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(embedder.backbone)
-        trainable, total = count_parameters(embedder)
-        log.info("full fine-tuning: %d trainable parameters", trainable)
+        log.info("full fine-tuning: %d trainable parameters", count_parameters(embedder)[0])
     # Leaner dropout masks (and attention, on CPU) for training; after LoRA, so that the adapters'
     # own dropout layers are included. docs/benchmarks.md has the before/after figures.
     use_lean_dropout(embedder.backbone)
@@ -195,18 +194,16 @@ class Recipe:
         self.masker = FalseNegativeMasker(accelerator, cfg.cross_device_negatives, enabled=cfg.mask_false_negatives)
         self.step_fn = make_step(cfg, accelerator, self.embedder, self.loss_fn, self.masker)
 
-        self.state = TrainState()
-        if resume_dir is not None:
-            self.state = self.checkpointer.load(resume_dir, self.embedder, self.optimizer, self.scheduler)
-            log.info("resumed from %s at step %d", resume_dir, self.state.global_step)
-        self.tracker = BestTracker(cfg.metric_for_best_model, cfg.greater_is_better, cfg.early_stopping_patience)
-        self.tracker.load(self.state.best)
-        log_path = out / "training_log.txt"
-        self.train_log = TrainingLog(log_path, enabled=accelerator.is_main_process, append=resume_dir is not None)
+        self.train_log = TrainingLog(out / "training_log.txt", accelerator.is_main_process, append=resume_dir is not None)
         if resume_dir is None:
+            self.state = TrainState()
             self.train_log.header(cfg, count_parameters(self.embedder), len(dataset), self.total_steps, accelerator)
         else:
+            self.state = self.checkpointer.load(resume_dir, self.embedder, self.optimizer, self.scheduler)
+            log.info("resumed from %s at step %d", resume_dir, self.state.global_step)
             self.train_log.resumed(resume_dir, self.state.global_step)
+        self.tracker = BestTracker(cfg.metric_for_best_model, cfg.greater_is_better, cfg.early_stopping_patience)
+        self.tracker.load(self.state.best)
         # The step of the last evaluation and the last save; a resumed run did both at its checkpoint.
         self.last_eval = self.last_saved = self.state.global_step if resume_dir is not None else -1
         self.stopped_early = False
@@ -295,8 +292,7 @@ class Recipe:
         assert self.validator is not None
         step = self.state.global_step
         metrics = self.validator.evaluate(self.accelerator, self.embedder, self.loss_fn)
-        if self.accelerator.num_processes > 1:  # every rank decides from rank 0's figures
-            metrics = broadcast_object_list([metrics])[0]
+        metrics = broadcast_object_list([metrics])[0]  # every rank decides from rank 0's figures (no-op for one)
         improved = self.tracker.update(step, metrics)
         self.state.eval_history.append({"step": step, **{f"val_{k}": metrics[k] for k in LOGGED}})
         self.train_log.eval(step, {k: metrics[k] for k in LOGGED}, self.tracker.to_dict())

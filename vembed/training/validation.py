@@ -54,9 +54,7 @@ class Validator:
 
     def evaluate(self, accelerator: Accelerator, model: torch.nn.Module, loss_fn: torch.nn.Module) -> dict[str, float]:
         emb = self.embed_all(accelerator, model)
-        queries = emb[: self.n_queries]
-        docs = emb[self.n_queries : self.n_queries + self.n_docs]
-        negatives = emb[self.n_queries + self.n_docs :]
+        queries, docs, negatives = emb.tensor_split([self.n_queries, self.n_queries + self.n_docs])
         metrics: dict[str, float] = {"loss": self._loss(queries, docs, negatives, loss_fn)}
         q, d = (torch.nn.functional.normalize(x.double(), dim=-1) for x in (queries, docs))
         metrics.update(retrieval_metrics((q @ d.T).numpy(), self.qrels))
