@@ -102,16 +102,13 @@ def _calling(target: str, report: Callable[[Any], str] | None = None) -> Callabl
         fn = getattr(importlib.import_module(module), name)
         params = inspect.signature(fn).parameters
         takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-        result = fn(**{k: v for k, v in vars(args).items() if k in params or (takes_any and k not in _PARSER_KEYS)})
+        result = fn(**{k: v for k, v in vars(args).items() if k in params or (takes_any and k not in ("command", "func"))})
         if report is None:
             return int(result or 0)
         print(report(result))
         return 0
 
     return handler
-
-
-_PARSER_KEYS = ("command", "func")
 
 
 def _as_json(result: Any) -> str:

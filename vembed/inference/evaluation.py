@@ -111,7 +111,6 @@ def compare_models(
     dims: Sequence[int] | None = None,
     batch_size: int = 64,
     retrieval_mode: str = "auto",
-    allow_images_outside_data_root: bool = False,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Evaluate several models on one eval set: {"base": {...}, "tuned": {...}}.
 
@@ -120,7 +119,7 @@ def compare_models(
     from vembed.inference.predictor import Predictor
 
     # Image paths are resolved against the eval file's directory and checked up front (path:line errors).
-    images = RecordImages(Path(eval_path).parent, retrieval_mode, allow_images_outside_data_root)
+    images = RecordImages(Path(eval_path).parent, retrieval_mode)
     records = list(read_records(eval_path, transform=images))
     corpus = read_corpus(corpus_path) if corpus_path else []
     return {
