@@ -28,8 +28,7 @@ def retrieval_metrics(scores: np.ndarray, qrels: Sequence[set[int]], k: int = 10
         hits = [int(d) in relevant for d in ranked]
         for cutoff in (1, 5, 10):
             sums[f"recall@{cutoff}"] += sum(hits[:cutoff]) / len(relevant)
-        first = next((i for i, h in enumerate(hits) if h), None)
-        sums["mrr@10"] += 0.0 if first is None else 1.0 / (first + 1)
+        sums["mrr@10"] += next((1.0 / (i + 1) for i, h in enumerate(hits) if h), 0.0)
         dcg = sum(1.0 / math.log2(i + 2) for i, h in enumerate(hits) if h)
         idcg = sum(1.0 / math.log2(i + 2) for i in range(min(len(relevant), k)))
         sums["ndcg@10"] += dcg / idcg
