@@ -16,15 +16,6 @@ from typing import Any
 from vembed.errors import StorageError, VembedError, run_command
 
 
-def check_output_file(path: str) -> None:
-    """A file the command will write: its folder must exist, and it must not be a directory."""
-    p = Path(path)
-    if p.is_dir():
-        raise StorageError(f"{path}: is a directory; give a file name")
-    if not p.parent.is_dir():
-        raise StorageError(f"{path}: folder {p.parent} does not exist")
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
     from vembed.config import load_config
     from vembed.training import train
@@ -44,14 +35,21 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
 
 def _cmd_encode(args: argparse.Namespace) -> int:
     import numpy as np
+    from transformers.utils import logging as hf_logging
 
     from vembed.inference.predictor import Predictor
 
     if not args.text and not args.image:
         raise VembedError("encode: give --text and/or --image")
-    if args.output:
-        check_output_file(args.output)  # before the model loads
-    _quiet_progress_bars()
+    if args.output and Path(args.output).is_dir():  # the output file is checked before the model loads
+        raise StorageError(f"{args.output}: is a directory; give a file name")
+    if args.output and not Path(args.output).parent.is_dir():
+        raise StorageError(f"{args.output}: folder {Path(args.output).parent} does not exist")
+    # Weight-loading and download bars are noise around a few lines of output.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     pred = Predictor(args.model)
     parts = []
     if args.text:
@@ -67,16 +65,6 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     else:
         print(summarize_embeddings(emb, [*args.text, *args.image]))
     return 0
-
-
-def _quiet_progress_bars() -> None:
-    """Weight-loading and download bars are noise around a few lines of output."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
 
 
 def summarize_embeddings(emb, labels: Sequence[str], first: int = 5, rows: int = 10) -> str:
@@ -102,16 +90,13 @@ def _calling(target: str, report: Callable[[Any], str] | None = None) -> Callabl
         fn = getattr(importlib.import_module(module), name)
         params = inspect.signature(fn).parameters
         takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-        result = fn(**{k: v for k, v in vars(args).items() if k in params or (takes_any and k not in _PARSER_KEYS)})
+        result = fn(**{k: v for k, v in vars(args).items() if k in params or (takes_any and k not in ("command", "func"))})
         if report is None:
             return int(result or 0)
         print(report(result))
         return 0
 
     return handler
-
-
-_PARSER_KEYS = ("command", "func")
 
 
 def _as_json(result: Any) -> str:

@@ -19,20 +19,16 @@ DEFAULT_TIMEOUT_S = 5.0
 _reachable: set[str] = set()
 
 
-def _host_port(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    if not parts.hostname:
-        raise ValueError(f"no host in {url!r}")
-    return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
-
-
 def check_tcp(url: str, what: str, error: type[VembedError], timeout: float = DEFAULT_TIMEOUT_S) -> None:
     """Raise `error` unless a TCP connection to the URL's host and port opens within `timeout`."""
     if url in _reachable:
         return
     try:
-        host, port = _host_port(url)
-        with socket.create_connection((host, port), timeout=timeout):
+        parts = urlsplit(url)
+        if not parts.hostname:
+            raise ValueError(f"no host in {url!r}")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
             pass
     except (OSError, ValueError) as e:
         reason = "timed out" if isinstance(e, TimeoutError) else (getattr(e, "strerror", None) or str(e))

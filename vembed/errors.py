@@ -52,20 +52,15 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _end_progress_bars() -> None:
-    """A failure mid-training leaves tqdm's bar open: close it, so the error starts on its own line."""
-    std = sys.modules.get("tqdm.std")
-    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
-        bar.close()
-
-
 def run_command(fn: Callable[[], int | None]) -> int:
     """Run a CLI command: its exit code, or 2 after one `error: ...` line on stderr (no traceback);
     130 on Ctrl-C. Pipeline steps use `vembed.retry.run_step`, which ends the same way in the pod log."""
     try:
         return int(fn() or 0)
     except ONE_LINE_ERRORS as e:
-        _end_progress_bars()
+        # A failure mid-training leaves tqdm's bar open: close it, so the error starts on its own line.
+        for bar in list(getattr(getattr(sys.modules.get("tqdm.std"), "tqdm", None), "_instances", ())):
+            bar.close()
         print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -18,22 +18,12 @@ from vembed.errors import ONE_LINE_ERRORS, VembedError, error_line
 
 T = TypeVar("T")
 
-RETRIES = 3  # after the first attempt
-BACKOFF_S = 15.0  # then 30 s, 60 s
-BACKOFF_FACTOR = 2.0
-
-
-def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, VembedError):
-        return exc.transient
-    return isinstance(exc, (ConnectionError, TimeoutError))
-
 
 def run_step(
     fn: Callable[[], T],
-    retries: int = RETRIES,
-    backoff_s: float = BACKOFF_S,
-    factor: float = BACKOFF_FACTOR,
+    retries: int = 3,  # after the first attempt
+    backoff_s: float = 15.0,  # then 30 s, 60 s
+    factor: float = 2.0,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
     """Run a step body; retry transient failures, turn permanent ones into `SystemExit("error: ...")`
@@ -42,7 +32,8 @@ def run_step(
         try:
             return fn()
         except ONE_LINE_ERRORS as e:
-            if is_transient(e) and attempt < retries:
+            transient = e.transient if isinstance(e, VembedError) else isinstance(e, ConnectionError | TimeoutError)
+            if transient and attempt < retries:
                 delay = backoff_s * factor**attempt
                 print(f"transient failure, retrying in {delay:g}s ({attempt + 1}/{retries}): {error_line(e)}", file=sys.stderr)
                 sleep(delay)

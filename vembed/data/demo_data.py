@@ -77,21 +77,15 @@ def write_retrieval_dataset(
     records: Iterable[Record], out_dir: str | Path, eval_fraction: float = 0.2, max_train: int = 2000
 ) -> dict[str, str | int]:
     """Write train.jsonl, eval.jsonl and corpus.jsonl (train positives as distractors)."""
-    out = Path(out_dir)  # write_records creates it
+    paths = {name: Path(out_dir) / f"{name}.jsonl" for name in ("train", "eval", "corpus")}
     split = split_records(records, eval_fraction=eval_fraction, seed=0)
     train = split.train[:max_train]
-    write_records(train, out / "train.jsonl")
-    write_records(split.eval, out / "eval.jsonl")
-    with (out / "corpus.jsonl").open("w", encoding="utf-8") as fh:
+    write_records(train, paths["train"])  # creates out_dir
+    write_records(split.eval, paths["eval"])
+    with paths["corpus"].open("w", encoding="utf-8") as fh:
         for r in train:
             fh.write(json.dumps({"text": r.positive}) + "\n")
-    return {
-        "train": str(out / "train.jsonl"),
-        "eval": str(out / "eval.jsonl"),
-        "corpus": str(out / "corpus.jsonl"),
-        "n_train": len(train),
-        "n_eval": len(split.eval),
-    }
+    return {**{name: str(path) for name, path in paths.items()}, "n_train": len(train), "n_eval": len(split.eval)}
 
 
 def build_demo_dataset(out_dir: str | Path, eval_fraction: float = 0.2, max_train: int = 2000) -> dict[str, str | int]:

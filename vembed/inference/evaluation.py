@@ -28,8 +28,7 @@ def retrieval_metrics(scores: np.ndarray, qrels: Sequence[set[int]], k: int = 10
         hits = [int(d) in relevant for d in ranked]
         for cutoff in (1, 5, 10):
             sums[f"recall@{cutoff}"] += sum(hits[:cutoff]) / len(relevant)
-        first = next((i for i, h in enumerate(hits) if h), None)
-        sums["mrr@10"] += 0.0 if first is None else 1.0 / (first + 1)
+        sums["mrr@10"] += next((1.0 / (i + 1) for i, h in enumerate(hits) if h), 0.0)
         dcg = sum(1.0 / math.log2(i + 2) for i, h in enumerate(hits) if h)
         idcg = sum(1.0 / math.log2(i + 2) for i in range(min(len(relevant), k)))
         sums["ndcg@10"] += dcg / idcg
@@ -111,7 +110,6 @@ def compare_models(
     dims: Sequence[int] | None = None,
     batch_size: int = 64,
     retrieval_mode: str = "auto",
-    allow_images_outside_data_root: bool = False,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Evaluate several models on one eval set: {"base": {...}, "tuned": {...}}.
 
@@ -120,7 +118,7 @@ def compare_models(
     from vembed.inference.predictor import Predictor
 
     # Image paths are resolved against the eval file's directory and checked up front (path:line errors).
-    images = RecordImages(Path(eval_path).parent, retrieval_mode, allow_images_outside_data_root)
+    images = RecordImages(Path(eval_path).parent, retrieval_mode)
     records = list(read_records(eval_path, transform=images))
     corpus = read_corpus(corpus_path) if corpus_path else []
     return {

@@ -23,6 +23,8 @@ import logging
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from vembed.models.base import base_model
 
@@ -109,20 +111,13 @@ def training_mask(*args, **kwargs) -> torch.Tensor | None:
     return mask
 
 
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    AttentionInterface.register(NAME, lean_sdpa_attention_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, training_mask)
-
-
 def use_training_attention(backbone: nn.Module) -> bool:
     """Switch an SDPA model to NAME for training; False (unchanged) for other attention implementations."""
     model = base_model(backbone)
     if model.config._attn_implementation != "sdpa":
         return False
-    _register()
+    AttentionInterface.register(NAME, lean_sdpa_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, training_mask)
     try:
         model.set_attn_implementation(NAME)
     except (ValueError, ImportError) as e:  # a model that cannot switch keeps SDPA

@@ -91,20 +91,16 @@ class CLIPEmbedder(Embedder):
         clip = self.backbone  # a CLIPModel, or a PeftModel that forwards these methods to it
         text_rows = (modality == TEXT).nonzero().flatten()
         image_rows = (modality == IMAGE).nonzero().flatten()
-        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        parts: list[torch.Tensor] = []  # each tower's embeddings in place, zeros in the other's rows
         # Each tower sees only its rows; transformers 5: the output's pooler_output is the projected embedding.
         if len(text_rows):
             ids, mask = inputs["input_ids"][text_rows], inputs["attention_mask"][text_rows]
-            parts.append((text_rows, clip.get_text_features(input_ids=ids, attention_mask=mask).pooler_output))
+            emb = clip.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
+            parts.append(scatter_rows(emb, text_rows, len(modality)))
         if len(image_rows):
-            pixels = inputs["pixel_values"][image_rows]
-            parts.append((image_rows, clip.get_image_features(pixel_values=pixels).pooler_output))
-        if len(parts) == 1:
-            return parts[0][1]
-        out = parts[0][1].new_zeros(len(modality), parts[0][1].shape[-1])
-        for rows, emb in parts:
-            out = out.index_copy(0, rows, emb.to(out.dtype))
-        return out
+            emb = clip.get_image_features(pixel_values=inputs["pixel_values"][image_rows]).pooler_output
+            parts.append(scatter_rows(emb, image_rows, len(modality)))
+        return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
     @property
     def dim(self) -> int:

@@ -45,11 +45,8 @@ class LeanDropout(nn.Dropout):
         return lean_dropout(x, self.p, self.training)
 
 
-def use_lean_dropout(model: nn.Module) -> int:
-    """Turn every plain nn.Dropout in `model` into a LeanDropout in place; returns how many."""
-    count = 0
+def use_lean_dropout(model: nn.Module) -> None:
+    """Turn every plain nn.Dropout in `model` into a LeanDropout in place."""
     for module in model.modules():
         if type(module) is nn.Dropout:
             module.__class__ = LeanDropout
-            count += 1
-    return count

@@ -68,8 +68,6 @@ class TextEmbedder(Embedder):
     def unused_modules(self) -> dict[str, str]:
         # BERT-style checkpoints carry a pooler (dense + tanh over [CLS]); every pooling mode here
         # reads last_hidden_state instead, so the pooler is computed and then dropped.
-        return {
-            name: f"{self.spec.pooling} pooling reads last_hidden_state, not the pooler output"
-            for name, _ in base_model(self.backbone).named_children()
-            if name == "pooler"
-        }
+        if getattr(base_model(self.backbone), "pooler", None) is None:
+            return {}
+        return {"pooler": f"{self.spec.pooling} pooling reads last_hidden_state, not the pooler output"}

@@ -60,8 +60,7 @@ def gather_candidates(
     Query i of rank r is paired with its own positive: row offset(r) + i of the gathered positives.
     """
     p_all, sizes = all_gather_rows(p)
-    rank = accelerator.process_index
-    offset = sum(sizes[:rank])
+    offset = sum(sizes[: accelerator.process_index])
     labels = torch.arange(offset, offset + q.size(0), device=q.device)
     # Every rank joins the negatives gather, even one whose rows have none (a collective
     # that only some ranks enter hangs); an empty slice of p keeps it in the graph.

@@ -169,9 +169,8 @@ class Recipe:
         records = read_data(cfg, cfg.data_path)
         # The validation loss is taken over as many records as a training step's loss sees.
         loss_block = cfg.batch_size * (accelerator.num_processes if cfg.cross_device_negatives else 1)
-        records, self.validator = build_validator(cfg, embedder, records, loss_block)
-        self.records = records
-        dataset = PairDataset(records, embedder)  # image paths were resolved when the records were read
+        self.records, self.validator = build_validator(cfg, embedder, records, loss_block)
+        dataset = PairDataset(self.records, embedder)  # image paths were resolved when the records were read
         lengths = dataset.lengths() if cfg.group_by_length else None
         self.sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, lengths)
         # A private generator: creating a DataLoader iterator draws a seed from it, and drawing
