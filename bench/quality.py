@@ -72,17 +72,15 @@ def ensure_runs(threads: int) -> dict[str, Any]:
     """Train and evaluate whatever the table needs that the results file lacks. A row whose config
     is the same as a sweep run's (training is deterministic: same config, same figures) takes that
     run's result and names it."""
-    path = RESULTS / "recipe_sweep.json"
     twins = {
         row: next((n for n, o in recipe_sweep.RUNS.items() if resolved(o) == resolved(ow)), None)
         for row, ow in ROWS.items()
     }
     # Rows without a twin in the sweep are trained (and saved) under their own names.
-    recipe_sweep.RUNS.update({row: ROWS[row] for row, twin in twins.items() if twin is None})
-    recipe_sweep.main(
-        ["--threads", str(threads), "--only", "|".join([*FULL, *FULL_SEEDS, *(r for r, t in twins.items() if t is None)])]
-    )
-    results = json.loads(path.read_text())
+    missing = [row for row, twin in twins.items() if twin is None]
+    recipe_sweep.RUNS.update({row: ROWS[row] for row in missing})
+    recipe_sweep.main(["--threads", str(threads), "--only", "|".join([*FULL, *FULL_SEEDS, *missing])])
+    results = json.loads((RESULTS / "recipe_sweep.json").read_text())
     for row, twin in twins.items():
         for ds in SETS:
             if twin in results.get(ds, {}):
