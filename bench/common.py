@@ -150,31 +150,24 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def save_report(name: str, markdown: str, data: dict[str, Any]) -> Path:
-    """bench/results/NAME.md (pasted into docs/benchmarks.md) and NAME.json (raw runs)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1))
-    path = RESULTS / f"{name}.md"
-    path.write_text(markdown + "\n")
-    return path
-
-
-def machine_line(info: dict[str, Any], load_end: Sequence[float] | None = None) -> str:
-    end = f", load average at the end {[round(x, 2) for x in load_end]}" if load_end else ""
+def report(name: str, parts: Sequence[str], data: dict[str, Any], info: dict[str, Any]) -> Path:
+    """Join the markdown parts and the machine line, print them and save bench/results/NAME.md (pasted
+    into docs/benchmarks.md) and NAME.json (raw runs, with the machine facts)."""
     threads = f"{info['threads']} torch thread" + ("s" if info["threads"] != 1 else "")
-    return (
+    machine_line = (
         f"Machine: {info['cpu']}, {info['cores']} cores, {threads} per run; "
         f"Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, "
         f"sentence-transformers {info['sentence_transformers']}; {info['date']}; "
-        f"load average (1, 5, 15 min) at the start {info['load_avg']}{end}."
+        f"load average (1, 5, 15 min) at the start {info['load_avg']}, "
+        f"load average at the end {[round(x, 2) for x in os.getloadavg()]}."
     )
-
-
-def report(name: str, parts: Sequence[str], data: dict[str, Any], info: dict[str, Any]) -> Path:
-    """Join the markdown parts and the machine line, print and save them (the machine facts go into the JSON)."""
-    md = "\n\n".join([*parts, machine_line(info, os.getloadavg())])
+    md = "\n\n".join([*parts, machine_line])
     print(md)
-    return save_report(name, md, {"machine": info, **data})
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": info, **data}, indent=1))
+    path = RESULTS / f"{name}.md"
+    path.write_text(md + "\n")
+    return path
 
 
 def entry(main: Callable[[list[str]], Any], child: Callable[..., dict[str, Any]] | None = None) -> None:

@@ -153,14 +153,6 @@ def text_inputs(batch: int, length: int, vocab: int, device: Any, seed: int) -> 
     return {"input_ids": (ids * mask).to(device), "attention_mask": mask.to(device)}
 
 
-def text_batch(p: dict[str, Any], batch: int, device: Any, seed: int) -> dict[str, Any]:
-    vocab = p["text_shape"]["vocab_size"]
-    return {
-        "query": text_inputs(batch, p["q_len"], vocab, device, seed),
-        "positive": text_inputs(batch, p["d_len"], vocab, device, seed + 1),
-    }
-
-
 def vl_batch(p: dict[str, Any], config: Any, batch: int, device: Any, seed: int) -> dict[str, Any]:
     """Text queries; documents are one image (image_side^2 pixels) followed by text."""
     import torch
@@ -286,7 +278,9 @@ def section(p: dict[str, Any], name: str) -> dict[str, Any]:
         batches = [vl_batch(p, config, batch, device, seed + s) for s in range(2)]
     else:
         embedder = text_embedder(p["text_shape"], p["text_name"], dtype, device)
-        batches = [text_batch(p, batch, device, seed + s) for s in range(2)]
+        vocab = p["text_shape"]["vocab_size"]
+        batches = [{"query": text_inputs(batch, p["q_len"], vocab, device, seed + s),
+                    "positive": text_inputs(batch, p["d_len"], vocab, device, seed + s + 1)} for s in range(2)]  # fmt: skip
     if not full:
         apply_lora(embedder, cfg)
     model, optimizer, figures = run_steps(p, cfg, accelerator, embedder, batches, accelerator.num_processes)

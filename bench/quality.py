@@ -26,11 +26,10 @@ from bench.common import (
     demo_data,
     entry,
     machine,
-    machine_line,
     md_table,
     median,
     minilm_path,
-    save_report,
+    report,
 )
 
 SETS = ["demo", "manpages"]
@@ -73,17 +72,15 @@ def ensure_runs(threads: int) -> dict[str, Any]:
     """Train and evaluate whatever the table needs that the results file lacks. A row whose config
     is the same as a sweep run's (training is deterministic: same config, same figures) takes that
     run's result and names it."""
-    path = RESULTS / "recipe_sweep.json"
     twins = {
         row: next((n for n, o in recipe_sweep.RUNS.items() if resolved(o) == resolved(ow)), None)
         for row, ow in ROWS.items()
     }
     # Rows without a twin in the sweep are trained (and saved) under their own names.
-    recipe_sweep.RUNS.update({row: ROWS[row] for row, twin in twins.items() if twin is None})
-    recipe_sweep.main(
-        ["--threads", str(threads), "--only", "|".join([*FULL, *FULL_SEEDS, *(r for r, t in twins.items() if t is None)])]
-    )
-    results = json.loads(path.read_text())
+    missing = [row for row, twin in twins.items() if twin is None]
+    recipe_sweep.RUNS.update({row: ROWS[row] for row in missing})
+    recipe_sweep.main(["--threads", str(threads), "--only", "|".join([*FULL, *FULL_SEEDS, *missing])])
+    results = json.loads((RESULTS / "recipe_sweep.json").read_text())
     for row, twin in twins.items():
         for ds in SETS:
             if twin in results.get(ds, {}):
@@ -92,7 +89,6 @@ def ensure_runs(threads: int) -> dict[str, Any]:
 
 
 def table(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    rows: list[list[Any]] = []
     picked: dict[str, Any] = {}
     for ds in SETS:
         runs = results[ds]
@@ -100,30 +96,29 @@ def table(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         picked[ds] = {"base": runs["base"], "full": {"name": full_name, **runs[full_name]}}
         picked[ds].update({name: runs[name] for name in ROWS})
 
-    def cells(ds: str, score: float) -> list[str]:
-        base, full = picked[ds]["base"]["ndcg@10"], picked[ds]["full"]["ndcg@10"]
-        return [f"{score:.3f}", f"{score - base:+.3f}", f"{100 * (score - base) / (full - base):.0f}%"]
-
     def row(label: str, key: str | None, dim: int | None = None) -> list[Any]:
         out: list[Any] = [label]
         for ds in SETS:
+            base, full = picked[ds]["base"]["ndcg@10"], picked[ds]["full"]["ndcg@10"]
             r = picked[ds][key] if key else None
             if r is None:
-                out += [f"{picked[ds]['base']['ndcg@10']:.3f}", "-", "-"]
-                continue
-            score = r["ndcg@10"] if dim in (None, DIMS[0]) else r["per_dim"][str(dim)]
-            out += cells(ds, score)
-            if dim not in (None, DIMS[0]):
-                out[-2:] = ["-", f"{100 * score / r['ndcg@10']:.1f}% of its dim {DIMS[0]}"]
+                out += [f"{base:.3f}", "-", "-"]
+            elif dim in (None, DIMS[0]):
+                score = r["ndcg@10"]
+                out += [f"{score:.3f}", f"{score - base:+.3f}", f"{100 * (score - base) / (full - base):.0f}%"]
+            else:
+                score = r["per_dim"][str(dim)]
+                out += [f"{score:.3f}", "-", f"{100 * score / r['ndcg@10']:.1f}% of its dim {DIMS[0]}"]
         return out
 
     full_lrs = ", ".join(f"{ds} {picked[ds]['full']['name'].removeprefix('full FT ')}" for ds in SETS)
-    rows.append(row("base all-MiniLM-L6-v2", None))
-    rows.append(row("LoRA (defaults)", "LoRA (defaults)"))
-    rows.append(row(f"full fine-tune (best lr: {full_lrs})", "full"))
-    rows.append(row("LoRA (defaults) + 1 mined negative per query", "LoRA (defaults) + mined negatives"))
-    for d in DIMS:
-        rows.append(row(f"LoRA (defaults) + MRL, dim {d}", "LoRA (defaults) + MRL", d))
+    rows = [
+        row("base all-MiniLM-L6-v2", None),
+        row("LoRA (defaults)", "LoRA (defaults)"),
+        row(f"full fine-tune (best lr: {full_lrs})", "full"),
+        row("LoRA (defaults) + 1 mined negative per query", "LoRA (defaults) + mined negatives"),
+        *(row(f"LoRA (defaults) + MRL, dim {d}", "LoRA (defaults) + MRL", d) for d in DIMS),
+    ]
     header = ["model"] + [
         h for ds in SETS for h in (f"{ds} nDCG@10", f"{ds} gain", f"{ds} share of full-FT gain")
     ]
@@ -140,21 +135,12 @@ def more_seeds(results: dict[str, Any], picked: dict[str, Any]) -> str:
     rows = []
     for ds in SETS:
         runs, base = results[ds], picked[ds]["base"]["ndcg@10"]
-        full_name = picked[ds]["full"]["name"]
-        per_seed = [(picked[ds]["full"], picked[ds]["LoRA (defaults)"], picked[ds]["LoRA (defaults) + MRL"])]
-        per_seed += [
-            (runs.get(f"{full_name}, seed {s}"), runs.get(f"LoRA (defaults), seed {s}"),
-             runs.get(f"LoRA (defaults) + MRL, seed {s}"))
-            for s in SEEDS
-        ]  # fmt: skip
-        if not all(all(r) for r in per_seed):
+        names = {"LoRA": "LoRA (defaults)", "full": picked[ds]["full"]["name"], "MRL": "LoRA (defaults) + MRL"}
+        per_seed = {k: [runs[n], *(runs.get(f"{n}, seed {s}") for s in SEEDS)] for k, n in names.items()}
+        if not all(all(v) for v in per_seed.values()):
             continue
-        series = {
-            "LoRA": [lo["ndcg@10"] for _, lo, _ in per_seed],
-            "full": [fu["ndcg@10"] for fu, _, _ in per_seed],
-            "MRL": [m["ndcg@10"] for _, _, m in per_seed],
-            "MRL@96": [m["per_dim"]["96"] for _, _, m in per_seed],
-        }
+        series = {k: [r["ndcg@10"] for r in v] for k, v in per_seed.items()}
+        series["MRL@96"] = [r["per_dim"]["96"] for r in per_seed["MRL"]]
         mean = {k: sum(v) / len(v) for k, v in series.items()}
         rows.append(
             [
@@ -167,16 +153,8 @@ def more_seeds(results: dict[str, Any], picked: dict[str, Any]) -> str:
         )
     if not rows:
         return ""
-    header = [
-        "data set",
-        "LoRA (defaults)",
-        "full fine-tune",
-        "LoRA + MRL, dim 384",
-        "LoRA + MRL, dim 96",
-        "LoRA share of full-FT gain (mean)",
-        "MRL full dim vs LoRA (mean)",
-        "MRL dim 96 / its dim 384 (mean)",
-    ]
+    header = ["data set", "LoRA (defaults)", "full fine-tune", "LoRA + MRL, dim 384", "LoRA + MRL, dim 96",
+              "LoRA share of full-FT gain (mean)", "MRL full dim vs LoRA (mean)", "MRL dim 96 / its dim 384 (mean)"]  # fmt: skip
     seeds = " / ".join(map(str, recipe_sweep.SEEDS))
     return (
         f"\n\nSeeds {seeds} (the full fine-tune at its best lr), and the targets on the means:\n\n"
@@ -195,44 +173,24 @@ def speed_child(mode: str, data: str, model: str, steps: int, warmup: int = 2) -
     return train_vembed(data, model, steps, warmup, lora=mode == "lora", extra=extra)
 
 
-def speed(repeats: int, steps: int) -> str:
+def speed(repeats: int, steps: int) -> None:
     info = machine()
     common = {"data": demo_data()["train"], "model": minilm_path(), "steps": steps}
     runs = alternate("bench.quality", {"lora": {"mode": "lora", **common}, "full": {"mode": "full", **common}}, repeats)
     lo, fu = runs["lora"], runs["full"]
-    rows = [
-        [
-            label,
-            r[0]["trainable_params"],
-            best_samples_per_s(r),
-            median(r, "samples_per_s"),
-            median(r, "peak_rss_mib"),
-        ]
-        for label, r in (("LoRA (defaults)", lo), ("full fine-tuning", fu))
-    ]
+    rows = [[label, r[0]["trainable_params"], best_samples_per_s(r), median(r, "samples_per_s"), median(r, "peak_rss_mib")]
+            for label, r in (("LoRA (defaults)", lo), ("full fine-tuning", fu))]  # fmt: skip
     ratio = best_samples_per_s(lo) / best_samples_per_s(fu)
     saved = 1 - median(lo, "peak_rss_mib") / median(fu, "peak_rss_mib")
-    md = "\n\n".join(
-        [
-            f"{repeats} alternating fresh processes per mode, {steps} steps each (timing from the end of step 2), "
-            "demo data, batch 32, max_seq_length 128, fp32.",
-            md_table(
-                [
-                    "mode",
-                    "trainable params",
-                    "samples/s (each step's best run)",
-                    "samples/s (median run)",
-                    "peak RSS MiB",
-                ],
-                rows,
-            ),
-            f"**LoRA / full: {ratio:.2f}x samples/s; LoRA's peak RSS is {100 * abs(saved):.0f}% "
-            f"{'lower' if saved >= 0 else 'higher'}.**",
-            machine_line(info, os.getloadavg()),
-        ]
-    )
-    save_report("quality_speed", md, {"machine": info, "runs": runs, "speed_ratio": ratio})
-    return md
+    header = ["mode", "trainable params", "samples/s (each step's best run)", "samples/s (median run)", "peak RSS MiB"]
+    parts = [
+        f"{repeats} alternating fresh processes per mode, {steps} steps each (timing from the end of step 2), "
+        "demo data, batch 32, max_seq_length 128, fp32.",
+        md_table(header, rows),
+        f"**LoRA / full: {ratio:.2f}x samples/s; LoRA's peak RSS is {100 * abs(saved):.0f}% "
+        f"{'lower' if saved >= 0 else 'higher'}.**",
+    ]
+    report("quality_speed", parts, {"runs": runs, "speed_ratio": ratio}, info)
 
 
 def main(argv: list[str]) -> None:
@@ -245,14 +203,11 @@ def main(argv: list[str]) -> None:
     p.add_argument("--steps", type=int, default=20)
     a = p.parse_args(argv)
     if a.speed:
-        print(speed(a.repeats, a.steps))
+        speed(a.repeats, a.steps)
         return
     info = machine()
-    results = ensure_runs(a.threads)
-    md, picked = table(results)
-    md += "\n\n" + machine_line(info, os.getloadavg())
-    print(md)
-    save_report("quality", md, {"machine": info, "results": picked})
+    md, picked = table(ensure_runs(a.threads))
+    report("quality", [md], {"results": picked}, info)
 
 
 if __name__ == "__main__":

@@ -142,10 +142,9 @@ def contenders(a: argparse.Namespace, data: str, model: str) -> dict[str, dict[s
         return {"vembed": common, "st": {**common, "tool": "st"}}
     if a.compare == "lora_vs_full":
         return {"lora": common, "full": {**common, "full": True}}
-    common["full"] = a.full
-    variants = {"none (before)": {**common, "off": OPTIMISATIONS}}
-    for i, name in enumerate(OPTIMISATIONS):
-        variants[ABLATION_LABELS[name]] = {**common, "off": OPTIMISATIONS[i + 1 :]}
+    # Row i turns off all but the first i optimisations.
+    labels = ["none (before)", *(ABLATION_LABELS[name] for name in OPTIMISATIONS)]
+    variants = {label: {**common, "full": a.full, "off": OPTIMISATIONS[i:]} for i, label in enumerate(labels)}
     return dict(list(variants.items())[-a.last :]) if a.last else variants
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +78,9 @@ def timed(run: Callable[[], list[float]], warmup: int, on_step: Callable[[], Non
 OPTIMISATIONS = ("length_grouping", "lean_dropout", "lean_attention", "fused_adamw")
 
 
-def disable(names: list[str], extra: dict) -> None:
-    """Turn vembed's training optimisations off in this (child) process, for before/after figures."""
+def disable(names: Sequence[str]) -> dict[str, Any]:
+    """Turn vembed's training optimisations off in this (child) process, for before/after figures;
+    returns the config overrides that turn off those the config controls."""
     import torch
 
     import vembed.training.loop as loop
@@ -87,8 +88,6 @@ def disable(names: list[str], extra: dict) -> None:
     unknown = set(names) - set(OPTIMISATIONS)
     if unknown:
         raise SystemExit(f"unknown optimisation(s) {sorted(unknown)}; choose from {OPTIMISATIONS}")
-    if "length_grouping" in names:
-        extra["group_by_length"] = False
     if "lean_dropout" in names:
         loop.use_lean_dropout = lambda model: 0
     if "lean_attention" in names:
@@ -101,36 +100,23 @@ def disable(names: list[str], extra: dict) -> None:
                 super().__init__(params, **{**kwargs, "fused": None})
 
         torch.optim.AdamW = UnfusedAdamW
+    return {"group_by_length": False} if "length_grouping" in names else {}
 
 
 def train_vembed(
-    data: str, model: str, steps: int, warmup: int, lora: bool, extra: dict | None = None, off: list[str] = (),
+    data: str, model: str, steps: int, warmup: int, lora: bool, extra: dict | None = None, off: Sequence[str] = (),
     on_step: Callable[[], None] = lambda: None,
 ) -> dict:
     import vembed.training.loop as loop
     from vembed.config import load_config
 
-    extra = dict(extra or {})
-    disable(list(off), extra)
+    turned_off = disable(off)
     with tempfile.TemporaryDirectory(prefix="vembed-bench-", ignore_cleanup_errors=True) as out:
-        cfg = load_config(
-            None,
-            {
-                "model_name": model,
-                "data_path": data,
-                "output_dir": out,
-                "batch_size": BATCH,
-                "max_seq_length": MAX_LEN,
-                "torch_dtype": "float32",
-                "learning_rate": LR,
-                "max_steps": steps,
-                "logging_steps": 1,
-                "save_steps": 10**9,
-                "use_lora": lora,
-                **LORA,
-                **extra,
-            },
-        )
+        cfg = load_config(None, {
+            "model_name": model, "data_path": data, "output_dir": out, "batch_size": BATCH, "max_seq_length": MAX_LEN,
+            "torch_dtype": "float32", "learning_rate": LR, "max_steps": steps, "logging_steps": 1,
+            "save_steps": 10**9, "use_lora": lora, **LORA, **(extra or {}), **turned_off,
+        })  # fmt: skip
         return timed(lambda: [h["loss"] for h in loop.train(cfg).history], warmup, on_step)
 
 
@@ -164,20 +150,8 @@ def train_st(
 
     with tempfile.TemporaryDirectory(prefix="st-bench-", ignore_cleanup_errors=True) as out:
         args = SentenceTransformerTrainingArguments(
-            output_dir=out,
-            per_device_train_batch_size=BATCH,
-            max_steps=steps,
-            learning_rate=LR,
-            weight_decay=0.01,
-            warmup_ratio=0.1,
-            lr_scheduler_type="linear",
-            max_grad_norm=1.0,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            use_cpu=True,
-            seed=42,
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-        )
+            output_dir=out, per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR, weight_decay=0.01,
+            warmup_ratio=0.1, lr_scheduler_type="linear", max_grad_norm=1.0, logging_steps=1, save_strategy="no",
+            report_to="none", use_cpu=True, seed=42, dataloader_num_workers=0, disable_tqdm=True,
+        )  # fmt: skip
         return {**timed(run, warmup, on_step), "optim": str(args.optim)}
