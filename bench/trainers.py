@@ -112,11 +112,25 @@ def train_vembed(
 
     turned_off = disable(off)
     with tempfile.TemporaryDirectory(prefix="vembed-bench-", ignore_cleanup_errors=True) as out:
-        cfg = load_config(None, {
-            "model_name": model, "data_path": data, "output_dir": out, "batch_size": BATCH, "max_seq_length": MAX_LEN,
-            "torch_dtype": "float32", "learning_rate": LR, "max_steps": steps, "logging_steps": 1,
-            "save_steps": 10**9, "use_lora": lora, **LORA, **(extra or {}), **turned_off,
-        })  # fmt: skip
+        cfg = load_config(
+            None,
+            {
+                "model_name": model,
+                "data_path": data,
+                "output_dir": out,
+                "batch_size": BATCH,
+                "max_seq_length": MAX_LEN,
+                "torch_dtype": "float32",
+                "learning_rate": LR,
+                "max_steps": steps,
+                "logging_steps": 1,
+                "save_steps": 10**9,
+                "use_lora": lora,
+                **LORA,
+                **(extra or {}),
+                **turned_off,
+            },
+        )
         return timed(lambda: [h["loss"] for h in loop.train(cfg).history], warmup, on_step)
 
 
@@ -150,8 +164,20 @@ def train_st(
 
     with tempfile.TemporaryDirectory(prefix="st-bench-", ignore_cleanup_errors=True) as out:
         args = SentenceTransformerTrainingArguments(
-            output_dir=out, per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR, weight_decay=0.01,
-            warmup_ratio=0.1, lr_scheduler_type="linear", max_grad_norm=1.0, logging_steps=1, save_strategy="no",
-            report_to="none", use_cpu=True, seed=42, dataloader_num_workers=0, disable_tqdm=True,
-        )  # fmt: skip
+            output_dir=out,
+            per_device_train_batch_size=BATCH,
+            max_steps=steps,
+            learning_rate=LR,
+            weight_decay=0.01,
+            warmup_ratio=0.1,
+            lr_scheduler_type="linear",
+            max_grad_norm=1.0,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            seed=42,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
         return {**timed(run, warmup, on_step), "optim": str(args.optim)}
