@@ -96,5 +96,12 @@ def load_embedder(
     max_seq_length = max_seq_length or st_max_length or 128
     # Hub ids stay ids (resolved again at load time); local directories become absolute.
     stored_name = str(local.resolve()) if local.is_dir() else model_name
-    spec = EmbedderSpec(family, stored_name, pooling, max_seq_length, query_instruction, normalize)
+    spec = EmbedderSpec(
+        family=family,
+        model_name=stored_name,
+        pooling=pooling,
+        max_seq_length=max_seq_length,
+        query_instruction=query_instruction,
+        normalize=normalize,
+    )
     return cls.from_pretrained(path, spec, dtype=dtype)
