@@ -144,8 +144,9 @@ class Registry:
             )
         return self._experiment_id
 
-    def find_run(self, run_key: str) -> str | None:
-        found = self.client.search_runs([self.experiment_id()], f"tags.`vembed.training_run_key` = '{run_key}'", max_results=1)
+    def find_run(self, value: str, tag: str = "vembed.training_run_key") -> str | None:
+        """The id of a run in the experiment whose `tag` is `value`, None when there is none."""
+        found = self.client.search_runs([self.experiment_id()], f"tags.`{tag}` = '{value}'", max_results=1)
         return found[0].info.run_id if found else None
 
     def log_training_run(
