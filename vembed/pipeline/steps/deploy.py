@@ -75,16 +75,14 @@ def merged_location(registry: Any, models_uri: str, artifacts_destination: str =
         if not merged:
             raise DeployError(f"{models_uri}: the version holds no merged model; only merged models are served")
         rel = merged.get("path") if isinstance(merged, dict) else str(merged)
-    scheme = urlparse(root).scheme
-    if scheme == "mlflow-artifacts":
+    if urlparse(root).scheme == "mlflow-artifacts":
         if not artifacts_destination:
             raise DeployError(
                 f"{models_uri}: stored at {root} behind the MLflow server's artifact proxy; pass "
                 "mlflow_artifacts_destination (the server's --artifacts-destination, e.g. s3://mlflow/artifacts)"
             )
         root = f"{artifacts_destination.rstrip('/')}/{urlparse(root).path.lstrip('/')}"
-        scheme = urlparse(root).scheme
-    if scheme not in CLOUD_SCHEMES:
+    if urlparse(root).scheme not in CLOUD_SCHEMES:
         raise DeployError(f"{models_uri}: stored at {root}, which a cluster cannot read (need {CLOUD_SCHEMES})")
     return f"{root}/{rel}"
 

@@ -75,23 +75,23 @@ def _resolve_image(source_uri: str, image: str) -> str:
     return resolve_image_path(image, os.path.dirname(os.path.abspath(source_uri)))
 
 
+@dataclasses.dataclass
 class _Reader:
     """Streams records from every source file in order; one downloaded file on disk at a time. Local images
     are copied into the dataset (content-addressed under images/), so the dataset directory is
     self-contained when it moves through object storage; s3:// images stay where they are."""
 
-    def __init__(self, uris: list[str], on_bad_record: str, workdir: Path, dataset_dir: Path) -> None:
-        self.uris = uris
-        self.dataset_dir = dataset_dir
-        self.copied: dict[str, str] = {}  # resolved local image -> its path in the dataset
-        self.on_bad_record = on_bad_record
-        self.workdir = workdir
-        self.records = 0
-        self.skipped: Counter[str] = Counter()
-        self.examples: list[str] = []
-        self.images_rebased = 0
-        self.files: list[dict[str, Any]] = []
-        self.source_hash = hashlib.sha256()  # sha256 of all source bytes, concatenated in order
+    uris: list[str]
+    on_bad_record: str
+    workdir: Path
+    dataset_dir: Path
+    copied: dict[str, str] = dataclasses.field(default_factory=dict)  # resolved local image -> its path in the dataset
+    records: int = 0
+    skipped: Counter[str] = dataclasses.field(default_factory=Counter)
+    examples: list[str] = dataclasses.field(default_factory=list)
+    images_rebased: int = 0
+    files: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    source_hash: Any = dataclasses.field(default_factory=hashlib.sha256)  # of all source bytes, concatenated in order
 
     def _place_image(self, source_uri: str, image: str) -> str:
         resolved = _resolve_image(source_uri, image)
@@ -111,13 +111,11 @@ class _Reader:
 
     def _hash(self, path: Path) -> tuple[str, int]:
         digest = hashlib.sha256()
-        size = 0
         with path.open("rb") as fh:
             while chunk := fh.read(1 << 20):
                 digest.update(chunk)
                 self.source_hash.update(chunk)
-                size += len(chunk)
-        return digest.hexdigest(), size
+        return digest.hexdigest(), path.stat().st_size
 
     def __iter__(self) -> Iterator[Record]:
         for uri in self.uris:
