@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.cron import validate_cron
+from pipelines.params import parameters_from_spec
 from vembed import __version__
 from vembed.artifacts.integrity import sha256_file
 from vembed.errors import VembedError
@@ -194,8 +195,6 @@ class Kfp:
 
     def version_parameters(self, ref: VersionRef) -> dict:
         """The run parameters (`read_pipeline_parameters` format) of an uploaded version."""
-        from pipelines.params import parameters_from_spec
-
         what = f"pipeline version {ref.version_id}"
         spec = self.call(f"reading {what}", "get_pipeline_version", ref.pipeline_id, ref.version_id).pipeline_spec or {}
         return parameters_from_spec(spec.get("pipeline_spec", spec), f"{what} on {self.host}")  # may be wrapped

@@ -59,8 +59,7 @@ def merged_location(registry: Any, models_uri: str, artifacts_destination: str =
     import mlflow
     import yaml
 
-    from vembed.artifacts.mlflow_store import MERGED_ARTIFACT, ST_DATA_PATH
-    from vembed.artifacts.registry import quiet_mlflow
+    from vembed.artifacts.mlflow_store import MERGED_ARTIFACT, ST_DATA_PATH, quiet_mlflow
 
     root = registry.storage_uri(models_uri).rstrip("/")
     with quiet_mlflow():
@@ -118,7 +117,8 @@ def deploy(
     client_configuration: Any = None,
 ) -> dict[str, Any]:
     """Create or update the InferenceService serving `models:/NAME@alias`; see the module docstring."""
-    from vembed.artifacts.registry import Registry, resolve_tracking_uri
+    from vembed.artifacts.mlflow_store import resolve_tracking_uri, resolve_version
+    from vembed.artifacts.registry import Registry
 
     if not image:
         raise DeployError("deploy: image is empty (the vembed serving image, e.g. ghcr.io/org/vembed:0.1.0-cpu)")
@@ -131,7 +131,7 @@ def deploy(
         raise DeployError(f"service_name: {name!r} is not a valid InferenceService name (lowercase, dashes, <=45)")
     namespace = namespace or current_namespace()
     registry = Registry(resolve_tracking_uri(output_dir))
-    mv = registry.resolve(f"models:/{model_name}@{alias}")
+    mv = resolve_version(registry.client, f"models:/{model_name}@{alias}")
     version_uri = f"models:/{model_name}/{mv.version}"
     spec = PredictorSpec(
         image=image,

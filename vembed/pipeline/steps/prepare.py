@@ -38,12 +38,10 @@ def latest_snapshot(prefix_uri: str) -> str:
     return newest + "/" if storage.is_s3(newest) else newest
 
 
-def resolve_raw_uri(raw_uri: str, latest: bool = False) -> str:
-    """`<prefix>/latest` (or latest=True) -> the newest dt= snapshot under the prefix."""
+def resolve_raw_uri(raw_uri: str) -> str:
+    """`<prefix>/latest` -> the newest dt= snapshot under the prefix; any other URI as it is."""
     prefix, _, name = raw_uri.rstrip("/").rpartition("/")
-    if prefix and name == LATEST:
-        return latest_snapshot(prefix)
-    return latest_snapshot(raw_uri) if latest else raw_uri
+    return latest_snapshot(prefix) if prefix and name == LATEST else raw_uri
 
 
 def source_files(raw_uri: str) -> list[str]:
@@ -179,12 +177,11 @@ def prepare(
     eval_fraction: float = 0.1,
     seed: int = 0,
     on_bad_record: str = "error",
-    latest: bool = False,
     mine_negatives: str | None = None,
 ) -> dict[str, Any]:
     """Validate, deduplicate and split raw JSONL into a dataset directory at `output_uri`.
 
-    `raw_uri`: see `source_files`, or `<prefix>/latest` (or latest=True) for the newest dt=YYYY-MM-DD/
+    `raw_uri`: see `source_files`, or `<prefix>/latest` for the newest dt=YYYY-MM-DD/
     snapshot. The split is deterministic: same data and seed -> same split. `mine_negatives`: a model
     (HF id, directory or checkpoint) that mines hard negatives into the train split (vembed.data.mining).
     Returns the stats written to `stats.json`, plus `output` and `dataset_sha256` (sha256 of the
@@ -194,7 +191,7 @@ def prepare(
         raise ConfigError(f"eval_fraction: must be in [0, 1), got {eval_fraction}")
     if on_bad_record not in ("error", "skip"):
         raise ConfigError(f"on_bad_record: must be 'error' or 'skip', got {on_bad_record!r}")
-    source = resolve_raw_uri(raw_uri, latest)
+    source = resolve_raw_uri(raw_uri)
     uris = source_files(source)
 
     with tempfile.TemporaryDirectory(prefix="vembed-prepare-") as workdir, storage.staging_dir(output_uri) as out:

@@ -7,6 +7,7 @@ vembed.artifacts.registry). Safe to retry: the run and the version are found by 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -82,7 +83,8 @@ def register(
       pipeline_run_id, run_name}; config and history default to what the adapter checkpoint holds.
     Returns the decision ({promoted, reason, version, aliases, ...}) plus run_id and tracking_uri.
     """
-    from vembed.artifacts.registry import Registry, resolve_tracking_uri
+    from vembed.artifacts.mlflow_store import resolve_tracking_uri
+    from vembed.artifacts.registry import Registry
     from vembed.artifacts.registry_files import content_key
     from vembed.redaction import redact
 
@@ -122,4 +124,4 @@ def register(
         champion_score=score_of(results_of(metrics), promotion_metric, "champion"),
         eval_gate_passed=decision_in.get("passed"),
     )
-    return {**decision.to_dict(), "run_id": run_id, "tracking_uri": redact(registry.tracking_uri)}
+    return {**dataclasses.asdict(decision), "run_id": run_id, "tracking_uri": redact(registry.tracking_uri)}
