@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import fields, replace
 from pathlib import Path
 
 from vembed.errors import ConfigError, run_command
@@ -31,8 +32,6 @@ def _run_arguments(args: argparse.Namespace, spec: dict | None = None, required:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    from dataclasses import fields
-
     from pipelines.compile import COMPILED_PATH, compile_pipeline
     from pipelines.lora_finetune import PipelineOptions
     from vembed.config import parse_pairs
@@ -107,8 +106,6 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_schedule(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from pipelines.cron import validate_cron
     from pipelines.remote import Kfp
 

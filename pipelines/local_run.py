@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from pipelines.lora_finetune import DEFAULT_BASE_MODEL, PipelineOptions
-from vembed.errors import VembedError
+from vembed.errors import ConfigError, DataError, VembedError
 
 LOCAL_YAML_NAME = "lora_finetune.local.yaml"
 # The demo's training settings (MiniLM, LoRA on query/value); used when no data and no config are given.
@@ -65,8 +65,6 @@ def _absolute_if_local(uri: str) -> str:
 
 
 def _check_local_inputs(data_uri: str | None, config_path: str | None) -> None:
-    from vembed.errors import ConfigError, DataError
-
     if data_uri and "://" not in data_uri:
         path = Path(data_uri)
         # `<prefix>/latest` names the newest dt= snapshot under the prefix, not a real folder.

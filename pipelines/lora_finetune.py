@@ -26,6 +26,7 @@ Credentials never appear here: S3 and MLflow credentials come from Kubernetes se
 parameters (`s3_secret_name`, `mlflow_secret_name`), mounted as environment variables.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -238,14 +239,12 @@ def build_pipeline(opts: PipelineOptions | None = None):
         this_run = {"pipeline_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, "pipeline_run_name": dsl.PIPELINE_JOB_NAME_PLACEHOLDER}
         gate = {"promotion_metric": promotion_metric, "min_delta": min_delta}
 
-        exit_task = steps = None
+        steps, exit_tasks = contextlib.ExitStack(), []
         if opts.exit_handler:
-            exit_task = on_exit(
-                pipeline_root=dsl.PIPELINE_ROOT_PLACEHOLDER, pipeline_name=PIPELINE_NAME, **this_run, **endpoints
-            )
-            steps = dsl.ExitHandler(exit_task, name="steps")
-            steps.__enter__()
-        exit_tasks = [exit_task] if exit_task else []
+            exit_tasks = [
+                on_exit(pipeline_root=dsl.PIPELINE_ROOT_PLACEHOLDER, pipeline_name=PIPELINE_NAME, **this_run, **endpoints)
+            ]
+            steps.enter_context(dsl.ExitHandler(exit_tasks[0], name="steps"))
 
         prepare_task = prepare(
             raw_uri=data_uri,
@@ -355,8 +354,7 @@ def build_pipeline(opts: PipelineOptions | None = None):
                 task, secret_name=mlflow_secret_name, secret_key_to_env=MLFLOW_SECRET_KEYS, optional=True
             )
 
-        if steps is not None:
-            steps.__exit__(None, None, None)
+        steps.close()  # leaves the exit handler's group, if entered
         harden_tasks(opts)
 
         if opts.exit_handler:

@@ -17,10 +17,12 @@ import urllib.error
 import urllib.request
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipelines.cron import validate_cron
+from pipelines.params import parameters_from_spec
+from vembed import __version__
+from vembed.artifacts.integrity import sha256_file
 from vembed.errors import VembedError
 
 PREFLIGHT_TIMEOUT_S = 15
@@ -56,11 +58,7 @@ class Uploaded(VersionRef):
 
 def default_version_name(package: str | os.PathLike[str]) -> str:
     """`<vembed version>-<12 hex of the package's sha256>`: the same package always gets the same name."""
-    import hashlib
-
-    from vembed import __version__
-
-    return f"{__version__}-{hashlib.sha256(Path(package).read_bytes()).hexdigest()[:12]}"
+    return f"{__version__}-{sha256_file(package)[:12]}"
 
 
 def _preflight(host: str, token: str | None) -> None:
@@ -197,8 +195,6 @@ class Kfp:
 
     def version_parameters(self, ref: VersionRef) -> dict:
         """The run parameters (`read_pipeline_parameters` format) of an uploaded version."""
-        from pipelines.params import parameters_from_spec
-
         what = f"pipeline version {ref.version_id}"
         spec = self.call(f"reading {what}", "get_pipeline_version", ref.pipeline_id, ref.version_id).pipeline_spec or {}
         return parameters_from_spec(spec.get("pipeline_spec", spec), f"{what} on {self.host}")  # may be wrapped

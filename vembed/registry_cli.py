@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -54,7 +55,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     decision = registry.promote(args.name, args.version) if args.command == "promote" else registry.rollback(args.name)
     text = f"{decision.model_name}: champion is now v{decision.version} ({decision.reason})"
-    print(json.dumps(decision.to_dict(), indent=2) if args.json else text)
+    print(json.dumps(dataclasses.asdict(decision), indent=2) if args.json else text)
     if args.command == "rollback" and not args.no_serving:
         return _rollback_serving(registry, args)
     return 0

@@ -101,7 +101,7 @@ def test_round_trip_register_promote_and_load_champion(
 ):
     import mlflow
 
-    from vembed.artifacts.registry import download_model
+    from vembed.artifacts.mlflow_store import download_model
     from vembed.config import load_config
     from vembed.inference.predictor import Predictor
     from vembed.pipeline.steps.register import register
@@ -326,7 +326,7 @@ def test_secrets_never_reach_mlflow_or_logs(
 
 
 def test_embedded_sqlite_default_and_cli(models: TinyModels, tmp_path, monkeypatch, capsys):
-    from vembed.artifacts.registry import download_model
+    from vembed.artifacts.mlflow_store import download_model
     from vembed.cli import main as vembed_main
     from vembed.inference.predictor import Predictor
     from vembed.pipeline.steps.register import register
@@ -450,7 +450,8 @@ def test_vision_model_is_a_pyfunc_whose_code_travels_with_it(tmp_path, monkeypat
     import yaml
 
     from tests.support.tiny_models import make_tiny_clip
-    from vembed.artifacts.registry import Registry, resolve_tracking_uri
+    from vembed.artifacts.mlflow_store import resolve_tracking_uri
+    from vembed.artifacts.registry import Registry
     from vembed.inference.predictor import Predictor
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -498,7 +499,8 @@ def test_query_instruction_travels_as_a_sentence_transformers_prompt(models: Tin
     import mlflow
     from sentence_transformers import SentenceTransformer
 
-    from vembed.artifacts.registry import Registry, resolve_tracking_uri
+    from vembed.artifacts.mlflow_store import resolve_tracking_uri
+    from vembed.artifacts.registry import Registry
     from vembed.inference.predictor import Predictor
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -159,7 +159,7 @@ def test_latest_snapshot_local_and_s3(bucket: str, tmp_path: Path) -> None:
     train, held = dataset_rows(tmp_path / "ds")
     assert {r["query"] for r in train + held} == {r["query"] for r in pairs(100, 20)}
 
-    local = prepare(str(tmp_path / "raw"), str(tmp_path / "ds2"), latest=True)
+    local = prepare(str(tmp_path / "raw" / "latest"), str(tmp_path / "ds2"))
     assert local["source"] == str(tmp_path / "raw" / "dt=2024-02-10")
 
     with pytest.raises(DataError, match="no dt=YYYY-MM-DD/ snapshot"):

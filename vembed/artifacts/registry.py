@@ -28,13 +28,7 @@ from typing import Any
 from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus, Metric, Param
 from mlflow.entities.model_registry import ModelVersion
 
-from vembed.artifacts.mlflow_store import (  # noqa: F401 - download_model, quiet_mlflow...: re-exported
-    Client,
-    download_model,
-    quiet_mlflow,
-    resolve_tracking_uri,
-    resolve_version,
-)
+from vembed.artifacts.mlflow_store import Client, resolve_version
 from vembed.artifacts.promotion import (
     DEFAULT_METRIC,
     decide_version,
@@ -97,9 +91,6 @@ class PromotionDecision:
     champion_before: str | None = None
     created: bool = False  # False when a retry found the version already registered
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass
 class VersionInfo:
@@ -144,8 +135,8 @@ class Registry:
             )
         return self._experiment_id
 
-    def find_run(self, run_key: str) -> str | None:
-        found = self.client.search_runs([self.experiment_id()], f"tags.`vembed.training_run_key` = '{run_key}'", max_results=1)
+    def find_run(self, value: str, tag: str = "vembed.training_run_key") -> str | None:
+        found = self.client.search_runs([self.experiment_id()], f"tags.`{tag}` = '{value}'", max_results=1)
         return found[0].info.run_id if found else None
 
     def log_training_run(
@@ -344,11 +335,8 @@ class Registry:
             v["aliases"] = sorted(a for a, ver in aliases.items() if str(ver) == v["version"])
         return {"name": name, "versions": versions, "champion_history": self.champion_history(name)}
 
-    def resolve(self, models_uri: str) -> ModelVersion:
-        return resolve_version(self.client, models_uri)
-
     def storage_uri(self, models_uri: str) -> str:
         """Where the version's MLflow model directory lives in storage (e.g. `s3://bucket/.../artifacts`);
         for a version of a LoggedModel, MLflow records the LoggedModel's artifact location."""
-        mv = self.resolve(models_uri)
+        mv = resolve_version(self.client, models_uri)
         return self.client.get_model_version_download_uri(mv.name, mv.version)

@@ -17,7 +17,6 @@ downgrade both in the shared environment), and its models add nothing to one cre
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import time
 from collections.abc import Iterator
@@ -163,12 +162,10 @@ class InferenceServices:
         current = self.get(name)
         if current is None:
             return
-        body = copy.deepcopy(current)
-        body["spec"] = copy.deepcopy(before["spec"])
+        body = {k: v for k, v in current.items() if k != "status"} | {"spec": before["spec"]}
         body["metadata"].setdefault("annotations", {}).update(
             {k: v for k, v in (before["metadata"].get("annotations") or {}).items() if k == ANNOTATION_MODEL}
         )
-        body.pop("status", None)
         with self._errors(name, "restoring the previous spec failed: "):
             self.api.replace_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, body)
 

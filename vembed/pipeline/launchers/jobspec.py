@@ -48,8 +48,7 @@ class TaskSettings:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> TaskSettings:
         """From `dataclasses.asdict(task_config)` (snake_case keys); None values mean unset."""
-        data = {k: v for k, v in (data or {}).items() if v is not None}
-        return cls(**data)
+        return cls(**{k: v for k, v in (data or {}).items() if v is not None})
 
 
 def new_job_name(prefix: str = "vembed") -> str:

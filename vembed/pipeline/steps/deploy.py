@@ -59,8 +59,7 @@ def merged_location(registry: Any, models_uri: str, artifacts_destination: str =
     import mlflow
     import yaml
 
-    from vembed.artifacts.mlflow_store import MERGED_ARTIFACT, ST_DATA_PATH
-    from vembed.artifacts.registry import quiet_mlflow
+    from vembed.artifacts.mlflow_store import MERGED_ARTIFACT, ST_DATA_PATH, quiet_mlflow
 
     root = registry.storage_uri(models_uri).rstrip("/")
     with quiet_mlflow():
@@ -75,16 +74,14 @@ def merged_location(registry: Any, models_uri: str, artifacts_destination: str =
         if not merged:
             raise DeployError(f"{models_uri}: the version holds no merged model; only merged models are served")
         rel = merged.get("path") if isinstance(merged, dict) else str(merged)
-    scheme = urlparse(root).scheme
-    if scheme == "mlflow-artifacts":
+    if urlparse(root).scheme == "mlflow-artifacts":
         if not artifacts_destination:
             raise DeployError(
                 f"{models_uri}: stored at {root} behind the MLflow server's artifact proxy; pass "
                 "mlflow_artifacts_destination (the server's --artifacts-destination, e.g. s3://mlflow/artifacts)"
             )
         root = f"{artifacts_destination.rstrip('/')}/{urlparse(root).path.lstrip('/')}"
-        scheme = urlparse(root).scheme
-    if scheme not in CLOUD_SCHEMES:
+    if urlparse(root).scheme not in CLOUD_SCHEMES:
         raise DeployError(f"{models_uri}: stored at {root}, which a cluster cannot read (need {CLOUD_SCHEMES})")
     return f"{root}/{rel}"
 
@@ -120,7 +117,8 @@ def deploy(
     client_configuration: Any = None,
 ) -> dict[str, Any]:
     """Create or update the InferenceService serving `models:/NAME@alias`; see the module docstring."""
-    from vembed.artifacts.registry import Registry, resolve_tracking_uri
+    from vembed.artifacts.mlflow_store import resolve_tracking_uri, resolve_version
+    from vembed.artifacts.registry import Registry
 
     if not image:
         raise DeployError("deploy: image is empty (the vembed serving image, e.g. ghcr.io/org/vembed:0.1.0-cpu)")
@@ -133,7 +131,7 @@ def deploy(
         raise DeployError(f"service_name: {name!r} is not a valid InferenceService name (lowercase, dashes, <=45)")
     namespace = namespace or current_namespace()
     registry = Registry(resolve_tracking_uri(output_dir))
-    mv = registry.resolve(f"models:/{model_name}@{alias}")
+    mv = resolve_version(registry.client, f"models:/{model_name}@{alias}")
     version_uri = f"models:/{model_name}/{mv.version}"
     spec = PredictorSpec(
         image=image,

@@ -11,6 +11,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from vembed.artifacts.integrity import sha256_file
 from vembed.artifacts.promotion import METRIC_KEYS, check_metric, decide
 from vembed.artifacts.promotion import ROLES as ROLE_ORDER
 from vembed.errors import ConfigError
@@ -18,8 +21,6 @@ from vembed.errors import ConfigError
 
 def mrl_dims_of(adapter_dir: str | os.PathLike[str]) -> list[int] | None:
     """The MRL dims an adapter was trained with (from its resolved config), to report each one."""
-    import yaml
-
     resolved = Path(adapter_dir) / "vembed_config.yaml"
     if not resolved.is_file():
         return None
@@ -37,8 +38,6 @@ def champion_uri(model_name: str, tracking_uri: str | None = None) -> str | None
 
 def eval_set_sha256(dataset_dir: str | os.PathLike[str]) -> str:
     """sha256 of the eval split's bytes: the registry compares scores only on the same eval set."""
-    from vembed.artifacts.integrity import sha256_file
-
     return sha256_file(Path(dataset_dir) / "eval.jsonl")
 
 

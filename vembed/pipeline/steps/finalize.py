@@ -103,14 +103,10 @@ def record_failure(
 
     registry = Registry(tracking_uri)
     client = registry.client
-    experiment = registry.experiment_id()
-    runs = client.search_runs(
-        [experiment], filter_string=f"tags.`{TAG_PIPELINE_RUN}` = '{pipeline_run_id}'", max_results=1
-    )
-    if runs:
-        run_id = runs[0].info.run_id
-    else:  # the run failed before register logged anything
-        run_id = client.create_run(experiment, tags={TAG_PIPELINE_RUN: pipeline_run_id}, run_name=run_name).info.run_id
+    run_id = registry.find_run(pipeline_run_id, TAG_PIPELINE_RUN)
+    if run_id is None:  # the run failed before register logged anything
+        tags = {TAG_PIPELINE_RUN: pipeline_run_id}
+        run_id = client.create_run(registry.experiment_id(), tags=tags, run_name=run_name).info.run_id
     client.set_tag(run_id, TAG_STATUS, status.state)
     if status.task_name:
         client.set_tag(run_id, TAG_FAILED_TASK, status.task_name)

@@ -38,12 +38,10 @@ def latest_snapshot(prefix_uri: str) -> str:
     return newest + "/" if storage.is_s3(newest) else newest
 
 
-def resolve_raw_uri(raw_uri: str, latest: bool = False) -> str:
-    """`<prefix>/latest` (or latest=True) -> the newest dt= snapshot under the prefix."""
+def resolve_raw_uri(raw_uri: str) -> str:
+    """`<prefix>/latest` -> the newest dt= snapshot under the prefix; any other URI as it is."""
     prefix, _, name = raw_uri.rstrip("/").rpartition("/")
-    if prefix and name == LATEST:
-        return latest_snapshot(prefix)
-    return latest_snapshot(raw_uri) if latest else raw_uri
+    return latest_snapshot(prefix) if prefix and name == LATEST else raw_uri
 
 
 def source_files(raw_uri: str) -> list[str]:
@@ -75,23 +73,23 @@ def _resolve_image(source_uri: str, image: str) -> str:
     return resolve_image_path(image, os.path.dirname(os.path.abspath(source_uri)))
 
 
+@dataclasses.dataclass
 class _Reader:
     """Streams records from every source file in order; one downloaded file on disk at a time. Local images
     are copied into the dataset (content-addressed under images/), so the dataset directory is
     self-contained when it moves through object storage; s3:// images stay where they are."""
 
-    def __init__(self, uris: list[str], on_bad_record: str, workdir: Path, dataset_dir: Path) -> None:
-        self.uris = uris
-        self.dataset_dir = dataset_dir
-        self.copied: dict[str, str] = {}  # resolved local image -> its path in the dataset
-        self.on_bad_record = on_bad_record
-        self.workdir = workdir
-        self.records = 0
-        self.skipped: Counter[str] = Counter()
-        self.examples: list[str] = []
-        self.images_rebased = 0
-        self.files: list[dict[str, Any]] = []
-        self.source_hash = hashlib.sha256()  # sha256 of all source bytes, concatenated in order
+    uris: list[str]
+    on_bad_record: str
+    workdir: Path
+    dataset_dir: Path
+    copied: dict[str, str] = dataclasses.field(default_factory=dict)  # resolved local image -> its path in the dataset
+    records: int = 0
+    skipped: Counter[str] = dataclasses.field(default_factory=Counter)
+    examples: list[str] = dataclasses.field(default_factory=list)
+    images_rebased: int = 0
+    files: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    source_hash: Any = dataclasses.field(default_factory=hashlib.sha256)  # of all source bytes, concatenated in order
 
     def _place_image(self, source_uri: str, image: str) -> str:
         resolved = _resolve_image(source_uri, image)
@@ -111,13 +109,11 @@ class _Reader:
 
     def _hash(self, path: Path) -> tuple[str, int]:
         digest = hashlib.sha256()
-        size = 0
         with path.open("rb") as fh:
             while chunk := fh.read(1 << 20):
                 digest.update(chunk)
                 self.source_hash.update(chunk)
-                size += len(chunk)
-        return digest.hexdigest(), size
+        return digest.hexdigest(), path.stat().st_size
 
     def __iter__(self) -> Iterator[Record]:
         for uri in self.uris:
@@ -181,12 +177,11 @@ def prepare(
     eval_fraction: float = 0.1,
     seed: int = 0,
     on_bad_record: str = "error",
-    latest: bool = False,
     mine_negatives: str | None = None,
 ) -> dict[str, Any]:
     """Validate, deduplicate and split raw JSONL into a dataset directory at `output_uri`.
 
-    `raw_uri`: see `source_files`, or `<prefix>/latest` (or latest=True) for the newest dt=YYYY-MM-DD/
+    `raw_uri`: see `source_files`, or `<prefix>/latest` for the newest dt=YYYY-MM-DD/
     snapshot. The split is deterministic: same data and seed -> same split. `mine_negatives`: a model
     (HF id, directory or checkpoint) that mines hard negatives into the train split (vembed.data.mining).
     Returns the stats written to `stats.json`, plus `output` and `dataset_sha256` (sha256 of the
@@ -196,7 +191,7 @@ def prepare(
         raise ConfigError(f"eval_fraction: must be in [0, 1), got {eval_fraction}")
     if on_bad_record not in ("error", "skip"):
         raise ConfigError(f"on_bad_record: must be 'error' or 'skip', got {on_bad_record!r}")
-    source = resolve_raw_uri(raw_uri, latest)
+    source = resolve_raw_uri(raw_uri)
     uris = source_files(source)
 
     with tempfile.TemporaryDirectory(prefix="vembed-prepare-") as workdir, storage.staging_dir(output_uri) as out:

@@ -6,6 +6,8 @@ vembed.artifacts.registry). Safe to retry: the run and the version are found by 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -31,17 +33,16 @@ def _local_dir(path: str | os.PathLike[str] | None) -> Path | None:
     return Path(path)
 
 
+def _first_env(names: tuple[str, ...]) -> str | None:
+    return next((os.environ[n] for n in names if os.environ.get(n)), None)
+
+
 def _git_commit() -> str | None:
-    for name in GIT_COMMIT_ENV:
-        if os.environ.get(name):
-            return os.environ[name]
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent, check=True
         )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
+    except (OSError, subprocess.SubprocessError):  # no git, not a checkout (CalledProcessError), a hang
         return None
     return out.stdout.strip() or None
 
@@ -56,13 +57,10 @@ def _from_checkpoint(adapter_dir: Path | None) -> tuple[dict[str, Any] | None, l
     if (adapter_dir / "vembed_config.yaml").is_file():
         config = yaml.safe_load((adapter_dir / "vembed_config.yaml").read_text()) or None
     history: list[dict[str, Any]] = []
-    if (adapter_dir / "trainer_state.json").is_file():
-        try:
-            state = json.loads((adapter_dir / "trainer_state.json").read_text())
-            # Training steps, then the validation during training (val_* keys; MLflow's val/...).
-            history = list(state.get("history") or []) + list(state.get("eval_history") or [])
-        except (json.JSONDecodeError, AttributeError):
-            history = []
+    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError, AttributeError):  # none, or damaged: no history
+        state = json.loads((adapter_dir / "trainer_state.json").read_text())
+        # Training steps, then the validation during training (val_* keys; MLflow's val/...).
+        history = list(state.get("history") or []) + list(state.get("eval_history") or [])
     return config, history
 
 
@@ -85,7 +83,8 @@ def register(
       pipeline_run_id, run_name}; config and history default to what the adapter checkpoint holds.
     Returns the decision ({promoted, reason, version, aliases, ...}) plus run_id and tracking_uri.
     """
-    from vembed.artifacts.registry import Registry, resolve_tracking_uri
+    from vembed.artifacts.mlflow_store import resolve_tracking_uri
+    from vembed.artifacts.registry import Registry
     from vembed.artifacts.registry_files import content_key
     from vembed.redaction import redact
 
@@ -96,9 +95,7 @@ def register(
     registry = Registry(resolve_tracking_uri(output_dir))
     key = str(info.get("run_key") or content_key(adapter, merged))
     ckpt_config, ckpt_history = _from_checkpoint(adapter if adapter and adapter.is_dir() else None)
-    pipeline_run_id = info.get("pipeline_run_id") or next(
-        (os.environ[n] for n in PIPELINE_RUN_ENV if os.environ.get(n)), None
-    )
+    pipeline_run_id = info.get("pipeline_run_id") or _first_env(PIPELINE_RUN_ENV)
     run_id = registry.log_training_run(
         key,
         config=info.get("config") or ckpt_config,
@@ -108,7 +105,7 @@ def register(
         tags={
             "base_model": info.get("base_model"),
             "dataset_sha256": info.get("dataset_sha256"),
-            "git_commit": info.get("git_commit") or _git_commit(),
+            "git_commit": info.get("git_commit") or _first_env(GIT_COMMIT_ENV) or _git_commit(),
             "pipeline_run_id": pipeline_run_id,
         },
     )
@@ -127,4 +124,4 @@ def register(
         champion_score=score_of(results_of(metrics), promotion_metric, "champion"),
         eval_gate_passed=decision_in.get("passed"),
     )
-    return {**decision.to_dict(), "run_id": run_id, "tracking_uri": redact(registry.tracking_uri)}
+    return {**dataclasses.asdict(decision), "run_id": run_id, "tracking_uri": redact(registry.tracking_uri)}

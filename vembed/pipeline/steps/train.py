@@ -8,9 +8,12 @@ and returns a JSON-friendly summary; `render_report` turns that summary into an 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -192,10 +195,6 @@ def train_component(
     and the model's metadata. `job_settings` (fixed at compile time for the job's pods) overlays the task's
     `dsl.TaskConfig`. A permanent failure becomes `SystemExit("error: ...")`: one line in the pod log.
     """
-    import dataclasses
-    import shutil
-    import tempfile
-
     from vembed.pipeline.steps import use_endpoints
     from vembed.pipeline.steps.launch import job_output_uri as default_job_output_uri
     from vembed.retry import run_step
