@@ -41,10 +41,16 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
     if not args.text and not args.image:
         raise VembedError("encode: give --text and/or --image")
-    if args.output and Path(args.output).is_dir():  # the output file is checked before the model loads
+    # The output file is checked before the model loads; np.save adds `.npy` to a name without it.
+    if args.output and Path(args.output).is_dir():
         raise StorageError(f"{args.output}: is a directory; give a file name")
-    if args.output and not Path(args.output).parent.is_dir():
-        raise StorageError(f"{args.output}: folder {Path(args.output).parent} does not exist")
+    out = Path(args.output if args.output.endswith(".npy") else args.output + ".npy") if args.output else None
+    if out and out.is_dir():
+        raise StorageError(f"{out}: is a directory; give a file name")
+    if out and not out.parent.is_dir():
+        raise StorageError(f"{out}: folder {out.parent} does not exist")
+    if out and out.exists() and not args.overwrite:
+        raise StorageError(f"{out}: exists; refusing to replace it (--overwrite replaces it)")
     # Weight-loading and download bars are noise around a few lines of output.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -57,9 +63,15 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     if args.image:
         parts.append(pred.encode_image(args.image, dim=args.dim))
     emb = np.concatenate(parts)
-    if args.output:
-        np.save(args.output, emb)
-        print(f"{emb.shape[0]} embeddings of dim {emb.shape[1]} written to {args.output}")
+    if out:
+        # Written beside the target and renamed over it: a crash never leaves a half-written file.
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.npy")
+        try:
+            np.save(tmp, emb)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+        print(f"{emb.shape[0]} embeddings of dim {emb.shape[1]} written to {out}")
     elif args.json:
         print(json.dumps(emb.tolist()))
     else:
@@ -138,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", nargs="+", default=[])
     p.add_argument("--image", nargs="+", default=[])
     p.add_argument("--dim", type=int, help="MRL truncation dim")
-    p.add_argument("--output", help=".npy file; default prints a short summary")
+    p.add_argument("--output", help=".npy file (must not exist); default prints a short summary")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--json", action="store_true", help="print every value as JSON instead of a summary")
     p.set_defaults(func=_cmd_encode)
 

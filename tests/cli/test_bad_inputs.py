@@ -126,6 +126,13 @@ def assert_not_created(rel: str) -> Callable[[Ctx], None]:
     return check
 
 
+def assert_unchanged(rel: str, text: str) -> Callable[[Ctx], None]:
+    def check(ctx: Ctx) -> None:
+        assert (ctx.work / rel).read_text() == text, f"{rel} was changed"
+
+    return check
+
+
 # --- the table -------------------------------------------------------------------------------
 
 NOSPC, ROFS = os.strerror(errno.ENOSPC), os.strerror(errno.EROFS)
@@ -207,6 +214,12 @@ CASES = [
          lambda c: ["no/dir/e.npy", "does not exist"]),
     Case("encode-output-is-dir", lambda c: ["encode", str(c.ckpt), "--text", "a", "--output", "od"],
          lambda c: ["od", "directory"], setup=lambda c: (c.work / "od").mkdir()),
+    Case("encode-output-exists", lambda c: ["encode", str(c.ckpt), "--text", "a", "--output", "e.npy"],
+         lambda c: ["e.npy", "exists", "--overwrite"], setup=lambda c: write(c.work / "e.npy", "mine\n"),
+         after=assert_unchanged("e.npy", "mine\n")),
+    Case("encode-output-exists-without-suffix", lambda c: ["encode", str(c.ckpt), "--text", "a", "--output", "e"],
+         lambda c: ["e.npy", "exists"], setup=lambda c: write(c.work / "e.npy", "mine\n"),
+         after=assert_unchanged("e.npy", "mine\n")),
     Case("encode-nothing-to-encode", lambda c: ["encode", str(c.ckpt)], lambda c: ["--text"]),
     Case("encode-dim-too-large", lambda c: ["encode", str(c.ckpt), "--text", "a", "--dim", "4096"], lambda c: ["dim=4096"]),
     # merge

@@ -84,3 +84,9 @@ def test_cli_encode_and_merge(trained, tmp_path, capsys):
     assert main(["merge", str(trained.checkpoint_dir), str(tmp_path / "m")]) == 0
     assert main(["encode", str(tmp_path / "m"), "--text", "hello", "--output", str(tmp_path / "e.npy")]) == 0
     assert np.load(tmp_path / "e.npy").shape == (1, 32)
+    # An existing output is replaced only when asked, and whole (no temporary file is left).
+    assert main(["encode", str(tmp_path / "m"), "--text", "a", "b", "--output", str(tmp_path / "e.npy")]) == 2
+    assert np.load(tmp_path / "e.npy").shape == (1, 32)
+    assert main(["encode", str(tmp_path / "m"), "--text", "a", "b", "--output", str(tmp_path / "e"), "--overwrite"]) == 0
+    assert np.load(tmp_path / "e.npy").shape == (2, 32)
+    assert sorted(p.name for p in tmp_path.glob("*.npy*")) == ["e.npy"]
