@@ -37,6 +37,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     import numpy as np
     from transformers.utils import logging as hf_logging
 
+    from vembed.artifacts.atomic_dir import staged_file
     from vembed.inference.predictor import Predictor
 
     if not args.text and not args.image:
@@ -64,13 +65,8 @@ def _cmd_encode(args: argparse.Namespace) -> int:
         parts.append(pred.encode_image(args.image, dim=args.dim))
     emb = np.concatenate(parts)
     if out:
-        # Written beside the target and renamed over it: a crash never leaves a half-written file.
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.npy")
-        try:
-            np.save(tmp, emb)
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with staged_file(out) as tmp, open(tmp, "wb") as fh:  # a crash never leaves half a file
+            np.save(fh, emb)
         print(f"{emb.shape[0]} embeddings of dim {emb.shape[1]} written to {out}")
     elif args.json:
         print(json.dumps(emb.tolist()))
@@ -133,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-base", action="store_true", help="skip the base-model column")
     p.add_argument("--corpus", help='extra corpus JSONL of {"text": ...} lines')
     p.add_argument("--dims", help="comma-separated MRL dims to report, e.g. 384,256,128")
-    p.add_argument("--output", help="write metrics JSON here")
+    p.add_argument("--output", help="write metrics JSON here (a new file)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--retrieval-mode", choices=["auto", "t2t", "t2i", "i2t", "i2i"], default="auto",
                    help="record fields used as query and document (auto: every field present)")

@@ -257,6 +257,9 @@ CASES = [
          lambda c: ["cor.jsonl", "does not exist"]),
     Case("evaluate-dims-not-numbers", lambda c: ["evaluate", str(c.ckpt), "--data", str(c.data), "--dims", "abc"],
          lambda c: ["--dims", "abc"]),
+    Case("evaluate-output-exists", lambda c: ["evaluate", str(c.ckpt), "--data", str(c.data), "--output", "m.json"],
+         lambda c: ["m.json", "exists", "--overwrite"], setup=lambda c: write(c.work / "m.json", "mine\n"),
+         after=assert_unchanged("m.json", "mine\n")),
     Case("evaluate-output-is-dir", lambda c: ["evaluate", str(c.ckpt), "--data", str(c.data), "--output", "od"],
          lambda c: ["od", "directory"], setup=lambda c: (c.work / "od").mkdir()),
     # checkpoint saves

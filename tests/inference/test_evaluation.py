@@ -105,3 +105,8 @@ def test_compare_two_models_and_cli(tiny_bert, minilm_path, tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert saved["tuned"]["full"]["ndcg@10"] == pytest.approx(minilm_ndcg)
     assert saved["base"]["full"]["ndcg@10"] == pytest.approx(random_ndcg)
+    # Run again: the file is replaced only with --overwrite, whole (nothing temporary left beside it).
+    out.write_text("{}")
+    assert main([*argv, "--no-base"]) == 2 and out.read_text() == "{}"
+    assert main([*argv, "--no-base", "--overwrite"]) == 0
+    assert "base" not in json.loads(out.read_text()) and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -1,4 +1,5 @@
-"""Write a directory so that nothing already there is lost: one helper for merge, checkpoints and datasets.
+"""Write a directory (or a file) so that nothing already there is lost: one helper for merge, checkpoints
+and datasets, and `staged_file` for the files the CLI writes.
 
 `staged_dir(dest)` yields a fresh hidden sibling of `dest`. When the block finishes, the sibling is
 renamed onto `dest`; on every failure path (an exception, ENOSPC, Ctrl-C) it is removed and `dest` is
@@ -79,3 +80,14 @@ def publish(tmp: Path, dest: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_file(dest: Path) -> Iterator[Path]:
+    """A hidden sibling of `dest` to write; renamed onto `dest` when the block finishes, removed on any failure."""
+    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)

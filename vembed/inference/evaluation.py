@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from vembed.artifacts.atomic_dir import staged_file
 from vembed.data import Record, read_records
 from vembed.data.items import record_items
 from vembed.errors import ConfigError, DataError, StorageError
@@ -169,17 +170,22 @@ def parse_dims(text: str) -> list[int]:
 def evaluate_cli(
     model: str, data: str, base: str | None = None, no_base: bool = False, corpus: str | None = None,
     dims: str | None = None, output: str | None = None, batch_size: int = 64, retrieval_mode: str = "auto",
+    overwrite: bool = False,
 ) -> int:  # fmt: skip
-    """`vembed evaluate`: the metrics table of the model (and its base model); `output` also gets the JSON."""
+    """`vembed evaluate`: the metrics table of the model (and its base model); `output` (a new file unless
+    `overwrite`) also gets the JSON."""
     base = base or base_model_of(model)
     models = {"base": base} if base and not no_base else {}
     models["tuned"] = model
     dim_list = parse_dims(dims) if dims else None
     if output and Path(output).is_dir():  # checked before the slow part
         raise StorageError(f"{output}: is a directory; give a file name for the metrics JSON")
+    if output and Path(output).exists() and not overwrite:
+        raise StorageError(f"{output}: exists; refusing to replace it (--overwrite replaces it)")
     results = compare_models(models, data, corpus, dim_list, batch_size, retrieval_mode=retrieval_mode)
     print(format_table(results))
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(results, indent=2))
+        with staged_file(Path(output)) as tmp:
+            tmp.write_text(json.dumps(results, indent=2))
     return 0
