@@ -37,21 +37,18 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     import numpy as np
     from transformers.utils import logging as hf_logging
 
-    from vembed.artifacts.atomic_dir import staged_file
+    from vembed.artifacts.atomic_dir import check_output_file, staged_file
     from vembed.inference.predictor import Predictor
 
     if not args.text and not args.image:
         raise VembedError("encode: give --text and/or --image")
-    # The output file is checked before the model loads; np.save adds `.npy` to a name without it.
-    if args.output and Path(args.output).is_dir():
-        raise StorageError(f"{args.output}: is a directory; give a file name")
-    out = Path(args.output if args.output.endswith(".npy") else args.output + ".npy") if args.output else None
-    if out and out.is_dir():
-        raise StorageError(f"{out}: is a directory; give a file name")
-    if out and not out.parent.is_dir():
-        raise StorageError(f"{out}: folder {out.parent} does not exist")
-    if out and out.exists() and not args.overwrite:
-        raise StorageError(f"{out}: exists; refusing to replace it (--overwrite replaces it)")
+    out = Path(args.output) if args.output else None
+    if out:  # checked before the model loads
+        if not out.is_dir() and not args.output.endswith(".npy"):
+            out = out.with_name(out.name + ".npy")  # the name np.save writes
+        check_output_file(out, args.overwrite)
+        if not out.parent.is_dir():
+            raise StorageError(f"{out}: folder {out.parent} does not exist")
     # Weight-loading and download bars are noise around a few lines of output.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

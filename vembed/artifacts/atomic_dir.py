@@ -82,6 +82,15 @@ def publish(tmp: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def check_output_file(path: Path, overwrite: bool) -> None:
+    """A file a command is about to write, checked before its slow part: not a directory, and an
+    existing file is replaced only with `overwrite` (--overwrite)."""
+    if path.is_dir():
+        raise StorageError(f"{path}: is a directory; give a file name")
+    if path.exists() and not overwrite:
+        raise StorageError(f"{path}: exists; refusing to replace it (--overwrite replaces it)")
+
+
 @contextlib.contextmanager
 def staged_file(dest: Path) -> Iterator[Path]:
     """A hidden sibling of `dest` to write; renamed onto `dest` when the block finishes, removed on any failure."""

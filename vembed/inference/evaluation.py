@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from vembed.artifacts.atomic_dir import staged_file
+from vembed.artifacts.atomic_dir import check_output_file, staged_file
 from vembed.data import Record, read_records
 from vembed.data.items import record_items
-from vembed.errors import ConfigError, DataError, StorageError
+from vembed.errors import ConfigError, DataError
 from vembed.models.base import Item
 
 METRICS = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")
@@ -178,10 +178,8 @@ def evaluate_cli(
     models = {"base": base} if base and not no_base else {}
     models["tuned"] = model
     dim_list = parse_dims(dims) if dims else None
-    if output and Path(output).is_dir():  # checked before the slow part
-        raise StorageError(f"{output}: is a directory; give a file name for the metrics JSON")
-    if output and Path(output).exists() and not overwrite:
-        raise StorageError(f"{output}: exists; refusing to replace it (--overwrite replaces it)")
+    if output:
+        check_output_file(Path(output), overwrite)
     results = compare_models(models, data, corpus, dim_list, batch_size, retrieval_mode=retrieval_mode)
     print(format_table(results))
     if output:
