@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -298,15 +299,20 @@ class Recipe:
         self.last_eval = step
         return improved
 
-    def fit_rotation(self, max_records: int = 2048) -> None:
-        """The embedding rotation (vembed.models.rotation) of the current weights, fit on the queries
-        and positives of up to `max_records` training records (a seeded sample). Collective."""
-        unwrapped: Embedder = self.accelerator.unwrap_model(self.embedder)
+    @functools.cached_property
+    def rotation_features(self) -> list[dict[str, Any]]:
+        """The featurized queries and positives of up to 2,048 training records (a seeded sample): what
+        every save's rotation is fit on, so they are featurized once."""
         records = self.records
-        if len(records) > max_records:
-            records = random.Random(self.cfg.seed).sample(records, max_records)
-        features = [unwrapped.featurize(it, is_query=not i) for r in records for i, it in enumerate(record_items(r)[:2])]
-        emb = embed_sharded(self.accelerator, self.embedder, unwrapped.collate, features, self.cfg.batch_size)
+        if len(records) > 2048:
+            records = random.Random(self.cfg.seed).sample(records, 2048)
+        unwrapped: Embedder = self.accelerator.unwrap_model(self.embedder)
+        return [unwrapped.featurize(it, is_query=not i) for r in records for i, it in enumerate(record_items(r)[:2])]
+
+    def fit_rotation(self) -> None:
+        """The embedding rotation (vembed.models.rotation) of the current weights. Collective."""
+        unwrapped: Embedder = self.accelerator.unwrap_model(self.embedder)
+        emb = embed_sharded(self.accelerator, self.embedder, unwrapped.collate, self.rotation_features, self.cfg.batch_size)
         unwrapped.rotation = fit_rotation(emb)
 
     def save_checkpoint(self) -> Path:
