@@ -3,6 +3,7 @@ print base vs fine-tuned retrieval metrics on held-out pairs."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -10,8 +11,15 @@ from vembed.config import load_config
 from vembed.data.demo_data import build_demo_dataset
 from vembed.inference.evaluation import compare_models, format_table
 from vembed.training import train
+from vembed.training.checkpoint import list_checkpoints
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "minilm_demo.yaml"
+
+
+def fresh_run_dir(run: Path) -> Path:
+    """`run`, else `run-2`, `run-3`, ...: a demo run with other settings never meets an earlier run's checkpoints."""
+    candidates = (run.with_name(f"{run.name}-{n}") if n > 1 else run for n in itertools.count(1))
+    return next(c for c in candidates if not list_checkpoints(c))
 
 
 def run_demo(output_dir: str | Path = "output/demo", minutes: float = 3.0) -> int:
@@ -22,7 +30,7 @@ def run_demo(output_dir: str | Path = "output/demo", minutes: float = 3.0) -> in
         "data_path": data["train"],
         "eval_data_path": data["eval"],
         "corpus_path": data["corpus"],
-        "output_dir": str(out / "minilm"),
+        "output_dir": str(fresh_run_dir(out / "minilm")),
         # ~1.5 s per step of 32 pairs on 2 CPU cores; bound the run by the time budget.
         "max_steps": max(10, int(minutes * 60 / 1.5)),
     }

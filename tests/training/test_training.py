@@ -51,6 +51,19 @@ def test_training_writes_checkpoints_log_and_config(tiny_bert, pairs_file, tmp_p
     assert any("lora_A" in n for n, _ in model.named_parameters())
 
 
+def test_a_new_run_never_replaces_another_runs_checkpoints(tiny_bert, pairs_file, tmp_path):
+    from vembed.artifacts.integrity import build_manifest
+
+    out = tmp_path / "out"
+    train(cfg_for(tiny_bert, pairs_file, out, epochs=2))
+    before = {p.name: build_manifest(p) if p.is_dir() else p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ConfigError, match=r"checkpoint-9 belongs to another run \(learning_rate was 0.001 there"):
+        train(cfg_for(tiny_bert, pairs_file, out, epochs=1, learning_rate=5e-3))
+    assert {p.name: build_manifest(p) if p.is_dir() else p.read_bytes() for p in out.iterdir()} == before
+    # The same config again (a rerun, a restarted job pod) may replace its own checkpoints.
+    assert train(cfg_for(tiny_bert, pairs_file, out, epochs=2)).checkpoint_dir == out / "checkpoint-12"
+
+
 def test_loss_decreases(tiny_bert, tmp_path):
     from tests.conftest import write_pairs
 

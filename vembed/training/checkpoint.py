@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from vembed.artifacts.atomic_dir import staged_dir
 from vembed.artifacts.integrity import verify_checkpoint, write_manifest
 from vembed.config import TrainConfig
-from vembed.errors import CheckpointError
+from vembed.errors import CheckpointError, ConfigError
 from vembed.models.base import Embedder
 from vembed.models.rotation import save_rotation
 from vembed.training.compat import names_without_fsdp_wrappers
@@ -190,6 +190,28 @@ def list_checkpoints(output_dir: str | os.PathLike[str]) -> list[Path]:
 
 def latest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
     return next(reversed(list_checkpoints(output_dir)), None)
+
+
+def refuse_other_runs(cfg: TrainConfig) -> None:
+    """A fresh run replaces the checkpoints in output_dir that share its step numbers and rotates the
+    others away. Allowed only over checkpoints of this very config (a rerun, a restarted job pod);
+    over another run's, a one-line ConfigError naming the first key that differs."""
+    ours = yaml.safe_load(cfg.to_yaml())
+    ours.pop("resume_from_checkpoint")  # a resumed run's checkpoints are that run's too
+    for ckpt in list_checkpoints(cfg.output_dir):
+        try:
+            theirs = yaml.safe_load((ckpt / "vembed_config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            theirs = None
+        theirs = theirs if isinstance(theirs, dict) else {}
+        theirs.pop("resume_from_checkpoint", None)
+        if theirs != ours:
+            key = next((k for k in {**ours, **theirs} if theirs.get(k) != ours.get(k)), "vembed_config.yaml")
+            raise ConfigError(
+                f"output_dir: {ckpt} belongs to another run ({key} was {theirs.get(key)!r} there, is "
+                f"{ours.get(key)!r} now) and a new run would replace or delete it: choose another output_dir, "
+                "or continue that run with resume_from_checkpoint: latest"
+            )
 
 
 def _fsync_dir(path: Path) -> None:

@@ -29,7 +29,7 @@ from vembed.models.attention import use_training_attention
 from vembed.models.dropout import use_lean_dropout
 from vembed.models.lora import apply_lora, count_parameters, enable_gradient_checkpointing
 from vembed.models.rotation import fit_rotation
-from vembed.training.checkpoint import Checkpointer, TrainState, list_checkpoints
+from vembed.training.checkpoint import Checkpointer, TrainState, list_checkpoints, refuse_other_runs
 from vembed.training.compat import reset_accelerate_state
 from vembed.training.data import EpochBatchSampler, PairCollator, PairDataset, load_records
 from vembed.training.log import TrainingLog
@@ -161,6 +161,8 @@ class Recipe:
         resume_dir = self.checkpointer.resume_dir()
         if out.exists() and not out.is_dir():
             raise ConfigError(f"output_dir: {out} exists and is not a directory")
+        if resume_dir is None:
+            refuse_other_runs(cfg)
         if accelerator.is_main_process:
             refuse_foreign_run_files(out)
             out.mkdir(parents=True, exist_ok=True)
