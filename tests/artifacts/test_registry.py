@@ -259,6 +259,35 @@ def test_server_restart_between_register_and_alias(server_env, models: TinyModel
     assert _aliases(server_env.uri, name) == {"champion": "1", "challenger": "1"}
 
 
+def _store_contents(uri: str) -> tuple[list[str], list[str], list[str]]:
+    """Experiments, runs and registered models in a tracking store."""
+    client = _client(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = [r.info.run_id for r in client.search_runs(experiments)] if experiments else []
+    return experiments, runs, [m.name for m in client.search_registered_models()]
+
+
+def test_bad_input_fails_before_anything_reaches_mlflow(server_env, models: TinyModels, tmp_path, monkeypatch):
+    from vembed.pipeline.steps.register import register
+
+    (tmp_path / "empty").mkdir()
+    bad = [
+        ((tmp_path / "missing", models.merged1, _metrics(0.5)), "adapter directory not found"),
+        ((models.adapter1, tmp_path / "empty", _metrics(0.5)), "not a merged model directory"),
+        ((models.adapter1, models.merged1, {"recall@1": 0.5}), "no numeric 'ndcg@10'"),
+    ]
+    before = _store_contents(server_env.uri)
+    for args, message in bad:
+        with pytest.raises(RegistryError, match=message):
+            register(*args, "emb-bad-input", EVAL_A, output_dir=tmp_path / "out")
+    assert _store_contents(server_env.uri) == before
+    # Without MLFLOW_TRACKING_URI: no embedded store is created either.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(RegistryError, match="adapter directory not found"):
+        register(tmp_path / "missing", None, _metrics(0.5), "emb-bad-input", EVAL_A, output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_secrets_never_reach_mlflow_or_logs(
     server_env, s3_env, s3_server, models, tmp_path, caplog, capfd, monkeypatch
 ):

@@ -84,17 +84,20 @@ def register(
     Returns the decision ({promoted, reason, version, aliases, ...}) plus run_id and tracking_uri.
     """
     from vembed.artifacts.mlflow_store import resolve_tracking_uri
-    from vembed.artifacts.registry import Registry
-    from vembed.artifacts.registry_files import content_key
+    from vembed.artifacts.registry import Registry, pick_metric
+    from vembed.artifacts.registry_files import check_model_dir, content_key
     from vembed.redaction import redact
 
     if not model_name:
         raise RegistryError("register: model_name is empty")
     info = dict(training_run_info or {})
-    adapter, merged = _local_dir(adapter_dir), _local_dir(merged_dir)
-    registry = Registry(resolve_tracking_uri(output_dir))
+    # Bad directories or metrics fail here, before the store and the run are created.
+    adapter = check_model_dir(_local_dir(adapter_dir), "adapter")
+    merged = check_model_dir(_local_dir(merged_dir), "merged")
     key = str(info.get("run_key") or content_key(adapter, merged))
-    ckpt_config, ckpt_history = _from_checkpoint(adapter if adapter and adapter.is_dir() else None)
+    pick_metric(metrics, promotion_metric)
+    registry = Registry(resolve_tracking_uri(output_dir))
+    ckpt_config, ckpt_history = _from_checkpoint(adapter)
     pipeline_run_id = info.get("pipeline_run_id") or _first_env(PIPELINE_RUN_ENV)
     run_id = registry.log_training_run(
         key,
