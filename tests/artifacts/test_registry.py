@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vembed.errors import RegistryError
+from vembed.errors import ConfigError, RegistryError
 
 EVAL_A = "a" * 64
 EVAL_B = "b" * 64
@@ -268,17 +268,22 @@ def _store_contents(uri: str) -> tuple[list[str], list[str], list[str]]:
 
 
 def test_bad_input_fails_before_anything_reaches_mlflow(server_env, models: TinyModels, tmp_path, monkeypatch):
+    import shutil
+
     from vembed.pipeline.steps.register import register
 
     (tmp_path / "empty").mkdir()
+    damaged = Path(shutil.copytree(models.adapter1, tmp_path / "damaged"))
+    (damaged / "vembed_config.yaml").write_text("model_name: [unclosed\n")
     bad = [
         ((tmp_path / "missing", models.merged1, _metrics(0.5)), "adapter directory not found"),
         ((models.adapter1, tmp_path / "empty", _metrics(0.5)), "not a merged model directory"),
         ((models.adapter1, models.merged1, {"recall@1": 0.5}), "no numeric 'ndcg@10'"),
+        ((damaged, None, _metrics(0.5)), "vembed_config.yaml:2: invalid YAML"),
     ]
     before = _store_contents(server_env.uri)
     for args, message in bad:
-        with pytest.raises(RegistryError, match=message):
+        with pytest.raises((RegistryError, ConfigError), match=message):
             register(*args, "emb-bad-input", EVAL_A, output_dir=tmp_path / "out")
     assert _store_contents(server_env.uri) == before
     # Without MLFLOW_TRACKING_URI: no embedded store is created either.

@@ -77,6 +77,15 @@ def test_mrl_dims_are_read_from_the_adapter_config(tmp_path: Path) -> None:
     assert mrl_dims_of(tmp_path) is None
 
 
+def test_a_damaged_adapter_config_is_one_line_naming_it(tmp_path: Path) -> None:
+    from vembed.pipeline.steps.evaluate import evaluate
+
+    (tmp_path / "vembed_config.yaml").write_text("use_mrl: true\nmrl_dims: [256, 128\n")
+    (tmp_path / "eval.jsonl").write_text('{"query": "q", "positive": "p"}\n')
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'vembed_config.yaml'))}:3: invalid YAML: [^\n]+$"):
+        evaluate(tmp_path, tmp_path / "eval.jsonl", base_model="unused")
+
+
 def test_eval_set_hash_is_the_eval_file_hash(tmp_path: Path) -> None:
     (tmp_path / "eval.jsonl").write_text('{"query": "q", "positive": "p"}\n')
     assert eval_set_sha256(tmp_path) == hashlib.sha256((tmp_path / "eval.jsonl").read_bytes()).hexdigest()
