@@ -112,6 +112,13 @@ def test_train_step_refuses_keys_it_owns(tmp_path: Path) -> None:
         train_step(tmp_path, tmp_path / "out", config_overrides=["lora_rank=8"])
 
 
+def test_train_step_refuses_a_model_name_override_that_base_model_would_replace(tmp_path: Path) -> None:
+    (tmp_path / "train.jsonl").write_text('{"query": "q", "positive": "p"}\n')
+    with pytest.raises(ConfigError, match=r"^config_overrides: model_name=/models/b conflicts with base_model /models/a;"):
+        train_step(tmp_path, tmp_path / "out", base_model="/models/a", config_overrides=["model_name=/models/b"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_train_step_needs_a_prepared_dataset(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no train.jsonl"):
         train_step(tmp_path, tmp_path / "out")
