@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from pipelines.lora_finetune import DEFAULT_BASE_MODEL, PipelineOptions
+from pipelines.lora_finetune import PipelineOptions
 from vembed.errors import ConfigError, DataError, VembedError
 
 LOCAL_YAML_NAME = "lora_finetune.local.yaml"
@@ -155,7 +155,7 @@ def run_local(
         config_path = str(DEMO_CONFIG)
     arguments.update(
         data_uri=_absolute_if_local(data_uri) if data_uri else str(build_demo_raw_data(out)),
-        base_model=_absolute_if_local(arguments.get("base_model") or DEFAULT_BASE_MODEL),
+        base_model=_absolute_if_local(base) if (base := arguments.get("base_model")) else "",
         config_path=str(Path(config_path).resolve()) if config_path else "",
         mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}",
         s3_endpoint_url=os.environ.get("AWS_ENDPOINT_URL", ""),

@@ -119,6 +119,26 @@ def test_train_step_refuses_a_model_name_override_that_base_model_would_replace(
     assert not (tmp_path / "out").exists()
 
 
+def test_the_pipelines_default_base_model_keeps_the_configs_model_name(tmp_path: Path) -> None:
+    """`--param config_path=examples/production.yaml` must train the config's model, not a default the
+    user never chose: the train component runs the step with the pipeline's base_model `or None`."""
+    from pipelines.cli import build_parser
+    from pipelines.compile import COMPILED_PATH
+    from pipelines.params import read_pipeline_parameters
+    from tests.conftest import write_pairs
+    from tests.support.tiny_models import make_tiny_bert
+
+    model = make_tiny_bert(tmp_path / "tiny-bert")
+    (tmp_path / "data").mkdir()
+    write_pairs(tmp_path / "data" / "train.jsonl", n=8)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"model_name: {model}\nmax_steps: 1\nbatch_size: 4\nlora_target_modules: [query, value]\n")
+    default = read_pipeline_parameters(COMPILED_PATH)["base_model"]["default"]
+    summary = train_step(tmp_path / "data", tmp_path / "out", base_model=default or None, config_path=config)
+    assert summary["config"]["model_name"] == str(model)
+    assert build_parser().parse_args(["run", "--local"]).base_model in (None, "")  # `vembed pipeline run` alike
+
+
 def test_train_step_needs_a_prepared_dataset(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no train.jsonl"):
         train_step(tmp_path, tmp_path / "out")
