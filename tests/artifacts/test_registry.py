@@ -285,6 +285,8 @@ def test_bad_input_fails_before_anything_reaches_mlflow(server_env, models: Tiny
     for args, message in bad:
         with pytest.raises((RegistryError, ConfigError), match=message):
             register(*args, "emb-bad-input", EVAL_A, output_dir=tmp_path / "out")
+    with pytest.raises(RegistryError, match="give an adapter directory, a merged model directory, or both"):
+        register(None, None, _metrics(0.5), "emb-bad-input", EVAL_A, training_run_info={"run_key": "no-dirs"})
     assert _store_contents(server_env.uri) == before
     # Without MLFLOW_TRACKING_URI: no embedded store is created either.
     monkeypatch.delenv("MLFLOW_TRACKING_URI")

@@ -92,6 +92,8 @@ def register(
     # Bad directories, metrics or checkpoint config fail here, before the store and the run are created.
     adapter = check_model_dir(_local_dir(adapter_dir), "adapter")
     merged = check_model_dir(_local_dir(merged_dir), "merged")
+    if adapter is None and merged is None:  # content_key says so too, but a run_key skips it
+        raise RegistryError("register: give an adapter directory, a merged model directory, or both")
     key = str(info.get("run_key") or content_key(adapter, merged))
     pick_metric(metrics, promotion_metric)
     ckpt_config, ckpt_history = _from_checkpoint(adapter)
