@@ -17,12 +17,9 @@ def compile_pipeline(output: str | os.PathLike[str] = COMPILED_PATH, options: Pi
     from vembed.artifacts.atomic_dir import check_output_file
 
     out = Path(output)
-    check_output_file(out, overwrite=True)  # a directory is refused before anything is written
+    check_output_file(out, overwrite=True)  # a directory: refused before the temp file is written beside it
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.tmp.yaml")  # kfp insists on a .yaml suffix
-    try:
-        compiler.Compiler().compile(pipeline_func=build_pipeline(options), package_path=str(tmp))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)  # after a failure: no half-written sibling left behind
+    compiler.Compiler().compile(pipeline_func=build_pipeline(options), package_path=str(tmp))
+    os.replace(tmp, out)
     return out
