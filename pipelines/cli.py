@@ -160,7 +160,7 @@ def _cmd_rbac(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from pipelines.compile import COMPILED_PATH
-    from pipelines.lora_finetune import DEFAULT_BASE_MODEL, DEFAULT_MODEL_NAME, PIPELINE_NAME, TRAIN_BACKENDS
+    from pipelines.lora_finetune import DEFAULT_MODEL_NAME, PIPELINE_NAME, TRAIN_BACKENDS
     from pipelines.rbac_render import BACKEND_GROUPS
 
     server = argparse.ArgumentParser(add_help=False)  # the arguments of upload, submit and schedule
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true", help="required: run with kfp.local subprocesses")
     p.add_argument("--output-dir", default="output/pipeline", help="artifacts, MLflow store and logs")
     p.add_argument("--data", help="raw JSONL file, folder or s3:// URI (default: the built-in demo data)")
-    p.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
+    p.add_argument("--base-model", help="model id or directory (default: the training config's model_name)")
     p.add_argument("--config", help="training config YAML (default with the demo data: examples/minilm_demo.yaml)")
     p.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help="registered model name")
     p.add_argument("--promotion-metric", default="ndcg@10")

@@ -14,7 +14,10 @@ def compile_pipeline(output: str | os.PathLike[str] = COMPILED_PATH, options: Pi
     """Write the IR YAML for `options` (default: the committed settings) to `output`, atomically."""
     from kfp import compiler
 
+    from vembed.artifacts.atomic_dir import check_output_file
+
     out = Path(output)
+    check_output_file(out, overwrite=True)  # a directory: refused before the temp file is written beside it
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.tmp.yaml")  # kfp insists on a .yaml suffix
     compiler.Compiler().compile(pipeline_func=build_pipeline(options), package_path=str(tmp))

@@ -23,13 +23,14 @@ import re
 import shlex
 import shutil
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from pipelines.lora_finetune import DEFAULT_BASE_MODEL, PipelineOptions
+from pipelines.lora_finetune import PipelineOptions
 from vembed.errors import ConfigError, DataError, VembedError
 
 LOCAL_YAML_NAME = "lora_finetune.local.yaml"
@@ -137,29 +138,31 @@ def run_local(
     from kfp import components, local
 
     from pipelines.compile import compile_pipeline
+    from pipelines.params import parse_params, read_pipeline_parameters
 
     _check_local_inputs(data_uri, config_path)  # a missing file fails in a second, not after a compile
     out = Path(output_dir).resolve()
     if out.exists() and not out.is_dir():
         raise LocalRunError(f"{output_dir}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    # No accelerator request (kfp.local ignores it and would only warn); pipeline outputs need no exit handler.
-    package = compile_pipeline(out / LOCAL_YAML_NAME, PipelineOptions(accelerator_limit=0, exit_handler=False))
+    with tempfile.TemporaryDirectory(prefix="vembed-compile-") as tmp:
+        # No accelerator request (kfp.local ignores it and would only warn); pipeline outputs need no exit handler.
+        compiled = compile_pipeline(Path(tmp) / LOCAL_YAML_NAME, PipelineOptions(accelerator_limit=0, exit_handler=False))
+        # Any other run parameter, typed and checked against the compiled pipeline before `out` is written.
+        extra = parse_params(params, read_pipeline_parameters(compiled)) if params else {}
+        out.mkdir(parents=True, exist_ok=True)
+        package = Path(shutil.move(compiled, out / LOCAL_YAML_NAME))
     if config_path is None and data_uri is None and DEMO_CONFIG.is_file():
         config_path = str(DEMO_CONFIG)
     arguments.update(
         data_uri=_absolute_if_local(data_uri) if data_uri else str(build_demo_raw_data(out)),
-        base_model=_absolute_if_local(arguments.get("base_model") or DEFAULT_BASE_MODEL),
+        base_model=_absolute_if_local(base) if (base := arguments.get("base_model")) else "",
         config_path=str(Path(config_path).resolve()) if config_path else "",
         mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}",
         s3_endpoint_url=os.environ.get("AWS_ENDPOINT_URL", ""),
         # No cluster to deploy to: the run ends by printing the `vembed serve` command instead.
         deploy=False,
     )
-    if params:  # any other run parameter, typed and checked against the compiled pipeline
-        from pipelines.params import parse_params, read_pipeline_parameters
-
-        arguments.update(parse_params(params, read_pipeline_parameters(package)))
+    arguments.update(extra)
 
     log_path = out / "pipeline.log"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / "kfp"), raise_on_error=True)

@@ -47,7 +47,6 @@ from components.train.component import train, train_on_cluster
 from vembed.errors import ConfigError
 
 PIPELINE_NAME = "lora-finetune"
-DEFAULT_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_MODEL_NAME = "vembed-embedding"
 
 # Secret data keys -> environment variables. Only the secret *names* are parameters.
@@ -207,7 +206,7 @@ def build_pipeline(opts: PipelineOptions | None = None):
 
     def lora_finetune(
         data_uri: str,
-        base_model: str = DEFAULT_BASE_MODEL,
+        base_model: str = "",  # empty: the training config's model_name (a default here would replace it)
         config_overrides: list = [],  # noqa: B006 - KFP reads the default from the signature; never mutated
         config_path: str = "",
         registered_model_name: str = DEFAULT_MODEL_NAME,

@@ -129,11 +129,27 @@ class Kfp:
         )
         return Submitted(run.run_id, name, exp_id, f"{self.host}/#/runs/details/{run.run_id}")
 
+    def _named_recurring(self, exp_id: str, experiment: str, job_name: str, update: bool) -> list:
+        """The recurring runs named `job_name` in the experiment; without `update` there must be none."""
+        listed = self.call(
+            "listing recurring runs", "list_recurring_runs", experiment_id=exp_id, page_size=100,
+            filter=_filter("display_name", job_name),
+        )  # fmt: skip
+        old = [r for r in (listed.recurring_runs or []) if r.display_name == job_name]
+        if old and not update:
+            raise SubmitError(
+                f"a recurring run named {job_name!r} already exists in experiment {experiment!r}; "
+                "pass --update to point it at this pipeline version, or choose another --name"
+            )
+        return old
+
     def schedule(self, package: str | os.PathLike[str], arguments: dict[str, Any], cron: str, experiment: str = "vembed",
                  name: str | None = None, service_account: str | None = None) -> Submitted:  # fmt: skip
-        """A recurring run: one at a time (max_concurrency=1), no backfill of missed slots (no_catchup)."""
+        """A recurring run: one at a time (max_concurrency=1), no backfill of missed slots (no_catchup).
+        Refused when one of the same name exists (a repeated command would otherwise train twice per slot)."""
         cron = validate_cron(cron)
         exp_id, job_name = self._experiment(experiment), name or RETRAINING
+        self._named_recurring(exp_id, experiment, job_name, update=False)
         job = self.call(
             "creating the recurring run", "create_recurring_run", experiment_id=exp_id, job_name=job_name,
             cron_expression=cron, max_concurrency=1, no_catchup=True, params=arguments,
@@ -212,16 +228,7 @@ class Kfp:
         import kfp_server_api as api
 
         job_name, exp_id = name or RETRAINING, self._experiment(experiment)
-        listed = self.call(
-            "listing recurring runs", "list_recurring_runs", experiment_id=exp_id, page_size=100,
-            filter=_filter("display_name", job_name),
-        )  # fmt: skip
-        old = [r for r in (listed.recurring_runs or []) if r.display_name == job_name]
-        if old and not update:
-            raise SubmitError(
-                f"a recurring run named {job_name!r} already exists in experiment {experiment!r}; "
-                "pass --update to point it at this pipeline version, or choose another --name"
-            )
+        old = self._named_recurring(exp_id, experiment, job_name, update)
         if old:
             previous = old[0]
             if cron is None and previous.trigger and previous.trigger.cron_schedule:

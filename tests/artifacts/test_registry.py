@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vembed.errors import RegistryError
+from vembed.errors import ConfigError, RegistryError
 
 EVAL_A = "a" * 64
 EVAL_B = "b" * 64
@@ -257,6 +257,42 @@ def test_server_restart_between_register_and_alias(server_env, models: TinyModel
     assert retry["version"] == "1" and not retry["created"] and retry["promoted"]
     assert _version_count(server_env.uri, name) == 1
     assert _aliases(server_env.uri, name) == {"champion": "1", "challenger": "1"}
+
+
+def _store_contents(uri: str) -> tuple[list[str], list[str], list[str]]:
+    """Experiments, runs and registered models in a tracking store."""
+    client = _client(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = [r.info.run_id for r in client.search_runs(experiments)] if experiments else []
+    return experiments, runs, [m.name for m in client.search_registered_models()]
+
+
+def test_bad_input_fails_before_anything_reaches_mlflow(server_env, models: TinyModels, tmp_path, monkeypatch):
+    import shutil
+
+    from vembed.pipeline.steps.register import register
+
+    (tmp_path / "empty").mkdir()
+    damaged = Path(shutil.copytree(models.adapter1, tmp_path / "damaged"))
+    (damaged / "vembed_config.yaml").write_text("model_name: [unclosed\n")
+    bad = [
+        ((tmp_path / "missing", models.merged1, _metrics(0.5)), "adapter directory not found"),
+        ((models.adapter1, tmp_path / "empty", _metrics(0.5)), "not a merged model directory"),
+        ((models.adapter1, models.merged1, {"recall@1": 0.5}), "no numeric 'ndcg@10'"),
+        ((damaged, None, _metrics(0.5)), "vembed_config.yaml:2: invalid YAML"),
+    ]
+    before = _store_contents(server_env.uri)
+    for args, message in bad:
+        with pytest.raises((RegistryError, ConfigError), match=message):
+            register(*args, "emb-bad-input", EVAL_A, output_dir=tmp_path / "out")
+    with pytest.raises(RegistryError, match="give an adapter directory, a merged model directory, or both"):
+        register(None, None, _metrics(0.5), "emb-bad-input", EVAL_A, training_run_info={"run_key": "no-dirs"})
+    assert _store_contents(server_env.uri) == before
+    # Without MLFLOW_TRACKING_URI: no embedded store is created either.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(RegistryError, match="adapter directory not found"):
+        register(tmp_path / "missing", None, _metrics(0.5), "emb-bad-input", EVAL_A, output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_secrets_never_reach_mlflow_or_logs(

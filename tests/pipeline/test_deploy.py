@@ -178,6 +178,17 @@ def test_bad_parameters_and_foreign_services_are_refused(env, versions):
         assert not any(c.startswith(("PATCH", "PUT", "POST")) for c in fake.calls)
 
 
+def test_deploy_without_a_registry_store_creates_none(tmp_path, monkeypatch, capsys):
+    from vembed.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out_dir = tmp_path / "out"
+    assert main(["deploy", NAME, "--image", IMAGE, "--output-dir", str(out_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "no MLflow store there" in err and str(out_dir) in err
+    assert not out_dir.exists()
+
+
 def test_deployer_role_allows_exactly_the_calls_the_step_makes(env, versions):
     import yaml
 

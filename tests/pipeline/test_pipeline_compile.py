@@ -52,6 +52,15 @@ def test_cli_compile_defaults_ignores_environment(tmp_path: Path, monkeypatch: p
     assert out.read_text() == COMPILED_PATH.read_text()
 
 
+def test_compile_to_a_directory_is_one_line_and_leaves_nothing(tmp_path: Path, capsys) -> None:
+    target = tmp_path / "compiled"
+    target.mkdir()
+    assert main(["compile", "--output", str(target)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {target}: is a directory; give a file name"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compiled"] and not any(target.iterdir())
+
+
 def test_six_steps_in_order(committed) -> None:
     spec, _ = committed
     tasks = all_tasks(spec)

@@ -152,9 +152,12 @@ def test_local_run_needs_the_local_flag(capsys) -> None:
 
 
 def test_local_run_rejects_unknown_parameters(tmp_path: Path, capsys) -> None:
-    data = write_pairs(tmp_path / "x.jsonl", n=4)
-    assert main(["run", "--local", "--output-dir", str(tmp_path), "--data", str(data), "--param", "min_delta_x=1"]) == 2
+    data, out = write_pairs(tmp_path / "x.jsonl", n=4), tmp_path / "out"
+    assert main(["run", "--local", "--output-dir", str(out), "--param", "min_delta_x=1"]) == 2
     assert "unknown pipeline parameter 'min_delta_x'" in capsys.readouterr().err
+    assert not out.exists()  # refused before the output dir, the compiled YAML or the demo data are written
+    assert main(["run", "--local", "--output-dir", str(out), "--data", str(data), "--param", "min_delta=x"]) == 2
+    assert "--param min_delta=x: expected a number" in capsys.readouterr().err and not out.exists()
 
 
 def test_step_output_goes_to_the_log_and_progress_to_the_terminal() -> None:

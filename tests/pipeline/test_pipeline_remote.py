@@ -272,6 +272,15 @@ def test_schedule_sends_six_field_cron_one_at_a_time_without_catchup(kfp_api: Fa
     assert "rr-456" in capsys.readouterr().out
 
 
+def test_schedule_twice_under_one_name_keeps_one_recurring_run(kfp_api: FakeKfpApi, capsys) -> None:
+    argv = ["schedule", "--host", kfp_api.url, "--cron", "0 0 3 * * *", "--name", "nightly", "--param", "data_uri=s3://b/d/latest"]
+    assert main(argv) == 0
+    assert main(argv) == 2  # a repeated command (a CI re-run) must not train twice a night
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "'nightly' already exists" in err and "--update" in err
+    assert len(kfp_api.recurring) == 1 and len(kfp_api.calls("POST", "/apis/v2beta1/recurringruns")) == 1
+
+
 def test_schedule_refuses_five_field_cron_before_calling_the_api(kfp_api: FakeKfpApi, capsys) -> None:
     rc = main(["schedule", "--host", kfp_api.url, "--cron", "0 3 * * *", "--param", "data_uri=s3://b/d/latest"])
     err = capsys.readouterr().err

@@ -77,6 +77,15 @@ def test_mrl_dims_are_read_from_the_adapter_config(tmp_path: Path) -> None:
     assert mrl_dims_of(tmp_path) is None
 
 
+def test_a_damaged_adapter_config_is_one_line_naming_it(tmp_path: Path) -> None:
+    from vembed.pipeline.steps.evaluate import evaluate
+
+    (tmp_path / "vembed_config.yaml").write_text("use_mrl: true\nmrl_dims: [256, 128\n")
+    (tmp_path / "eval.jsonl").write_text('{"query": "q", "positive": "p"}\n')
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'vembed_config.yaml'))}:3: invalid YAML: [^\n]+$"):
+        evaluate(tmp_path, tmp_path / "eval.jsonl", base_model="unused")
+
+
 def test_eval_set_hash_is_the_eval_file_hash(tmp_path: Path) -> None:
     (tmp_path / "eval.jsonl").write_text('{"query": "q", "positive": "p"}\n')
     assert eval_set_sha256(tmp_path) == hashlib.sha256((tmp_path / "eval.jsonl").read_bytes()).hexdigest()
@@ -101,6 +110,33 @@ def test_train_step_refuses_keys_it_owns(tmp_path: Path) -> None:
         train_step(tmp_path, tmp_path / "out", config_overrides=["output_dir=/elsewhere"])
     with pytest.raises(ConfigError, match="lora_r"):
         train_step(tmp_path, tmp_path / "out", config_overrides=["lora_rank=8"])
+
+
+def test_train_step_refuses_a_model_name_override_that_base_model_would_replace(tmp_path: Path) -> None:
+    (tmp_path / "train.jsonl").write_text('{"query": "q", "positive": "p"}\n')
+    with pytest.raises(ConfigError, match=r"^config_overrides: model_name=/models/b conflicts with base_model /models/a;"):
+        train_step(tmp_path, tmp_path / "out", base_model="/models/a", config_overrides=["model_name=/models/b"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_pipelines_default_base_model_keeps_the_configs_model_name(tmp_path: Path) -> None:
+    """`--param config_path=examples/production.yaml` must train the config's model, not a default the
+    user never chose: the train component runs the step with the pipeline's base_model `or None`."""
+    from pipelines.cli import build_parser
+    from pipelines.compile import COMPILED_PATH
+    from pipelines.params import read_pipeline_parameters
+    from tests.conftest import write_pairs
+    from tests.support.tiny_models import make_tiny_bert
+
+    model = make_tiny_bert(tmp_path / "tiny-bert")
+    (tmp_path / "data").mkdir()
+    write_pairs(tmp_path / "data" / "train.jsonl", n=8)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"model_name: {model}\nmax_steps: 1\nbatch_size: 4\nlora_target_modules: [query, value]\n")
+    default = read_pipeline_parameters(COMPILED_PATH)["base_model"]["default"]
+    summary = train_step(tmp_path / "data", tmp_path / "out", base_model=default or None, config_path=config)
+    assert summary["config"]["model_name"] == str(model)
+    assert build_parser().parse_args(["run", "--local"]).base_model in (None, "")  # `vembed pipeline run` alike
 
 
 def test_train_step_needs_a_prepared_dataset(tmp_path: Path) -> None:

@@ -318,6 +318,42 @@ def test_trainjob_launch_training_publishes_inputs_and_downloads_the_adapter(s3_
     assert len(fake.deleted) == 1
 
 
+def test_a_retried_train_step_downloads_again_without_a_second_job(s3_env, tmp_path, monkeypatch):
+    """The job succeeded, then the download of its output hit a transient S3 failure: the step's retry
+    (vembed.retry.run_step) downloads again instead of training all over in a second job."""
+    from vembed.artifacts import storage
+    from vembed.errors import StorageError
+    from vembed.pipeline.steps.launch import train_via_launcher
+    from vembed.retry import run_step
+
+    s3_env.client().create_bucket(Bucket="runs")
+    data_dir = write_dataset(tmp_path / "dataset")
+    cfg = trainjob_cfg(f"data_path={data_dir / 'train.jsonl'}", f"eval_data_path={data_dir / 'eval.jsonl'}")
+    real_download, attempts = storage.download_dir, []
+
+    def download_fails_once(uri, local_dir, *args, **kwargs):  # fault injection: a blip of the real S3 server
+        attempts.append(uri)
+        if len(attempts) == 1:
+            err = StorageError(f"{uri}: connection reset")
+            err.transient = True
+            raise err
+        return real_download(uri, local_dir, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "download_dir", download_fails_once)
+    seen: dict = {}
+    with fake_kube(phases=["Running", "Succeeded"], log_lines=["training..."]) as fake:
+        fake.on_create = job_player(tmp_path / "pod", lambda body: body["spec"]["trainer"]["env"], seen)
+        summary = run_step(
+            lambda: train_via_launcher(
+                cfg, tmp_path / "step-output", output_uri="s3://runs/run-1/model",
+                client_configuration=fake.configuration(), poll_interval=0.01, log=lambda line: None,
+            ),  # fmt: skip
+            sleep=lambda s: None,
+        )
+    assert len(fake.created) == 1 and len(attempts) == 2
+    check_round_trip(summary, seen, data_dir, tmp_path / "pod", tmp_path / "step-output")
+
+
 def storage_has(uri: str) -> bool:
     from vembed.artifacts import storage
 

@@ -11,20 +11,24 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from vembed.artifacts.integrity import sha256_file
 from vembed.artifacts.promotion import METRIC_KEYS, check_metric, decide
 from vembed.artifacts.promotion import ROLES as ROLE_ORDER
 from vembed.errors import ConfigError
 
 
+def resolved_config(adapter_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The resolved training config an adapter checkpoint carries (vembed_config.yaml), None without one.
+    A damaged file is a one-line ConfigError naming it (`path:line: invalid YAML: ...`)."""
+    from vembed.config import _read_yaml
+
+    path = Path(adapter_dir) / "vembed_config.yaml"
+    return _read_yaml(path) if path.is_file() else None
+
+
 def mrl_dims_of(adapter_dir: str | os.PathLike[str]) -> list[int] | None:
     """The MRL dims an adapter was trained with (from its resolved config), to report each one."""
-    resolved = Path(adapter_dir) / "vembed_config.yaml"
-    if not resolved.is_file():
-        return None
-    cfg = yaml.safe_load(resolved.read_text(encoding="utf-8")) or {}
+    cfg = resolved_config(adapter_dir) or {}
     return [int(d) for d in cfg["mrl_dims"]] if cfg.get("use_mrl") and cfg.get("mrl_dims") else None
 
 

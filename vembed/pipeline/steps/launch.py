@@ -23,6 +23,7 @@ from vembed.pipeline.launchers.stage import DATA_KEYS, final_checkpoint
 from vembed.pipeline.launchers.wait import LogFn, print_line, wait_for_job
 
 LAUNCH_CONFIG = "launch-config.yaml"
+JOB_DONE = "job-done.json"  # in the step's output_dir: its cluster job succeeded, writing to this output_uri
 
 
 def needs_launcher(cfg: TrainConfig) -> bool:
@@ -96,20 +97,25 @@ def train_via_launcher(
                 f"trainer.backend {t.backend}: the output {output_uri!r} must be an s3:// URI or an absolute path "
                 "on a volume the job also mounts (in the pipeline: the train component's job_output_uri)"
             )
-        job_cfg = publish_inputs(cfg, output_uri).model_copy(update={"output_dir": str(output_uri)})
-        job_cfg.save(config_path)
-        if t.backend == "trainjob":
-            from vembed.pipeline.launchers.trainjob import submit_trainjob as submit
-        else:
-            from vembed.pipeline.launchers.pytorchjob import submit_pytorchjob as submit
-        run = submit(
-            job_cfg,
-            config_yaml=config_path.read_text(encoding="utf-8"),
-            output_uri=str(output_uri),
-            task=TaskSettings.from_mapping(task_config),
-            client_configuration=client_configuration,
-        )
-        wait_for_job(run, timeout=t.timeout, keep_job=t.keep_job, poll_interval=poll_interval, log=log)
+        done = out / JOB_DONE
+        # A retried step (vembed.retry.run_step, e.g. after a transient failure of the download below)
+        # fetches the finished job's output again instead of training all over in a second job.
+        if not (done.is_file() and json.loads(done.read_text(encoding="utf-8")).get("output_uri") == str(output_uri)):
+            job_cfg = publish_inputs(cfg, output_uri).model_copy(update={"output_dir": str(output_uri)})
+            job_cfg.save(config_path)
+            if t.backend == "trainjob":
+                from vembed.pipeline.launchers.trainjob import submit_trainjob as submit
+            else:
+                from vembed.pipeline.launchers.pytorchjob import submit_pytorchjob as submit
+            run = submit(
+                job_cfg,
+                config_yaml=config_path.read_text(encoding="utf-8"),
+                output_uri=str(output_uri),
+                task=TaskSettings.from_mapping(task_config),
+                client_configuration=client_configuration,
+            )
+            wait_for_job(run, timeout=t.timeout, keep_job=t.keep_job, poll_interval=poll_interval, log=log)
+            done.write_text(json.dumps({"output_uri": str(output_uri), "job": run.description}), encoding="utf-8")
         # A job's s3:// output is downloaded into a fresh subdirectory: storage only replaces complete directories.
         local = storage.download_dir(output_uri, out / "job-output") if storage.is_s3(output_uri) else output_uri
         final = final_checkpoint(local)

@@ -51,11 +51,9 @@ def _from_checkpoint(adapter_dir: Path | None) -> tuple[dict[str, Any] | None, l
     """The resolved config and the logged training steps a checkpoint carries, if any."""
     if adapter_dir is None:
         return None, []
-    import yaml
+    from vembed.pipeline.steps.evaluate import resolved_config
 
-    config = None
-    if (adapter_dir / "vembed_config.yaml").is_file():
-        config = yaml.safe_load((adapter_dir / "vembed_config.yaml").read_text()) or None
+    config = resolved_config(adapter_dir)
     history: list[dict[str, Any]] = []
     with contextlib.suppress(FileNotFoundError, json.JSONDecodeError, AttributeError):  # none, or damaged: no history
         state = json.loads((adapter_dir / "trainer_state.json").read_text())
@@ -84,17 +82,22 @@ def register(
     Returns the decision ({promoted, reason, version, aliases, ...}) plus run_id and tracking_uri.
     """
     from vembed.artifacts.mlflow_store import resolve_tracking_uri
-    from vembed.artifacts.registry import Registry
-    from vembed.artifacts.registry_files import content_key
+    from vembed.artifacts.registry import Registry, pick_metric
+    from vembed.artifacts.registry_files import check_model_dir, content_key
     from vembed.redaction import redact
 
     if not model_name:
         raise RegistryError("register: model_name is empty")
     info = dict(training_run_info or {})
-    adapter, merged = _local_dir(adapter_dir), _local_dir(merged_dir)
-    registry = Registry(resolve_tracking_uri(output_dir))
+    # Bad directories, metrics or checkpoint config fail here, before the store and the run are created.
+    adapter = check_model_dir(_local_dir(adapter_dir), "adapter")
+    merged = check_model_dir(_local_dir(merged_dir), "merged")
+    if adapter is None and merged is None:  # content_key says so too, but a run_key skips it
+        raise RegistryError("register: give an adapter directory, a merged model directory, or both")
     key = str(info.get("run_key") or content_key(adapter, merged))
-    ckpt_config, ckpt_history = _from_checkpoint(adapter if adapter and adapter.is_dir() else None)
+    pick_metric(metrics, promotion_metric)
+    ckpt_config, ckpt_history = _from_checkpoint(adapter)
+    registry = Registry(resolve_tracking_uri(output_dir))
     pipeline_run_id = info.get("pipeline_run_id") or _first_env(PIPELINE_RUN_ENV)
     run_id = registry.log_training_run(
         key,

@@ -111,6 +111,12 @@ def train(
             raise ConfigError(f"config_overrides: {key!r} is set by the train step from its inputs; remove it")
     train_path, eval_path = dataset_files(dataset_dir)
     if base_model:
+        # The override would be silently replaced (and evaluate compares against base_model): refuse it.
+        if overrides.get("model_name") not in (None, base_model):
+            raise ConfigError(
+                f"config_overrides: model_name={overrides['model_name']} conflicts with base_model {base_model}; "
+                "set the model once, with base_model"
+            )
         overrides["model_name"] = base_model
     overrides.update(
         data_path=str(train_path),
