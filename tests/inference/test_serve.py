@@ -103,3 +103,17 @@ def test_local_pipeline_run_prints_the_serve_command_for_a_new_champion(tmp_path
     out = io.StringIO()
     print_result(LocalRunResult(reg | {"aliases": ["challenger"]}, "", tmp_path, tmp_path / "log"), stream=out)
     assert "vembed serve" not in out.getvalue()  # not promoted: nothing new to serve
+
+
+def test_serve_refuses_a_port_in_use_in_one_line(tiny_bert: str, capsys):
+    import socket
+
+    from vembed.cli import main
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # another process already listens there
+        port = taken.getsockname()[1]
+        assert main(["serve", tiny_bert, "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    last = err.strip().split("\n")[-1]  # after the weight-loading progress bar
+    assert last.startswith("error: cannot listen on ") and f"127.0.0.1:{port}" in last and "Traceback" not in err
+    assert "serving" not in out  # no claim that it serves
