@@ -117,3 +117,19 @@ def test_serve_refuses_a_port_in_use_in_one_line(tiny_bert: str, capsys):
     last = err.strip().split("\n")[-1]  # after the weight-loading progress bar
     assert last.startswith("error: cannot listen on ") and f"127.0.0.1:{port}" in last and "Traceback" not in err
     assert "serving" not in out  # no claim that it serves
+
+
+@pytest.mark.parametrize("env_uri", [None, "sqlite:///{tmp}/none.db"])
+def test_serve_models_uri_without_a_store_creates_no_database(env_uri, tmp_path: Path, monkeypatch, capsys):
+    from vembed.cli import main
+
+    monkeypatch.chdir(tmp_path)  # MLflow's default store is ./mlflow.db
+    monkeypatch.setenv("VEMBED_CACHE_DIR", str(tmp_path / "cache"))
+    if env_uri is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", env_uri.format(tmp=tmp_path))
+    assert main(["serve", "models:/emb@champion"]) == 2
+    err = capsys.readouterr().err.strip().split("\n")[-1]
+    assert err.startswith("error: ") and "no MLflow store" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # reading never creates an empty store

@@ -117,8 +117,9 @@ def resolve_version(client: Client, models_uri: str) -> ModelVersion:
 def download_model(models_uri: str, tracking_uri: str | None = None) -> Path:
     """`models:/NAME@alias` or `models:/NAME/3` as a local directory Predictor loads (merged model, else
     adapter), cached per version under $VEMBED_CACHE_DIR (default ~/.cache/vembed)."""
-    client = Client(tracking_uri)
-    require_existing_store(client.tracking_uri)  # reading: never create an empty store
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    require_existing_store(uri)  # reading: never create an empty store (building an MlflowClient would)
+    client = Client(uri)
     mv = resolve_version(client, models_uri)
     cache = Path(os.environ.get("VEMBED_CACHE_DIR") or Path.home() / ".cache" / "vembed") / "models"
     ident = hashlib.sha256(f"{client.tracking_uri}|{mv.name}|{mv.version}|{mv.source}".encode()).hexdigest()[:16]
