@@ -16,8 +16,17 @@ from safetensors import SafetensorError
 
 from vembed.artifacts.integrity import check_integrity
 from vembed.errors import CheckpointError, VembedError, first_line
-from vembed.models import Embedder, EmbedderSpec, Item, family_class, load_embedder, looks_like_hub_id
+from vembed.models import (
+    FAMILY_CLASSES,
+    Embedder,
+    EmbedderSpec,
+    Item,
+    family_class,
+    load_embedder,
+    looks_like_hub_id,
+)
 from vembed.models.merged_base import find_base, lacks_tokenizer
+from vembed.models.pooling import ST_POOLING
 from vembed.models.rotation import load_rotation
 
 
@@ -38,8 +47,18 @@ def _read_spec(directory: Path) -> EmbedderSpec | None:
     f = directory / "embedder.json"
     if not f.is_file():
         return None
-    data = json.loads(f.read_text())  # keys this version does not know (older checkpoints' `extra`) are ignored
-    return EmbedderSpec(**{k.name: data[k.name] for k in fields(EmbedderSpec) if k.name in data})
+    try:
+        data = json.loads(f.read_text())  # keys this version does not know (older checkpoints' `extra`) are ignored
+        spec = EmbedderSpec(**{k.name: data[k.name] for k in fields(EmbedderSpec) if k.name in data})
+    except (ValueError, TypeError) as e:  # not JSON, not an object, or a required key missing
+        raise CheckpointError(f"{f}: invalid ({first_line(e).removeprefix('EmbedderSpec.__init__() ')})") from None
+    # Checked here: else an unknown family is a KeyError deep in loading, and an unknown pooling passes
+    # `vembed serve`'s /health (the readiness probe) and then fails every request with HTTP 500.
+    if spec.family not in FAMILY_CLASSES:
+        raise CheckpointError(f"{f}: family {spec.family!r} is not one of {sorted(FAMILY_CLASSES)}")
+    if spec.pooling not in ST_POOLING:
+        raise CheckpointError(f"{f}: pooling {spec.pooling!r} is not one of {sorted(ST_POOLING)}")
+    return spec
 
 
 def load_trained_embedder(directory: str | Path, device: str | torch.device | None = None) -> Embedder:
