@@ -169,12 +169,24 @@ class InferenceServices:
         with self._errors(name, "restoring the previous spec failed: "):
             self.api.replace_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, body)
 
-    def wait_ready(self, name: str, timeout_s: float, poll_s: float = 5.0) -> tuple[bool, str, dict[str, Any]]:
+    def wait_ready(
+        self, name: str, timeout_s: float, poll_s: float = 5.0, max_poll_errors: int = 5
+    ) -> tuple[bool, str, dict[str, Any]]:
         """Until the latest revision is Ready, it failed, or `timeout_s` passed: (ready, reason, object)."""
         deadline = time.monotonic() + timeout_s
         obj: dict[str, Any] = {}
+        errors = 0
         while True:
-            obj = self.get(name) or {}
+            try:
+                obj = self.get(name) or {}
+                errors = 0
+            except DeployError as e:
+                # One failed poll (the API server restarting) is not a failed rollout; raising here would
+                # also skip the deploy step's restore of the previous spec. A run of them is an error.
+                errors += 1
+                if errors >= max_poll_errors:
+                    raise
+                print(f"[vembed] {e}; retrying", flush=True)
             status, pred = _status(obj)
             generation = (obj.get("metadata") or {}).get("generation", 0)
             current = status.get("observedGeneration", generation) >= generation
