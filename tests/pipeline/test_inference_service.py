@@ -28,3 +28,18 @@ def test_wait_rides_out_failed_polls_but_not_a_run_of_them():
         with pytest.raises(DeployError, match=r"InferenceService ml/svc: HTTP 503") as err:
             services.wait_ready("svc", timeout_s=60, poll_s=0.01)
         assert "\n" not in str(err.value)
+
+
+def test_an_api_server_that_never_answers_is_a_bounded_wait(monkeypatch):
+    import socket
+
+    from kubernetes.client import Configuration
+
+    from vembed.pipeline.launchers import inference_service
+
+    monkeypatch.setattr(inference_service, "REQUEST_TIMEOUT_S", (1.0, 0.2))  # the default read timeout is 30 s
+    with socket.create_server(("127.0.0.1", 0)) as hung:  # connections queue up; no reply ever comes
+        services = InferenceServices(custom_objects_api(Configuration(host=f"http://127.0.0.1:{hung.getsockname()[1]}")), "ml")
+        with pytest.raises(DeployError, match=r"InferenceService ml/svc: .*[Tt]imed out") as err:
+            services.wait_ready("svc", timeout_s=0.1, poll_s=0.01)
+    assert "\n" not in str(err.value)
