@@ -316,6 +316,17 @@ def test_missing_object_is_404(bucket: str, tmp_path: Path) -> None:
         assert "not found (HTTP 404)" in one_line_naming(exc, uri)
 
 
+def test_missing_directory_is_not_found_not_incomplete(bucket: str, tmp_path: Path) -> None:
+    uri = f"s3://{bucket}/no-such-model"  # a typo, not a crashed upload
+    for read in (lambda: storage.download_dir(uri, tmp_path / "dl"), lambda: storage.materialize(uri, tmp_path / "c"),
+                 lambda: storage.manifest_sha256(uri)):  # fmt: skip
+        with pytest.raises(StorageError) as exc:
+            read()
+        line = one_line_naming(exc, uri)
+        assert line.endswith(": not found") and "incomplete" not in line
+    assert not (tmp_path / "dl").exists()
+
+
 def test_missing_credentials(bucket: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE"):
         monkeypatch.delenv(var, raising=False)

@@ -219,7 +219,7 @@ class Storage:
         """The manifest of a complete directory; StorageError if it has none."""
         where = join(uri, MANIFEST)
         if not (self._head(where) is not None if is_s3(uri) else Path(where).is_file()):
-            raise StorageError(f"{uri}: not found") if not (is_s3(uri) or Path(uri).exists()) else mf.incomplete(str(uri))
+            raise StorageError(f"{uri}: not found") if not self.exists(uri) else mf.incomplete(str(uri))
         return mf.parse_manifest(self.read_bytes(where), where)
 
     def upload_dir(self, local_dir: str | os.PathLike[str], uri: str, progress: ProgressCallback | None = None) -> dict[str, Any]:
