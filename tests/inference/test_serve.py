@@ -117,6 +117,8 @@ def test_serve_refuses_a_port_in_use_in_one_line(tiny_bert: str, capsys):
     last = err.strip().split("\n")[-1]  # after the weight-loading progress bar
     assert last.startswith("error: cannot listen on ") and f"127.0.0.1:{port}" in last and "Traceback" not in err
     assert "serving" not in out  # no claim that it serves
+    assert main(["serve", tiny_bert, "--port", "70000"]) == 2
+    assert capsys.readouterr().err.strip().split("\n")[-1] == "error: cannot listen on 127.0.0.1:70000: bind(): port must be 0-65535."
 
 
 @pytest.mark.parametrize("env_uri", [None, "sqlite:///{tmp}/none.db"])

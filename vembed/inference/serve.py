@@ -100,8 +100,8 @@ def listen(host: str, port: int) -> socket.socket:
     line naming the address (uvicorn would log it after that line and exit 3)."""
     try:
         return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-    except OSError as e:
-        raise VembedError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    except (OSError, OverflowError) as e:  # OverflowError: a port outside 0-65535
+        raise VembedError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def serve(model_uri: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, device: str | None = None) -> None:
