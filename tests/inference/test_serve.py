@@ -135,3 +135,14 @@ def test_serve_models_uri_without_a_store_creates_no_database(env_uri, tmp_path:
     err = capsys.readouterr().err.strip().split("\n")[-1]
     assert err.startswith("error: ") and "no MLflow store" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # reading never creates an empty store
+
+
+@pytest.mark.parametrize("uri", ["foo://bar", "file:{tmp}/mlruns"])  # unsupported; MLflow 3's deprecated file store
+def test_serve_models_uri_with_an_unusable_tracking_uri_is_one_line(uri, tmp_path: Path, monkeypatch, capsys):
+    from vembed.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.format(tmp=tmp_path))
+    monkeypatch.setenv("VEMBED_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["serve", "models:/emb@champion"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {uri.format(tmp=tmp_path)}: ") and "\n" not in err

@@ -75,7 +75,9 @@ class Client:
             from vembed.endpoints import check_http
 
             check_http(uri, "/health", "MLflow", RegistryError)
-        self.mlflow, self.where = MlflowClient(tracking_uri=uri, registry_uri=uri), redact(uri)
+        self.where = redact(uri)
+        with registry_errors(self.where):  # an unsupported scheme or MLflow 3's deprecated file store
+            self.mlflow = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.mlflow, name)
