@@ -43,7 +43,7 @@ def materialize(model_path: str) -> Path:
     return Path(model_path)
 
 
-def _read_spec(directory: Path) -> EmbedderSpec | None:
+def read_spec(directory: Path) -> EmbedderSpec | None:
     f = directory / "embedder.json"
     if not f.is_file():
         return None
@@ -73,7 +73,7 @@ def load_trained_embedder(directory: str | Path, device: str | torch.device | No
         except (VembedError, OSError, ValueError) as e:
             raise CheckpointError(f"{name}: no such local directory, and not loadable as a hub model ({first_line(e)})") from None
     check_integrity(d)
-    spec = _read_spec(d)
+    spec = read_spec(d)
     if (d / "adapter_config.json").is_file():
         from peft import PeftModel
 
