@@ -19,7 +19,12 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+from mlflow.environment_variables import (
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR,
+    MLFLOW_TRACKING_CLIENT_CERT_PATH,
+    MLFLOW_TRACKING_INSECURE_TLS,
+    MLFLOW_TRACKING_SERVER_CERT_PATH,
+)
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.utils.models import get_model_name_and_version
 
@@ -74,7 +79,9 @@ class Client:
         if uri.split(":", 1)[0] in ("http", "https"):  # must answer within seconds (MLflow would retry for minutes)
             from vembed.endpoints import check_http
 
-            check_http(uri, "/health", "MLflow", RegistryError)
+            # With the TLS settings MLflow's own requests use (a private CA, no verification, a client cert).
+            verify = not MLFLOW_TRACKING_INSECURE_TLS.get() and (MLFLOW_TRACKING_SERVER_CERT_PATH.get() or True)
+            check_http(uri, "/health", "MLflow", RegistryError, verify=verify, cert=MLFLOW_TRACKING_CLIENT_CERT_PATH.get())
         self.where = redact(uri)
         with registry_errors(self.where):  # an unsupported scheme or MLflow 3's deprecated file store
             self.mlflow = MlflowClient(tracking_uri=uri, registry_uri=uri)
