@@ -146,3 +146,12 @@ def test_serve_models_uri_with_an_unusable_tracking_uri_is_one_line(uri, tmp_pat
     assert main(["serve", "models:/emb@champion"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {uri.format(tmp=tmp_path)}: ") and "\n" not in err
+
+
+@pytest.mark.parametrize("device, reason", [("foo", "is not a torch device"), ("cuda:99", "CUDA device(s)")])
+def test_serve_refuses_a_device_the_machine_lacks_in_one_line(device, reason, tiny_bert: str, capsys):
+    from vembed.cli import main
+
+    assert main(["serve", tiny_bert, "--device", device]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: device: {device!r}") and reason in err and "\n" not in err  # before loading

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 
 from vembed.artifacts.integrity import check_integrity
-from vembed.errors import CheckpointError, VembedError, first_line
+from vembed.errors import CheckpointError, ConfigError, VembedError, first_line
 from vembed.models import (
     FAMILY_CLASSES,
     Embedder,
@@ -108,6 +108,19 @@ def _load_guide_merged(d: Path) -> Embedder:
     return embedder
 
 
+def check_device(device: str | torch.device | None) -> None:
+    """A device this machine has (None: the default), checked before a slow model load; one line, not torch's
+    traceback."""
+    if device is None:
+        return
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device: {str(device)!r} is not a torch device (cpu, cuda, cuda:1, mps ...)") from None
+    if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device: {str(device)!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def _to_device(embedder: Embedder, device: str | torch.device | None) -> Embedder:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return embedder.to(device).eval()
@@ -118,6 +131,7 @@ class Predictor:
 
     def __init__(self, model_path: str | Path, device: str | None = None) -> None:
         self.model_path = str(model_path)
+        check_device(device)
         # Checked on the name as given: `./no-model` is a missing path, though Path() makes it `no-model`.
         if "://" not in self.model_path and not self.model_path.startswith("models:/"):
             if not Path(self.model_path).exists() and not looks_like_hub_id(self.model_path):
