@@ -63,8 +63,11 @@ def registry_errors(what: str) -> Iterator[None]:
     try:
         yield
     except (MlflowException, OSError) as e:
-        first = redact(str(getattr(e, "message", e))).strip().splitlines()
-        err = RegistryError(f"{what}: {first[0][:300] if first else type(e).__name__}")
+        lines = [line.strip() for line in redact(str(getattr(e, "message", e))).splitlines() if line.strip()]
+        text = lines[0][:300] if lines else type(e).__name__
+        if text.endswith(":") and len(lines) > 1:  # a failed download: MLflow puts the reason on the last line
+            text = f"{text} {lines[-1][:300]}"
+        err = RegistryError(f"{what}: {text}")
         err.error_code = getattr(e, "error_code", "")
         err.transient = isinstance(e, OSError) or err.error_code in _TRANSIENT or "Max retries exceeded" in str(e)
         raise err from None
