@@ -155,3 +155,12 @@ def test_serve_refuses_a_device_the_machine_lacks_in_one_line(device, reason, ti
     assert main(["serve", tiny_bert, "--device", device]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: device: {device!r}") and reason in err and "\n" not in err  # before loading
+
+
+@pytest.mark.parametrize("uri", ["gs://bucket/model", "https://example.com/model"])
+def test_serve_names_an_unsupported_model_location_as_given(uri, capsys):
+    from vembed.cli import main
+
+    assert main(["serve", uri]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {uri}: unsupported location") and "models:/" in err and "\n" not in err

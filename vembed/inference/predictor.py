@@ -136,6 +136,10 @@ class Predictor:
         if "://" not in self.model_path and not self.model_path.startswith("models:/"):
             if not Path(self.model_path).exists() and not looks_like_hub_id(self.model_path):
                 raise CheckpointError(f"{self.model_path}: does not exist")
+        elif "://" in self.model_path and not self.model_path.startswith("s3://"):  # Path() would make gs:// gs:/
+            raise CheckpointError(
+                f"{self.model_path}: unsupported location; give a model directory, an s3:// URI or models:/NAME@alias"
+            )
         local = materialize(self.model_path)
         try:
             self.embedder = load_trained_embedder(local, device)
