@@ -44,6 +44,8 @@ def materialize(model_path: str) -> Path:
 
 
 def read_spec(directory: Path) -> EmbedderSpec | None:
+    """The pooling/family spec in a model directory's embedder.json (None without one); a bad one is one
+    CheckpointError naming the file."""
     f = directory / "embedder.json"
     if not f.is_file():
         return None
