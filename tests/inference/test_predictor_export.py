@@ -110,3 +110,18 @@ def test_a_bad_embedder_json_is_one_line_naming_it(tiny_bert, tmp_path, content,
     with pytest.raises(VembedError, match=r"embedder\.json: ") as e:
         Predictor(str(d))
     assert reason in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("with_spec", [False, True])
+def test_an_adapter_whose_base_model_is_gone_names_the_adapter(tmp_path, with_spec):
+    import json
+
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/gone/base", "peft_type": "LORA"}))
+    if with_spec:
+        spec = {"family": "text", "model_name": "/gone/base", "pooling": "mean", "max_seq_length": 64}
+        (d / "embedder.json").write_text(json.dumps(spec))
+    with pytest.raises(VembedError) as e:
+        Predictor(str(d))
+    assert str(e.value).startswith(f"{d}: cannot load the adapter's base model (") and "/gone/base" in str(e.value)

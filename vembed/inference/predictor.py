@@ -79,14 +79,17 @@ def load_trained_embedder(directory: str | Path, device: str | torch.device | No
     if (d / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        if spec is None:
-            base = json.loads((d / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            if not base:
-                raise CheckpointError(f"{d}/adapter_config.json: no base_model_name_or_path")
-            embedder = load_embedder(base)
-        else:
-            embedder = load_embedder(spec.model_name, spec.pooling, spec.max_seq_length, spec.query_instruction)
-            embedder.spec = spec
+        try:  # the base is a path or hub id recorded at training time: name the checkpoint that records it
+            if spec is None:
+                base = json.loads((d / "adapter_config.json").read_text()).get("base_model_name_or_path")
+                if not base:
+                    raise CheckpointError(f"{d}/adapter_config.json: no base_model_name_or_path")
+                embedder = load_embedder(base)
+            else:
+                embedder = load_embedder(spec.model_name, spec.pooling, spec.max_seq_length, spec.query_instruction)
+                embedder.spec = spec
+        except ConfigError as e:
+            raise CheckpointError(f"{d}: cannot load the adapter's base model ({e})") from None
         if not (d / "adapter_model.safetensors").is_file():
             raise CheckpointError(f"{d}: adapter_model.safetensors missing")
         embedder.backbone = PeftModel.from_pretrained(embedder.backbone, str(d))
