@@ -36,15 +36,20 @@ def check_tcp(url: str, what: str, error: type[VembedError], timeout: float = DE
     _reachable.add(url)
 
 
-def check_http(url: str, path: str, what: str, error: type[VembedError], timeout: float = DEFAULT_TIMEOUT_S) -> None:
+def check_http(
+    url: str, path: str, what: str, error: type[VembedError], timeout: float = DEFAULT_TIMEOUT_S,
+    verify: bool | str = True, cert: str | None = None,
+) -> None:  # fmt: skip
     """Raise `error` unless `GET url/path` answers within `timeout` with anything but a 5xx
-    (a proxy in front of a dead server answers 502/503; MLflow would retry those for minutes)."""
+    (a proxy in front of a dead server answers 502/503; MLflow would retry those for minutes).
+    `verify` and `cert`: the TLS settings of the client that will use the server, as `requests` takes them."""
     if url in _reachable:
         return
     import requests
 
     try:
-        status = requests.get(url.rstrip("/") + path, timeout=(timeout, timeout), allow_redirects=False).status_code
+        got = requests.get(url.rstrip("/") + path, timeout=(timeout, timeout), allow_redirects=False, verify=verify, cert=cert)
+        status = got.status_code
     except requests.RequestException as e:
         reason = "timed out" if isinstance(e, requests.Timeout) else type(e).__name__
         raise unreachable(error, what, url, reason, timeout) from None

@@ -182,7 +182,9 @@ def test_manifest_is_written_last_and_stale_manifest_deleted_first(bucket: str, 
     on_s3_event("after-call.s3", record("after"))
     st.upload_dir(tmp_path / "v2", f"s3://{bucket}/m")
 
-    assert calls[0][1:] == ("DeleteObject", "m/manifest.json")  # the old version stops being readable first
+    changes = [c[1:] for c in calls if c[0] == "before" and c[1] in ("PutObject", "DeleteObject")]
+    assert changes[0] == ("PutObject", f"m/{storage.UPLOADING}")  # marks the prefix as an upload of ours
+    assert changes[1] == ("DeleteObject", "m/manifest.json")  # the old version stops being readable first
     writes = [c for c in calls if c[1] == "PutObject"]
     assert writes[-1][2] == "m/manifest.json"
     manifest_start = calls.index(("before", "PutObject", "m/manifest.json"))
@@ -247,6 +249,23 @@ def test_never_replaces_a_foreign_directory(bucket: str, tmp_path: Path) -> None
     (tmp_path / "empty").mkdir()  # an empty directory (e.g. pre-created by a pipeline runner) is fine
     storage.download_dir(f"s3://{bucket}/m", tmp_path / "empty")
     assert_manifest_covers(tmp_path / "empty")
+
+
+def test_never_uploads_over_a_foreign_prefix(bucket: str, tmp_path: Path) -> None:
+    """S3 keeps the local rule: only an empty prefix, an earlier complete directory, or an upload of
+    vembed's own that did not finish is written over."""
+    make_tree(tmp_path / "src")
+    uri = f"s3://{bucket}/data"
+    put_object(f"{uri}/raw.jsonl", b"the user's raw data")
+    with pytest.raises(StorageError) as exc:
+        storage.upload_dir(tmp_path / "src", uri)
+    assert "refusing to replace it" in one_line_naming(exc, uri)
+    ran = []
+    with pytest.raises(StorageError) as exc, storage.staging_dir(uri) as tmp:
+        ran.append(tmp)  # a step's work: refused before it starts, as staged_dir does locally
+    assert "refusing to replace it" in one_line_naming(exc, uri)
+    assert ran == [] and storage.list(uri) == [f"{uri}/raw.jsonl"]
+    assert storage.read_bytes(f"{uri}/raw.jsonl") == b"the user's raw data"
 
 
 def test_concurrent_materialize_of_one_uri(bucket: str, tmp_path: Path, on_s3_event) -> None:
@@ -314,6 +333,17 @@ def test_missing_object_is_404(bucket: str, tmp_path: Path) -> None:
         with pytest.raises(StorageError) as exc:
             op()
         assert "not found (HTTP 404)" in one_line_naming(exc, uri)
+
+
+def test_missing_directory_is_not_found_not_incomplete(bucket: str, tmp_path: Path) -> None:
+    uri = f"s3://{bucket}/no-such-model"  # a typo, not a crashed upload
+    for read in (lambda: storage.download_dir(uri, tmp_path / "dl"), lambda: storage.materialize(uri, tmp_path / "c"),
+                 lambda: storage.manifest_sha256(uri)):  # fmt: skip
+        with pytest.raises(StorageError) as exc:
+            read()
+        line = one_line_naming(exc, uri)
+        assert line.endswith(": not found") and "incomplete" not in line
+    assert not (tmp_path / "dl").exists()
 
 
 def test_missing_credentials(bucket: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

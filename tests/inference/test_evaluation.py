@@ -110,3 +110,14 @@ def test_compare_two_models_and_cli(tiny_bert, minilm_path, tmp_path, capsys):
     assert main([*argv, "--no-base"]) == 2 and out.read_text() == "{}"
     assert main([*argv, "--no-base", "--overwrite"]) == 0
     assert "base" not in json.loads(out.read_text()) and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("name, content", [("embedder.json", '{"family": "text"}'), ("adapter_config.json", "{bad")])
+def test_base_model_of_a_bad_adapter_checkpoint_is_one_line_naming_the_file(tmp_path, name, content):
+    from vembed.errors import CheckpointError
+    from vembed.inference.evaluation import base_model_of
+
+    (tmp_path / "adapter_config.json").write_text('{"base_model_name_or_path": "base"}')
+    (tmp_path / name).write_text(content)
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / name}: "):
+        base_model_of(str(tmp_path))

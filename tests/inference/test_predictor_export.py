@@ -90,3 +90,38 @@ def test_cli_encode_and_merge(trained, tmp_path, capsys):
     assert main(["encode", str(tmp_path / "m"), "--text", "a", "b", "--output", str(tmp_path / "e"), "--overwrite"]) == 0
     assert np.load(tmp_path / "e.npy").shape == (2, 32)
     assert sorted(p.name for p in tmp_path.glob("*.npy*")) == ["e.npy"]
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ("not json", "Expecting value"),
+        ('{"family": "text", "model_name": "m"}', "'pooling' and 'max_seq_length'"),
+        ('{"family": "nope", "model_name": "m", "pooling": "mean", "max_seq_length": 64}', "family 'nope'"),
+        ('{"family": "text", "model_name": "m", "pooling": "weird", "max_seq_length": 64}', "pooling 'weird'"),
+    ],
+)
+def test_a_bad_embedder_json_is_one_line_naming_it(tiny_bert, tmp_path, content, reason):
+    import shutil
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_bert, d)
+    (d / "embedder.json").write_text(content)  # hand-written next to a model (no manifest guards it)
+    with pytest.raises(VembedError, match=r"embedder\.json: ") as e:
+        Predictor(str(d))
+    assert reason in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("with_spec", [False, True])
+def test_an_adapter_whose_base_model_is_gone_names_the_adapter(tmp_path, with_spec):
+    import json
+
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/gone/base", "peft_type": "LORA"}))
+    if with_spec:
+        spec = {"family": "text", "model_name": "/gone/base", "pooling": "mean", "max_seq_length": 64}
+        (d / "embedder.json").write_text(json.dumps(spec))
+    with pytest.raises(VembedError) as e:
+        Predictor(str(d))
+    assert str(e.value).startswith(f"{d}: cannot load the adapter's base model (") and "/gone/base" in str(e.value)

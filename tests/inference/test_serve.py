@@ -103,3 +103,64 @@ def test_local_pipeline_run_prints_the_serve_command_for_a_new_champion(tmp_path
     out = io.StringIO()
     print_result(LocalRunResult(reg | {"aliases": ["challenger"]}, "", tmp_path, tmp_path / "log"), stream=out)
     assert "vembed serve" not in out.getvalue()  # not promoted: nothing new to serve
+
+
+def test_serve_refuses_a_port_in_use_in_one_line(tiny_bert: str, capsys):
+    import socket
+
+    from vembed.cli import main
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # another process already listens there
+        port = taken.getsockname()[1]
+        assert main(["serve", tiny_bert, "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    last = err.strip().split("\n")[-1]  # after the weight-loading progress bar
+    assert last.startswith("error: cannot listen on ") and f"127.0.0.1:{port}" in last and "Traceback" not in err
+    assert "serving" not in out  # no claim that it serves
+    assert main(["serve", tiny_bert, "--port", "70000"]) == 2
+    assert capsys.readouterr().err.strip().split("\n")[-1] == "error: cannot listen on 127.0.0.1:70000: bind(): port must be 0-65535."
+
+
+@pytest.mark.parametrize("env_uri", [None, "sqlite:///{tmp}/none.db"])
+def test_serve_models_uri_without_a_store_creates_no_database(env_uri, tmp_path: Path, monkeypatch, capsys):
+    from vembed.cli import main
+
+    monkeypatch.chdir(tmp_path)  # MLflow's default store is ./mlflow.db
+    monkeypatch.setenv("VEMBED_CACHE_DIR", str(tmp_path / "cache"))
+    if env_uri is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", env_uri.format(tmp=tmp_path))
+    assert main(["serve", "models:/emb@champion"]) == 2
+    err = capsys.readouterr().err.strip().split("\n")[-1]
+    assert err.startswith("error: ") and "no MLflow store" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # reading never creates an empty store
+
+
+@pytest.mark.parametrize("uri", ["foo://bar", "file:{tmp}/mlruns"])  # unsupported; MLflow 3's deprecated file store
+def test_serve_models_uri_with_an_unusable_tracking_uri_is_one_line(uri, tmp_path: Path, monkeypatch, capsys):
+    from vembed.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.format(tmp=tmp_path))
+    monkeypatch.setenv("VEMBED_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["serve", "models:/emb@champion"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {uri.format(tmp=tmp_path)}: ") and "\n" not in err
+
+
+@pytest.mark.parametrize("device, reason", [("foo", "is not a torch device"), ("cuda:99", "CUDA device(s)")])
+def test_serve_refuses_a_device_the_machine_lacks_in_one_line(device, reason, tiny_bert: str, capsys):
+    from vembed.cli import main
+
+    assert main(["serve", tiny_bert, "--device", device]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: device: {device!r}") and reason in err and "\n" not in err  # before loading
+
+
+@pytest.mark.parametrize("uri", ["gs://bucket/model", "https://example.com/model"])
+def test_serve_names_an_unsupported_model_location_as_given(uri, capsys):
+    from vembed.cli import main
+
+    assert main(["serve", uri]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {uri}: unsupported location") and "models:/" in err and "\n" not in err

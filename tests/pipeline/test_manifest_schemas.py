@@ -217,9 +217,9 @@ class RecordingApi:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.api, name)
 
-    def patch_namespaced_custom_object(self, *args: Any) -> Any:
+    def patch_namespaced_custom_object(self, *args: Any, **kwargs: Any) -> Any:
         self.patches.append(json.loads(json.dumps(args[-1])))
-        return self.api.patch_namespaced_custom_object(*args)
+        return self.api.patch_namespaced_custom_object(*args, **kwargs)
 
 
 def test_inference_service_matches_the_kserve_crd_models() -> None:

@@ -27,7 +27,8 @@ Every spec change makes a new revision (NAME-predictor-0000N), as Knative does. 
 takes the next entry of `isvc_outcomes` ("ready", "fail" or "pending"; "ready" once they run out)
 and reaches it after `isvc_ready_after` GETs. A ready revision takes `canaryTrafficPercent` of the
 traffic (the previous ready revision keeps the rest); a failed one takes none, and the previous
-ready revision keeps serving, as in Knative.
+ready revision keeps serving, as in Knative. `isvc_get_errors` makes the next N GETs of an existing
+InferenceService answer 503, as an API server that is restarting does.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class FakeKube:
     url: str = ""
     isvc_outcomes: list[str] = field(default_factory=list)
     isvc_ready_after: int = 1
+    isvc_get_errors: int = 0
     isvcs: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"obj", "revisions"}
     _jobs: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"plural", "obj", "step"}
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -251,6 +253,10 @@ class FakeKube:
             return _not_found(name)
         entry = self.isvcs[name]
         if method == "GET":
+            if self.isvc_get_errors:
+                self.isvc_get_errors -= 1
+                return 503, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "ServiceUnavailable",
+                             "message": "the server is currently unable to handle the request", "code": 503}  # fmt: skip
             return 200, self._isvc_view(name, advance=True)
         if method in ("PATCH", "PUT"):
             old_spec = json.dumps(entry["obj"]["spec"], sort_keys=True)

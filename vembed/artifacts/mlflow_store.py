@@ -19,7 +19,12 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+from mlflow.environment_variables import (
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR,
+    MLFLOW_TRACKING_CLIENT_CERT_PATH,
+    MLFLOW_TRACKING_INSECURE_TLS,
+    MLFLOW_TRACKING_SERVER_CERT_PATH,
+)
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.utils.models import get_model_name_and_version
 
@@ -58,8 +63,11 @@ def registry_errors(what: str) -> Iterator[None]:
     try:
         yield
     except (MlflowException, OSError) as e:
-        first = redact(str(getattr(e, "message", e))).strip().splitlines()
-        err = RegistryError(f"{what}: {first[0][:300] if first else type(e).__name__}")
+        lines = [line.strip() for line in redact(str(getattr(e, "message", e))).splitlines() if line.strip()]
+        text = lines[0][:300] if lines else type(e).__name__
+        if text.endswith(":") and len(lines) > 1:  # a failed download: MLflow puts the reason on the last line
+            text = f"{text} {lines[-1][:300]}"
+        err = RegistryError(f"{what}: {text}")
         err.error_code = getattr(e, "error_code", "")
         err.transient = isinstance(e, OSError) or err.error_code in _TRANSIENT or "Max retries exceeded" in str(e)
         raise err from None
@@ -74,8 +82,12 @@ class Client:
         if uri.split(":", 1)[0] in ("http", "https"):  # must answer within seconds (MLflow would retry for minutes)
             from vembed.endpoints import check_http
 
-            check_http(uri, "/health", "MLflow", RegistryError)
-        self.mlflow, self.where = MlflowClient(tracking_uri=uri, registry_uri=uri), redact(uri)
+            # With the TLS settings MLflow's own requests use (a private CA, no verification, a client cert).
+            verify = not MLFLOW_TRACKING_INSECURE_TLS.get() and (MLFLOW_TRACKING_SERVER_CERT_PATH.get() or True)
+            check_http(uri, "/health", "MLflow", RegistryError, verify=verify, cert=MLFLOW_TRACKING_CLIENT_CERT_PATH.get())
+        self.where = redact(uri)
+        with registry_errors(self.where):  # an unsupported scheme or MLflow 3's deprecated file store
+            self.mlflow = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.mlflow, name)
@@ -117,8 +129,9 @@ def resolve_version(client: Client, models_uri: str) -> ModelVersion:
 def download_model(models_uri: str, tracking_uri: str | None = None) -> Path:
     """`models:/NAME@alias` or `models:/NAME/3` as a local directory Predictor loads (merged model, else
     adapter), cached per version under $VEMBED_CACHE_DIR (default ~/.cache/vembed)."""
-    client = Client(tracking_uri)
-    require_existing_store(client.tracking_uri)  # reading: never create an empty store
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    require_existing_store(uri)  # reading: never create an empty store (building an MlflowClient would)
+    client = Client(uri)
     mv = resolve_version(client, models_uri)
     cache = Path(os.environ.get("VEMBED_CACHE_DIR") or Path.home() / ".cache" / "vembed") / "models"
     ident = hashlib.sha256(f"{client.tracking_uri}|{mv.name}|{mv.version}|{mv.source}".encode()).hexdigest()[:16]

@@ -3,7 +3,8 @@
 boto3 does the work: managed transfers, paginators, retries, endpoint resolution (botocore reads
 `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` itself) and the AWS credential chain. vembed's own rules
 (vembed.artifacts.integrity): a directory is complete only once its manifest is written, last; every download
-is verified against it; only an empty or an earlier complete directory is ever replaced.
+is verified against it; only an empty or an earlier complete directory (on s3 also an unfinished upload of
+vembed's own, marked by UPLOADING) is ever replaced.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from vembed.errors import StorageError
 from vembed.redaction import redact
 
 S3_SCHEME = "s3://"
+# Put first and deleted last by an s3 upload_dir: marks a prefix without a manifest as an unfinished upload
+# of vembed's own, which a retry may write over (a prefix with anything else in it is refused).
+UPLOADING = ".vembed-uploading"
 # Called with the bytes moved since the last call (negative when a retried part is rewound).
 ProgressCallback = Callable[[int], None]
 
@@ -219,7 +223,7 @@ class Storage:
         """The manifest of a complete directory; StorageError if it has none."""
         where = join(uri, MANIFEST)
         if not (self._head(where) is not None if is_s3(uri) else Path(where).is_file()):
-            raise StorageError(f"{uri}: not found") if not (is_s3(uri) or Path(uri).exists()) else mf.incomplete(str(uri))
+            raise StorageError(f"{uri}: not found") if not self.exists(uri) else mf.incomplete(str(uri))
         return mf.parse_manifest(self.read_bytes(where), where)
 
     def upload_dir(self, local_dir: str | os.PathLike[str], uri: str, progress: ProgressCallback | None = None) -> dict[str, Any]:
@@ -232,13 +236,22 @@ class Storage:
             with self.staging_dir(uri) as tmp:
                 shutil.copytree(src, tmp, dirs_exist_ok=True)
             return self.read_manifest(uri)
+        self.check_replaceable(uri)
         manifest = build_manifest(src)
         bucket, key = split_s3(uri)
+        self._call(uri, self.client.put_object, Bucket=bucket, Key=_dir_key(key) + UPLOADING, Body=b"")
         self._call(uri, self.client.delete_object, Bucket=bucket, Key=_dir_key(key) + MANIFEST)
         self._transfer([(uri, "upload", (str(src / e["path"]), bucket, _dir_key(key) + e["path"])) for e in manifest["files"]], progress)
         # Every file is in place: now, and only now, the directory becomes complete.
         self._call(uri, self.client.put_object, Bucket=bucket, Key=_dir_key(key) + MANIFEST, Body=mf.manifest_bytes(manifest))
+        self._call(uri, self.client.delete_object, Bucket=bucket, Key=_dir_key(key) + UPLOADING)
         return manifest
+
+    def check_replaceable(self, uri: str) -> None:
+        """The s3 side of integrity.check_replaceable: only an empty prefix, an earlier complete directory
+        or an unfinished upload of ours may be written over."""
+        if self.exists(uri) and self._head(join(uri, MANIFEST)) is None and self._head(join(uri, UPLOADING)) is None:
+            raise StorageError(f"{uri}: exists, is not empty and has no {MANIFEST}; refusing to replace it")
 
     def download_dir(self, uri: str | os.PathLike[str], local_dir: str | os.PathLike[str], progress: ProgressCallback | None = None) -> Path:
         """Copy a complete directory to `local_dir` (replaced as a whole, manifest included), verifying
@@ -279,6 +292,7 @@ class Storage:
         """Write a directory locally, then publish it to `uri` with its manifest (local: a hidden
         sibling renamed into place; s3: uploaded, manifest last). On an exception nothing is published."""
         if is_s3(uri):
+            self.check_replaceable(str(uri))  # before the work, as staged_dir does locally
             with tempfile.TemporaryDirectory(prefix="vembed-stage-") as tmp:
                 yield Path(tmp)
                 self.upload_dir(tmp, str(uri))

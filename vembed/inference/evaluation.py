@@ -15,7 +15,7 @@ import numpy as np
 from vembed.artifacts.atomic_dir import check_output_file, staged_file
 from vembed.data import Record, read_records
 from vembed.data.items import record_items
-from vembed.errors import ConfigError, DataError
+from vembed.errors import CheckpointError, ConfigError, DataError, first_line
 from vembed.models.base import Item
 
 METRICS = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")
@@ -154,9 +154,14 @@ def base_model_of(model_path: str) -> str | None:
     d = Path(model_path)
     if not (d / "adapter_config.json").is_file():
         return None
-    if (d / "embedder.json").is_file():
-        return json.loads((d / "embedder.json").read_text())["model_name"]
-    return json.loads((d / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    from vembed.inference.predictor import read_spec
+
+    if (spec := read_spec(d)) is not None:
+        return spec.model_name
+    try:
+        return json.loads((d / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (ValueError, AttributeError) as e:  # not JSON, or not an object
+        raise CheckpointError(f"{d / 'adapter_config.json'}: invalid ({first_line(e)})") from None
 
 
 def parse_dims(text: str) -> list[int]:

@@ -15,9 +15,18 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 
 from vembed.artifacts.integrity import check_integrity
-from vembed.errors import CheckpointError, VembedError, first_line
-from vembed.models import Embedder, EmbedderSpec, Item, family_class, load_embedder, looks_like_hub_id
+from vembed.errors import CheckpointError, ConfigError, VembedError, first_line
+from vembed.models import (
+    FAMILY_CLASSES,
+    Embedder,
+    EmbedderSpec,
+    Item,
+    family_class,
+    load_embedder,
+    looks_like_hub_id,
+)
 from vembed.models.merged_base import find_base, lacks_tokenizer
+from vembed.models.pooling import ST_POOLING
 from vembed.models.rotation import load_rotation
 
 
@@ -34,12 +43,24 @@ def materialize(model_path: str) -> Path:
     return Path(model_path)
 
 
-def _read_spec(directory: Path) -> EmbedderSpec | None:
+def read_spec(directory: Path) -> EmbedderSpec | None:
+    """The pooling/family spec in a model directory's embedder.json (None without one); a bad one is one
+    CheckpointError naming the file."""
     f = directory / "embedder.json"
     if not f.is_file():
         return None
-    data = json.loads(f.read_text())  # keys this version does not know (older checkpoints' `extra`) are ignored
-    return EmbedderSpec(**{k.name: data[k.name] for k in fields(EmbedderSpec) if k.name in data})
+    try:
+        data = json.loads(f.read_text())  # keys this version does not know (older checkpoints' `extra`) are ignored
+        spec = EmbedderSpec(**{k.name: data[k.name] for k in fields(EmbedderSpec) if k.name in data})
+    except (ValueError, TypeError) as e:  # not JSON, not an object, or a required key missing
+        raise CheckpointError(f"{f}: invalid ({first_line(e).removeprefix('EmbedderSpec.__init__() ')})") from None
+    # Checked here: else an unknown family is a KeyError deep in loading, and an unknown pooling passes
+    # `vembed serve`'s /health (the readiness probe) and then fails every request with HTTP 500.
+    if spec.family not in FAMILY_CLASSES:
+        raise CheckpointError(f"{f}: family {spec.family!r} is not one of {sorted(FAMILY_CLASSES)}")
+    if spec.pooling not in ST_POOLING:
+        raise CheckpointError(f"{f}: pooling {spec.pooling!r} is not one of {sorted(ST_POOLING)}")
+    return spec
 
 
 def load_trained_embedder(directory: str | Path, device: str | torch.device | None = None) -> Embedder:
@@ -54,18 +75,21 @@ def load_trained_embedder(directory: str | Path, device: str | torch.device | No
         except (VembedError, OSError, ValueError) as e:
             raise CheckpointError(f"{name}: no such local directory, and not loadable as a hub model ({first_line(e)})") from None
     check_integrity(d)
-    spec = _read_spec(d)
+    spec = read_spec(d)
     if (d / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        if spec is None:
-            base = json.loads((d / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            if not base:
-                raise CheckpointError(f"{d}/adapter_config.json: no base_model_name_or_path")
-            embedder = load_embedder(base)
-        else:
-            embedder = load_embedder(spec.model_name, spec.pooling, spec.max_seq_length, spec.query_instruction)
-            embedder.spec = spec
+        try:  # the base is a path or hub id recorded at training time: name the checkpoint that records it
+            if spec is None:
+                base = json.loads((d / "adapter_config.json").read_text()).get("base_model_name_or_path")
+                if not base:
+                    raise CheckpointError(f"{d}/adapter_config.json: no base_model_name_or_path")
+                embedder = load_embedder(base)
+            else:
+                embedder = load_embedder(spec.model_name, spec.pooling, spec.max_seq_length, spec.query_instruction)
+                embedder.spec = spec
+        except ConfigError as e:
+            raise CheckpointError(f"{d}: cannot load the adapter's base model ({e})") from None
         if not (d / "adapter_model.safetensors").is_file():
             raise CheckpointError(f"{d}: adapter_model.safetensors missing")
         embedder.backbone = PeftModel.from_pretrained(embedder.backbone, str(d))
@@ -89,6 +113,19 @@ def _load_guide_merged(d: Path) -> Embedder:
     return embedder
 
 
+def check_device(device: str | torch.device | None) -> None:
+    """A device this machine has (None: the default), checked before a slow model load; one line, not torch's
+    traceback."""
+    if device is None:
+        return
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device: {str(device)!r} is not a torch device (cpu, cuda, cuda:1, mps ...)") from None
+    if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device: {str(device)!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def _to_device(embedder: Embedder, device: str | torch.device | None) -> Embedder:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return embedder.to(device).eval()
@@ -99,10 +136,15 @@ class Predictor:
 
     def __init__(self, model_path: str | Path, device: str | None = None) -> None:
         self.model_path = str(model_path)
+        check_device(device)
         # Checked on the name as given: `./no-model` is a missing path, though Path() makes it `no-model`.
         if "://" not in self.model_path and not self.model_path.startswith("models:/"):
             if not Path(self.model_path).exists() and not looks_like_hub_id(self.model_path):
                 raise CheckpointError(f"{self.model_path}: does not exist")
+        elif "://" in self.model_path and not self.model_path.startswith("s3://"):  # Path() would make gs:// gs:/
+            raise CheckpointError(
+                f"{self.model_path}: unsupported location; give a model directory, an s3:// URI or models:/NAME@alias"
+            )
         local = materialize(self.model_path)
         try:
             self.embedder = load_trained_embedder(local, device)

@@ -12,6 +12,7 @@ Binds 127.0.0.1 by default; a container (the KServe custom predictor) passes `--
 from __future__ import annotations
 
 import base64
+import socket
 import threading
 from typing import Any, Literal
 
@@ -94,8 +95,18 @@ def make_server(
     return uvicorn.Server(config)
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, opened before `serving ...` is printed: a port in use or a bad host is one
+    line naming the address (uvicorn would log it after that line and exit 3)."""
+    try:
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except (OSError, OverflowError) as e:  # OverflowError: a port outside 0-65535
+        raise VembedError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+
+
 def serve(model_uri: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, device: str | None = None) -> None:
     """Load the model, then serve until interrupted."""
     server = make_server(model_uri, host, port, device)
+    sock = listen(host, port)
     print(f"serving {model_uri} at http://{host}:{port}/v1/embeddings (Ctrl-C stops)", flush=True)
-    server.run()
+    server.run(sockets=[sock])

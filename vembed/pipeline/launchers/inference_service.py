@@ -32,6 +32,8 @@ MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts STORAGE_URI
 PORT = 8080
 ANNOTATION_MODEL = "vembed.io/model-uri"  # models:/NAME/VERSION the predictor serves
 MANAGED_BY = {"app.kubernetes.io/managed-by": "vembed"}
+# Every API call's (connect, read) timeout: the client's default waits forever on an API server that hangs.
+REQUEST_TIMEOUT_S = (5.0, 30.0)
 # Conditions whose False state with one of these reasons means the new revision will not come up.
 FAILED_REASONS = {"RevisionFailed", "RevisionMissing", "ContainerMissing", "ExitCode", "CrashLoopBackOff"}
 
@@ -131,7 +133,9 @@ class InferenceServices:
 
         with self._errors(name):
             try:
-                return self.api.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+                return self.api.get_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, PLURAL, name, _request_timeout=REQUEST_TIMEOUT_S
+                )
             except ApiException as e:
                 if e.status != 404:
                     raise
@@ -143,7 +147,8 @@ class InferenceServices:
         with self._errors(name):
             if before is None:
                 self.api.create_namespaced_custom_object(
-                    GROUP, VERSION, self.namespace, PLURAL, manifest(name, self.namespace, spec)
+                    GROUP, VERSION, self.namespace, PLURAL, manifest(name, self.namespace, spec),
+                    _request_timeout=REQUEST_TIMEOUT_S,
                 )
                 return "created", None
             if before["metadata"].get("labels", {}).get("app.kubernetes.io/managed-by") != "vembed":
@@ -154,7 +159,9 @@ class InferenceServices:
                 "metadata": {"annotations": {ANNOTATION_MODEL: spec.model_uri}},
                 "spec": {"predictor": predictor(spec, canary_traffic_percent)},
             }
-            self.api.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, patch)
+            self.api.patch_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, name, patch, _request_timeout=REQUEST_TIMEOUT_S
+            )
             return "patched", before
 
     def restore(self, name: str, before: dict[str, Any]) -> None:
@@ -167,14 +174,29 @@ class InferenceServices:
             {k: v for k, v in (before["metadata"].get("annotations") or {}).items() if k == ANNOTATION_MODEL}
         )
         with self._errors(name, "restoring the previous spec failed: "):
-            self.api.replace_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, body)
+            self.api.replace_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, name, body, _request_timeout=REQUEST_TIMEOUT_S
+            )
 
-    def wait_ready(self, name: str, timeout_s: float, poll_s: float = 5.0) -> tuple[bool, str, dict[str, Any]]:
+    def wait_ready(
+        self, name: str, timeout_s: float, poll_s: float = 5.0, max_poll_errors: int = 5
+    ) -> tuple[bool, str, dict[str, Any]]:
         """Until the latest revision is Ready, it failed, or `timeout_s` passed: (ready, reason, object)."""
         deadline = time.monotonic() + timeout_s
         obj: dict[str, Any] = {}
+        errors = 0
         while True:
-            obj = self.get(name) or {}
+            try:
+                obj = self.get(name) or {}
+                errors = 0
+            except DeployError as e:
+                # One failed poll (the API server restarting) is not a failed rollout; raising here would
+                # also skip the deploy step's restore of the previous spec. A run of them, or one past the
+                # deadline, is an error.
+                errors += 1
+                if errors >= max_poll_errors or time.monotonic() >= deadline:
+                    raise
+                print(f"[vembed] {e}; retrying", flush=True)
             status, pred = _status(obj)
             generation = (obj.get("metadata") or {}).get("generation", 0)
             current = status.get("observedGeneration", generation) >= generation
