@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="pipeline run parameter, repeatable (e.g. --param data_uri=s3://bucket/data/latest)",
     )  # fmt: skip
     params.add_argument(
-        "--config-override", "--config_override", nargs="+", default=[], metavar="KEY=VALUE",
+        "--config-override", "--config_override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
         help="training config overrides, e.g. lora_r=32 epochs=2 (sets the config_overrides parameter)",
     )  # fmt: skip
     remote = argparse.ArgumentParser(add_help=False, parents=[server, params])  # the arguments of submit and schedule

@@ -90,8 +90,12 @@ def read_corpus(path: str | Path) -> list[str]:
         raise DataError(f"{path}: corpus file does not exist")
     if Path(path).is_dir():
         raise DataError(f"{path}: is a directory, expected a JSONL file")
-    with open(path, encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with open(path, "rb") as fh:  # decoded line by line, so that bad UTF-8 is reported with its line
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8-sig")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start}") from None
             if not line.strip():
                 continue
             try:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from vembed.artifacts.integrity import refuse_pickle
 from vembed.errors import ConfigError, first_line
 from vembed.models.base import Embedder, EmbedderSpec, Item
 from vembed.models.resolve import read_sentence_transformers_pooling, resolve_model_path
@@ -83,6 +84,8 @@ def load_embedder(
     if not local.exists() and not looks_like_hub_id(model_name):
         raise ConfigError(f"model_name: {model_name} does not exist")
     path = resolve_model_path(model_name)
+    if Path(path).is_dir():  # transformers would load a pytorch_model.bin; vembed loads safetensors only
+        refuse_pickle(path, ConfigError)
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
