@@ -53,9 +53,12 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 def _json_object(flag: str, text: str) -> dict:
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError:
-        raise ConfigError(f"{flag}: expected a JSON object, got {text!r}") from None
+        value = None
+    if not isinstance(value, dict):  # `[1]` or `"x"` parse, then fail deep inside the compiler
+        raise ConfigError(f"{flag}: expected a JSON object, got {text!r}")
+    return value
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -148,9 +151,11 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
 
 def _cmd_rbac(args: argparse.Namespace) -> int:
     from pipelines.rbac_render import BACKEND_GROUPS, render_rbac_yaml
+    from vembed.artifacts.atomic_dir import check_output_file
 
     text = render_rbac_yaml(args.namespace, args.service_account, args.backend or tuple(BACKEND_GROUPS))
     if args.output:
+        check_output_file(Path(args.output), args.overwrite)  # never replace a file of the user's unasked
         Path(args.output).write_text(text, encoding="utf-8")
         print(f"RBAC for namespace {args.namespace} written to {args.output}")
     else:
@@ -260,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the pipeline pods' service account (multi-user Kubeflow profiles: default-editor)")
     p.add_argument("--backend", action="append", choices=tuple(BACKEND_GROUPS),
                    help="only this backend's rights (repeatable; default both)")
-    p.add_argument("--output", help="write to this file instead of stdout (then `kubectl apply -f FILE`)")
+    p.add_argument("--output", help="write to this file instead of stdout (then `kubectl apply -f FILE`); a new file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.set_defaults(func=_cmd_rbac)
     return parser
 

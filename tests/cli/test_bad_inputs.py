@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import free_port, write_pairs
 from vembed.cli import main
@@ -115,6 +116,16 @@ def fail_write(target: str, err: int, attr: str | None = None) -> Callable[[pyte
     return apply
 
 
+def pickle_only_copy(model: str, dest: Path) -> None:
+    """The tiny model with its weights in pytorch_model.bin (torch.save's pickle) instead of safetensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    shutil.copytree(model, dest)
+    torch.save(load_file(dest / "model.safetensors"), dest / "pytorch_model.bin")
+    (dest / "model.safetensors").unlink()
+
+
 def dead_url(auth: str = "") -> str:
     return f"http://{auth}127.0.0.1:{free_port()}"  # a free port: nothing listens there
 
@@ -152,6 +163,8 @@ CASES = [
          setup=lambda c: (c.work / "cfgdir").mkdir()),
     Case("config-not-a-mapping", lambda c: ["config", "show", "l.yaml"], lambda c: ["l.yaml", "mapping"],
          setup=lambda c: write(c.work / "l.yaml", "- a\n- b\n")),
+    Case("config-non-string-key", lambda c: ["config", "show", "nk.yaml"], lambda c: ["nk.yaml", "key 1", "not a name"],
+         setup=lambda c: write(c.work / "nk.yaml", "lora_r: 8\n1: 2\n")),
     Case("override-no-equals", lambda c: ["config", "show", str(config(c)), "--config_override", "lora_r"],
          lambda c: ["lora_r"]),
     Case("override-unknown-key", lambda c: ["config", "show", str(config(c)), "--config_override", "lorar=4"],
@@ -167,14 +180,18 @@ CASES = [
     Case("resume-path-missing", lambda c: ["train", str(config(c, resume_from_checkpoint=str(c.work / "gone")))],
          lambda c: ["resume_from_checkpoint", "gone"]),
     Case("model-name-missing-path", lambda c: ["train", str(config(c, model_name="./no/such/model"))],
-         lambda c: ["model_name", "./no/such/model", "does not exist"]),
+         lambda c: ["model_name", "./no/such/model", "does not exist"], after=assert_not_created("out")),
+    Case("model-name-pickle-only", lambda c: ["train", str(config(c, model_name=str(c.work / "pk")))],
+         lambda c: [str(c.work / "pk"), "pytorch_model.bin", "safetensors only"],
+         setup=lambda c: pickle_only_copy(c.model, c.work / "pk"), after=assert_not_created("out")),
     Case("fp16-on-cpu", lambda c: ["train", str(config(c, torch_dtype="float16"))], lambda c: ["torch_dtype"]),
     # data
     Case("data-missing", lambda c: ["train", str(config(c, data_path=str(c.work / "nope.jsonl")))],
          lambda c: ["nope.jsonl", "not found"]),
     Case("data-invalid-json", lambda c: ["train", str(config(c, data_path=str(c.work / "b.jsonl")))],
          lambda c: ["b.jsonl:2", "invalid JSON"],
-         setup=lambda c: write(c.work / "b.jsonl", '{"query": "a", "positive": "b"}\n{not json\n')),
+         setup=lambda c: write(c.work / "b.jsonl", '{"query": "a", "positive": "b"}\n{not json\n'),
+         after=assert_not_created("out")),
     Case("data-missing-field", lambda c: ["train", str(config(c, data_path=str(c.work / "f.jsonl")))],
          lambda c: ["f.jsonl:1", "positive"], setup=lambda c: write(c.work / "f.jsonl", '{"query": "a"}\n')),
     Case("data-empty-file", lambda c: ["train", str(config(c, data_path=str(c.work / "e.jsonl")))],
@@ -255,6 +272,8 @@ CASES = [
          lambda c: ["ev.jsonl", "not found"]),
     Case("evaluate-corpus-missing", lambda c: ["evaluate", str(c.ckpt), "--data", str(c.data), "--corpus", "cor.jsonl"],
          lambda c: ["cor.jsonl", "does not exist"]),
+    Case("evaluate-corpus-invalid-utf8", lambda c: ["evaluate", str(c.ckpt), "--data", str(c.data), "--corpus", "cu.jsonl"],
+         lambda c: ["cu.jsonl:2", "invalid UTF-8"], setup=lambda c: (c.work / "cu.jsonl").write_bytes(b'{"text": "a"}\n\xff\n')),
     Case("evaluate-dims-not-numbers", lambda c: ["evaluate", str(c.ckpt), "--data", str(c.data), "--dims", "abc"],
          lambda c: ["--dims", "abc"]),
     Case("evaluate-output-exists", lambda c: ["evaluate", str(c.ckpt), "--data", str(c.data), "--output", "m.json"],
@@ -275,6 +294,16 @@ CASES = [
     Case("pipeline-config-missing", lambda c: ["pipeline", "run", "--local", "--data", str(c.data), "--config", "nc.yaml",
                                                "--output-dir", "p"], lambda c: ["nc.yaml", "does not exist"]),
     Case("pipeline-no-local-flag", lambda c: ["pipeline", "run"], lambda c: ["--local"]),
+    Case("pipeline-toleration-not-object", lambda c: ["pipeline", "compile", "--toleration", "[1]", "--output", "c.yaml"],
+         lambda c: ["--toleration", "JSON object", "[1]"], after=assert_not_created("c.yaml")),
+    Case("pipeline-rbac-output-exists", lambda c: ["pipeline", "rbac", "--namespace", "ns", "--output", "r.yaml"],
+         lambda c: ["r.yaml", "exists", "--overwrite"], setup=lambda c: write(c.work / "r.yaml", "mine\n"),
+         after=assert_unchanged("r.yaml", "mine\n")),
+    # demo (fails before it builds data or trains)
+    Case("demo-output-holds-user-data", lambda c: ["demo", "--output-dir", "proj"],
+         lambda c: ["proj/data/train.jsonl", "not written by vembed demo"],
+         setup=lambda c: write(c.work / "proj" / "data" / "train.jsonl", "mine\n"),
+         after=assert_not_created("proj/vembed_demo.json")),
     # registry
     Case("registry-sqlite-dir-missing", lambda c: ["registry", "show", "m"], lambda c: ["nodir", "does not exist"],
          env={"MLFLOW_TRACKING_URI": "sqlite:///{work}/nodir/x.db"}, after=assert_not_created("nodir")),
@@ -482,3 +511,73 @@ def test_s3_throttling_and_5xx_are_transient_404_is_not():
     assert _storage_error("s3://b/k", client_error("InternalError", 500)).transient
     assert not _storage_error("s3://b/k", client_error("NoSuchKey", 404)).transient
     assert not _storage_error("s3://b/k", client_error("AccessDenied", 403)).transient
+
+
+def test_config_override_is_repeatable(tmp_path, capsys):
+    """`--config_override a=1 --config_override b=2` applies both (argparse's default kept only the last)."""
+    from pipelines.cli import build_parser
+
+    cfg = write(tmp_path / "c.yaml", "lora_r: 8\n")
+    assert main(["config", "show", str(cfg), "--config_override", "lora_r=4", "--config-override", "lora_alpha=3"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert (shown["lora_r"], shown["lora_alpha"]) == (4, 3)
+    args = build_parser().parse_args(["run", "--local", "--config-override", "epochs=2", "--config_override", "lora_r=4"])
+    assert args.config_override == ["epochs=2", "lora_r=4"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (lambda ck, data: ["evaluate", ck, "--data", data, "--no-base", "--batch-size", "0"], "--batch-size"),
+        (lambda ck, data: ["mine", data, "mined.jsonl", "--model", ck, "--batch-size", "-1"], "--batch-size"),
+        (lambda ck, data: ["serve", ck, "--port", "99999"], "--port"),
+    ],
+    ids=["evaluate-batch-size", "mine-batch-size", "serve-port"],
+)
+def test_out_of_range_numbers_are_refused_when_parsed(argv, flag, trained, tmp_path, monkeypatch, capsys):
+    """Before the model loads, as a usage error naming the flag; not a traceback from deep inside."""
+    _, ckpt = trained
+    monkeypatch.chdir(tmp_path)
+    data = write_pairs(tmp_path / "d.jsonl", n=4)
+    with pytest.raises(SystemExit) as info:
+        main(argv(str(ckpt), str(data)))
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"argument {flag}: expected an integer" in err and "Traceback" not in err
+    assert not (tmp_path / "mined.jsonl").exists()
+
+
+def test_mine_interrupted_leaves_no_partial_output(trained, tmp_path, monkeypatch, capsys):
+    """A crash while the mined file is written leaves nothing (a half file would pass for a dataset and
+    make the rerun refuse it as existing)."""
+    from vembed.data import mining
+
+    _, ckpt = trained
+    monkeypatch.chdir(tmp_path)
+    data = write_pairs(tmp_path / "d.jsonl", n=8)
+    real_write = mining.write_records
+
+    def interrupted(records, path):
+        def first_then_stop():
+            yield records[0]
+            raise KeyboardInterrupt
+
+        return real_write(first_then_stop(), path)
+
+    monkeypatch.setattr(mining, "write_records", interrupted)
+    assert main(["mine", str(data), "mined.jsonl", "--model", str(ckpt), "--rank-start", "0", "--rank-end", "2"]) == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+    monkeypatch.setattr(mining, "write_records", real_write)
+    assert main(["mine", str(data), "mined.jsonl", "--model", str(ckpt), "--rank-start", "0", "--rank-end", "2"]) == 0
+    assert len((tmp_path / "mined.jsonl").read_text().splitlines()) == 8
+
+
+def test_demo_reuses_its_own_output_dir(tmp_path):
+    """The demo's refusal of foreign files (table case demo-output-holds-user-data) still lets it rerun
+    into its own output dir."""
+    from vembed.demo import claim_output_dir
+
+    out = tmp_path / "demo"
+    claim_output_dir(out)
+    write(out / "data" / "train.jsonl", "{}\n")  # what the first run wrote
+    write(out / "metrics.json", "{}\n")
+    claim_output_dir(out)  # a rerun: no error
