@@ -63,9 +63,11 @@ def _json_object(flag: str, text: str) -> dict:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from pipelines.local_run import print_result, run_local
+    from vembed.config import parse_overrides
 
     if not args.local:
         raise ConfigError("`vembed pipeline run` runs on this machine and needs --local; use `submit --host` for a cluster")
+    parse_overrides(args.config_override)  # a bad key fails now, not in the train step after prepare has run
     result = run_local(
         output_dir=args.output_dir,
         data_uri=args.data,
