@@ -194,6 +194,8 @@ CASES = [
          after=assert_not_created("out")),
     Case("data-missing-field", lambda c: ["train", str(config(c, data_path=str(c.work / "f.jsonl")))],
          lambda c: ["f.jsonl:1", "positive"], setup=lambda c: write(c.work / "f.jsonl", '{"query": "a"}\n')),
+    Case("data-path-uri", lambda c: ["train", str(config(c, data_path="s3://bucket/train.jsonl"))],
+         lambda c: ["s3://bucket/train.jsonl", "only local JSONL files"], after=assert_not_created("out")),
     Case("data-empty-file", lambda c: ["train", str(config(c, data_path=str(c.work / "e.jsonl")))],
          lambda c: ["e.jsonl"], setup=lambda c: write(c.work / "e.jsonl", "")),
     Case("prepare-raw-missing", lambda c: ["prepare", "raw-nope.jsonl", "ds"], lambda c: ["raw-nope.jsonl"],
