@@ -126,6 +126,15 @@ def pickle_only_copy(model: str, dest: Path) -> None:
     (dest / "model.safetensors").unlink()
 
 
+def st_copy(model: str, dest: Path, pooling_config: str) -> None:
+    """The tiny model as a sentence-transformers directory whose Pooling config is `pooling_config`."""
+    shutil.copytree(model, dest)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    write(dest / "modules.json", json.dumps(modules))
+    write(dest / "1_Pooling" / "config.json", pooling_config)
+
+
 def dead_url(auth: str = "") -> str:
     return f"http://{auth}127.0.0.1:{free_port()}"  # a free port: nothing listens there
 
@@ -184,6 +193,12 @@ CASES = [
     Case("model-name-pickle-only", lambda c: ["train", str(config(c, model_name=str(c.work / "pk")))],
          lambda c: [str(c.work / "pk"), "pytorch_model.bin", "safetensors only"],
          setup=lambda c: pickle_only_copy(c.model, c.work / "pk"), after=assert_not_created("out")),
+    Case("model-st-pooling-unsupported", lambda c: ["train", str(config(c, model_name=str(c.work / "st")))],
+         lambda c: [str(c.work / "st"), "unsupported sentence-transformers pooling 'weighted'"],
+         setup=lambda c: st_copy(c.model, c.work / "st", '{"pooling_mode": "weighted"}'), after=assert_not_created("out")),
+    Case("model-st-config-cut-off", lambda c: ["train", str(config(c, model_name=str(c.work / "st")))],
+         lambda c: [str(c.work / "st" / "1_Pooling" / "config.json"), "invalid JSON"],
+         setup=lambda c: st_copy(c.model, c.work / "st", '{"pooling_mode": '), after=assert_not_created("out")),
     Case("fp16-on-cpu", lambda c: ["train", str(config(c, torch_dtype="float16"))], lambda c: ["torch_dtype"]),
     # data
     Case("data-missing", lambda c: ["train", str(config(c, data_path=str(c.work / "nope.jsonl")))],
