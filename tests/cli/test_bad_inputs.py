@@ -329,6 +329,9 @@ CASES = [
     Case("pipeline-rbac-output-exists", lambda c: ["pipeline", "rbac", "--namespace", "ns", "--output", "r.yaml"],
          lambda c: ["r.yaml", "exists", "--overwrite"], setup=lambda c: write(c.work / "r.yaml", "mine\n"),
          after=assert_unchanged("r.yaml", "mine\n")),
+    Case("pipeline-submit-host-credentials", lambda c: ["pipeline", "submit", "--host", "http://alice:hunter2pass@127.0.0.1:1",
+                                                        "--param", "data_uri=s3://b/x"],
+         lambda c: ["--host http://127.0.0.1:1", "KFP_TOKEN"]),
     # demo (fails before it builds data or trains)
     Case("demo-output-holds-user-data", lambda c: ["demo", "--output-dir", "proj"],
          lambda c: ["proj/data/train.jsonl", "not written by vembed demo"],
