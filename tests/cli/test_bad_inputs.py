@@ -303,6 +303,8 @@ CASES = [
          lambda c: ["ck/embedder.json", "invalid JSON"], setup=lambda c: truncate(copy_ckpt(c) / "embedder.json")),
     Case("evaluate-dims-not-numbers", lambda c: ["evaluate", str(c.ckpt), "--data", str(c.data), "--dims", "abc"],
          lambda c: ["--dims", "abc"]),
+    Case("evaluate-dims-too-large", lambda c: ["evaluate", str(c.ckpt), "--data", str(c.data), "--dims", "16,4096"],
+         lambda c: ["dims", "[4096]", "embedding dim 32"]),
     Case("evaluate-output-exists", lambda c: ["evaluate", str(c.ckpt), "--data", str(c.data), "--output", "m.json"],
          lambda c: ["m.json", "exists", "--overwrite"], setup=lambda c: write(c.work / "m.json", "mine\n"),
          after=assert_unchanged("m.json", "mine\n")),

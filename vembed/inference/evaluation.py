@@ -70,6 +70,8 @@ def evaluate_retrieval(
     batch_size: int = 64,
 ) -> dict[str, dict[str, float]]:
     """{"full": metrics, "<dim>": metrics, ...} for one model."""
+    if too_large := [d for d in dims or () if d > predictor.dim]:  # else no row for it, and no word why
+        raise ConfigError(f"dims: {too_large} exceed the model's embedding dim {predictor.dim}")
     queries, docs, qrels = build_retrieval_set(records, corpus or ())
     q = predictor.encode_items(queries, batch_size=batch_size, is_query=True)
     d = predictor.encode_items(docs, batch_size=batch_size)
