@@ -315,6 +315,9 @@ CASES = [
          patch=fail_write("vembed.training.checkpoint.save_rng", errno.ENOSPC), after=assert_not_created("out/checkpoint-1")),
     Case("checkpoint-read-only", lambda c: ["train", str(config(c))], lambda c: ["checkpoint-1", ROFS],
          patch=fail_write("vembed.training.checkpoint.save_rng", errno.EROFS)),
+    Case("resume-changed-settings", lambda c: ["train", str(config(c, output_dir=str(c.work / "run"), lora_r=8,
+                                                                resume_from_checkpoint="latest"))],
+         lambda c: ["checkpoint-2", "cannot resume"], setup=lambda c: shutil.copytree(c.run, c.work / "run")),
     Case("resume-incomplete-checkpoint", lambda c: ["train", str(config(c, resume_from_checkpoint=str(c.work / "ck")))],
          lambda c: ["ck", "manifest.json"]),
     # pipeline (fails before anything runs)
