@@ -19,12 +19,14 @@ def _run_arguments(args: argparse.Namespace, spec: dict | None = None, required:
     """--param and --config-override as typed run arguments of `spec` (default: --package's parameters);
     `required`: every parameter without a default must be given."""
     from pipelines.params import check_required, parse_params, read_pipeline_parameters
+    from vembed.config import parse_overrides
 
     spec = spec or read_pipeline_parameters(args.package)
     arguments = parse_params(args.param, spec)
     if args.config_override:
         if "config_overrides" in arguments:
             raise ConfigError("give training overrides either with --config-override or --param config_overrides")
+        parse_overrides(args.config_override)  # a bad key fails here, not on the cluster after prepare has run
         arguments["config_overrides"] = list(args.config_override)
     if required:
         check_required(arguments, spec)
