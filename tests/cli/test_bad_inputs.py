@@ -299,8 +299,6 @@ CASES = [
          lambda c: ["cor.jsonl", "does not exist"]),
     Case("evaluate-corpus-invalid-utf8", lambda c: ["evaluate", str(c.ckpt), "--data", str(c.data), "--corpus", "cu.jsonl"],
          lambda c: ["cu.jsonl:2", "invalid UTF-8"], setup=lambda c: (c.work / "cu.jsonl").write_bytes(b'{"text": "a"}\n\xff\n')),
-    Case("evaluate-truncated-spec", lambda c: ["evaluate", "ck", "--data", str(c.data)],
-         lambda c: ["ck/embedder.json", "invalid JSON"], setup=lambda c: truncate(copy_ckpt(c) / "embedder.json")),
     Case("evaluate-dims-not-numbers", lambda c: ["evaluate", str(c.ckpt), "--data", str(c.data), "--dims", "abc"],
          lambda c: ["--dims", "abc"]),
     Case("evaluate-dims-too-large", lambda c: ["evaluate", str(c.ckpt), "--data", str(c.data), "--dims", "16,4096"],

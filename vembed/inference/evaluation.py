@@ -15,7 +15,7 @@ import numpy as np
 from vembed.artifacts.atomic_dir import check_output_file, staged_file
 from vembed.data import Record, read_records
 from vembed.data.items import record_items
-from vembed.errors import CheckpointError, ConfigError, DataError
+from vembed.errors import ConfigError, DataError
 from vembed.models.base import Item
 
 METRICS = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")
@@ -160,12 +160,9 @@ def base_model_of(model_path: str) -> str | None:
     d = Path(model_path)
     if not (d / "adapter_config.json").is_file():
         return None
-    spec = d / "embedder.json" if (d / "embedder.json").is_file() else d / "adapter_config.json"
-    try:  # read before the model loads (and its files are checked): a cut-off file is named here
-        data = json.loads(spec.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{spec}: invalid JSON ({e}); the checkpoint is corrupt") from None
-    return data["model_name"] if spec.name == "embedder.json" else data.get("base_model_name_or_path")
+    if (d / "embedder.json").is_file():
+        return json.loads((d / "embedder.json").read_text())["model_name"]
+    return json.loads((d / "adapter_config.json").read_text()).get("base_model_name_or_path")
 
 
 def parse_dims(text: str) -> list[int]:
