@@ -108,18 +108,12 @@ def _as_json(result: Any) -> str:
     return json.dumps(result, indent=2, default=str)
 
 
-def _int_between(low: int, high: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an integer in [low, high], refused when the arguments are parsed (a batch size of
-    0 or port 99999 would otherwise fail with a traceback deep inside, after the model has loaded)."""
-
-    def parse(text: str) -> int:
-        value = int(text) if text.strip().lstrip("+-").isdigit() else None
-        if value is None or value < low or (high is not None and value > high):
-            bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
-            raise argparse.ArgumentTypeError(f"expected an integer {bounds}, got {text!r}")
-        return value
-
-    return parse
+def _positive_int(text: str) -> int:
+    """An argparse type: a count of at least 1, refused when the arguments are parsed (a batch size of 0
+    would otherwise fail with a traceback deep inside, after the model has loaded)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dims", help="comma-separated MRL dims to report, e.g. 384,256,128")
     p.add_argument("--output", help="write metrics JSON here (a new file)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
-    p.add_argument("--batch-size", type=_int_between(1), default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--retrieval-mode", choices=["auto", "t2t", "t2i", "i2t", "i2i"], default="auto",
                    help="record fields used as query and document (auto: every field present)")
     p.set_defaults(func=_calling("vembed.inference.evaluation:evaluate_cli"))
@@ -166,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible /v1/embeddings server for a model")
     p.add_argument("model_uri", metavar="model", help="model directory, s3:// URI or models:/NAME@alias")
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
-    p.add_argument("--port", type=_int_between(1, 65535), default=8080)
+    p.add_argument("--port", type=int, default=8080)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.set_defaults(func=_calling("vembed.inference.serve:serve"))
 
@@ -204,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-negatives", type=int, default=1, help="negatives added per query")
     p.add_argument("--margin", type=float, default=0.95, help="skip candidates scoring above margin * positive score")
     p.add_argument("--corpus", help='extra candidate passages, JSONL of {"text": ...}')
-    p.add_argument("--batch-size", type=_int_between(1), default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
     p.set_defaults(func=_calling("vembed.data.mining:mine_file", _as_json))
 
     p = sub.add_parser("config", help="config tools")
