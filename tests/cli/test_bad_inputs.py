@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from tests.conftest import free_port, write_pairs
+from tests.support.synthetic_images import write_image_caption_set
 from vembed.cli import main
 
 
@@ -219,6 +220,9 @@ CASES = [
          lambda c: ["f.jsonl:1", "positive"], setup=lambda c: write(c.work / "f.jsonl", '{"query": "a"}\n')),
     Case("data-path-uri", lambda c: ["train", str(config(c, data_path="s3://bucket/train.jsonl"))],
          lambda c: ["s3://bucket/train.jsonl", "only local JSONL files"], after=assert_not_created("out")),
+    Case("data-images-for-text-model", lambda c: ["train", str(config(c, data_path=str(c.work / "img" / "train.jsonl")))],
+         lambda c: ["is a text model", "cannot embed image", "images/"],
+         setup=lambda c: write_image_caption_set(c.work / "img", per_caption=1)),
     Case("data-empty-file", lambda c: ["train", str(config(c, data_path=str(c.work / "e.jsonl")))],
          lambda c: ["e.jsonl"], setup=lambda c: write(c.work / "e.jsonl", "")),
     Case("prepare-raw-missing", lambda c: ["prepare", "raw-nope.jsonl", "ds"], lambda c: ["raw-nope.jsonl"],
