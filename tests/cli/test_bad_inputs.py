@@ -320,6 +320,8 @@ CASES = [
     Case("resume-changed-settings", lambda c: ["train", str(config(c, output_dir=str(c.work / "run"), lora_r=8,
                                                                 resume_from_checkpoint="latest"))],
          lambda c: ["checkpoint-2", "cannot resume"], setup=lambda c: shutil.copytree(c.run, c.work / "run")),
+    Case("resume-run-directory", lambda c: ["train", str(config(c, resume_from_checkpoint=str(c.run)))],
+         lambda c: ["resume_from_checkpoint", "is a training run", str(c.ckpt)]),
     Case("resume-incomplete-checkpoint", lambda c: ["train", str(config(c, resume_from_checkpoint=str(c.work / "ck")))],
          lambda c: ["ck", "manifest.json"]),
     # pipeline (fails before anything runs)

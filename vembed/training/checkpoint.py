@@ -88,6 +88,8 @@ class Checkpointer:
                 return None
         elif not Path(want).is_dir():
             raise CheckpointError(f"resume_from_checkpoint: {want} is not a checkpoint directory")
+        elif (newest := latest_checkpoint(want)) is not None:  # a run directory, not one of its checkpoints
+            raise CheckpointError(f"resume_from_checkpoint: {want} is a training run; give one of its checkpoints, e.g. {newest}")
         else:
             found = Path(want)
         self._check_resumable(found)
