@@ -19,12 +19,14 @@ def _run_arguments(args: argparse.Namespace, spec: dict | None = None, required:
     """--param and --config-override as typed run arguments of `spec` (default: --package's parameters);
     `required`: every parameter without a default must be given."""
     from pipelines.params import check_required, parse_params, read_pipeline_parameters
+    from vembed.config import parse_overrides
 
     spec = spec or read_pipeline_parameters(args.package)
     arguments = parse_params(args.param, spec)
     if args.config_override:
         if "config_overrides" in arguments:
             raise ConfigError("give training overrides either with --config-override or --param config_overrides")
+        parse_overrides(args.config_override)  # a bad key fails here, not on the cluster after prepare has run
         arguments["config_overrides"] = list(args.config_override)
     if required:
         check_required(arguments, spec)
@@ -46,23 +48,33 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     given["node_selector"] = parse_pairs(args.node_selector, "--node-selector", lambda _, v: v, lambda _: None, "label")
     given["tolerations"] = [_json_object("--toleration", text) for text in args.toleration]
     opts = PipelineOptions.from_env(**{k: v for k, v in given.items() if v not in ([], {})})
-    out = compile_pipeline(args.output or COMPILED_PATH, PipelineOptions() if args.defaults else opts)
+    target = Path(args.output or COMPILED_PATH)
+    if target.is_file():  # an earlier compile's output is replaced; any other file is the user's
+        with target.open(encoding="utf-8", errors="replace") as fh:
+            if fh.readline().rstrip() != "# PIPELINE DEFINITION":  # kfp's first line
+                raise ConfigError(f"{target}: exists and is not a compiled pipeline; refusing to replace it")
+    out = compile_pipeline(target, PipelineOptions() if args.defaults else opts)
     print(f"compiled pipeline written to {out}")
     return 0
 
 
 def _json_object(flag: str, text: str) -> dict:
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError:
-        raise ConfigError(f"{flag}: expected a JSON object, got {text!r}") from None
+        value = None
+    if not isinstance(value, dict):  # `[1]` or `"x"` parse, then fail deep inside the compiler
+        raise ConfigError(f"{flag}: expected a JSON object, got {text!r}")
+    return value
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from pipelines.local_run import print_result, run_local
+    from vembed.config import parse_overrides
 
     if not args.local:
         raise ConfigError("`vembed pipeline run` runs on this machine and needs --local; use `submit --host` for a cluster")
+    parse_overrides(args.config_override)  # a bad key fails now, not in the train step after prepare has run
     result = run_local(
         output_dir=args.output_dir,
         data_uri=args.data,
@@ -148,9 +160,11 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
 
 def _cmd_rbac(args: argparse.Namespace) -> int:
     from pipelines.rbac_render import BACKEND_GROUPS, render_rbac_yaml
+    from vembed.artifacts.atomic_dir import check_output_file
 
     text = render_rbac_yaml(args.namespace, args.service_account, args.backend or tuple(BACKEND_GROUPS))
     if args.output:
+        check_output_file(Path(args.output), args.overwrite)  # never replace a file of the user's unasked
         Path(args.output).write_text(text, encoding="utf-8")
         print(f"RBAC for namespace {args.namespace} written to {args.output}")
     else:
@@ -174,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="pipeline run parameter, repeatable (e.g. --param data_uri=s3://bucket/data/latest)",
     )  # fmt: skip
     params.add_argument(
-        "--config-override", "--config_override", nargs="+", default=[], metavar="KEY=VALUE",
+        "--config-override", "--config_override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
         help="training config overrides, e.g. lora_r=32 epochs=2 (sets the config_overrides parameter)",
     )  # fmt: skip
     remote = argparse.ArgumentParser(add_help=False, parents=[server, params])  # the arguments of submit and schedule
@@ -260,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the pipeline pods' service account (multi-user Kubeflow profiles: default-editor)")
     p.add_argument("--backend", action="append", choices=tuple(BACKEND_GROUPS),
                    help="only this backend's rights (repeatable; default both)")
-    p.add_argument("--output", help="write to this file instead of stdout (then `kubectl apply -f FILE`)")
+    p.add_argument("--output", help="write to this file instead of stdout (then `kubectl apply -f FILE`); a new file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.set_defaults(func=_cmd_rbac)
     return parser
 

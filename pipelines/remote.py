@@ -14,6 +14,7 @@ import json
 import operator
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from dataclasses import dataclass
@@ -89,6 +90,10 @@ class Kfp:
 
         if not host.startswith(("http://", "https://")):
             raise SubmitError(f"--host {host!r}: expected an http(s):// URL of the KFP API, e.g. http://localhost:8080")
+        parts = urllib.parse.urlsplit(host)
+        if "@" in parts.netloc:  # never echoed: every message below names the host
+            shown = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
+            raise SubmitError(f"--host {shown}: credentials in the URL are not supported; set KFP_TOKEN to a bearer token")
         self.host, self.namespace = host.rstrip("/"), namespace
         token = os.environ.get("KFP_TOKEN")  # e.g. a service-account or OIDC token; never a flag, never logged
         _preflight(self.host, token)

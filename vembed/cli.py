@@ -108,12 +108,20 @@ def _as_json(result: Any) -> str:
     return json.dumps(result, indent=2, default=str)
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a count of at least 1, refused when the arguments are parsed (a batch size of 0
+    would otherwise fail with a traceback deep inside, after the model has loaded)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vembed", description="Fine-tune embedding models with LoRA.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     config_args = argparse.ArgumentParser(add_help=False)  # the arguments of `train` and `config show`
     config_args.add_argument("config", help="YAML config file")
-    config_args.add_argument("--config_override", "--config-override", nargs="+", default=[], metavar="KEY=VALUE",
+    config_args.add_argument("--config_override", "--config-override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                              help="override config keys, e.g. lora_r=32 mrl_dims=[256,128]")
 
     p = sub.add_parser("train", parents=[config_args], help="fine-tune a model (same as `python run.py CONFIG`)")
@@ -128,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dims", help="comma-separated MRL dims to report, e.g. 384,256,128")
     p.add_argument("--output", help="write metrics JSON here (a new file)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--retrieval-mode", choices=["auto", "t2t", "t2i", "i2t", "i2i"], default="auto",
                    help="record fields used as query and document (auto: every field present)")
     p.set_defaults(func=_calling("vembed.inference.evaluation:evaluate_cli"))
@@ -190,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-negatives", type=int, default=1, help="negatives added per query")
     p.add_argument("--margin", type=float, default=0.95, help="skip candidates scoring above margin * positive score")
     p.add_argument("--corpus", help='extra candidate passages, JSONL of {"text": ...}')
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
     p.set_defaults(func=_calling("vembed.data.mining:mine_file", _as_json))
 
     p = sub.add_parser("config", help="config tools")

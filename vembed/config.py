@@ -441,6 +441,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: config file is empty; give at least data_path and output_dir")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    # `1: x` or `yes: x` (a YAML bool) would reach the config as a non-string keyword: name it instead.
+    if bad := [k for k in data if not isinstance(k, str)]:
+        raise ConfigError(f"{path}: config key {bad[0]!r} is not a name; keys are names such as lora_r")
     return data
 
 

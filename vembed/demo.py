@@ -9,11 +9,25 @@ from pathlib import Path
 
 from vembed.config import load_config
 from vembed.data.demo_data import build_demo_dataset
+from vembed.errors import StorageError
 from vembed.inference.evaluation import compare_models, format_table
 from vembed.training import train
 from vembed.training.checkpoint import list_checkpoints
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "minilm_demo.yaml"
+# Written into --output-dir before anything else: its files are then a demo's own, which a rerun replaces.
+MARKER = "vembed_demo.json"
+WRITES = ("data/train.jsonl", "data/eval.jsonl", "data/corpus.jsonl", "metrics.json")  # the training run guards minilm/
+
+
+def claim_output_dir(out: Path) -> None:
+    """Refuse an output dir holding a file the demo would overwrite that an earlier demo did not write;
+    else mark it as the demo's."""
+    if not (out / MARKER).is_file():
+        if taken := [out / rel for rel in WRITES if (out / rel).exists()]:
+            raise StorageError(f"{taken[0]}: exists and was not written by vembed demo; choose another --output-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(json.dumps({"written_by": "vembed demo"}) + "\n")
 
 
 def fresh_run_dir(run: Path) -> Path:
@@ -24,6 +38,7 @@ def fresh_run_dir(run: Path) -> Path:
 
 def run_demo(output_dir: str | Path = "output/demo", minutes: float = 3.0) -> int:
     out = Path(output_dir)
+    claim_output_dir(out)
     data = build_demo_dataset(out / "data")
     print(f"demo data: {data['n_train']} train / {data['n_eval']} held-out pairs from Python's docstrings")
     overrides = {

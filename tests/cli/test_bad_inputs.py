@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import free_port, write_pairs
+from tests.support.synthetic_images import write_image_caption_set
 from vembed.cli import main
 
 
@@ -115,6 +117,25 @@ def fail_write(target: str, err: int, attr: str | None = None) -> Callable[[pyte
     return apply
 
 
+def pickle_only_copy(model: str, dest: Path) -> None:
+    """The tiny model with its weights in pytorch_model.bin (torch.save's pickle) instead of safetensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    shutil.copytree(model, dest)
+    torch.save(load_file(dest / "model.safetensors"), dest / "pytorch_model.bin")
+    (dest / "model.safetensors").unlink()
+
+
+def st_copy(model: str, dest: Path, pooling_config: str) -> None:
+    """The tiny model as a sentence-transformers directory whose Pooling config is `pooling_config`."""
+    shutil.copytree(model, dest)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    write(dest / "modules.json", json.dumps(modules))
+    write(dest / "1_Pooling" / "config.json", pooling_config)
+
+
 def dead_url(auth: str = "") -> str:
     return f"http://{auth}127.0.0.1:{free_port()}"  # a free port: nothing listens there
 
@@ -152,6 +173,8 @@ CASES = [
          setup=lambda c: (c.work / "cfgdir").mkdir()),
     Case("config-not-a-mapping", lambda c: ["config", "show", "l.yaml"], lambda c: ["l.yaml", "mapping"],
          setup=lambda c: write(c.work / "l.yaml", "- a\n- b\n")),
+    Case("config-non-string-key", lambda c: ["config", "show", "nk.yaml"], lambda c: ["nk.yaml", "key 1", "not a name"],
+         setup=lambda c: write(c.work / "nk.yaml", "lora_r: 8\n1: 2\n")),
     Case("override-no-equals", lambda c: ["config", "show", str(config(c)), "--config_override", "lora_r"],
          lambda c: ["lora_r"]),
     Case("override-unknown-key", lambda c: ["config", "show", str(config(c)), "--config_override", "lorar=4"],
@@ -167,16 +190,39 @@ CASES = [
     Case("resume-path-missing", lambda c: ["train", str(config(c, resume_from_checkpoint=str(c.work / "gone")))],
          lambda c: ["resume_from_checkpoint", "gone"]),
     Case("model-name-missing-path", lambda c: ["train", str(config(c, model_name="./no/such/model"))],
-         lambda c: ["model_name", "./no/such/model", "does not exist"]),
+         lambda c: ["model_name", "./no/such/model", "does not exist"], after=assert_not_created("out")),
+    Case("model-name-pickle-only", lambda c: ["train", str(config(c, model_name=str(c.work / "pk")))],
+         lambda c: [str(c.work / "pk"), "pytorch_model.bin", "safetensors only"],
+         setup=lambda c: pickle_only_copy(c.model, c.work / "pk"), after=assert_not_created("out")),
+    Case("model-st-pooling-unsupported", lambda c: ["train", str(config(c, model_name=str(c.work / "st")))],
+         lambda c: [str(c.work / "st"), "unsupported sentence-transformers pooling 'weighted'"],
+         setup=lambda c: st_copy(c.model, c.work / "st", '{"pooling_mode": "weighted"}'), after=assert_not_created("out")),
+    Case("model-st-config-cut-off", lambda c: ["train", str(config(c, model_name=str(c.work / "st")))],
+         lambda c: [str(c.work / "st" / "1_Pooling" / "config.json"), "invalid JSON"],
+         setup=lambda c: st_copy(c.model, c.work / "st", '{"pooling_mode": '), after=assert_not_created("out")),
+    Case("model-weights-cut-off", lambda c: ["train", str(config(c, model_name=str(c.work / "mc")))],
+         lambda c: [str(c.work / "mc" / "model.safetensors"), "truncated"],
+         setup=lambda c: truncate(Path(shutil.copytree(c.model, c.work / "mc")) / "model.safetensors"),
+         after=assert_not_created("out")),
+    Case("model-tokenizer-cut-off", lambda c: ["train", str(config(c, model_name=str(c.work / "mc")))],
+         lambda c: ["model_name", str(c.work / "mc"), "cannot load"],
+         setup=lambda c: truncate(Path(shutil.copytree(c.model, c.work / "mc")) / "tokenizer.json"),
+         after=assert_not_created("out")),
     Case("fp16-on-cpu", lambda c: ["train", str(config(c, torch_dtype="float16"))], lambda c: ["torch_dtype"]),
     # data
     Case("data-missing", lambda c: ["train", str(config(c, data_path=str(c.work / "nope.jsonl")))],
          lambda c: ["nope.jsonl", "not found"]),
     Case("data-invalid-json", lambda c: ["train", str(config(c, data_path=str(c.work / "b.jsonl")))],
          lambda c: ["b.jsonl:2", "invalid JSON"],
-         setup=lambda c: write(c.work / "b.jsonl", '{"query": "a", "positive": "b"}\n{not json\n')),
+         setup=lambda c: write(c.work / "b.jsonl", '{"query": "a", "positive": "b"}\n{not json\n'),
+         after=assert_not_created("out")),
     Case("data-missing-field", lambda c: ["train", str(config(c, data_path=str(c.work / "f.jsonl")))],
          lambda c: ["f.jsonl:1", "positive"], setup=lambda c: write(c.work / "f.jsonl", '{"query": "a"}\n')),
+    Case("data-path-uri", lambda c: ["train", str(config(c, data_path="s3://bucket/train.jsonl"))],
+         lambda c: ["s3://bucket/train.jsonl", "only local JSONL files"], after=assert_not_created("out")),
+    Case("data-images-for-text-model", lambda c: ["train", str(config(c, data_path=str(c.work / "img" / "train.jsonl")))],
+         lambda c: ["is a text model", "cannot embed image", "images/"],
+         setup=lambda c: write_image_caption_set(c.work / "img", per_caption=1)),
     Case("data-empty-file", lambda c: ["train", str(config(c, data_path=str(c.work / "e.jsonl")))],
          lambda c: ["e.jsonl"], setup=lambda c: write(c.work / "e.jsonl", "")),
     Case("prepare-raw-missing", lambda c: ["prepare", "raw-nope.jsonl", "ds"], lambda c: ["raw-nope.jsonl"],
@@ -255,8 +301,12 @@ CASES = [
          lambda c: ["ev.jsonl", "not found"]),
     Case("evaluate-corpus-missing", lambda c: ["evaluate", str(c.ckpt), "--data", str(c.data), "--corpus", "cor.jsonl"],
          lambda c: ["cor.jsonl", "does not exist"]),
+    Case("evaluate-corpus-invalid-utf8", lambda c: ["evaluate", str(c.ckpt), "--data", str(c.data), "--corpus", "cu.jsonl"],
+         lambda c: ["cu.jsonl:2", "invalid UTF-8"], setup=lambda c: (c.work / "cu.jsonl").write_bytes(b'{"text": "a"}\n\xff\n')),
     Case("evaluate-dims-not-numbers", lambda c: ["evaluate", str(c.ckpt), "--data", str(c.data), "--dims", "abc"],
          lambda c: ["--dims", "abc"]),
+    Case("evaluate-dims-too-large", lambda c: ["evaluate", str(c.ckpt), "--data", str(c.data), "--dims", "16,4096"],
+         lambda c: ["dims", "[4096]", "embedding dim 32"]),
     Case("evaluate-output-exists", lambda c: ["evaluate", str(c.ckpt), "--data", str(c.data), "--output", "m.json"],
          lambda c: ["m.json", "exists", "--overwrite"], setup=lambda c: write(c.work / "m.json", "mine\n"),
          after=assert_unchanged("m.json", "mine\n")),
@@ -267,6 +317,11 @@ CASES = [
          patch=fail_write("vembed.training.checkpoint.save_rng", errno.ENOSPC), after=assert_not_created("out/checkpoint-1")),
     Case("checkpoint-read-only", lambda c: ["train", str(config(c))], lambda c: ["checkpoint-1", ROFS],
          patch=fail_write("vembed.training.checkpoint.save_rng", errno.EROFS)),
+    Case("resume-changed-settings", lambda c: ["train", str(config(c, output_dir=str(c.work / "run"), lora_r=8,
+                                                                resume_from_checkpoint="latest"))],
+         lambda c: ["checkpoint-2", "cannot resume"], setup=lambda c: shutil.copytree(c.run, c.work / "run")),
+    Case("resume-run-directory", lambda c: ["train", str(config(c, resume_from_checkpoint=str(c.run)))],
+         lambda c: ["resume_from_checkpoint", "is a training run", str(c.ckpt)]),
     Case("resume-incomplete-checkpoint", lambda c: ["train", str(config(c, resume_from_checkpoint=str(c.work / "ck")))],
          lambda c: ["ck", "manifest.json"]),
     # pipeline (fails before anything runs)
@@ -275,6 +330,28 @@ CASES = [
     Case("pipeline-config-missing", lambda c: ["pipeline", "run", "--local", "--data", str(c.data), "--config", "nc.yaml",
                                                "--output-dir", "p"], lambda c: ["nc.yaml", "does not exist"]),
     Case("pipeline-no-local-flag", lambda c: ["pipeline", "run"], lambda c: ["--local"]),
+    Case("pipeline-override-unknown-key", lambda c: ["pipeline", "run", "--local", "--config-override", "lorar=3",
+                                                     "--output-dir", "p"], lambda c: ["lorar", "lora_r"],
+         after=assert_not_created("p")),
+    Case("pipeline-toleration-not-object", lambda c: ["pipeline", "compile", "--toleration", "[1]", "--output", "c.yaml"],
+         lambda c: ["--toleration", "JSON object", "[1]"], after=assert_not_created("c.yaml")),
+    Case("pipeline-compile-output-exists", lambda c: ["pipeline", "compile", "--output", "notes.yaml"],
+         lambda c: ["notes.yaml", "not a compiled pipeline"], setup=lambda c: write(c.work / "notes.yaml", "mine\n"),
+         after=assert_unchanged("notes.yaml", "mine\n")),
+    Case("pipeline-rbac-output-exists", lambda c: ["pipeline", "rbac", "--namespace", "ns", "--output", "r.yaml"],
+         lambda c: ["r.yaml", "exists", "--overwrite"], setup=lambda c: write(c.work / "r.yaml", "mine\n"),
+         after=assert_unchanged("r.yaml", "mine\n")),
+    Case("pipeline-submit-override-unknown-key", lambda c: ["pipeline", "submit", "--host", dead_url(), "--config-override",
+                                                            "lorar=3", "--param", "data_uri=s3://b/x"],
+         lambda c: ["lorar", "lora_r"]),
+    Case("pipeline-submit-host-credentials", lambda c: ["pipeline", "submit", "--host", "http://alice:hunter2pass@127.0.0.1:1",
+                                                        "--param", "data_uri=s3://b/x"],
+         lambda c: ["--host http://127.0.0.1:1", "KFP_TOKEN"]),
+    # demo (fails before it builds data or trains)
+    Case("demo-output-holds-user-data", lambda c: ["demo", "--output-dir", "proj"],
+         lambda c: ["proj/data/train.jsonl", "not written by vembed demo"],
+         setup=lambda c: write(c.work / "proj" / "data" / "train.jsonl", "mine\n"),
+         after=assert_not_created("proj/vembed_demo.json")),
     # registry
     Case("registry-sqlite-dir-missing", lambda c: ["registry", "show", "m"], lambda c: ["nodir", "does not exist"],
          env={"MLFLOW_TRACKING_URI": "sqlite:///{work}/nodir/x.db"}, after=assert_not_created("nodir")),
@@ -482,3 +559,72 @@ def test_s3_throttling_and_5xx_are_transient_404_is_not():
     assert _storage_error("s3://b/k", client_error("InternalError", 500)).transient
     assert not _storage_error("s3://b/k", client_error("NoSuchKey", 404)).transient
     assert not _storage_error("s3://b/k", client_error("AccessDenied", 403)).transient
+
+
+def test_config_override_is_repeatable(tmp_path, capsys):
+    """`--config_override a=1 --config_override b=2` applies both (argparse's default kept only the last)."""
+    from pipelines.cli import build_parser
+
+    cfg = write(tmp_path / "c.yaml", "lora_r: 8\n")
+    assert main(["config", "show", str(cfg), "--config_override", "lora_r=4", "--config-override", "lora_alpha=3"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert (shown["lora_r"], shown["lora_alpha"]) == (4, 3)
+    args = build_parser().parse_args(["run", "--local", "--config-override", "epochs=2", "--config_override", "lora_r=4"])
+    assert args.config_override == ["epochs=2", "lora_r=4"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (lambda ck, data: ["evaluate", ck, "--data", data, "--no-base", "--batch-size", "0"], "--batch-size"),
+        (lambda ck, data: ["mine", data, "mined.jsonl", "--model", ck, "--batch-size", "-1"], "--batch-size"),
+    ],
+    ids=["evaluate-batch-size", "mine-batch-size"],
+)
+def test_out_of_range_numbers_are_refused_when_parsed(argv, flag, trained, tmp_path, monkeypatch, capsys):
+    """Before the model loads, as a usage error naming the flag; not a traceback from deep inside."""
+    _, ckpt = trained
+    monkeypatch.chdir(tmp_path)
+    data = write_pairs(tmp_path / "d.jsonl", n=4)
+    with pytest.raises(SystemExit) as info:
+        main(argv(str(ckpt), str(data)))
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"argument {flag}: expected a positive integer" in err and "Traceback" not in err
+    assert not (tmp_path / "mined.jsonl").exists()
+
+
+def test_mine_interrupted_leaves_no_partial_output(trained, tmp_path, monkeypatch, capsys):
+    """A crash while the mined file is written leaves nothing (a half file would pass for a dataset and
+    make the rerun refuse it as existing)."""
+    from vembed.data import mining
+
+    _, ckpt = trained
+    monkeypatch.chdir(tmp_path)
+    data = write_pairs(tmp_path / "d.jsonl", n=8)
+    real_write = mining.write_records
+
+    def interrupted(records, path):
+        def first_then_stop():
+            yield records[0]
+            raise KeyboardInterrupt
+
+        return real_write(first_then_stop(), path)
+
+    monkeypatch.setattr(mining, "write_records", interrupted)
+    assert main(["mine", str(data), "mined.jsonl", "--model", str(ckpt), "--rank-start", "0", "--rank-end", "2"]) == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+    monkeypatch.setattr(mining, "write_records", real_write)
+    assert main(["mine", str(data), "mined.jsonl", "--model", str(ckpt), "--rank-start", "0", "--rank-end", "2"]) == 0
+    assert len((tmp_path / "mined.jsonl").read_text().splitlines()) == 8
+
+
+def test_demo_reuses_its_own_output_dir(tmp_path):
+    """The demo's refusal of foreign files (table case demo-output-holds-user-data) still lets it rerun
+    into its own output dir."""
+    from vembed.demo import claim_output_dir
+
+    out = tmp_path / "demo"
+    claim_output_dir(out)
+    write(out / "data" / "train.jsonl", "{}\n")  # what the first run wrote
+    write(out / "metrics.json", "{}\n")
+    claim_output_dir(out)  # a rerun: no error

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vembed.artifacts.atomic_dir import staged_file
 from vembed.data.records import Record, read_records, write_records
 from vembed.errors import ConfigError, DataError
 from vembed.models.base import Item
@@ -159,6 +160,7 @@ def mine_file(
     records = list(read_records(data_path))  # never empty: an empty file or a bad record raises
     extra = read_corpus(corpus) if corpus else []
     mined, stats = mine_negatives(records, predictor_encoder(model, batch_size), s, extra)
-    write_records(mined, out)
+    with staged_file(out) as tmp:  # a crash leaves no half file (which would block the rerun as "exists")
+        write_records(mined, tmp)
     log.info("mined: %s", stats.summary())
     return {"output": str(out), "model": model, "settings": s.__dict__, "summary": stats.summary(), **stats.__dict__}

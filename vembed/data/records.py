@@ -107,6 +107,8 @@ def read_records(
     DataError it raises is reported for that line like any other bad record.
     """
     stats = stats if stats is not None else ReadStats()
+    if "://" in str(path):  # Path() would turn s3://b/k into s3:/b/k and report that as not found
+        raise DataError(f"{path}: a URI; only local JSONL files are read here (the pipeline fetches s3:// data)")
     path = Path(path)
     seen_content = False
     try:

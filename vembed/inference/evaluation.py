@@ -70,6 +70,8 @@ def evaluate_retrieval(
     batch_size: int = 64,
 ) -> dict[str, dict[str, float]]:
     """{"full": metrics, "<dim>": metrics, ...} for one model."""
+    if too_large := [d for d in dims or () if d > predictor.dim]:  # else no row for it, and no word why
+        raise ConfigError(f"dims: {too_large} exceed the model's embedding dim {predictor.dim}")
     queries, docs, qrels = build_retrieval_set(records, corpus or ())
     q = predictor.encode_items(queries, batch_size=batch_size, is_query=True)
     d = predictor.encode_items(docs, batch_size=batch_size)
@@ -90,8 +92,12 @@ def read_corpus(path: str | Path) -> list[str]:
         raise DataError(f"{path}: corpus file does not exist")
     if Path(path).is_dir():
         raise DataError(f"{path}: is a directory, expected a JSONL file")
-    with open(path, encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with open(path, "rb") as fh:  # decoded line by line, so that bad UTF-8 is reported with its line
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8-sig")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start}") from None
             if not line.strip():
                 continue
             try:

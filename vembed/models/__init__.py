@@ -7,8 +7,10 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, PretrainedConfig
 
+from vembed.artifacts.integrity import check_safetensors, refuse_pickle
 from vembed.errors import ConfigError, first_line
 from vembed.models.base import Embedder, EmbedderSpec, Item
 from vembed.models.resolve import read_sentence_transformers_pooling, resolve_model_path
@@ -83,6 +85,9 @@ def load_embedder(
     if not local.exists() and not looks_like_hub_id(model_name):
         raise ConfigError(f"model_name: {model_name} does not exist")
     path = resolve_model_path(model_name)
+    if Path(path).is_dir():  # transformers would load a pytorch_model.bin; vembed loads safetensors only
+        refuse_pickle(path, ConfigError)
+        check_safetensors(Path(path))  # a cut-off weights file is named, as Predictor names it
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -104,4 +109,7 @@ def load_embedder(
         query_instruction=query_instruction,
         normalize=normalize,
     )
-    return cls.from_pretrained(path, spec, dtype=dtype)
+    try:
+        return cls.from_pretrained(path, spec, dtype=dtype)
+    except (OSError, ValueError, SafetensorError) as e:  # a cut-off tokenizer.json or weights file, as Predictor says it
+        raise ConfigError(f"model_name: cannot load {model_name!r}: {first_line(e)}") from None

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+from vembed.errors import ConfigError
 
 MINILM_IDS = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
 
@@ -33,6 +36,14 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def _read_json(path: Path) -> Any:
+    """A JSON file of a model directory; a cut-off or hand-edited one is one line naming it."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{path}: invalid JSON ({e})") from None
+
+
 def read_sentence_transformers_pooling(model_dir: str) -> tuple[str | None, bool, int | None]:
     """(pooling mode, normalize, max_seq_length) from a sentence-transformers directory. Anything else
     is (None, True, None): the family's own pooling, and normalised like every other model."""
@@ -42,12 +53,12 @@ def read_sentence_transformers_pooling(model_dir: str) -> tuple[str | None, bool
         return None, True, None
     from vembed.models.pooling import FROM_ST_POOLING
 
-    modules = json.loads(modules_file.read_text())
+    modules = _read_json(modules_file)
     mode, normalize = "mean", False
     for m in modules:
         kind = m.get("type", "")
         if kind.endswith("Pooling"):
-            cfg = json.loads((d / m.get("path", "") / "config.json").read_text())
+            cfg = _read_json(d / m.get("path", "") / "config.json")
             if "pooling_mode" in cfg:
                 st_mode = cfg["pooling_mode"]
             else:  # legacy boolean keys
@@ -57,10 +68,10 @@ def read_sentence_transformers_pooling(model_dir: str) -> tuple[str | None, bool
                     "mean",
                 )
             if st_mode not in FROM_ST_POOLING:
-                raise ValueError(f"{model_dir}: unsupported sentence-transformers pooling {st_mode!r}")
+                raise ConfigError(f"{model_dir}: unsupported sentence-transformers pooling {st_mode!r}")
             mode = FROM_ST_POOLING[st_mode]
         elif kind.endswith("Normalize"):
             normalize = True
     sb = d / "sentence_bert_config.json"
-    max_len = json.loads(sb.read_text()).get("max_seq_length") if sb.is_file() else None
+    max_len = _read_json(sb).get("max_seq_length") if sb.is_file() else None
     return mode, normalize, max_len

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from transformers import AutoModel, AutoTokenizer, PretrainedConfig
 
+from vembed.errors import DataError
 from vembed.models.base import Embedder, EmbedderSpec, Item, base_model
 from vembed.models.pooling import pool
 
@@ -47,8 +48,11 @@ class TextEmbedder(Embedder):
         return self.processor  # a text model's processor is its tokenizer
 
     def featurize(self, item: Item, is_query: bool) -> dict[str, Any]:
-        if item.text is None:
-            raise ValueError("text model got an item without text")
+        if item.text is None:  # an image record (e.g. positive_image) reached a text model
+            raise DataError(
+                f"{self.spec.model_name} is a text model and cannot embed image {item.image!r}; use a clip, "
+                "qwen3_vl or llava model, or retrieval_mode t2t with records that have text fields"
+            )
         instruction = item.instruction or (self.spec.query_instruction if is_query else None)
         text = format_query(item.text, instruction, self._decoder) if is_query else item.text
         enc = self.tokenizer(text, truncation=True, max_length=self.spec.max_seq_length)

@@ -76,7 +76,8 @@ class Checkpointer:
         self.fsdp = accelerator.distributed_type == DistributedType.FSDP  # shards to gather and scatter
 
     def resume_dir(self) -> Path | None:
-        """The checkpoint `resume_from_checkpoint` names (`latest`: the newest in output_dir)."""
+        """The checkpoint `resume_from_checkpoint` names (`latest`: the newest in output_dir), checked
+        before the run writes anything (its config.yaml must keep describing the checkpoints there)."""
         want = self.cfg.resume_from_checkpoint
         if not want:
             return None
@@ -84,10 +85,25 @@ class Checkpointer:
             found = latest_checkpoint(self.out)
             if found is None:  # a warning, so that it shows without any logging setup: the user asked to resume
                 log.warning("resume_from_checkpoint: latest, but %s has no checkpoint; starting fresh", self.out)
-            return found
-        if not Path(want).is_dir():
+                return None
+        elif not Path(want).is_dir():
             raise CheckpointError(f"resume_from_checkpoint: {want} is not a checkpoint directory")
-        return Path(want)
+        elif (newest := latest_checkpoint(want)) is not None:  # a run directory, not one of its checkpoints
+            raise CheckpointError(f"resume_from_checkpoint: {want} is a training run; give one of its checkpoints, e.g. {newest}")
+        else:
+            found = Path(want)
+        self._check_resumable(found)
+        return found
+
+    def _check_resumable(self, directory: Path) -> None:
+        """An intact checkpoint of the same run (RESUME_KEYS)."""
+        verify_checkpoint(directory)
+        saved = yaml.safe_load((directory / "vembed_config.yaml").read_text())
+        for key in RESUME_KEYS:
+            if saved.get(key) != getattr(self.cfg, key):
+                raise CheckpointError(
+                    f"{directory}: cannot resume, {key} was {saved.get(key)!r} there but is {getattr(self.cfg, key)!r} now"
+                )
 
     def save(self, embedder: Embedder, optimizer: Any, scheduler: Any, state: TrainState, protect: str | None) -> Path:
         """Write checkpoint-N for `state`. It is written into a temporary sibling and renamed when
@@ -134,16 +150,9 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     def load(self, directory: Path, embedder: Embedder, optimizer: Any, scheduler: Any) -> TrainState:
-        """Restore a verified checkpoint of the same run (RESUME_KEYS) into the prepared objects."""
+        """Restore the checkpoint `resume_dir` returned (so: checked) into the prepared objects."""
         from vembed.training import fsdp
 
-        verify_checkpoint(directory)
-        saved = yaml.safe_load((directory / "vembed_config.yaml").read_text())
-        for key in RESUME_KEYS:
-            if saved.get(key) != getattr(self.cfg, key):
-                raise CheckpointError(
-                    f"{directory}: cannot resume, {key} was {saved.get(key)!r} there but is {getattr(self.cfg, key)!r} now"
-                )
         weights = load_file(str(directory / ("adapter_model.safetensors" if self.cfg.use_lora else "model.safetensors")))
         optimizer_state = read_optimizer_state(directory)
         if self.fsdp:

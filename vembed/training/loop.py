@@ -165,14 +165,15 @@ class Recipe:
             refuse_other_runs(cfg)
         if accelerator.is_main_process:
             refuse_foreign_run_files(out)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(RUN_CONFIG_HEADER + cfg.to_yaml())
 
         embedder = build_embedder(cfg, dtype)
         records = read_data(cfg, cfg.data_path)
         # The validation loss is taken over as many records as a training step's loss sees.
         loss_block = cfg.batch_size * (accelerator.num_processes if cfg.cross_device_negatives else 1)
         self.records, self.validator = build_validator(cfg, embedder, records, loss_block)
+        if accelerator.is_main_process:  # only now: a bad model or data file leaves no output_dir behind
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(RUN_CONFIG_HEADER + cfg.to_yaml())
         dataset = PairDataset(self.records, embedder)  # image paths were resolved when the records were read
         lengths = dataset.lengths() if cfg.group_by_length else None
         self.sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, lengths)
