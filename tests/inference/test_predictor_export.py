@@ -99,6 +99,7 @@ def test_cli_encode_and_merge(trained, tmp_path, capsys):
         ('{"family": "text", "model_name": "m"}', "'pooling' and 'max_seq_length'"),
         ('{"family": "nope", "model_name": "m", "pooling": "mean", "max_seq_length": 64}', "family 'nope'"),
         ('{"family": "text", "model_name": "m", "pooling": "weird", "max_seq_length": 64}', "pooling 'weird'"),
+        ('{"family": "text", "model_name": "m", "pooling": "projection", "max_seq_length": 64}', "for text"),
     ],
 )
 def test_a_bad_embedder_json_is_one_line_naming_it(tiny_bert, tmp_path, content, reason):
@@ -110,6 +111,13 @@ def test_a_bad_embedder_json_is_one_line_naming_it(tiny_bert, tmp_path, content,
     with pytest.raises(VembedError, match=r"embedder\.json: ") as e:
         Predictor(str(d))
     assert reason in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_poolings_text_families_accept_are_the_ones_pooling_implements():
+    from vembed.models.base import Embedder
+    from vembed.models.pooling import ST_POOLING
+
+    assert set(Embedder.poolings) == set(ST_POOLING)
 
 
 @pytest.mark.parametrize("with_spec", [False, True])

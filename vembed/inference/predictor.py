@@ -26,7 +26,6 @@ from vembed.models import (
     looks_like_hub_id,
 )
 from vembed.models.merged_base import find_base, lacks_tokenizer
-from vembed.models.pooling import ST_POOLING
 from vembed.models.rotation import load_rotation
 
 
@@ -58,8 +57,8 @@ def read_spec(directory: Path) -> EmbedderSpec | None:
     # `vembed serve`'s /health (the readiness probe) and then fails every request with HTTP 500.
     if spec.family not in FAMILY_CLASSES:
         raise CheckpointError(f"{f}: family {spec.family!r} is not one of {sorted(FAMILY_CLASSES)}")
-    if spec.pooling not in ST_POOLING:
-        raise CheckpointError(f"{f}: pooling {spec.pooling!r} is not one of {sorted(ST_POOLING)}")
+    if spec.pooling not in (allowed := family_class(spec.family).poolings):
+        raise CheckpointError(f"{f}: pooling {spec.pooling!r} is not one of {list(allowed)} for {spec.family}")
     return spec
 
 

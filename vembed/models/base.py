@@ -40,6 +40,7 @@ class Item:
 class Embedder(nn.Module):
     family: str = "base"
     model_class: Any = None  # the transformers class `from_pretrained` loads the backbone with
+    poolings: tuple[str, ...] = ("mean", "cls", "last_token")  # the modes this family embeds with
     # [dim, dim] orthogonal, applied by `embed_items` (vembed.models.rotation); training never sees it.
     rotation: torch.Tensor | None = None
 

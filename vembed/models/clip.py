@@ -29,6 +29,7 @@ TEXT, IMAGE = 0, 1
 class CLIPEmbedder(Embedder):
     family = "clip"
     model_class = CLIPModel
+    poolings = ("projection",)
 
     def __init__(self, backbone: torch.nn.Module, processor: Any, spec: EmbedderSpec) -> None:
         super().__init__(backbone, processor, spec)
