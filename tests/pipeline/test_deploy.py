@@ -163,6 +163,34 @@ def test_failed_or_slow_rollout_keeps_the_previous_revision_and_tags_the_version
         assert tags["vembed.deployed"] == "false" and expected in tags["vembed.deploy_error"]
 
 
+def test_a_wait_that_loses_the_api_server_still_puts_the_previous_spec_back(env, versions, monkeypatch):
+    from vembed.pipeline.launchers.inference_service import InferenceServices
+    from vembed.pipeline.steps.deploy import DeployError
+
+    registry = versions["registry"]
+    registry.promote(NAME, "1")
+    with fake_kube() as fake:
+        _deploy(fake, versions)
+        good_spec = json.loads(json.dumps(fake.isvcs["emb-deploy"]["obj"]["spec"]))
+        registry.promote(NAME, "2")
+        apply = InferenceServices.apply
+
+        def apply_then_lose_the_api_server(self, *args, **kwargs):
+            out = apply(self, *args, **kwargs)
+            fake.isvc_get_errors = 5  # every poll of the wait answers 503; the server is back for the restore
+            return out
+
+        monkeypatch.setattr(InferenceServices, "apply", apply_then_lose_the_api_server)
+        with pytest.raises(DeployError) as err:
+            _deploy(fake, versions)
+        msg = str(err.value)
+        assert "HTTP 503" in msg and "previous revision emb-deploy-predictor-00001 keeps serving" in msg, msg
+        obj = fake.isvcs["emb-deploy"]["obj"]
+        assert obj["spec"] == good_spec  # the previous predictor spec is back
+        assert obj["metadata"]["annotations"]["vembed.io/model-uri"] == f"models:/{NAME}/1"
+        assert _tags(versions, "2")["vembed.deployed"] == "false"
+
+
 def test_bad_parameters_and_foreign_services_are_refused(env, versions):
     from vembed.pipeline.steps.deploy import DeployError, service_name_for
 

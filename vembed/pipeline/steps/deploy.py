@@ -147,7 +147,10 @@ def deploy(
     services = InferenceServices(custom_objects_api(client_configuration), namespace)
     try:
         action, before = services.apply(name, spec, int(canary_traffic_percent))
-        ready, reason, obj = services.wait_ready(name, timeout_s, poll_s)
+        try:
+            ready, reason, obj = services.wait_ready(name, timeout_s, poll_s)
+        except DeployError as e:  # the API server stopped answering mid-rollout: the new spec is still in place
+            ready, reason, obj = False, str(e), {}
         if not ready and before is not None:
             services.restore(name, before)
     except DeployError as e:
