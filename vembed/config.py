@@ -219,7 +219,9 @@ class TrainConfig(BaseModel):
     early_stopping_patience: int | None = Field(
         None, gt=0, description="stop after this many evaluations without improving metric_for_best_model"
     )
-    corpus_path: str | None = Field(None, description='extra eval corpus, JSONL of {"text": ...}')
+    corpus_path: str | None = Field(
+        None, description='extra documents (JSONL of {"text": ...}) that validation during training ranks too'
+    )
     on_bad_record: Literal["error", "skip"] = "error"
     num_workers: int = Field(0, ge=0, description="data loader workers")
     group_by_length: bool = Field(

@@ -73,6 +73,22 @@ def test_val_metrics_in_log_history_and_match_an_independent_evaluation(tiny_ber
     assert 0 < evals[-1]["val_loss"] < 10
 
 
+def test_corpus_path_adds_its_documents_to_validation(tiny_bert, pairs_file, tmp_path):
+    from vembed.data import read_records
+    from vembed.inference.evaluation import evaluate_retrieval, read_corpus
+    from vembed.inference.predictor import Predictor
+
+    eval_file = write_pairs(tmp_path / "eval.jsonl", n=16, seed=1)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"an unrelated passage, number {i}"}) + "\n" for i in range(40)))
+    cfg = cfg_for(tiny_bert, pairs_file, tmp_path / "o", eval_data_path=eval_file, corpus_path=str(corpus), max_steps=2)
+    result = train(cfg)
+    predictor, records = Predictor(str(result.checkpoint_dir)), list(read_records(eval_file))
+    with_corpus = evaluate_retrieval(predictor, records, read_corpus(corpus))["full"]["ndcg@10"]
+    assert with_corpus != evaluate_retrieval(predictor, records)["full"]["ndcg@10"]  # the extra documents count here
+    assert result.eval_history[-1]["val_ndcg@10"] == pytest.approx(with_corpus, abs=1e-6)
+
+
 def test_evaluating_does_not_change_training(tiny_bert, pairs_file, tmp_path):
     plain = train(cfg_for(tiny_bert, pairs_file, tmp_path / "a", max_steps=4))
     evaluated = train(

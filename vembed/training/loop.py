@@ -24,6 +24,7 @@ from vembed.data import Record
 from vembed.data.images import RecordImages
 from vembed.data.items import record_items
 from vembed.errors import ConfigError, DataError
+from vembed.inference.evaluation import read_corpus
 from vembed.models import Embedder, load_embedder, resolve_dtype
 from vembed.models.attention import use_training_attention
 from vembed.models.dropout import use_lean_dropout
@@ -370,4 +371,5 @@ def build_validator(
         eval_records = read_data(cfg, cfg.eval_data_path)
     else:
         return records, None
-    return records, Validator(eval_records, embedder, cfg.batch_size, loss_block)
+    corpus = read_corpus(cfg.corpus_path) if cfg.corpus_path else ()
+    return records, Validator(eval_records, embedder, cfg.batch_size, loss_block, corpus)

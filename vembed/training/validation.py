@@ -30,8 +30,11 @@ LOGGED = ("loss", "ndcg@10", "recall@10", "mrr@10", "recall@1")
 class Validator:
     """Holds the featurized eval set; `evaluate(model)` returns {"loss": ..., "ndcg@10": ..., ...}."""
 
-    def __init__(self, records: Sequence[Record], embedder: Embedder, batch_size: int, loss_block: int | None = None) -> None:
-        queries, docs, self.qrels = build_retrieval_set(records)
+    def __init__(
+        self, records: Sequence[Record], embedder: Embedder, batch_size: int, loss_block: int | None = None,
+        corpus: Sequence[str] = (),
+    ) -> None:  # fmt: skip
+        queries, docs, self.qrels = build_retrieval_set(records, corpus)  # corpus: more documents to rank
         q_index = {query_key(q): i for i, q in enumerate(queries)}
         d_index = {doc_key(d): i for i, d in enumerate(docs)}
         negatives: list[Item] = []
