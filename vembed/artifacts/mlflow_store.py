@@ -34,6 +34,8 @@ from vembed.redaction import redact
 MERGED_ARTIFACT, ADAPTER_ARTIFACT = "merged", "adapter"  # directories inside a registered model
 ST_DATA_PATH = "model.sentence_transformer"  # where the sentence_transformers flavor keeps the model
 _TRANSIENT = ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "RESOURCE_EXHAUSTED", "REQUEST_LIMIT_EXCEEDED")
+# OSErrors of the local file system: a retry meets them again (network OSErrors are worth a retry).
+_LOCAL_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def resolve_tracking_uri(output_dir: str | os.PathLike[str], create: bool = True) -> str:
@@ -69,7 +71,8 @@ def registry_errors(what: str) -> Iterator[None]:
             text = f"{text} {lines[-1][:300]}"
         err = RegistryError(f"{what}: {text}")
         err.error_code = getattr(e, "error_code", "")
-        err.transient = isinstance(e, OSError) or err.error_code in _TRANSIENT or "Max retries exceeded" in str(e)
+        network = isinstance(e, OSError) and not isinstance(e, _LOCAL_OS_ERRORS)
+        err.transient = network or err.error_code in _TRANSIENT or "Max retries exceeded" in str(e)
         raise err from None
 
 
