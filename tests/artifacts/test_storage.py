@@ -335,6 +335,16 @@ def test_missing_object_is_404(bucket: str, tmp_path: Path) -> None:
         assert "not found (HTTP 404)" in one_line_naming(exc, uri)
 
 
+def test_a_key_with_dotdot_is_never_cached_outside_the_cache(bucket: str, tmp_path: Path) -> None:
+    make_tree(tmp_path / "src", n=2, size=100)
+    uri = f"s3://{bucket}/a/../../../../escaped"  # S3 stores the key as it is
+    storage.upload_dir(tmp_path / "src", uri)
+    with pytest.raises(StorageError) as exc:
+        storage.materialize(uri, tmp_path / "outer" / "cache")
+    assert "'..'" in one_line_naming(exc, uri)
+    assert not (tmp_path / "outer").exists()
+
+
 def test_missing_directory_is_not_found_not_incomplete(bucket: str, tmp_path: Path) -> None:
     uri = f"s3://{bucket}/no-such-model"  # a typo, not a crashed upload
     for read in (lambda: storage.download_dir(uri, tmp_path / "dl"), lambda: storage.materialize(uri, tmp_path / "c"),

@@ -278,6 +278,8 @@ class Storage:
                 raise StorageError(f"{uri}: not found")
             return Path(uri)
         bucket, key = split_s3(uri)
+        if ".." in key.split("/"):  # S3 allows it, but the cached copy would land outside the cache
+            raise StorageError(f"{uri}: a '..' in the key; vembed does not cache such a directory")
         root = Path(cache_dir or os.environ.get("VEMBED_CACHE_DIR") or Path.home() / ".cache" / "vembed")
         dest = root / "s3" / bucket / (key.strip("/") or "_root")
         remote = self.read_manifest(uri)
