@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,13 @@ def test_split_to_files_matches_in_memory(tmp_path):
     mem = split_records(data, 0.25, seed=3)
     assert counts.train == len(mem.train) and counts.eval == len(mem.eval)
     assert [r.query for r in read_records(tmp_path / "eval.jsonl")] == [r.query for r in mem.eval]
+
+
+def test_the_demo_records_hold_no_memory_address():
+    from vembed.data.demo_data import docstring_pairs
+
+    # `fallback=<object object at 0x7f...>` would make the data, and every run on it, differ per process.
+    records = list(docstring_pairs())
+    assert len(records) > 1000
+    assert not [r.positive for r in records if re.search(r" at 0x[0-9a-fA-F]+", r.positive)]
+    assert any("=<object object>" in r.positive for r in records)  # such defaults are still shown

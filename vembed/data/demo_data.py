@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import re
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -34,9 +35,11 @@ MODULES = (
 
 def _signature(obj: object) -> str:
     try:
-        return str(inspect.signature(obj))  # type: ignore[arg-type]
+        signature = str(inspect.signature(obj))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return "(...)"
+    # A sentinel default reads `<object object at 0x7f...>`: an address that changes with every process.
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", signature)
 
 
 def _members(module_name: str) -> Iterator[tuple[str, object]]:
