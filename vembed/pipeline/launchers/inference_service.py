@@ -190,9 +190,8 @@ class InferenceServices:
                 obj = self.get(name) or {}
                 errors = 0
             except DeployError as e:
-                # One failed poll (the API server restarting) is not a failed rollout; raising here would
-                # also skip the deploy step's restore of the previous spec. A run of them, or one past the
-                # deadline, is an error.
+                # One failed poll (the API server restarting) is not a failed rollout. A run of them, or one
+                # past the deadline, is an error (the deploy step then puts the previous spec back).
                 errors += 1
                 if errors >= max_poll_errors or time.monotonic() >= deadline:
                     raise
