@@ -46,6 +46,10 @@ BAD_CASES = [
     ("empty negative", {"query": "q", "positive": "p", "negatives": [""]}, "'negatives' contains an empty string"),
     ("not an object", [1, 2], "expected a JSON object"),
     ("invalid utf8", b'{"query": "\xff\xfe", "positive": "p"}', "invalid UTF-8"),
+    # valid JSON, but no text that can be written back as UTF-8 (prepare crashed writing train.jsonl)
+    ("lone surrogate", b'{"query": "a\\ud800", "positive": "p"}', "field 'query' holds a lone surrogate"),
+    ("lone surrogate negative", b'{"query": "q", "positive": "p", "negatives": ["\\udfff"]}', "'negatives' holds a lone"),
+    ("nested too deeply", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),  # was a RecursionError traceback
 ]
 
 

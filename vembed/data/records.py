@@ -69,6 +69,14 @@ class RecordRejected(DataError):
         self.kind = kind
 
 
+def _check_unicode(key: str, text: str) -> None:
+    """A lone surrogate escape ("\\ud800") is valid JSON but no Unicode text: writing it as UTF-8 fails later."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RecordRejected(f"field {key!r} holds a lone surrogate escape at character {e.start}", "invalid UTF-8") from None
+
+
 def _parse(obj: Any) -> Record:
     if not isinstance(obj, dict):
         raise RecordRejected(f"expected a JSON object, got {type(obj).__name__}", "wrong type")
@@ -81,11 +89,15 @@ def _parse(obj: Any) -> Record:
                 raise RecordRejected(f"field {key!r} must be a list of strings", "wrong type")
             if any(not x.strip() for x in v):
                 raise RecordRejected(f"field {key!r} contains an empty string", "empty field")
+            for x in v:
+                _check_unicode(key, x)
             v = tuple(v)
         elif not isinstance(v, str):
             raise RecordRejected(f"field {key!r} must be a string, got {type(v).__name__}", "wrong type")
         elif not v.strip():
             raise RecordRejected(f"field {key!r} is empty", "empty field")
+        else:
+            _check_unicode(key, v)
         values[key] = v
     for side in ("query", "positive"):
         if side not in values and f"{side}_image" not in values:
@@ -132,6 +144,8 @@ def read_records(
                     raise RecordRejected(f"invalid UTF-8 at byte {e.start}", "invalid UTF-8") from None
                 except json.JSONDecodeError as e:
                     raise RecordRejected(f"invalid JSON: {e.msg} (column {e.colno})", "invalid JSON") from None
+                except RecursionError:  # e.g. [[[[...]]]] thousands deep: json's parser recurses per level
+                    raise RecordRejected("invalid JSON: nested too deeply", "invalid JSON") from None
                 record = _parse(obj)
                 if transform is not None:
                     record = transform(record)
