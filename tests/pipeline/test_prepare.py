@@ -76,6 +76,21 @@ def test_split_is_deterministic(tmp_path: Path) -> None:
     assert (tmp_path / "a" / "eval.jsonl").read_bytes() != (tmp_path / "c" / "eval.jsonl").read_bytes()
 
 
+def test_rerun_into_the_raw_folder_does_not_read_its_own_output(tmp_path: Path, bucket: str) -> None:
+    """An output inside the raw folder/prefix: the rerun read the first run's train/eval.jsonl as raw data
+    (records and duplicates doubled, another source_sha256; mined negatives would have become new records)."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.jsonl").write_text(jsonl(pairs(0, 40)))
+    put_object(f"s3://{bucket}/raw/a.jsonl", jsonl(pairs(0, 40)).encode())
+    for raw_uri, out in ((str(raw), str(raw / "ds")), (f"s3://{bucket}/raw/", f"s3://{bucket}/raw/ds")):
+        first = prepare(raw_uri, out, eval_fraction=0.2)
+        again = prepare(raw_uri, out, eval_fraction=0.2)
+        assert [f["uri"] for f in again["source_files"]] == [f["uri"] for f in first["source_files"]]
+        assert (again["records"], again["duplicates"]) == (first["records"], first["duplicates"]) == (40, 0)
+        assert again["dataset_sha256"] == first["dataset_sha256"]
+
+
 def test_s3_prefix_of_several_files(bucket: str, tmp_path: Path) -> None:
     parts = {"raw/part-0.jsonl": pairs(0, 40), "raw/part-1.jsonl": pairs(40, 40) + pairs(0, 5), "raw/sub/part-2.jsonl": pairs(80, 30)}
     body = {key: jsonl(rows).encode() for key, rows in parts.items()}

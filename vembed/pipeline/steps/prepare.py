@@ -44,16 +44,27 @@ def resolve_raw_uri(raw_uri: str) -> str:
     return latest_snapshot(prefix) if prefix and name == LATEST else raw_uri
 
 
-def source_files(raw_uri: str) -> list[str]:
+def _under(uri: str, directory: str) -> bool:
+    """Whether `uri` lies inside `directory` (both local paths, or both s3:// URIs)."""
+    if storage.is_s3(uri) != storage.is_s3(directory):
+        return False
+    if storage.is_s3(uri):
+        return uri.startswith(directory.rstrip("/") + "/")
+    return Path(uri).resolve().is_relative_to(Path(directory).resolve())
+
+
+def source_files(raw_uri: str, output_uri: str | None = None) -> list[str]:
     """The JSONL files to read, in a fixed order: one file/object, or every *.jsonl under a dir/prefix
-    (in a local folder, hidden files and folders left out)."""
+    (in a local folder, hidden files and folders left out; so is `output_uri`, the dataset a
+    rerun would otherwise read back as raw data)."""
     local = not storage.is_s3(raw_uri)
     if local and not Path(raw_uri).exists():
         raise DataError(f"{raw_uri}: raw data not found")
     uris = storage.list(raw_uri)
     if uris != [str(Path(raw_uri)) if local else raw_uri]:  # a folder or prefix, not one named file
         hidden = lambda u: local and any(p.startswith(".") for p in Path(u).relative_to(raw_uri).parts)  # noqa: E731
-        uris = [u for u in uris if u.endswith(".jsonl") and not hidden(u)]
+        ours = lambda u: output_uri is not None and _under(u, output_uri)  # noqa: E731
+        uris = [u for u in uris if u.endswith(".jsonl") and not hidden(u) and not ours(u)]
     if not uris:
         raise DataError(f"{raw_uri}: no *.jsonl files found")
     return uris
@@ -192,7 +203,7 @@ def prepare(
     if on_bad_record not in ("error", "skip"):
         raise ConfigError(f"on_bad_record: must be 'error' or 'skip', got {on_bad_record!r}")
     source = resolve_raw_uri(raw_uri)
-    uris = source_files(source)
+    uris = source_files(source, output_uri)
 
     with tempfile.TemporaryDirectory(prefix="vembed-prepare-") as workdir, storage.staging_dir(output_uri) as out:
         reader = _Reader(uris, on_bad_record, Path(workdir), out)
