@@ -60,6 +60,24 @@ def test_corpus_errors_name_line(tmp_path):
         read_corpus(p)
 
 
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        # both were tracebacks: a RecursionError here, a TypeError from the tokenizer once the model had loaded
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"text": "a\\ud800"}', "field 'text' holds a lone surrogate escape"),
+    ],
+    ids=["nested too deeply", "lone surrogate"],
+)
+def test_corpus_odd_json_names_line(tmp_path, line, reason):
+    from vembed.errors import DataError
+
+    p = tmp_path / "c.jsonl"
+    p.write_bytes(b'{"text": "ok"}\n' + line + b"\n")
+    with pytest.raises(DataError, match=rf"^{p}:2: .*{reason}"):
+        read_corpus(p)
+
+
 PAIRS = [
     ("how do I sort a list", "Use sorted() to order the items of a list."),
     ("read a text file", "open() the file and call read() to get its contents."),

@@ -69,8 +69,9 @@ class RecordRejected(DataError):
         self.kind = kind
 
 
-def _check_unicode(key: str, text: str) -> None:
-    """A lone surrogate escape ("\\ud800") is valid JSON but no Unicode text: writing it as UTF-8 fails later."""
+def check_unicode(key: str, text: str) -> None:
+    """A lone surrogate escape ("\\ud800") is valid JSON but no Unicode text: writing it as UTF-8 or
+    tokenizing it fails later, with a traceback."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -90,14 +91,14 @@ def _parse(obj: Any) -> Record:
             if any(not x.strip() for x in v):
                 raise RecordRejected(f"field {key!r} contains an empty string", "empty field")
             for x in v:
-                _check_unicode(key, x)
+                check_unicode(key, x)
             v = tuple(v)
         elif not isinstance(v, str):
             raise RecordRejected(f"field {key!r} must be a string, got {type(v).__name__}", "wrong type")
         elif not v.strip():
             raise RecordRejected(f"field {key!r} is empty", "empty field")
         else:
-            _check_unicode(key, v)
+            check_unicode(key, v)
         values[key] = v
     for side in ("query", "positive"):
         if side not in values and f"{side}_image" not in values:

@@ -15,6 +15,7 @@ import numpy as np
 from vembed.artifacts.atomic_dir import check_output_file, staged_file
 from vembed.data import Record, read_records
 from vembed.data.items import record_items
+from vembed.data.records import check_unicode
 from vembed.errors import CheckpointError, ConfigError, DataError, first_line
 from vembed.models.base import Item
 
@@ -104,8 +105,14 @@ def read_corpus(path: str | Path) -> list[str]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+            except RecursionError:  # [[[[...]]]] thousands deep
+                raise DataError(f"{path}:{lineno}: invalid JSON: nested too deeply") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"].strip():
                 raise DataError(f'{path}:{lineno}: expected {{"text": "..."}} with a non-empty string')
+            try:
+                check_unicode("text", obj["text"])
+            except DataError as e:
+                raise DataError(f"{path}:{lineno}: {e}") from None
             texts.append(obj["text"])
     return texts
 
