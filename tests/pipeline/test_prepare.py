@@ -215,6 +215,25 @@ def test_missing_or_escaping_image_names_line(tmp_path: Path) -> None:
         assert not (tmp_path / "ds").exists()
 
 
+def test_a_complete_directory_that_is_not_a_dataset_is_not_replaced(tmp_path: Path, bucket: str) -> None:
+    """A merged model (or any directory with a manifest) given as the output was replaced by the dataset."""
+    from vembed.artifacts.integrity import write_manifest
+    from vembed.errors import StorageError
+
+    model = tmp_path / "merged"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights")
+    write_manifest(model)
+    storage.upload_dir(str(model), f"s3://{bucket}/models/merged")
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text(jsonl(pairs(0, 5)))
+    for out in (str(model), f"s3://{bucket}/models/merged"):
+        with pytest.raises(StorageError, match=rf"^{out}: .*not a prepared dataset"):
+            prepare(str(raw), out)
+        assert sorted(e["path"] for e in storage.read_manifest(out)["files"]) == ["model.safetensors"]
+    assert sorted(p.name for p in model.iterdir()) == ["manifest.json", "model.safetensors"]
+
+
 def test_argument_and_input_errors(tmp_path: Path) -> None:
     raw = tmp_path / "raw.jsonl"
     raw.write_text(jsonl(pairs(0, 5)))

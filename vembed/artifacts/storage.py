@@ -313,4 +313,5 @@ _DEFAULT = Storage()
 exists, read_bytes, download_file, delete = _DEFAULT.exists, _DEFAULT.read_bytes, _DEFAULT.download_file, _DEFAULT.delete
 list_dirs, upload_dir, download_dir, materialize = _DEFAULT.list_dirs, _DEFAULT.upload_dir, _DEFAULT.download_dir, _DEFAULT.materialize
 staging_dir, manifest_sha256, list_uris = _DEFAULT.staging_dir, _DEFAULT.manifest_sha256, _DEFAULT.list
+read_manifest = _DEFAULT.read_manifest
 list = list_uris  # noqa: A001  (`storage.list(...)` reads naturally at call sites)

@@ -22,7 +22,7 @@ from typing import Any
 from vembed.artifacts import storage
 from vembed.artifacts.integrity import sha256_file
 from vembed.data import ReadStats, Record, read_records, split_to_files
-from vembed.errors import ConfigError, DataError
+from vembed.errors import ConfigError, DataError, StorageError
 
 LATEST = "latest"
 SNAPSHOT_RE = re.compile(r"^dt=\d{4}-\d{2}-\d{2}")  # dt=YYYY-MM-DD, optionally with a time suffix
@@ -68,6 +68,17 @@ def source_files(raw_uri: str, output_uri: str | None = None) -> list[str]:
     if not uris:
         raise DataError(f"{raw_uri}: no *.jsonl files found")
     return uris
+
+
+def check_output(output_uri: str) -> None:
+    """Refuse a complete directory that is not an earlier dataset: staging_dir alone replaces any
+    directory with a manifest (a merged model, a checkpoint, someone else's upload)."""
+    try:
+        files = {entry["path"] for entry in storage.read_manifest(output_uri)["files"]}
+    except StorageError:
+        return  # missing, empty or unfinished: staging_dir decides
+    if not {"stats.json", "train.jsonl"} <= files:
+        raise StorageError(f"{output_uri}: holds a complete directory that is not a prepared dataset; refusing to replace it")
 
 
 def _resolve_image(source_uri: str, image: str) -> str:
@@ -202,6 +213,7 @@ def prepare(
         raise ConfigError(f"eval_fraction: must be in [0, 1), got {eval_fraction}")
     if on_bad_record not in ("error", "skip"):
         raise ConfigError(f"on_bad_record: must be 'error' or 'skip', got {on_bad_record!r}")
+    check_output(output_uri)
     source = resolve_raw_uri(raw_uri)
     uris = source_files(source, output_uri)
 
