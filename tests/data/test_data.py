@@ -49,6 +49,8 @@ BAD_CASES = [
     # valid JSON, but no text that can be written back as UTF-8 (prepare crashed writing train.jsonl)
     ("lone surrogate", b'{"query": "a\\ud800", "positive": "p"}', "field 'query' holds a lone surrogate"),
     ("lone surrogate negative", b'{"query": "q", "positive": "p", "negatives": ["\\udfff"]}', "'negatives' holds a lone"),
+    ("nul in image path", {"query": "q", "positive_image": "a\x00.png"}, "'positive_image': an image path with a NUL"),
+    ("nul in negative image", {"query": "q", "positive": "p", "negative_images": ["n\x00"]}, "'negative_images': an image"),
     ("nested too deeply", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),  # was a RecursionError traceback
 ]
 

@@ -100,6 +100,10 @@ def _parse(obj: Any) -> Record:
         else:
             check_unicode(key, v)
         values[key] = v
+    # No file system takes a NUL in a path; os calls raise a bare ValueError on one.
+    paths = [(k, values[k]) for k in IMAGE_FIELDS if k in values] + [("negative_images", p) for p in values.get("negative_images", ())]
+    if bad := next((k for k, p in paths if "\x00" in p), None):
+        raise RecordRejected(f"field {bad!r}: an image path with a NUL character", "bad image path")
     for side in ("query", "positive"):
         if side not in values and f"{side}_image" not in values:
             raise RecordRejected(f"missing field {side!r} (or {side}_image)", "missing field")
