@@ -208,7 +208,8 @@ def test_missing_or_escaping_image_names_line(tmp_path: Path) -> None:
     raw.mkdir()
     (tmp_path / "secret.png").write_bytes(b"x")
     (raw / "a.png").write_bytes(b"a")
-    for bad, reason in (("missing.png", "not found"), ("../secret.png", "outside")):
+    # a name too long was a StorageError naming neither the data file nor its line
+    for bad, reason in (("missing.png", "not found"), ("../secret.png", "outside"), ("a" * 300 + ".png", "cannot be read")):
         (raw / "d.jsonl").write_text(jsonl([{"query": "q", "positive_image": "a.png"}, {"query": "r", "positive_image": bad}]))
         with pytest.raises(DataError, match=rf"d\.jsonl:2: .*{reason}"):
             prepare(str(raw / "d.jsonl"), str(tmp_path / "ds"))

@@ -80,6 +80,8 @@ def read_image_bytes(ref: str | os.PathLike[str]) -> bytes:
         raise ImageError(f"image {str(ref)!r} is a directory", "bad image") from None
     except PermissionError:
         raise ImageError(f"image {str(ref)!r} is not readable (permission denied)", "bad image") from None
+    except OSError as e:  # a name too long, a symlink loop, an I/O error
+        raise ImageError(f"image {str(ref)!r} cannot be read ({e.strerror or type(e).__name__})", "bad image") from None
 
 
 def _check_size(image: Image.Image, ref: str, max_pixels: int) -> None:

@@ -119,9 +119,12 @@ class _Reader:
             return resolved
         if resolved not in self.copied:
             src = Path(resolved)
-            if not src.is_file():
-                raise DataError(f"image {image!r} not found (looked for {src})")
-            rel = f"images/{sha256_file(src)[:24]}{src.suffix.lower()}"
+            try:
+                if not src.is_file():
+                    raise DataError(f"image {image!r} not found (looked for {src})")
+                rel = f"images/{sha256_file(src)[:24]}{src.suffix.lower()}"
+            except OSError as e:  # a name too long, permission denied, ...: this line's image, not the whole run
+                raise DataError(f"image {image!r} cannot be read ({e.strerror or type(e).__name__})") from None
             dest = self.dataset_dir / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             if not dest.exists():
