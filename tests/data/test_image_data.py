@@ -72,6 +72,21 @@ def test_image_path_escaping_the_data_root_is_refused_with_its_line(tmp_path, im
         list(read_records(data, transform=RecordImages(root)))
 
 
+def test_image_symlink_loop_is_reported_with_its_line(tmp_path):
+    """Was a 'RuntimeError: Symlink loop' traceback, in the training reader and in prepare."""
+    from vembed.pipeline.steps.prepare import prepare
+
+    root = tmp_path / "data"
+    save_png(root / "ok.png")
+    os.symlink("loop.png", root / "loop.png")
+    data = write_jsonl(root / "train.jsonl", [{"query": "fine", "positive_image": "ok.png"},
+                                              {"query": "loop", "positive_image": "loop.png"}])
+    with pytest.raises(DataError, match=rf"^{data}:2: image 'loop.png' cannot be resolved"):
+        list(read_records(data, transform=RecordImages(root)))
+    with pytest.raises(DataError, match=rf"^{data}:2: image 'loop.png' cannot be resolved"):
+        prepare(str(data), str(tmp_path / "ds"))
+
+
 def test_images_outside_the_data_root_when_the_config_allows_it(tmp_path):
     outside = save_png(tmp_path / "shared" / "a.png")
     root = tmp_path / "data"

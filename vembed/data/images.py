@@ -55,7 +55,10 @@ def resolve_image_path(path: str, root: str | os.PathLike[str] | None, allow_out
             raise _outside(path, str(root))
         return S3_SCHEME + joined
     base = Path(root).resolve()
-    full = (base / path).resolve()  # an absolute `path` stays absolute; symlinks are followed
+    try:
+        full = (base / path).resolve()  # an absolute `path` stays absolute; symlinks are followed
+    except (RuntimeError, OSError) as e:  # a symlink loop: RuntimeError up to Python 3.12, OSError after
+        raise ImageError(f"image {path!r} cannot be resolved ({e})", "bad image path") from None
     if not allow_outside and not full.is_relative_to(base):
         raise _outside(path, str(base))
     return str(full)
