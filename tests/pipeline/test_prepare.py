@@ -203,6 +203,15 @@ def test_local_images_are_copied_into_the_dataset(bucket: str, tmp_path: Path) -
     assert sorted(r["positive_image"] for r in train) == sorted(f"s3://{bucket}/raw/{r['positive_image']}" for r in rows)
 
 
+def test_absolute_image_path_in_an_s3_data_file_names_line(bucket: str, tmp_path: Path) -> None:
+    """It became s3://BUCKET//abs/x.png, and prepare succeeded; training failed on it later."""
+    rows = [{"query": "q", "positive_image": "img/0.png"}, {"query": "r", "positive_image": "/abs/x.png"}]
+    put_object(f"s3://{bucket}/raw/data.jsonl", jsonl(rows))
+    with pytest.raises(DataError, match=rf"^s3://{bucket}/raw/data\.jsonl:2: .*'/abs/x\.png' is a local absolute path"):
+        prepare(f"s3://{bucket}/raw/data.jsonl", str(tmp_path / "ds"))
+    assert not (tmp_path / "ds").exists()
+
+
 def test_missing_or_escaping_image_names_line(tmp_path: Path) -> None:
     raw = tmp_path / "raw"
     raw.mkdir()

@@ -88,6 +88,8 @@ def _resolve_image(source_uri: str, image: str) -> str:
 
     if storage.is_s3(source_uri):
         bucket, key = storage.split_s3(source_uri)
+        if posixpath.isabs(image):  # joined, it became s3://bucket//path: an object that is not there
+            raise DataError(f"image path {image!r} is a local absolute path in a data file on s3")
         resolved = posixpath.normpath(posixpath.join(posixpath.dirname(key), image))
         if resolved.startswith("../") or resolved == "..":
             raise DataError(f"{source_uri}: image path {image!r} points outside the bucket")
