@@ -244,6 +244,17 @@ def test_a_complete_directory_that_is_not_a_dataset_is_not_replaced(tmp_path: Pa
     assert sorted(p.name for p in model.iterdir()) == ["manifest.json", "model.safetensors"]
 
 
+def test_skip_mode_counts_missing_images_by_reason(tmp_path: Path) -> None:
+    """Counted as 'rejected' in stats.json, where the training reader says 'missing image'."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.png").write_bytes(b"a")
+    rows = [{"query": "q", "positive_image": "a.png"}, {"query": "r", "positive_image": "gone.png"}]
+    (raw / "d.jsonl").write_text(jsonl(rows))
+    stats = prepare(str(raw / "d.jsonl"), str(tmp_path / "ds"), eval_fraction=0.0, on_bad_record="skip")
+    assert (stats["train"], stats["skipped"]) == (1, {"missing image": 1})
+
+
 def test_argument_and_input_errors(tmp_path: Path) -> None:
     raw = tmp_path / "raw.jsonl"
     raw.write_text(jsonl(pairs(0, 5)))

@@ -22,6 +22,7 @@ from typing import Any
 from vembed.artifacts import storage
 from vembed.artifacts.integrity import sha256_file
 from vembed.data import ReadStats, Record, read_records, split_to_files
+from vembed.data.records import RecordRejected
 from vembed.errors import ConfigError, DataError, StorageError
 
 LATEST = "latest"
@@ -123,10 +124,10 @@ class _Reader:
             src = Path(resolved)
             try:
                 if not src.is_file():
-                    raise DataError(f"image {image!r} not found (looked for {src})")
+                    raise RecordRejected(f"image {image!r} not found (looked for {src})", "missing image")
                 rel = f"images/{sha256_file(src)[:24]}{src.suffix.lower()}"
             except OSError as e:  # a name too long, permission denied, ...: this line's image, not the whole run
-                raise DataError(f"image {image!r} cannot be read ({e.strerror or type(e).__name__})") from None
+                raise RecordRejected(f"image {image!r} cannot be read ({e.strerror or type(e).__name__})", "bad image") from None
             dest = self.dataset_dir / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             if not dest.exists():
