@@ -55,6 +55,15 @@ def mine(**settings):
     return mine_negatives(records, fixed_encoder(VECTORS), MiningSettings(**settings), CANDIDATES)
 
 
+def test_a_query_with_several_positives_never_gets_one_of_them_as_a_negative():
+    """Records (q, x) and (q, y): y was mined as a hard negative of (q, x), a labelled positive."""
+    vectors = {"q": [1.0, 0.0], "x": unit(0.9), "y": unit(0.5), "z": unit(0.3), "r": [0.0, 1.0], "w": unit(0.2)}
+    records = [Record(query="q", positive="x"), Record(query="q", positive="y"), Record(query="r", positive="z"),
+               Record(query="r", positive="w")]
+    mined, _ = mine_negatives(records, fixed_encoder(vectors), MiningSettings(rank_start=0, rank_end=3))
+    assert [r.negatives for r in mined] == [("z",), ("z",), ("y",), ("y",)]
+
+
 def test_rank_window_and_margin():
     # ranks without the positive: c0 c1 c2 c3 ...; window [1, 6) = c1..c5; margin 0.95 * 0.80 = 0.76
     # drops c1 (0.9), c2 (0.85), c3 (0.79), c4 (0.77): c5 is the first that is left

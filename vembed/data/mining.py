@@ -99,6 +99,9 @@ def mine_negatives(
     if not text_rows or len(corpus) < 2:
         return list(records), stats
     where = {text: j for j, text in enumerate(corpus)}
+    labelled: dict[tuple[str | None, str | None], set[str | None]] = {}  # every positive of a query, not only its row's
+    for i in text_rows:
+        labelled.setdefault((records[i].instruction, records[i].query), set()).add(records[i].positive)
     queries = [Item(text=records[i].query, instruction=records[i].instruction) for i in text_rows]
     q_emb = torch.from_numpy(np.ascontiguousarray(encode(queries, True), dtype=np.float32))
     c_emb = torch.from_numpy(np.ascontiguousarray(encode([Item(text=t) for t in corpus], False), dtype=np.float32))
@@ -119,7 +122,7 @@ def mine_negatives(
                 if v > limit:
                     stats.skipped_margin += 1
                     continue
-                if corpus[j] not in record.negatives and corpus[j] != record.positive:
+                if corpus[j] not in record.negatives and corpus[j] not in labelled[(record.instruction, record.query)]:
                     chosen.append(corpus[j])
                 if len(chosen) == s.num_negatives:
                     break
