@@ -134,8 +134,6 @@ def read_records(
         raise DataError(f"{path}: data file not found") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory, expected a JSONL file") from None
-    except OSError as e:  # permission denied, a symlink loop, a name too long
-        raise DataError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
     lineno = 0
     with fh:
         for lineno, raw in enumerate(fh, start=1):
