@@ -87,6 +87,27 @@ def test_image_symlink_loop_is_reported_with_its_line(tmp_path):
         prepare(str(data), str(tmp_path / "ds"))
 
 
+def test_eval_split_of_image_queries_does_not_depend_on_where_the_data_lives(tmp_path):
+    """eval_split hashed the resolved absolute image path: a moved data directory (another machine, a
+    resumed run) held out other records, so eval records leaked into training."""
+    import shutil
+
+    from vembed.data.split import is_eval
+
+    first = tmp_path / "a" / "data"
+    for i in range(40):
+        save_png(first / "img" / f"{i}.png", colour=(i, 0, 0))
+    write_jsonl(first / "train.jsonl", [{"query_image": f"img/{i}.png", "positive": f"caption {i}"} for i in range(40)])
+    moved = shutil.copytree(first, tmp_path / "moved" / "elsewhere")
+
+    def held_out(root):
+        records = read_records(root / "train.jsonl", transform=RecordImages(root))
+        return [r.positive for r in records if is_eval(r, 0.25, seed=0, root=root)]
+
+    assert 0 < len(held_out(first)) < 40
+    assert held_out(first) == held_out(moved)
+
+
 def test_images_outside_the_data_root_when_the_config_allows_it(tmp_path):
     outside = save_png(tmp_path / "shared" / "a.png")
     root = tmp_path / "data"

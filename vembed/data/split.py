@@ -6,18 +6,24 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from vembed.data.records import Record
 
 
-def is_eval(record: Record, eval_fraction: float, seed: int = 0) -> bool:
+def is_eval(record: Record, eval_fraction: float, seed: int = 0, root: str | os.PathLike[str] | None = None) -> bool:
     """Same record, same seed -> same split, on any machine and any re-run.
 
     The hash covers the query side only, so records sharing a query never
-    straddle train and eval.
+    straddle train and eval. `root`: the data file's directory, when the record's image paths were
+    resolved against it (RecordImages); the query image is then hashed relative to it, so the split
+    does not change when the data directory moves (another machine, a resumed run).
     """
+    if root is not None and record.query_image and Path(record.query_image).is_absolute():
+        image = Path(record.query_image)
+        if image.is_relative_to(base := Path(root).resolve()):
+            record = replace(record, query_image=image.relative_to(base).as_posix())
     digest = hashlib.sha256(f"{seed}:{record.query_key()}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction
 

@@ -360,8 +360,9 @@ def build_validator(
     if cfg.eval_split is not None:
         from vembed.data.split import is_eval
 
-        eval_records = [r for r in records if is_eval(r, cfg.eval_split, cfg.seed)]
-        records = [r for r in records if not is_eval(r, cfg.eval_split, cfg.seed)]
+        root = Path(cfg.data_path).parent  # image paths hashed relative to it: the split survives a move
+        eval_records = [r for r in records if is_eval(r, cfg.eval_split, cfg.seed, root)]
+        records = [r for r in records if not is_eval(r, cfg.eval_split, cfg.seed, root)]
         if not eval_records or not records:
             raise DataError(
                 f"{cfg.data_path}: eval_split {cfg.eval_split} leaves {len(records)} training and "
