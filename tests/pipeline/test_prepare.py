@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.conftest import S3Server, assert_manifest_covers, put_object
 from vembed.artifacts import storage
@@ -185,7 +186,7 @@ def test_local_images_are_copied_into_the_dataset(bucket: str, tmp_path: Path) -
     rows = [{"query": f"a photo of {i}", "positive_image": f"img/{i}.png"} for i in range(6)]
     (tmp_path / "raw" / "img").mkdir(parents=True)
     for i in range(6):
-        (tmp_path / "raw" / "img" / f"{i}.png").write_bytes(f"fake png {i}".encode())
+        Image.new("RGB", (4, 4), (i, 0, 0)).save(tmp_path / "raw" / "img" / f"{i}.png")
     (tmp_path / "raw" / "data.jsonl").write_text(jsonl(rows))
     put_object(f"s3://{bucket}/raw/data.jsonl", jsonl(rows))
 
@@ -194,7 +195,7 @@ def test_local_images_are_copied_into_the_dataset(bucket: str, tmp_path: Path) -
     train, _ = dataset_rows(tmp_path / "ds")
     # dataset-relative copies: the dataset stays valid wherever it is stored
     copied = sorted((tmp_path / "ds" / r["positive_image"]).read_bytes() for r in train)
-    assert copied == sorted(f"fake png {i}".encode() for i in range(6))
+    assert copied == sorted((tmp_path / "raw" / "img" / f"{i}.png").read_bytes() for i in range(6))
     assert all(r["positive_image"].startswith("images/") for r in train)
     assert_manifest_covers(str(tmp_path / "ds"))  # the copies are in the manifest
 
@@ -216,9 +217,11 @@ def test_missing_or_escaping_image_names_line(tmp_path: Path) -> None:
     raw = tmp_path / "raw"
     raw.mkdir()
     (tmp_path / "secret.png").write_bytes(b"x")
-    (raw / "a.png").write_bytes(b"a")
+    Image.new("RGB", (4, 4)).save(raw / "a.png")
+    (raw / "text.png").write_text("not pixels")  # passed prepare; the training step failed on it
     # a name too long was a StorageError naming neither the data file nor its line
-    for bad, reason in (("missing.png", "not found"), ("../secret.png", "outside"), ("a" * 300 + ".png", "cannot be read")):
+    for bad, reason in (("missing.png", "not found"), ("../secret.png", "outside"), ("a" * 300 + ".png", "cannot be read"),
+                        ("text.png", "not an image file")):
         (raw / "d.jsonl").write_text(jsonl([{"query": "q", "positive_image": "a.png"}, {"query": "r", "positive_image": bad}]))
         with pytest.raises(DataError, match=rf"d\.jsonl:2: .*{reason}"):
             prepare(str(raw / "d.jsonl"), str(tmp_path / "ds"))
@@ -248,7 +251,7 @@ def test_skip_mode_counts_missing_images_by_reason(tmp_path: Path) -> None:
     """Counted as 'rejected' in stats.json, where the training reader says 'missing image'."""
     raw = tmp_path / "raw"
     raw.mkdir()
-    (raw / "a.png").write_bytes(b"a")
+    Image.new("RGB", (4, 4)).save(raw / "a.png")
     rows = [{"query": "q", "positive_image": "a.png"}, {"query": "r", "positive_image": "gone.png"}]
     (raw / "d.jsonl").write_text(jsonl(rows))
     stats = prepare(str(raw / "d.jsonl"), str(tmp_path / "ds"), eval_fraction=0.0, on_bad_record="skip")

@@ -117,6 +117,8 @@ class _Reader:
     source_hash: Any = dataclasses.field(default_factory=hashlib.sha256)  # of all source bytes, concatenated in order
 
     def _place_image(self, source_uri: str, image: str) -> str:
+        from vembed.data.images import check_image
+
         resolved = _resolve_image(source_uri, image)
         if storage.is_s3(resolved):
             return resolved
@@ -125,6 +127,7 @@ class _Reader:
             try:
                 if not src.is_file():
                     raise RecordRejected(f"image {image!r} not found (looked for {src})", "missing image")
+                check_image(resolved)  # as the training reader does: a bad image is this line's, counted here
                 rel = f"images/{sha256_file(src)[:24]}{src.suffix.lower()}"
             except OSError as e:  # a name too long, permission denied, ...: this line's image, not the whole run
                 raise RecordRejected(f"image {image!r} cannot be read ({e.strerror or type(e).__name__})", "bad image") from None
