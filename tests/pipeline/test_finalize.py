@@ -66,6 +66,25 @@ def test_cleanup_on_a_local_root_removes_the_emptied_directories(tmp_path) -> No
     assert run_prefix(str(tmp_path), "lora-finetune", RUN) == str(tmp_path / "lora-finetune" / RUN)
 
 
+def test_a_local_cleanup_that_fails_still_reports_the_failure(tmp_path, monkeypatch) -> None:
+    """A PermissionError deleting a local job copy escaped finalize: the failure record never ran."""
+    from vembed.artifacts import storage
+
+    job = tmp_path / "lora-finetune" / RUN / "train" / "model-job"
+    job.mkdir(parents=True)
+    (job / "adapter_model.safetensors").write_bytes(b"x")
+
+    def refuse(uri: str) -> None:  # root ignores file modes here, so the file system's refusal is injected
+        raise PermissionError(13, "Permission denied", uri)
+
+    monkeypatch.setattr(storage, "delete", refuse)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = finalize(FinalStatus("FAILED", "train", "boom"), pipeline_root=str(tmp_path), pipeline_name="lora-finetune",
+                   pipeline_run_id=RUN)
+    assert out["problems"] == [f"cleanup: {job / 'adapter_model.safetensors'}: Permission denied",
+                               "no MLflow tracking URI: the failure is not recorded there"]
+
+
 def test_failed_run_is_tagged_on_its_mlflow_run(mlflow_server, s3_env, monkeypatch) -> None:
     from mlflow import MlflowClient
 

@@ -126,13 +126,13 @@ def finalize(
     tracking_uri: str | None = None,
 ) -> dict[str, Any]:
     """Both jobs of the exit step. A failure to clean up never hides the failure record, and vice versa."""
-    from vembed.errors import VembedError
+    from vembed.errors import VembedError, error_line
 
     out: dict[str, Any] = {"state": status.state, "deleted": [], "mlflow_run_id": None, "problems": []}
     try:
         out["deleted"] = cleanup_job_copies(pipeline_root, pipeline_name, pipeline_run_id)
-    except VembedError as e:
-        out["problems"].append(f"cleanup: {e}")
+    except (VembedError, OSError) as e:  # OSError: a local pipeline root (kfp.local) refused a delete
+        out["problems"].append(f"cleanup: {error_line(e)}")
     if not status.succeeded:
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
