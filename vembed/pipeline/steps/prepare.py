@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vembed.artifacts import storage
-from vembed.artifacts.integrity import sha256_file
+from vembed.artifacts.integrity import MANIFEST, sha256_file
 from vembed.data import ReadStats, Record, read_records, split_to_files
 from vembed.data.records import RecordRejected
 from vembed.errors import ConfigError, DataError, StorageError
@@ -74,10 +74,9 @@ def source_files(raw_uri: str, output_uri: str | None = None) -> list[str]:
 def check_output(output_uri: str) -> None:
     """Refuse a complete directory that is not an earlier dataset: staging_dir alone replaces any
     directory with a manifest (a merged model, a checkpoint, someone else's upload)."""
-    try:
-        files = {entry["path"] for entry in storage.read_manifest(output_uri)["files"]}
-    except StorageError:
+    if not storage.exists(storage.join(output_uri, MANIFEST)):
         return  # missing, empty or unfinished: staging_dir decides
+    files = {entry["path"] for entry in storage.read_manifest(output_uri)["files"]}
     if not {"stats.json", "train.jsonl"} <= files:
         raise StorageError(f"{output_uri}: holds a complete directory that is not a prepared dataset; refusing to replace it")
 
