@@ -252,10 +252,15 @@ def test_skip_mode_counts_missing_images_by_reason(tmp_path: Path) -> None:
     raw = tmp_path / "raw"
     raw.mkdir()
     Image.new("RGB", (4, 4)).save(raw / "a.png")
-    rows = [{"query": "q", "positive_image": "a.png"}, {"query": "r", "positive_image": "gone.png"}]
+    Image.new("RGB", (4, 4), (9, 9, 9)).save(raw / "b.png")
+    rows = [{"query": "q", "positive_image": "a.png"}, {"query": "r", "positive_image": "gone.png"},
+            {"query_image": "b.png", "positive_image": "gone.png"}]
     (raw / "d.jsonl").write_text(jsonl(rows))
     stats = prepare(str(raw / "d.jsonl"), str(tmp_path / "ds"), eval_fraction=0.0, on_bad_record="skip")
-    assert (stats["train"], stats["skipped"]) == (1, {"missing image": 1})
+    assert (stats["train"], stats["skipped"]) == (1, {"missing image": 2})
+    # the skipped record's query image (b.png) was copied into the dataset too, used by no record
+    [kept] = read_jsonl(tmp_path / "ds" / "train.jsonl")
+    assert [p.name for p in (tmp_path / "ds" / "images").iterdir()] == [Path(kept["positive_image"]).name]
 
 
 def test_argument_and_input_errors(tmp_path: Path) -> None:

@@ -115,21 +115,29 @@ class _Reader:
     files: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     source_hash: Any = dataclasses.field(default_factory=hashlib.sha256)  # of all source bytes, concatenated in order
 
-    def _place_image(self, source_uri: str, image: str) -> str:
+    def _checked_image(self, source_uri: str, image: str) -> str:
+        """Where an image of a data file is (local path or s3:// URI); a local one must be a readable image."""
         from vembed.data.images import check_image
 
         resolved = _resolve_image(source_uri, image)
+        if storage.is_s3(resolved) or resolved in self.copied:
+            return resolved
+        src = Path(resolved)
+        try:
+            if not src.is_file():
+                raise RecordRejected(f"image {image!r} not found (looked for {src})", "missing image")
+            check_image(resolved)  # as the training reader does: a bad image is this line's, counted here
+        except OSError as e:  # a name too long, permission denied, ...: this line's image, not the whole run
+            raise RecordRejected(f"image {image!r} cannot be read ({e.strerror or type(e).__name__})", "bad image") from None
+        return resolved
+
+    def _placed_image(self, resolved: str) -> str:
+        """A checked local image copied into the dataset (content-addressed, once): its dataset path."""
         if storage.is_s3(resolved):
             return resolved
         if resolved not in self.copied:
             src = Path(resolved)
-            try:
-                if not src.is_file():
-                    raise RecordRejected(f"image {image!r} not found (looked for {src})", "missing image")
-                check_image(resolved)  # as the training reader does: a bad image is this line's, counted here
-                rel = f"images/{sha256_file(src)[:24]}{src.suffix.lower()}"
-            except OSError as e:  # a name too long, permission denied, ...: this line's image, not the whole run
-                raise RecordRejected(f"image {image!r} cannot be read ({e.strerror or type(e).__name__})", "bad image") from None
+            rel = f"images/{sha256_file(src)[:24]}{src.suffix.lower()}"
             dest = self.dataset_dir / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             if not dest.exists():
@@ -166,10 +174,13 @@ class _Reader:
         def rebase(record: Record) -> Record:
             """Image paths become dataset-relative copies (local) or absolute s3:// URIs. Runs inside
             read_records, so a missing or escaping image is reported as path:line."""
-            place = lambda image: self._place_image(uri, image)  # noqa: E731
-            changes = {k: place(v) for k in ("query_image", "positive_image") if (v := getattr(record, k))}
+            check = lambda image: self._checked_image(uri, image)  # noqa: E731
+            changes: dict[str, Any] = {k: check(v) for k in ("query_image", "positive_image") if (v := getattr(record, k))}
             if record.negative_images:
-                changes["negative_images"] = tuple(map(place, record.negative_images))
+                changes["negative_images"] = tuple(map(check, record.negative_images))
+            # Copied once every image of the record passed: a skipped record leaves no image in the dataset.
+            for k, v in changes.items():
+                changes[k] = tuple(map(self._placed_image, v)) if k == "negative_images" else self._placed_image(v)
             self.images_rebased += bool(changes)
             return dataclasses.replace(record, **changes) if changes else record
 
