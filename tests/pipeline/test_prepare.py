@@ -213,6 +213,13 @@ def test_absolute_image_path_in_an_s3_data_file_names_line(bucket: str, tmp_path
     assert not (tmp_path / "ds").exists()
 
 
+def test_s3_image_uri_in_an_s3_data_file_stays_as_it_is(bucket: str, tmp_path: Path) -> None:
+    """It was joined to the data file's prefix: s3://BUCKET/raw/s3:/other/img/0.png."""
+    put_object(f"s3://{bucket}/raw/data.jsonl", jsonl([{"query": "q", "positive_image": "s3://other/img/0.png"}]))
+    prepare(f"s3://{bucket}/raw/data.jsonl", str(tmp_path / "ds"), eval_fraction=0.0)
+    assert [r["positive_image"] for r in read_jsonl(tmp_path / "ds" / "train.jsonl")] == ["s3://other/img/0.png"]
+
+
 def test_missing_or_escaping_image_names_line(tmp_path: Path) -> None:
     raw = tmp_path / "raw"
     raw.mkdir()

@@ -86,6 +86,8 @@ def _resolve_image(source_uri: str, image: str) -> str:
     Paths that escape the data file's directory (or bucket) are refused."""
     from vembed.data.images import resolve_image_path
 
+    if storage.is_s3(image):  # a full URI stays as it is, as resolve_image_path keeps it
+        return image
     if storage.is_s3(source_uri):
         bucket, key = storage.split_s3(source_uri)
         if posixpath.isabs(image):  # joined, it became s3://bucket//path: an object that is not there
