@@ -138,6 +138,17 @@ def test_mrl_and_hard_negatives_train(tiny_bert, tmp_path, monkeypatch):
 def test_mrl_dim_larger_than_model_is_config_error(tiny_bert, pairs_file, tmp_path):
     with pytest.raises(ConfigError, match=r"mrl_dims: \[64\] exceed"):
         train(cfg_for(tiny_bert, pairs_file, tmp_path / "o", use_mrl=True, mrl_dims=[64, 16], max_steps=1))
+    assert not (tmp_path / "o").exists()  # refused before the run writes its output_dir
+
+
+def test_refused_mrl_dims_on_resume_keeps_the_runs_config(tiny_bert, pairs_file, tmp_path):
+    # mrl_dims is checked against the loaded model; a resume that fails it must not rewrite config.yaml.
+    out = tmp_path / "o"
+    train(cfg_for(tiny_bert, pairs_file, out, max_steps=1))
+    before = (out / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"mrl_dims: \[64\] exceed"):
+        train(cfg_for(tiny_bert, pairs_file, out, max_steps=2, use_mrl=True, mrl_dims=[64, 16], resume_from_checkpoint="latest"))
+    assert (out / "config.yaml").read_text() == before
 
 
 @pytest.mark.parametrize(("dtype", "expected"), [("float32", "no"), ("bfloat16", "bf16"), ("auto", "no")])

@@ -168,6 +168,7 @@ class Recipe:
             refuse_foreign_run_files(out)
 
         embedder = build_embedder(cfg, dtype)
+        self.loss_fn = build_loss(cfg, embedder.dim)  # checks mrl_dims against the model, before any write
         records = read_data(cfg, cfg.data_path)
         # The validation loss is taken over as many records as a training step's loss sees.
         loss_block = cfg.batch_size * (accelerator.num_processes if cfg.cross_device_negatives else 1)
@@ -185,7 +186,6 @@ class Recipe:
             generator=torch.Generator().manual_seed(cfg.seed),
         )  # fmt: skip
 
-        self.loss_fn = build_loss(cfg, embedder.dim)
         optimizer = build_optimizer(cfg, embedder)
         self.steps_per_epoch = math.ceil(len(self.sampler) / accelerator.num_processes)
         self.total_steps = min(cfg.epochs * self.steps_per_epoch, cfg.max_steps or math.inf)
