@@ -64,6 +64,18 @@ def test_a_new_run_never_replaces_another_runs_checkpoints(tiny_bert, pairs_file
     assert train(cfg_for(tiny_bert, pairs_file, out, epochs=2)).checkpoint_dir == out / "checkpoint-12"
 
 
+def test_resume_into_another_runs_output_dir_is_refused(tiny_bert, pairs_file, tmp_path):
+    # Resuming run B's checkpoint with output_dir = run A's directory would rotate A's checkpoints away.
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(cfg_for(tiny_bert, pairs_file, a, max_steps=3, save_steps=1))
+    train(cfg_for(tiny_bert, pairs_file, b, max_steps=2, learning_rate=2e-3))
+    before = sorted(p.name for p in a.iterdir())
+    with pytest.raises(ConfigError, match=r"a/checkpoint-2 belongs to another run \(learning_rate was 0.001 there"):
+        train(cfg_for(tiny_bert, pairs_file, a, max_steps=3, learning_rate=2e-3, save_total_limit=1,
+                      resume_from_checkpoint=str(b / "checkpoint-2")))  # fmt: skip
+    assert sorted(p.name for p in a.iterdir()) == before
+
+
 def test_loss_decreases(tiny_bert, tmp_path):
     from tests.conftest import write_pairs
 

@@ -162,7 +162,8 @@ class Recipe:
         resume_dir = self.checkpointer.resume_dir()
         if out.exists() and not out.is_dir():
             raise ConfigError(f"output_dir: {out} exists and is not a directory")
-        if resume_dir is None:
+        # Resuming a checkpoint of another directory: output_dir's own checkpoints are not that run's.
+        if resume_dir is None or resume_dir.resolve().parent != out.resolve():
             refuse_other_runs(cfg)
         if accelerator.is_main_process:
             refuse_foreign_run_files(out)
