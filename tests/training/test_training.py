@@ -272,6 +272,15 @@ def test_bad_data_names_line_before_training(tiny_bert, tmp_path):
     assert not Path(tmp_path / "o" / "checkpoint-1").exists()
 
 
+def test_max_seq_length_above_the_models_positions_is_refused_before_training(tiny_bert, tmp_path):
+    # tiny_bert has 256 positions: a 400-token text crashed the forward pass mid-run (a tensor-size traceback).
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join('{"query": "%s", "positive": "b"}\n' % ("a " * (400 if i == 9 else 2)) for i in range(16)))
+    with pytest.raises(ConfigError, match=r"^max_seq_length: 512 exceeds the 256 positions of model .*max_position_embeddings"):
+        train(cfg_for(tiny_bert, str(data), tmp_path / "o", max_seq_length=512))
+    assert not (tmp_path / "o").exists()
+
+
 def test_identical_rows_train_without_false_negatives(tiny_bert, tmp_path, caplog):
     """16 copies of one pair: every other row is the same document, so nothing is a negative."""
     data = tmp_path / "dup.jsonl"
