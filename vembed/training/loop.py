@@ -211,7 +211,7 @@ class Recipe:
         self.tracker.load(self.state.best)
         # The step of the last evaluation and the last save; a resumed run did both at its checkpoint.
         self.last_eval = self.last_saved = self.state.global_step if resume_dir is not None else -1
-        self.stopped_early = False
+        self.stopped_early = self.tracker.should_stop  # a checkpoint saved at an early stop stays stopped
 
     def train(self) -> TrainResult:
         cfg, state = self.cfg, self.state
