@@ -262,6 +262,19 @@ def test_resume_with_different_settings_is_refused(tiny_bert, pairs_file, tmp_pa
         train(cfg_for(tiny_bert, pairs_file, out, max_steps=4, batch_size=4, resume_from_checkpoint="latest"))
 
 
+def test_resume_with_other_trainable_parameters_is_refused_before_writing(tiny_bert, pairs_file, tmp_path):
+    # These change the adapter's tensors or the optimizer's groups: loading the checkpoint crashed
+    # (RuntimeError, KeyError, ValueError) after config.yaml had been rewritten with the new settings.
+    out = tmp_path / "o"
+    train(cfg_for(tiny_bert, pairs_file, out, max_steps=1))
+    before = (out / "config.yaml").read_text()
+    changes = {"use_dora": True, "modules_to_save": ["encoder.layer.1.output"], "loraplus_lr_ratio": 16.0}
+    for key, value in changes.items():
+        with pytest.raises(CheckpointError, match=rf"cannot resume, {key} was .* there but is .* now"):
+            train(cfg_for(tiny_bert, pairs_file, out, max_steps=2, resume_from_checkpoint="latest", **{key: value}))
+        assert (out / "config.yaml").read_text() == before
+
+
 def test_bad_data_names_line_before_training(tiny_bert, tmp_path):
     from vembed.errors import DataError
 

@@ -42,7 +42,10 @@ from vembed.training.compat import names_without_fsdp_wrappers
 
 log = logging.getLogger(__name__)
 # A resume refuses a checkpoint whose run differs in these: the weights or the batches would not fit.
-RESUME_KEYS = ("model_name", "use_lora", "lora_r", "lora_target_modules", "batch_size", "seed", "group_by_length")
+RESUME_KEYS = (
+    "model_name", "use_lora", "lora_r", "lora_target_modules", "use_dora", "modules_to_save", "loraplus_lr_ratio",
+    "batch_size", "seed", "group_by_length",
+)  # fmt: skip
 
 
 @dataclass
