@@ -8,6 +8,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModel
 
+from vembed.artifacts.integrity import write_manifest
 from vembed.config import load_config
 from vembed.errors import CheckpointError, ConfigError
 from vembed.training import train
@@ -273,6 +274,11 @@ def test_resume_with_other_trainable_parameters_is_refused_before_writing(tiny_b
         with pytest.raises(CheckpointError, match=rf"cannot resume, {key} was .* there but is .* now"):
             train(cfg_for(tiny_bert, pairs_file, out, max_steps=2, resume_from_checkpoint="latest", **{key: value}))
         assert (out / "config.yaml").read_text() == before
+    # A checkpoint of an earlier version, written before these keys existed, had their defaults: it resumes.
+    saved = out / "checkpoint-1" / "vembed_config.yaml"
+    saved.write_text("".join(ln for ln in saved.read_text().splitlines(True) if not ln.startswith(tuple(changes))))
+    write_manifest(saved.parent)
+    assert train(cfg_for(tiny_bert, pairs_file, out, max_steps=2, resume_from_checkpoint="latest")).global_step == 2
 
 
 def test_bad_data_names_line_before_training(tiny_bert, tmp_path):
