@@ -147,3 +147,9 @@ def test_merge_never_replaces_the_base_model_of_its_own_checkpoint(trained, tmp_
     with pytest.raises(StorageError, match=r"m1: is the base model of .*checkpoint-1; replacing it"):
         merge_adapter(again.checkpoint_dir, base, overwrite=True)
     assert {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()} == before
+
+
+def test_merge_of_a_training_run_names_its_newest_checkpoint(trained, tmp_path):
+    run = trained.checkpoint_dir.parent  # holds checkpoint-3 and checkpoint-4: the newest is named
+    with pytest.raises(VembedError, match=rf"^{run}: is a training run; give one of its checkpoints, e.g. {run}/checkpoint-4$"):
+        merge_adapter(run, tmp_path / "m")

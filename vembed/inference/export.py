@@ -70,6 +70,9 @@ def merge_adapter(
     if not src.exists():
         raise CheckpointError(f"{src}: does not exist")
     if not (src / "adapter_config.json").is_file() and not (src / "embedder.json").is_file():
+        steps = [int(p.parent.name[11:]) for p in src.glob("checkpoint-*/embedder.json") if p.parent.name[11:].isdigit()]
+        if steps:  # a training run's output_dir, as resume_from_checkpoint says it
+            raise CheckpointError(f"{src}: is a training run; give one of its checkpoints, e.g. {src / f'checkpoint-{max(steps)}'}")
         raise CheckpointError(f"{src}: not an adapter checkpoint (adapter_config.json missing)")
     out = Path(output_dir)
     check_merge_target(src, out, overwrite)  # before the (slow) load, so a refusal is instant
