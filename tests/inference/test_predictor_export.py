@@ -133,3 +133,23 @@ def test_an_adapter_whose_base_model_is_gone_names_the_adapter(tmp_path, with_sp
     with pytest.raises(VembedError) as e:
         Predictor(str(d))
     assert str(e.value).startswith(f"{d}: cannot load the adapter's base model (") and "/gone/base" in str(e.value)
+
+
+def test_merge_never_replaces_the_base_model_of_its_own_checkpoint(trained, tmp_path):
+    # A merged model trained further, then merged back over itself with --overwrite: the base the
+    # adapter was trained on was replaced, leaving the adapter on top of already-merged weights.
+    from tests.conftest import write_pairs
+    from vembed.errors import StorageError
+
+    base = merge_adapter(trained.checkpoint_dir, tmp_path / "m1")
+    before = {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()}
+    again = train(cfg_for(str(base), write_pairs(tmp_path / "d.jsonl", n=8), tmp_path / "run", max_steps=1))
+    with pytest.raises(StorageError, match=r"m1: is the base model of .*checkpoint-1; replacing it"):
+        merge_adapter(again.checkpoint_dir, base, overwrite=True)
+    assert {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()} == before
+
+
+def test_merge_of_a_training_run_names_its_newest_checkpoint(trained, tmp_path):
+    run = trained.checkpoint_dir.parent  # holds checkpoint-3 and checkpoint-4: the newest is named
+    with pytest.raises(VembedError, match=rf"^{run}: is a training run; give one of its checkpoints, e.g. {run}/checkpoint-4$"):
+        merge_adapter(run, tmp_path / "m")

@@ -8,6 +8,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModel
 
+from vembed.artifacts.integrity import write_manifest
 from vembed.config import load_config
 from vembed.errors import CheckpointError, ConfigError
 from vembed.training import train
@@ -62,6 +63,18 @@ def test_a_new_run_never_replaces_another_runs_checkpoints(tiny_bert, pairs_file
     assert {p.name: build_manifest(p) if p.is_dir() else p.read_bytes() for p in out.iterdir()} == before
     # The same config again (a rerun, a restarted job pod) may replace its own checkpoints.
     assert train(cfg_for(tiny_bert, pairs_file, out, epochs=2)).checkpoint_dir == out / "checkpoint-12"
+
+
+def test_resume_into_another_runs_output_dir_is_refused(tiny_bert, pairs_file, tmp_path):
+    # Resuming run B's checkpoint with output_dir = run A's directory would rotate A's checkpoints away.
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(cfg_for(tiny_bert, pairs_file, a, max_steps=3, save_steps=1))
+    train(cfg_for(tiny_bert, pairs_file, b, max_steps=2, learning_rate=2e-3))
+    before = sorted(p.name for p in a.iterdir())
+    with pytest.raises(ConfigError, match=r"a/checkpoint-2 belongs to another run \(learning_rate was 0.001 there"):
+        train(cfg_for(tiny_bert, pairs_file, a, max_steps=3, learning_rate=2e-3, save_total_limit=1,
+                      resume_from_checkpoint=str(b / "checkpoint-2")))  # fmt: skip
+    assert sorted(p.name for p in a.iterdir()) == before
 
 
 def test_loss_decreases(tiny_bert, tmp_path):
@@ -138,6 +151,17 @@ def test_mrl_and_hard_negatives_train(tiny_bert, tmp_path, monkeypatch):
 def test_mrl_dim_larger_than_model_is_config_error(tiny_bert, pairs_file, tmp_path):
     with pytest.raises(ConfigError, match=r"mrl_dims: \[64\] exceed"):
         train(cfg_for(tiny_bert, pairs_file, tmp_path / "o", use_mrl=True, mrl_dims=[64, 16], max_steps=1))
+    assert not (tmp_path / "o").exists()  # refused before the run writes its output_dir
+
+
+def test_refused_mrl_dims_on_resume_keeps_the_runs_config(tiny_bert, pairs_file, tmp_path):
+    # mrl_dims is checked against the loaded model; a resume that fails it must not rewrite config.yaml.
+    out = tmp_path / "o"
+    train(cfg_for(tiny_bert, pairs_file, out, max_steps=1))
+    before = (out / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"mrl_dims: \[64\] exceed"):
+        train(cfg_for(tiny_bert, pairs_file, out, max_steps=2, use_mrl=True, mrl_dims=[64, 16], resume_from_checkpoint="latest"))
+    assert (out / "config.yaml").read_text() == before
 
 
 @pytest.mark.parametrize(("dtype", "expected"), [("float32", "no"), ("bfloat16", "bf16"), ("auto", "no")])
@@ -239,6 +263,24 @@ def test_resume_with_different_settings_is_refused(tiny_bert, pairs_file, tmp_pa
         train(cfg_for(tiny_bert, pairs_file, out, max_steps=4, batch_size=4, resume_from_checkpoint="latest"))
 
 
+def test_resume_with_other_trainable_parameters_is_refused_before_writing(tiny_bert, pairs_file, tmp_path):
+    # These change the adapter's tensors or the optimizer's groups: loading the checkpoint crashed
+    # (RuntimeError, KeyError, ValueError) after config.yaml had been rewritten with the new settings.
+    out = tmp_path / "o"
+    train(cfg_for(tiny_bert, pairs_file, out, max_steps=1))
+    before = (out / "config.yaml").read_text()
+    changes = {"use_dora": True, "modules_to_save": ["encoder.layer.1.output"], "loraplus_lr_ratio": 16.0}
+    for key, value in changes.items():
+        with pytest.raises(CheckpointError, match=rf"cannot resume, {key} was .* there but is .* now"):
+            train(cfg_for(tiny_bert, pairs_file, out, max_steps=2, resume_from_checkpoint="latest", **{key: value}))
+        assert (out / "config.yaml").read_text() == before
+    # A checkpoint of an earlier version, written before these keys existed, had their defaults: it resumes.
+    saved = out / "checkpoint-1" / "vembed_config.yaml"
+    saved.write_text("".join(ln for ln in saved.read_text().splitlines(True) if not ln.startswith(tuple(changes))))
+    write_manifest(saved.parent)
+    assert train(cfg_for(tiny_bert, pairs_file, out, max_steps=2, resume_from_checkpoint="latest")).global_step == 2
+
+
 def test_bad_data_names_line_before_training(tiny_bert, tmp_path):
     from vembed.errors import DataError
 
@@ -247,6 +289,15 @@ def test_bad_data_names_line_before_training(tiny_bert, tmp_path):
     with pytest.raises(DataError, match=rf"{data}:2: missing field 'positive'"):
         train(cfg_for(tiny_bert, str(data), tmp_path / "o"))
     assert not Path(tmp_path / "o" / "checkpoint-1").exists()
+
+
+def test_max_seq_length_above_the_models_positions_is_refused_before_training(tiny_bert, tmp_path):
+    # tiny_bert has 256 positions: a 400-token text crashed the forward pass mid-run (a tensor-size traceback).
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join('{"query": "%s", "positive": "b"}\n' % ("a " * (400 if i == 9 else 2)) for i in range(16)))
+    with pytest.raises(ConfigError, match=r"^max_seq_length: 512 exceeds the 256 positions of model .*max_position_embeddings"):
+        train(cfg_for(tiny_bert, str(data), tmp_path / "o", max_seq_length=512))
+    assert not (tmp_path / "o").exists()
 
 
 def test_identical_rows_train_without_false_negatives(tiny_bert, tmp_path, caplog):

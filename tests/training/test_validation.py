@@ -132,6 +132,14 @@ def test_early_stopping_after_patience(tiny_bert, pairs_file, tmp_path):
     assert result.global_step == best_step + 2 < 18  # two evaluations without improvement, long before the end
     assert f"early stop at step={result.global_step}" in (out / "training_log.txt").read_text()
     assert state(result.checkpoint_dir)["best"]["evals_without_improvement"] == 2
+    # A retry of the finished job (resume: latest) keeps the early stop its checkpoint records
+    # instead of training on from it.
+    again = train(
+        cfg_for(tiny_bert, pairs_file, out, eval_data_path=eval_file, eval_steps=1, epochs=3,
+                early_stopping_patience=2, resume_from_checkpoint="latest", **AWAY)
+    )  # fmt: skip
+    assert again.stopped_early and again.global_step == result.global_step
+    assert again.checkpoint_dir == result.checkpoint_dir and again.eval_history == result.eval_history
 
 
 def test_eval_split_holds_out_training_records(tiny_bert, pairs_file, tmp_path):

@@ -4,7 +4,8 @@ compatible directory (text models) that `transformers.AutoModel` also loads.
 Nothing already on disk is lost: the model is written into a temporary sibling of the output
 directory (removed on any failure) and renamed into place. An existing output directory is
 refused unless it is empty, or `overwrite=True` and it is an earlier merge output (recognised by
-its MERGE_MARKER file), never a checkpoint, a run directory, the source or a folder above it.
+its MERGE_MARKER file), never a checkpoint, a run directory, the source, a folder above it or the
+adapter's own base model.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from vembed.artifacts.atomic_dir import staged_dir
 from vembed.artifacts.integrity import write_manifest
 from vembed.errors import CheckpointError, StorageError
-from vembed.inference.predictor import load_trained_embedder
+from vembed.inference.predictor import load_trained_embedder, read_spec
 from vembed.models.base import Embedder
 from vembed.models.pooling import ST_POOLING
 from vembed.models.rotation import save_rotation
@@ -36,6 +37,10 @@ def check_merge_target(src: Path, out: Path, overwrite: bool) -> None:
         raise StorageError(f"{out}: is {what}; choose a new output directory")
     if out_r.is_relative_to(src_r):
         raise StorageError(f"{out}: is inside the source checkpoint {src}; choose a directory outside it")
+    # An adapter only means something on top of its own base (a local directory); a merge output may be one.
+    base = Path(spec.model_name) if (src / "adapter_config.json").is_file() and (spec := read_spec(src)) else None
+    if base is not None and base.exists() and base.resolve().is_relative_to(out_r):
+        raise StorageError(f"{out}: is the base model of {src}; replacing it would break that checkpoint; choose a new output directory")
     if Path.cwd().resolve().is_relative_to(out_r):
         raise StorageError(f"{out}: is the current directory (or above it); choose a new output directory")
     if out.is_symlink() or (out.exists() and not out.is_dir()):
@@ -65,6 +70,9 @@ def merge_adapter(
     if not src.exists():
         raise CheckpointError(f"{src}: does not exist")
     if not (src / "adapter_config.json").is_file() and not (src / "embedder.json").is_file():
+        steps = [int(p.parent.name[11:]) for p in src.glob("checkpoint-*/embedder.json") if p.parent.name[11:].isdigit()]
+        if steps:  # a training run's output_dir, as resume_from_checkpoint says it
+            raise CheckpointError(f"{src}: is a training run; give one of its checkpoints, e.g. {src / f'checkpoint-{max(steps)}'}")
         raise CheckpointError(f"{src}: not an adapter checkpoint (adapter_config.json missing)")
     out = Path(output_dir)
     check_merge_target(src, out, overwrite)  # before the (slow) load, so a refusal is instant

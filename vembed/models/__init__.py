@@ -99,6 +99,12 @@ def load_embedder(
     if pooling == "auto":
         pooling = st_pooling or cls.default_pooling(config)
     max_seq_length = max_seq_length or st_max_length or 128
+    positions = getattr(config, "max_position_embeddings", None)  # CLIP clamps to its text tower's own
+    if family == "text" and positions and max_seq_length > positions:  # else a long text crashes the forward pass
+        raise ConfigError(
+            f"max_seq_length: {max_seq_length} exceeds the {positions} positions of model {model_name} "
+            "(max_position_embeddings); lower max_seq_length"
+        )
     # Hub ids stay ids (resolved again at load time); local directories become absolute.
     stored_name = str(local.resolve()) if local.is_dir() else model_name
     spec = EmbedderSpec(

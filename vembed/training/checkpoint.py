@@ -42,7 +42,10 @@ from vembed.training.compat import names_without_fsdp_wrappers
 
 log = logging.getLogger(__name__)
 # A resume refuses a checkpoint whose run differs in these: the weights or the batches would not fit.
-RESUME_KEYS = ("model_name", "use_lora", "lora_r", "lora_target_modules", "batch_size", "seed", "group_by_length")
+RESUME_KEYS = (
+    "model_name", "use_lora", "lora_r", "lora_target_modules", "use_dora", "modules_to_save", "loraplus_lr_ratio",
+    "batch_size", "seed", "group_by_length",
+)  # fmt: skip
 
 
 @dataclass
@@ -100,10 +103,10 @@ class Checkpointer:
         verify_checkpoint(directory)
         saved = yaml.safe_load((directory / "vembed_config.yaml").read_text())
         for key in RESUME_KEYS:
-            if saved.get(key) != getattr(self.cfg, key):
-                raise CheckpointError(
-                    f"{directory}: cannot resume, {key} was {saved.get(key)!r} there but is {getattr(self.cfg, key)!r} now"
-                )
+            # A key that a checkpoint of an earlier version lacks had its default there (use_dora: false).
+            theirs = saved.get(key, TrainConfig.model_fields[key].get_default(call_default_factory=True))
+            if theirs != getattr(self.cfg, key):
+                raise CheckpointError(f"{directory}: cannot resume, {key} was {theirs!r} there but is {getattr(self.cfg, key)!r} now")
 
     def save(self, embedder: Embedder, optimizer: Any, scheduler: Any, state: TrainState, protect: str | None) -> Path:
         """Write checkpoint-N for `state`. It is written into a temporary sibling and renamed when

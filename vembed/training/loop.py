@@ -162,12 +162,14 @@ class Recipe:
         resume_dir = self.checkpointer.resume_dir()
         if out.exists() and not out.is_dir():
             raise ConfigError(f"output_dir: {out} exists and is not a directory")
-        if resume_dir is None:
+        # Resuming a checkpoint of another directory: output_dir's own checkpoints are not that run's.
+        if resume_dir is None or resume_dir.resolve().parent != out.resolve():
             refuse_other_runs(cfg)
         if accelerator.is_main_process:
             refuse_foreign_run_files(out)
 
         embedder = build_embedder(cfg, dtype)
+        self.loss_fn = build_loss(cfg, embedder.dim)  # checks mrl_dims against the model, before any write
         records = read_data(cfg, cfg.data_path)
         # The validation loss is taken over as many records as a training step's loss sees.
         loss_block = cfg.batch_size * (accelerator.num_processes if cfg.cross_device_negatives else 1)
@@ -185,7 +187,6 @@ class Recipe:
             generator=torch.Generator().manual_seed(cfg.seed),
         )  # fmt: skip
 
-        self.loss_fn = build_loss(cfg, embedder.dim)
         optimizer = build_optimizer(cfg, embedder)
         self.steps_per_epoch = math.ceil(len(self.sampler) / accelerator.num_processes)
         self.total_steps = min(cfg.epochs * self.steps_per_epoch, cfg.max_steps or math.inf)
@@ -210,7 +211,7 @@ class Recipe:
         self.tracker.load(self.state.best)
         # The step of the last evaluation and the last save; a resumed run did both at its checkpoint.
         self.last_eval = self.last_saved = self.state.global_step if resume_dir is not None else -1
-        self.stopped_early = False
+        self.stopped_early = self.tracker.should_stop  # a checkpoint saved at an early stop stays stopped
 
     def train(self) -> TrainResult:
         cfg, state = self.cfg, self.state
