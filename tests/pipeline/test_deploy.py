@@ -138,32 +138,8 @@ def test_create_then_canary_patch_and_the_served_model_is_the_champion(env, s3_s
         assert [t["percent"] for t in out3["traffic"]] == [100]
 
 
-@pytest.mark.parametrize("outcome", ["fail", "pending"])
-def test_failed_or_slow_rollout_keeps_the_previous_revision_and_tags_the_version(env, versions, outcome):
-    from vembed.pipeline.steps.deploy import DeployError
-
-    registry = versions["registry"]
-    registry.promote(NAME, "1")
-    with fake_kube() as fake:
-        _deploy(fake, versions)
-        good_spec = json.loads(json.dumps(fake.isvcs["emb-deploy"]["obj"]["spec"]))
-        registry.promote(NAME, "2")
-        fake.isvc_outcomes = [outcome]
-        with pytest.raises(DeployError) as err:
-            _deploy(fake, versions, timeout_s=0.5, poll_s=0.05)
-        msg = str(err.value)
-        expected = "RevisionFailed" if outcome == "fail" else "not Ready after 0.5s"
-        assert expected in msg and "previous revision emb-deploy-predictor-00001 keeps serving" in msg
-        assert "\n" not in msg
-        obj = fake.isvcs["emb-deploy"]["obj"]
-        assert obj["spec"] == good_spec  # the previous predictor spec is back
-        assert obj["metadata"]["annotations"]["vembed.io/model-uri"] == f"models:/{NAME}/1"
-        assert any(c.startswith("PUT ") for c in fake.calls)
-        tags = _tags(versions, "2")
-        assert tags["vembed.deployed"] == "false" and expected in tags["vembed.deploy_error"]
-
-
-def test_a_wait_that_loses_the_api_server_still_puts_the_previous_spec_back(env, versions, monkeypatch):
+@pytest.mark.parametrize("outcome", ["fail", "pending", "api-server-gone"])
+def test_failed_or_slow_rollout_keeps_the_previous_revision_and_tags_the_version(env, versions, outcome, monkeypatch):
     from vembed.pipeline.launchers.inference_service import InferenceServices
     from vembed.pipeline.steps.deploy import DeployError
 
@@ -173,22 +149,29 @@ def test_a_wait_that_loses_the_api_server_still_puts_the_previous_spec_back(env,
         _deploy(fake, versions)
         good_spec = json.loads(json.dumps(fake.isvcs["emb-deploy"]["obj"]["spec"]))
         registry.promote(NAME, "2")
-        apply = InferenceServices.apply
+        if outcome == "api-server-gone":
+            apply = InferenceServices.apply
 
-        def apply_then_lose_the_api_server(self, *args, **kwargs):
-            out = apply(self, *args, **kwargs)
-            fake.isvc_get_errors = 5  # every poll of the wait answers 503; the server is back for the restore
-            return out
+            def apply_then_lose_the_api_server(self, *args, **kwargs):
+                out = apply(self, *args, **kwargs)
+                fake.isvc_get_errors = 5  # every poll of the wait answers 503; the server is back for the restore
+                return out
 
-        monkeypatch.setattr(InferenceServices, "apply", apply_then_lose_the_api_server)
+            monkeypatch.setattr(InferenceServices, "apply", apply_then_lose_the_api_server)
+        else:
+            fake.isvc_outcomes = [outcome]
         with pytest.raises(DeployError) as err:
-            _deploy(fake, versions)
+            _deploy(fake, versions, timeout_s=0.5, poll_s=0.05)
         msg = str(err.value)
-        assert "HTTP 503" in msg and "previous revision emb-deploy-predictor-00001 keeps serving" in msg, msg
+        expected = {"fail": "RevisionFailed", "pending": "not Ready after 0.5s", "api-server-gone": "HTTP 503"}[outcome]
+        assert expected in msg and "previous revision emb-deploy-predictor-00001 keeps serving" in msg, msg
+        assert "\n" not in msg
         obj = fake.isvcs["emb-deploy"]["obj"]
         assert obj["spec"] == good_spec  # the previous predictor spec is back
         assert obj["metadata"]["annotations"]["vembed.io/model-uri"] == f"models:/{NAME}/1"
-        assert _tags(versions, "2")["vembed.deployed"] == "false"
+        assert any(c.startswith("PUT ") for c in fake.calls)
+        tags = _tags(versions, "2")
+        assert tags["vembed.deployed"] == "false" and expected in tags["vembed.deploy_error"]
 
 
 def test_bad_parameters_and_foreign_services_are_refused(env, versions):
