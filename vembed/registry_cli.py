@@ -42,13 +42,11 @@ def _format_show(info: dict) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from vembed.artifacts.mlflow_store import require_existing_store, resolve_tracking_uri
+    from vembed.artifacts.mlflow_store import resolve_tracking_uri
     from vembed.artifacts.registry import Registry
 
     # Every command here needs a model that is already registered: never create a store.
-    uri = resolve_tracking_uri(args.output_dir, create=False)
-    require_existing_store(uri)
-    registry = Registry(uri)
+    registry = Registry(resolve_tracking_uri(args.output_dir, create=False))
     if args.command == "show":
         info = registry.show(args.name)
         print(json.dumps(info, indent=2) if args.json else _format_show(info))

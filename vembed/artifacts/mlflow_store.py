@@ -40,15 +40,17 @@ _LOCAL_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADire
 
 def resolve_tracking_uri(output_dir: str | os.PathLike[str], create: bool = True) -> str:
     """`MLFLOW_TRACKING_URI`, else the embedded sqlite store `<output_dir>/mlflow.db`.
-    `create=False` (read commands) leaves the file system alone."""
-    if uri := os.environ.get("MLFLOW_TRACKING_URI", "").strip():
-        return uri
-    if str(output_dir).startswith("s3://"):
-        raise RegistryError(f"{output_dir}: the embedded MLflow store needs a local output dir; set MLFLOW_TRACKING_URI")
-    out = Path(output_dir).resolve()
-    if create:
-        out.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{out / 'mlflow.db'}"
+    `create=False` (read commands) leaves the file system alone: the store must exist already."""
+    if not (uri := os.environ.get("MLFLOW_TRACKING_URI", "").strip()):
+        if str(output_dir).startswith("s3://"):
+            raise RegistryError(f"{output_dir}: the embedded MLflow store needs a local output dir; set MLFLOW_TRACKING_URI")
+        out = Path(output_dir).resolve()
+        if create:
+            out.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{out / 'mlflow.db'}"
+    if not create:
+        require_existing_store(uri)
+    return uri
 
 
 def require_existing_store(tracking_uri: str) -> None:

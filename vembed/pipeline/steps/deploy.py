@@ -117,7 +117,7 @@ def deploy(
     client_configuration: Any = None,
 ) -> dict[str, Any]:
     """Create or update the InferenceService serving `models:/NAME@alias`; see the module docstring."""
-    from vembed.artifacts.mlflow_store import require_existing_store, resolve_tracking_uri, resolve_version
+    from vembed.artifacts.mlflow_store import resolve_tracking_uri, resolve_version
     from vembed.artifacts.registry import Registry
 
     if not image:
@@ -130,9 +130,7 @@ def deploy(
     if not _DNS_1123.match(name):
         raise DeployError(f"service_name: {name!r} is not a valid InferenceService name (lowercase, dashes, <=45)")
     namespace = namespace or current_namespace()
-    tracking_uri = resolve_tracking_uri(output_dir, create=False)
-    require_existing_store(tracking_uri)  # deploy only reads the registry: never create an empty store
-    registry = Registry(tracking_uri)
+    registry = Registry(resolve_tracking_uri(output_dir, create=False))  # deploy only reads: never a new store
     mv = resolve_version(registry.client, f"models:/{model_name}@{alias}")
     version_uri = f"models:/{model_name}/{mv.version}"
     spec = PredictorSpec(
