@@ -362,8 +362,9 @@ def build_validator(
         from vembed.data.split import is_eval
 
         root = Path(cfg.data_path).parent  # image paths hashed relative to it: the split survives a move
-        eval_records = [r for r in records if is_eval(r, cfg.eval_split, cfg.seed, root)]
-        records = [r for r in records if not is_eval(r, cfg.eval_split, cfg.seed, root)]
+        held = [is_eval(r, cfg.eval_split, cfg.seed, root) for r in records]
+        eval_records = [r for r, h in zip(records, held, strict=True) if h]
+        records = [r for r, h in zip(records, held, strict=True) if not h]
         if not eval_records or not records:
             raise DataError(
                 f"{cfg.data_path}: eval_split {cfg.eval_split} leaves {len(records)} training and "
