@@ -101,7 +101,7 @@ class Checkpointer:
     def _check_resumable(self, directory: Path) -> None:
         """An intact checkpoint of the same run (RESUME_KEYS)."""
         verify_checkpoint(directory)
-        saved = yaml.safe_load((directory / "vembed_config.yaml").read_text())
+        saved = saved_config(directory)
         for key in RESUME_KEYS:
             # A key that a checkpoint of an earlier version lacks had its default there (use_dora: false).
             theirs = saved.get(key, TrainConfig.model_fields[key].get_default(call_default_factory=True))
@@ -204,6 +204,15 @@ def latest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
     return next(reversed(list_checkpoints(output_dir)), None)
 
 
+def saved_config(checkpoint: Path) -> dict[str, Any]:
+    """The resolved config a checkpoint was saved with (vembed_config.yaml); {} when unreadable."""
+    try:
+        saved = yaml.safe_load((checkpoint / "vembed_config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
 def refuse_other_runs(cfg: TrainConfig) -> None:
     """A fresh run replaces the checkpoints in output_dir that share its step numbers and rotates the
     others away. Allowed only over checkpoints of this very config (a rerun, a restarted job pod);
@@ -211,11 +220,7 @@ def refuse_other_runs(cfg: TrainConfig) -> None:
     ours = yaml.safe_load(cfg.to_yaml())
     ours.pop("resume_from_checkpoint")  # a resumed run's checkpoints are that run's too
     for ckpt in list_checkpoints(cfg.output_dir):
-        try:
-            theirs = yaml.safe_load((ckpt / "vembed_config.yaml").read_text())
-        except (OSError, yaml.YAMLError):
-            theirs = None
-        theirs = theirs if isinstance(theirs, dict) else {}
+        theirs = saved_config(ckpt)
         theirs.pop("resume_from_checkpoint", None)
         if theirs != ours:
             key = next((k for k in {**ours, **theirs} if theirs.get(k) != ours.get(k)), "vembed_config.yaml")
