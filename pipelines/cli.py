@@ -48,12 +48,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     given["node_selector"] = parse_pairs(args.node_selector, "--node-selector", lambda _, v: v, lambda _: None, "label")
     given["tolerations"] = [_json_object("--toleration", text) for text in args.toleration]
     opts = PipelineOptions.from_env(**{k: v for k, v in given.items() if v not in ([], {})})
-    target = Path(args.output or COMPILED_PATH)
-    if target.is_file():  # an earlier compile's output is replaced; any other file is the user's
-        with target.open(encoding="utf-8", errors="replace") as fh:
-            if fh.readline().rstrip() != "# PIPELINE DEFINITION":  # kfp's first line
-                raise ConfigError(f"{target}: exists and is not a compiled pipeline; refusing to replace it")
-    out = compile_pipeline(target, PipelineOptions() if args.defaults else opts)
+    out = compile_pipeline(args.output or COMPILED_PATH, PipelineOptions() if args.defaults else opts)
     print(f"compiled pipeline written to {out}")
     return 0
 
